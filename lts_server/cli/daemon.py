@@ -1,0 +1,96 @@
+"""lts-server: the daemon's command line and its life under systemd."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+import lts_server
+from lts_server import config as config_mod
+from lts_server import identity, logs
+from lts_server.sdnotify import Notifier
+from lts_server.server import Server
+from lts_server.store import StoreError
+
+EXIT_CONFIG = 2
+EXIT_START = 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lts-server", description="The lts-server license tracking daemon.")
+    p.add_argument("--config", default=str(config_mod.DEFAULT_PATH), help="TOML config file (default: %(default)s)")
+    p.add_argument("--print-uuid", action="store_true", help="print this server's UUID (creating it if needed) and exit")
+    p.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    p.add_argument("--version", action="version", version=f"lts-server {lts_server.__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as e:
+        print(f"lts-server: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f"{args.config}: ok")
+        return 0
+    if args.print_uuid:
+        try:
+            print(identity.load_or_create(cfg.state_dir).server_uuid)
+        except OSError as e:
+            print(f"lts-server: cannot use state folder {cfg.state_dir}: {e.strerror}", file=sys.stderr)
+            return EXIT_START
+        return 0
+    logs.setup(cfg.log.level, cfg.log.format)
+    return asyncio.run(run(cfg))
+
+
+async def run(cfg: config_mod.Config) -> int:
+    notifier = Notifier()
+    server = Server(cfg)
+    try:
+        await server.start()
+    except (StoreError, OSError, ValueError) as e:
+        logs.event("server.start_failed", logs.logging.ERROR, error=str(e))
+        print(f"lts-server: cannot start: {e}", file=sys.stderr)
+        await server.stop()
+        return EXIT_START
+    print(f"lts-server {lts_server.__version__} listening on {', '.join(server.urls)}", flush=True)
+    notifier.notify("READY=1", f"STATUS=listening on {', '.join(server.urls)}")
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        notifier.notify("RELOADING=1")
+        task = loop.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(lambda t: (reloads.discard(t), notifier.notify("READY=1")))
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    watchdog = loop.create_task(_watchdog(notifier, stop)) if notifier.watchdog_interval else None
+
+    await stop.wait()
+    logs.event("server.stopping")
+    notifier.notify("STOPPING=1")
+    if watchdog:
+        watchdog.cancel()
+    await asyncio.gather(*reloads, return_exceptions=True)
+    await server.stop()
+    return 0
+
+
+async def _watchdog(notifier: Notifier, stop: asyncio.Event) -> None:
+    assert notifier.watchdog_interval is not None
+    while not stop.is_set():
+        notifier.notify("WATCHDOG=1")
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=notifier.watchdog_interval)
+        except TimeoutError:
+            pass

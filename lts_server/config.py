@@ -1,0 +1,185 @@
+"""Configuration: one TOML file, every key overridable by `LTS_<SECTION>__<KEY>`.
+
+msgspec validates the typed structure and names the failing field, so a bad
+config is one precise line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+DEFAULT_PATH = Path("/etc/lts-server/lts-server.toml")
+ENV_PREFIX = "LTS_"
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerSection(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 48080
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # Seconds a stopping server lets in-flight requests finish.
+    shutdown_timeout: Positive = 10.0
+    # The server list handed to clients: main first, then standby.
+    # "self" stands for this server.
+    servers: list[str] = msgspec.field(default_factory=lambda: ["self"])
+
+
+class StorageSection(_Section):
+    state_dir: str
+    database: str | None = None
+    # How long a write waits for a lock held by another process before it
+    # fails with a clear error instead of hanging.
+    busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 5000
+
+
+class ImportSection(_Section):
+    directory: str
+    rescan_seconds: Positive = 60.0
+    watch: bool = True
+
+
+class VendorSection(_Section):
+    public_keys: list[str] = msgspec.field(default_factory=list)
+    allow_unbound: bool = False
+
+
+class LogSection(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+class Config(_Section):
+    storage: StorageSection
+    import_: ImportSection = msgspec.field(name="import")
+    server: ServerSection = msgspec.field(default_factory=ServerSection)
+    vendor: VendorSection = msgspec.field(default_factory=VendorSection)
+    log: LogSection = msgspec.field(default_factory=LogSection)
+    # Where the file was read from; relative paths in it are taken from its folder.
+    source: str = ""
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.source).resolve().parent if self.source else Path.cwd()
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path(self.storage.state_dir)
+
+    @property
+    def database_path(self) -> Path:
+        if self.storage.database:
+            return self.path(self.storage.database)
+        return self.state_dir / "lts-server.sqlite3"
+
+    @property
+    def import_dir(self) -> Path:
+        return self.path(self.import_.directory)
+
+    @property
+    def public_key_paths(self) -> list[Path]:
+        return [self.path(p) for p in self.vendor.public_keys]
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased as the one line an operator reads."""
+
+
+def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = None) -> Config:
+    path = Path(path)
+    environ = os.environ if environ is None else environ
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    if "source" in raw:
+        raise ConfigError(f"{path}: key 'source': unknown key")
+    overridden = _apply_env(raw, environ, path)
+    raw["source"] = str(path)
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError(_describe(path, str(e), overridden)) from None
+    _check(config, path)
+    return config
+
+
+def _apply_env(raw: dict, environ: Mapping[str, str], path: Path) -> dict[str, str]:
+    """Merge LTS_<SECTION>__<KEY> variables into the raw table; returns key -> variable name."""
+    overridden: dict[str, str] = {}
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        if not section or not key:
+            raise ConfigError(f"{name}: expected LTS_<SECTION>__<KEY>")
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: key '{section}': expected a table")
+        table[key] = _env_value(value)
+        overridden[f"{section}.{key}"] = name
+    return overridden
+
+
+def _env_value(text: str) -> object:
+    """Read a variable as a TOML value when it is one (9000, true, ["a"]), else as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+_KEY_PART = re.compile(r"\.(\w+)|\[(\d+)\]")
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<where>[^`]*)`)?$", re.S)
+
+
+def _describe(path: Path, message: str, overridden: dict[str, str]) -> str:
+    m = _AT.match(message)
+    assert m is not None
+    msg, where = m.group("msg"), m.group("where") or ""
+    key = "".join(f".{name}" if name else f"[{index}]" for name, index in _KEY_PART.findall(where))
+    key = key.lstrip(".")
+    if msg.startswith("Object missing required field"):
+        field = msg.split("`")[1]
+        key = f"{key}.{field}" if key else field
+        msg = "required key is missing"
+    elif msg.startswith("Object contains unknown field"):
+        field = msg.split("`")[1]
+        key = f"{key}.{field}" if key else field
+        msg = "unknown key"
+    source = f" (set by {overridden[key]})" if key in overridden else ""
+    return f"{path}: key '{key or '<top>'}'{source}: {msg[0].lower()}{msg[1:]}"
+
+
+def _check(config: Config, path: Path) -> None:
+    server = config.server
+    if bool(server.tls_cert) != bool(server.tls_key):
+        raise ConfigError(f"{path}: key 'server.tls_cert': tls_cert and tls_key must be set together")
+    for key in ("tls_cert", "tls_key"):
+        value = getattr(server, key)
+        if value and not os.access(config.path(value), os.R_OK):
+            raise ConfigError(f"{path}: key 'server.{key}': cannot read {config.path(value)}")
+    for i, key_path in enumerate(config.public_key_paths):
+        if not os.access(key_path, os.R_OK):
+            raise ConfigError(f"{path}: key 'vendor.public_keys[{i}]': cannot read {key_path}")

@@ -1,0 +1,1 @@
+"""The rules of licensing: pure functions over plain data, no I/O, no clock."""

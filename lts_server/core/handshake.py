@@ -1,0 +1,245 @@
+"""The handshake decision: which item (if any) authorizes a device, and why not.
+
+Pure: the caller passes the request, a read-only view of the ledger and `now`,
+and gets back a Grant or a Refusal; applying it is the shell's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+from typing import Protocol
+
+from lts_server.core.model import (
+    EXPIRY_GRACE,
+    PERIOD_LENGTH,
+    SHORT_AUTHORIZATION,
+    Counts,
+    DeploymentType,
+    HandshakeCode,
+    Item,
+    ItemStatus,
+    LicenseType,
+    domain_matches,
+    hard_limit,
+)
+from lts_server.core.ordering import usage_order
+from lts_server.errors import Code, Refusal
+
+DOMAIN_AUTHORIZATION = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Request:
+    client_uuid: str
+    product: str
+    deployment_type: DeploymentType
+    handshake_code: str | None = None
+    organization_id: str | None = None
+    session_password: str | None = None
+    version: str | None = None
+    edition: str | None = None
+    domain: str | None = None
+    app_id: str | None = None
+    process_name: str | None = None
+    instances: int = 1
+
+
+class View(Protocol):
+    """What the decision reads from the ledger."""
+
+    codes: Mapping[str, HandshakeCode]
+    items: Mapping[str, Item]
+
+    def default_code(self, organization_id: str) -> str | None: ...
+
+    def organization_known(self, organization_id: str) -> bool: ...
+
+    def status(self, item_id: str) -> ItemStatus: ...
+
+    def seat_expiry(self, item_id: str, client_uuid: str) -> datetime | None: ...
+
+
+class SeatAction(Enum):
+    NONE = "none"
+    CLAIM = "claim"
+    REFRESH = "refresh"
+
+
+@dataclass(frozen=True)
+class Fit:
+    """An item that authorizes the request, and on what terms."""
+
+    item: Item
+    seat: SeatAction
+    expires_at: datetime
+    instances: int
+    limit: int  # seats or units the item may reach, grace included
+
+
+@dataclass(frozen=True)
+class Grant:
+    code: HandshakeCode
+    fit: Fit
+
+    @property
+    def item(self) -> Item:
+        return self.fit.item
+
+
+@dataclass(frozen=True)
+class Refused:
+    refusal: Refusal
+    code_name: str | None = None
+    item_id: str | None = None
+
+
+Decision = Grant | Refused
+
+
+def resolve_code(req: Request, view: View) -> HandshakeCode | Refused:
+    if req.handshake_code is not None:
+        code = view.codes.get(req.handshake_code)
+        if code is None:
+            return Refused(Refusal(Code.UNKNOWN_CODE, repr(req.handshake_code)), req.handshake_code)
+        if req.organization_id is not None and req.organization_id != code.organization_id:
+            return Refused(
+                Refusal(Code.CODE_ORG_MISMATCH, f"{code.name} belongs to organization {code.organization_id}"),
+                code.name,
+            )
+        return code
+    if req.organization_id is not None:
+        name = view.default_code(req.organization_id)
+        code = view.codes.get(name) if name else None
+        if code is None:
+            return Refused(Refusal(Code.UNKNOWN_ORGANIZATION, repr(req.organization_id)))
+        return code
+    return Refused(Refusal(Code.NO_CODE_NOR_ORG))
+
+
+def check_validation_fields(req: Request, code: HandshakeCode) -> Refusal | None:
+    """The code's binding for the request's kind of client: domain, app id or process name."""
+    if req.deployment_type is DeploymentType.BROWSER and code.domains:
+        if not req.domain or not any(domain_matches(p, req.domain) for p in code.domains):
+            return Refusal(Code.DOMAIN_MISMATCH, f"domain {req.domain!r} is not allowed for {code.name}")
+    elif req.deployment_type is DeploymentType.MOBILE and code.app_ids:
+        if req.app_id not in code.app_ids:
+            return Refusal(Code.VALIDATION_FIELD_MISMATCH, f"app id {req.app_id!r} is not allowed for {code.name}")
+    elif req.deployment_type not in (DeploymentType.BROWSER, DeploymentType.MOBILE) and code.process_names:
+        if req.process_name not in code.process_names:
+            return Refusal(
+                Code.VALIDATION_FIELD_MISMATCH, f"process name {req.process_name!r} is not allowed for {code.name}"
+            )
+    return None
+
+
+# The checks an item goes through, in order; a refusal reports the item that
+# got furthest down this list (the first such item in usage order on a tie).
+CHECKS = (
+    Code.PRODUCT_MISMATCH,
+    Code.DEPLOYMENT_MISMATCH,
+    Code.EDITION_MISMATCH,
+    Code.NOT_YET_EFFECTIVE,
+    Code.EXPIRED,
+    Code.REVOKED,
+    Code.TYPE_INCOMPATIBLE,
+    Code.QUOTA_EXCEEDED_BY_REQUEST,
+    Code.LIMIT_EXCEEDED,
+)
+
+
+def authorization_end(item: Item, now: datetime) -> datetime:
+    """How long an authorization from this item lasts (see docs/api.md)."""
+    cap = item.expires_at if now < item.expires_at else item.expires_at + EXPIRY_GRACE
+    if item.period is not None:
+        length = PERIOD_LENGTH[item.period]
+    elif item.license_type is LicenseType.PER_DOMAIN:
+        length = DOMAIN_AUTHORIZATION
+    else:
+        length = SHORT_AUTHORIZATION
+    return min(now + length, cap)
+
+
+def fit(req: Request, item: Item, status: ItemStatus, seat_expiry: datetime | None, now: datetime) -> Refusal | Fit:
+    """Whether one item authorizes the request, or the first check it fails."""
+    rules = item.rules
+    if item.product.casefold() != req.product.casefold():
+        return Refusal(Code.PRODUCT_MISMATCH, f"item {item.item_id} is for {item.product}")
+    if item.deployment_type is not req.deployment_type:
+        return Refusal(Code.DEPLOYMENT_MISMATCH, f"item {item.item_id} is for {item.deployment_type.value}")
+    if item.edition is not None and (req.edition or "").casefold() != item.edition.casefold():
+        return Refusal(Code.EDITION_MISMATCH, f"item {item.item_id} is for edition {item.edition}")
+    if now < item.starts_at:
+        return Refusal(Code.NOT_YET_EFFECTIVE, f"item {item.item_id} starts at {item.starts_at.isoformat()}")
+    if now >= item.expires_at + EXPIRY_GRACE:
+        return Refusal(Code.EXPIRED, f"item {item.item_id} expired at {item.expires_at.isoformat()}")
+    if status.revoked:
+        return Refusal(Code.REVOKED, f"item {item.item_id} is revoked")
+    if rules.needs_domain:
+        if not req.domain:
+            return Refusal(Code.TYPE_INCOMPATIBLE, f"item {item.item_id} is per-domain and the request names no domain")
+        if item.domain and not domain_matches(item.domain, req.domain):
+            return Refusal(Code.DOMAIN_MISMATCH, f"item {item.item_id} is for {item.domain}")
+    instances = req.instances if rules.counts is Counts.INSTANCES else 1
+    if rules.counts is Counts.INSTANCES and instances > item.quantity:
+        return Refusal(
+            Code.QUOTA_EXCEEDED_BY_REQUEST, f"{instances} instances asked, item {item.item_id} allows {item.quantity}"
+        )
+    limit = hard_limit(item.license_type, item.quantity)
+    seat = SeatAction.NONE
+    if rules.counts is Counts.SEATS:
+        if seat_expiry is not None:
+            seat = SeatAction.REFRESH
+        elif status.seats_used >= limit:
+            return Refusal(
+                Code.LIMIT_EXCEEDED, f"all {item.quantity} seats of item {item.item_id} and the grace are taken"
+            )
+        else:
+            seat = SeatAction.CLAIM
+    elif rules.counts is Counts.UNITS and status.units_used >= limit:
+        return Refusal(Code.LIMIT_EXCEEDED, f"the quota of item {item.item_id} and its grace are used up")
+    elif rules.counts is Counts.INSTANCES and status.overused and instances > item.quantity:
+        return Refusal(Code.LIMIT_EXCEEDED, f"item {item.item_id} is overused")
+    return Fit(item, seat, authorization_end(item, now), instances, limit)
+
+
+def _rank(refusal: Refusal) -> int:
+    if refusal.code is Code.DOMAIN_MISMATCH:
+        return CHECKS.index(Code.TYPE_INCOMPATIBLE)
+    return CHECKS.index(refusal.code)
+
+
+def decide(
+    req: Request,
+    view: View,
+    now: datetime,
+    password_matches: Callable[[HandshakeCode, str | None], bool],
+) -> Decision:
+    resolved = resolve_code(req, view)
+    if isinstance(resolved, Refused):
+        return resolved
+    code = resolved
+    if code.password_hash is not None and not password_matches(code, req.session_password):
+        return Refused(Refusal(Code.WRONG_PASSWORD), code.name)
+    invalid = check_validation_fields(req, code)
+    if invalid is not None:
+        return Refused(invalid, code.name)
+    best: tuple[int, Refusal, str] | None = None
+    missing: str | None = None
+    for item_id in usage_order(code.items, view.items, code.custom_order):
+        item = view.items.get(item_id)
+        if item is None:
+            missing = missing or item_id
+            continue
+        outcome = fit(req, item, view.status(item_id), view.seat_expiry(item_id, req.client_uuid), now)
+        if isinstance(outcome, Fit):
+            return Grant(code, outcome)
+        if best is None or _rank(outcome) > best[0]:
+            best = (_rank(outcome), outcome, item_id)
+    if missing is not None:
+        return Refused(Refusal(Code.ITEM_MISSING, f"item {missing} of {code.name} no longer exists"), code.name, missing)
+    if best is None:
+        return Refused(Refusal(Code.NO_MATCHING_ITEM, f"{code.name} has no license items"), code.name)
+    return Refused(best[1], code.name, best[2])

@@ -1,0 +1,77 @@
+"""The error-code table: the one place that knows each code, its SDK code and its meaning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class Code(IntEnum):
+    NOT_SERVING = 100
+    UNKNOWN_CODE = 101
+    WRONG_PASSWORD = 102
+    DOMAIN_MISMATCH = 103
+    NO_MATCHING_ITEM = 104
+    BAD_PROTOCOL = 105
+    PRODUCT_MISMATCH = 106
+    INCOMPATIBLE_VERSION = 107
+    DEPLOYMENT_MISMATCH = 108
+    EDITION_MISMATCH = 109
+    EXPIRED = 111
+    NOT_YET_EFFECTIVE = 112
+    REVOKED = 113
+    VALIDATION_FIELD_MISMATCH = 114
+    TYPE_INCOMPATIBLE = 115
+    LIMIT_EXCEEDED = 120
+    UNKNOWN_ORGANIZATION = 121
+    CODE_ORG_MISMATCH = 122
+    NO_CODE_NOR_ORG = 123
+    ITEM_MISSING = 124
+    QUOTA_EXCEEDED_BY_REQUEST = 130
+    CLONE_DETECTED = 151
+
+
+MESSAGES: dict[Code, str] = {
+    Code.NOT_SERVING: "this server does not serve requests now (standby, or not set up)",
+    Code.UNKNOWN_CODE: "the handshake code does not exist",
+    Code.WRONG_PASSWORD: "wrong session password",
+    Code.DOMAIN_MISMATCH: "the domain does not match the handshake code",
+    Code.NO_MATCHING_ITEM: "no license item matches; check the handshake code and the client settings",
+    Code.BAD_PROTOCOL: "the request is not of a supported protocol version",
+    Code.PRODUCT_MISMATCH: "no license item of the handshake code covers this product",
+    Code.INCOMPATIBLE_VERSION: "incompatible version",
+    Code.DEPLOYMENT_MISMATCH: "no license item of the handshake code covers this deployment type",
+    Code.EDITION_MISMATCH: "no license item of the handshake code covers this edition",
+    Code.EXPIRED: "the license has expired",
+    Code.NOT_YET_EFFECTIVE: "the license is not yet effective",
+    Code.REVOKED: "the license item is invalid or revoked",
+    Code.VALIDATION_FIELD_MISMATCH: "the validation field does not match the handshake code's configuration",
+    Code.TYPE_INCOMPATIBLE: "the license type is not compatible with the request",
+    Code.LIMIT_EXCEEDED: "usage has exceeded its limit",
+    Code.UNKNOWN_ORGANIZATION: "the organization id is unknown or has no default handshake code",
+    Code.CODE_ORG_MISMATCH: "the handshake code does not belong to the organization id",
+    Code.NO_CODE_NOR_ORG: "neither a handshake code nor an organization id was given",
+    Code.ITEM_MISSING: "a license item the handshake code depends on is missing",
+    Code.QUOTA_EXCEEDED_BY_REQUEST: "the request asks for more than the license item's quantity",
+    Code.CLONE_DETECTED: "device clone detected: the same client UUID is in use on another device",
+}
+
+
+def sdk_code(code: Code) -> int:
+    """The code as client SDKs see it."""
+    return -20000 - int(code)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A licensing refusal: the code plus a message a person can act on."""
+
+    code: Code
+    detail: str = ""
+
+    @property
+    def message(self) -> str:
+        return f"{MESSAGES[self.code]}: {self.detail}" if self.detail else MESSAGES[self.code]
+
+    def to_json(self) -> dict[str, object]:
+        return {"code": int(self.code), "sdkCode": sdk_code(self.code), "message": self.message}

@@ -1,0 +1,94 @@
+"""The server's identity: a UUID the vendor binds license files to, and its signing key.
+
+Both are created once in the state folder and never change; the key and the
+secret are readable by the service user only.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import secrets
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+UUID_FILE = "server-uuid"
+KEY_FILE = "server-key.pem"
+SECRET_FILE = "server-secret"
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """A short, stable name for a public key: the first 16 hex digits of SHA-256 of its raw bytes."""
+    return hashlib.sha256(raw_public(public_key)).hexdigest()[:16]
+
+
+def raw_public(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+@dataclass(frozen=True)
+class Identity:
+    server_uuid: str
+    signing_key: Ed25519PrivateKey
+    # Keys the HMAC of session passwords: a stolen database alone cannot test guesses.
+    secret: bytes
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self.signing_key.public_key()
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.public_key)
+
+    @property
+    def public_key_b64(self) -> str:
+        return base64.b64encode(raw_public(self.public_key)).decode()
+
+    def sign(self, data: bytes) -> str:
+        return base64.b64encode(self.signing_key.sign(data)).decode()
+
+
+def load_or_create(state_dir: Path) -> Identity:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    uuid_path = state_dir / UUID_FILE
+    if not uuid_path.exists():
+        _write_new(uuid_path, (str(uuid.uuid4()) + "\n").encode(), mode=0o644)
+    server_uuid = str(uuid.UUID(uuid_path.read_text().strip()))
+
+    key_path = state_dir / KEY_FILE
+    if not key_path.exists():
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        _write_new(key_path, pem, mode=0o600)
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{key_path} does not hold an Ed25519 private key")
+
+    secret_path = state_dir / SECRET_FILE
+    if not secret_path.exists():
+        _write_new(secret_path, secrets.token_bytes(32), mode=0o600)
+    return Identity(server_uuid, key, secret_path.read_bytes())
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write a file that must never be half-written nor replaced: temp file, fsync, link."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # fails if another process won the race: keep theirs
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()

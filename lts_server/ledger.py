@@ -1,0 +1,360 @@
+"""The ledger: the live licensing state in memory and the one writer that changes it.
+
+Every change (a handshake, an import, a sweep) runs as a job inside a single
+writer task: it decides against the in-memory state with the pure core,
+applies the outcome in memory, and adds its rows to a WriteBatch. Jobs that
+queue up while a commit is in flight share the next commit (group commit).
+An answer is given only after its batch is durable; if the commit fails, the
+in-memory changes of the whole batch are undone and every job in it fails, so
+nothing acknowledged is lost and no seat is granted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from lts_server import logs
+from lts_server.core import handshake as hs
+from lts_server.core.model import HandshakeCode, Item, ItemStatus, License
+from lts_server.core.ordering import usage_order
+from lts_server.core.times import utcnow
+from lts_server.passwords import session_matches
+from lts_server.store import (
+    Event,
+    ImportRecord,
+    LicenseRecord,
+    Seat,
+    SeatClaim,
+    Snapshot,
+    Store,
+    StoreError,
+    WriteBatch,
+)
+
+T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
+MAX_BATCH = 512
+_ABSENT = object()
+
+Undo = list[Callable[[], None]]
+
+
+def _set(mapping: MutableMapping[K, V], key: K, value: V, undo: Undo) -> None:
+    old = mapping.get(key, _ABSENT)  # type: ignore[arg-type]
+    mapping[key] = value
+    if old is _ABSENT:
+        undo.append(lambda: mapping.pop(key, None))
+    else:
+        undo.append(lambda: mapping.__setitem__(key, old))  # type: ignore[arg-type]
+
+
+def _pop(mapping: MutableMapping[K, V], key: K, undo: Undo) -> None:
+    if key in mapping:
+        old = mapping.pop(key)
+        undo.append(lambda: mapping.__setitem__(key, old))
+
+
+class LedgerClosed(Exception):
+    pass
+
+
+class JobFailed(Exception):
+    """A job could not be completed; nothing of it was stored."""
+
+
+@dataclass
+class _Job(Generic[T]):
+    run: Callable[[datetime, WriteBatch, Undo], T]
+    future: asyncio.Future[T]
+
+
+@dataclass(frozen=True)
+class ImportOutcome:
+    state: str  # imported | renewed | unchanged | rejected
+    license_id: str | None
+    reason: str | None = None
+
+
+class Ledger:
+    def __init__(self, store: Store, secret: bytes, clock: Callable[[], datetime] = utcnow) -> None:
+        self.store = store
+        self.clock = clock
+        self._secret = secret
+        self._queue: asyncio.Queue[_Job[Any]] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self.licenses: dict[str, LicenseRecord] = {}
+        self.items: dict[str, Item] = {}
+        self.statuses: dict[str, ItemStatus] = {}
+        self.codes: dict[str, HandshakeCode] = {}
+        self.organization_defaults: dict[str, str] = {}
+        self.seats: dict[str, dict[str, Seat]] = {}
+        self.imports: dict[str, ImportRecord] = {}
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        self._load(await self.store.load())
+        self._writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
+
+    def _load(self, snap: Snapshot) -> None:
+        self.licenses = snap.licenses
+        self.items = snap.items
+        self.statuses = snap.statuses
+        self.codes = snap.codes
+        self.organization_defaults = snap.organization_defaults
+        self.seats = snap.seats
+        self.imports = snap.imports
+
+    async def close(self) -> None:
+        """Finish every queued job, then stop the writer."""
+        self._closed = True
+        if self._writer is None:
+            return
+        await self._queue.join()
+        self._writer.cancel()
+        try:
+            await self._writer
+        except asyncio.CancelledError:
+            pass
+        self._writer = None
+
+    # -- the writer --------------------------------------------------------
+
+    async def submit(self, run: Callable[[datetime, WriteBatch, Undo], T]) -> T:
+        if self._closed or self._writer is None:
+            raise LedgerClosed("the server is shutting down")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Job(run, future))
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            jobs = [await self._queue.get()]
+            while len(jobs) < MAX_BATCH and not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            try:
+                await self._run_batch(jobs)
+            finally:
+                for _ in jobs:
+                    self._queue.task_done()
+
+    async def _run_batch(self, jobs: list[_Job[Any]]) -> None:
+        batch = WriteBatch(at=self.clock())
+        undo: Undo = []
+        results: list[Any] = []
+        try:
+            for job in jobs:
+                results.append(job.run(self.clock(), batch, undo))
+            await self.store.write(batch)
+        except BaseException as e:
+            for fn in reversed(undo):
+                fn()
+            failure = e if isinstance(e, StoreError) else JobFailed(f"internal error: {type(e).__name__}: {e}")
+            if not isinstance(e, StoreError):
+                logs.event("ledger.job_failed", logs.logging.ERROR, error=repr(e))
+            else:
+                logs.event("ledger.commit_failed", logs.logging.ERROR, error=str(e), jobs=len(jobs))
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(failure)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return
+        for job, result in zip(jobs, results):
+            if not job.future.done():
+                job.future.set_result(result)
+
+    # -- the view the core reads ------------------------------------------
+
+    def default_code(self, organization_id: str) -> str | None:
+        chosen = self.organization_defaults.get(organization_id)
+        if chosen in self.codes:
+            return chosen
+        firsts = sorted(
+            (r.first_imported_at, r.license.license_id)
+            for r in self.licenses.values()
+            if r.license.organization_id == organization_id
+        )
+        for _, license_id in firsts:
+            name = default_code_name(organization_id, license_id)
+            if name in self.codes:
+                return name
+        return None
+
+    def organization_known(self, organization_id: str) -> bool:
+        return any(c.organization_id == organization_id for c in self.codes.values())
+
+    def status(self, item_id: str) -> ItemStatus:
+        return self.statuses.get(item_id) or ItemStatus()
+
+    def seat_expiry(self, item_id: str, client_uuid: str) -> datetime | None:
+        seat = self.seats.get(item_id, {}).get(client_uuid)
+        return seat.expires_at if seat else None
+
+    def password_matches(self, code: HandshakeCode, given: str | None) -> bool:
+        return code.password_hash is not None and session_matches(self._secret, code.password_hash, given)
+
+    def ordered_items(self, code: HandshakeCode) -> list[str]:
+        return usage_order(code.items, self.items, code.custom_order)
+
+    # -- jobs ----------------------------------------------------------------
+
+    async def handshake(self, req: hs.Request) -> tuple[hs.Decision, ItemStatus | None]:
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> tuple[hs.Decision, ItemStatus | None]:
+            decision = hs.decide(req, self, now, self.password_matches)
+            if isinstance(decision, hs.Refused):
+                batch.events.append(_handshake_event(req, now, decision.code_name, decision.item_id,
+                                                     int(decision.refusal.code)))
+                return decision, None
+            fit = decision.fit
+            item_id = fit.item.item_id
+            if fit.seat is hs.SeatAction.CLAIM:
+                seat = Seat(item_id, req.client_uuid, now, now, fit.expires_at)
+                _set(self.seats.setdefault(item_id, {}), req.client_uuid, seat, undo)
+                status = self.status(item_id)
+                _set(self.statuses, item_id, dataclasses.replace(status, seats_used=status.seats_used + 1), undo)
+                batch.seat_claims.append(SeatClaim(seat, fit.limit))
+                batch.events.append(_seat_event("seat.granted", seat, decision.code.name, now))
+            elif fit.seat is hs.SeatAction.REFRESH:
+                old = self.seats[item_id][req.client_uuid]
+                seat = dataclasses.replace(old, refreshed_at=now, expires_at=max(old.expires_at, fit.expires_at))
+                _set(self.seats[item_id], req.client_uuid, seat, undo)
+                batch.seat_refreshes.append(seat)
+                batch.events.append(_seat_event("seat.refreshed", seat, decision.code.name, now))
+            batch.events.append(_handshake_event(req, now, decision.code.name, item_id, 0))
+            return decision, self.status(item_id)
+
+        return await self.submit(run)
+
+    async def sweep(self) -> int:
+        """Free the seats whose active period has lapsed; returns how many."""
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> int:
+            freed = 0
+            for item_id, holders in self.seats.items():
+                for client, seat in list(holders.items()):
+                    if seat.expires_at <= now:
+                        self._release(seat, "lapsed", None, now, batch, undo)
+                        freed += 1
+            return freed
+
+        return await self.submit(run)
+
+    def _release(self, seat: Seat, reason: str, code: str | None, now: datetime, batch: WriteBatch, undo: Undo) -> None:
+        _pop(self.seats[seat.item_id], seat.client_uuid, undo)
+        status = self.status(seat.item_id)
+        _set(self.statuses, seat.item_id, dataclasses.replace(status, seats_used=max(0, status.seats_used - 1)), undo)
+        batch.seat_releases.append(seat)
+        batch.events.append(
+            Event(at=now, type="seat.released", code=code, item_id=seat.item_id, client_uuid=seat.client_uuid,
+                  detail={"reason": reason})
+        )
+
+    async def record_import(
+        self, path: str, sha256: str, verified_license: License | None, key_id: str, text: str, rejection: str | None
+    ) -> ImportOutcome:
+        """Import one verified file, or record why it was rejected; one transaction either way."""
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> ImportOutcome:
+            reason = rejection
+            if reason is None:
+                assert verified_license is not None
+                reason = self._import_conflict(verified_license)
+            if reason is not None:
+                record = ImportRecord(path, sha256, "rejected", now, reason,
+                                      verified_license.license_id if verified_license else None,
+                                      verified_license.revision if verified_license else None)
+                _set(self.imports, path, record, undo)
+                batch.imports.append(record)
+                batch.events.append(Event(at=now, type="import.rejected", detail={
+                    "path": path, "sha256": sha256, "reason": reason}))
+                return ImportOutcome("rejected", record.license_id, reason)
+            assert verified_license is not None
+            state = self._apply_license(verified_license, key_id, sha256, text, path, now, batch, undo)
+            record = ImportRecord(path, sha256, state, now, None, verified_license.license_id,
+                                  verified_license.revision)
+            _set(self.imports, path, record, undo)
+            batch.imports.append(record)
+            return ImportOutcome(state, verified_license.license_id)
+
+        return await self.submit(run)
+
+    def _import_conflict(self, lic: License) -> str | None:
+        existing = self.licenses.get(lic.license_id)
+        if existing is not None:
+            old = existing.license
+            if old.organization_id != lic.organization_id:
+                return (f"organization-changed: license {lic.license_id} belongs to organization "
+                        f"{old.organization_id}, the file says {lic.organization_id}")
+            if lic.revision < old.revision or (lic.revision == old.revision and lic != old):
+                return (f"stale-revision: license {lic.license_id} revision {old.revision} is imported; "
+                        f"this file has revision {lic.revision} with different content")
+        for item in lic.items:
+            owner = self.items.get(item.item_id)
+            if owner is not None and owner.license_id != lic.license_id:
+                return f"item-owned: item {item.item_id} belongs to license {owner.license_id}"
+        if existing is None:
+            name = default_code_name(lic.organization_id, lic.license_id)
+            if name in self.codes:
+                return f"code-name-taken: a handshake code named {name} already exists; rename or delete it"
+        return None
+
+    def _apply_license(self, lic: License, key_id: str, sha256: str, text: str, path: str, now: datetime,
+                       batch: WriteBatch, undo: Undo) -> str:
+        existing = self.licenses.get(lic.license_id)
+        if existing is not None and existing.license == lic:
+            return "unchanged"
+        first = existing.first_imported_at if existing else now
+        # A renewal keeps items it no longer lists (see docs/license-file-format.md).
+        kept = tuple(i for i in existing.license.items if i.item_id not in {n.item_id for n in lic.items}) if existing else ()
+        merged = dataclasses.replace(lic, items=tuple(lic.items) + kept)
+        record = LicenseRecord(merged, key_id, sha256, text, first, now)
+        _set(self.licenses, lic.license_id, record, undo)
+        new_items = [i.item_id for i in lic.items if i.item_id not in self.items]
+        for item in lic.items:
+            _set(self.items, item.item_id, item, undo)
+            if item.item_id not in self.statuses:
+                _set(self.statuses, item.item_id, ItemStatus(), undo)
+        batch.licenses.append(record)
+        state = "renewed" if existing else "imported"
+        batch.events.append(Event(at=now, type=f"import.{state}", detail={
+            "path": path, "sha256": sha256, "licenseId": lic.license_id, "revision": lic.revision,
+            "items": [i.item_id for i in lic.items]}))
+        name = default_code_name(lic.organization_id, lic.license_id)
+        if existing is None:
+            code = HandshakeCode(name=name, organization_id=lic.organization_id,
+                                 items=tuple(i.item_id for i in lic.items), is_default=True,
+                                 source_license_id=lic.license_id)
+            _set(self.codes, name, code, undo)
+            batch.codes.append(code)
+            batch.events.append(Event(at=now, type="code.created", code=name,
+                                      detail={"items": list(code.items), "default": True}))
+        elif new_items and name in self.codes:
+            code = self.codes[name]
+            code = dataclasses.replace(code, items=code.items + tuple(new_items))
+            _set(self.codes, name, code, undo)
+            batch.codes.append(code)
+            batch.events.append(Event(at=now, type="code.edited", code=name,
+                                      detail={"itemsAdded": new_items, "reason": "renewal"}))
+        return state
+
+
+def default_code_name(organization_id: str, license_id: str) -> str:
+    return f"{organization_id}-{license_id}"
+
+
+def _handshake_event(req: hs.Request, now: datetime, code: str | None, item_id: str | None, result: int) -> Event:
+    return Event(at=now, type="handshake", code=code, item_id=item_id, client_uuid=req.client_uuid,
+                 product=req.product, deployment_type=req.deployment_type.value, result=result)
+
+
+def _seat_event(kind: str, seat: Seat, code: str, now: datetime) -> Event:
+    return Event(at=now, type=kind, code=code, item_id=seat.item_id, client_uuid=seat.client_uuid,
+                 detail={"expiresAt": seat.expires_at.isoformat()})

@@ -1,0 +1,265 @@
+"""Signed license files: the format, signing, parsing and verification.
+
+A file is a short header and the payload, separated by one empty line:
+
+    LTS-LICENSE-FILE 1
+    Key-Id: 3f2a9c0d1e4b5a68
+    Signature: <base64 Ed25519 signature of the payload bytes>
+
+    { ...the payload, pretty-printed JSON... }
+
+The signature covers the payload bytes exactly as they are in the file, so no
+canonicalisation step exists that two implementations could do differently.
+See docs/license-file-format.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from lts_server.core.model import (
+    LICENSE_TYPES,
+    DeploymentType,
+    Item,
+    License,
+    LicenseType,
+    Period,
+)
+from lts_server.identity import key_id
+
+FORMAT_VERSION = 1
+MAGIC = b"LTS-LICENSE-FILE"
+MAX_FILE_BYTES = 1024 * 1024
+_HEADER = re.compile(
+    rb"\ALTS-LICENSE-FILE (?P<version>[0-9]+)\nKey-Id: (?P<key_id>[0-9a-f]{16})\n"
+    rb"Signature: (?P<signature>[A-Za-z0-9+/]{86}==)\n\n"
+)
+
+Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+# Organization ids carry no hyphen: a code name is "{organizationId}-{custom}".
+OrganizationId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._]{0,63}$")]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
+DomainPattern = Annotated[
+    str,
+    msgspec.Meta(pattern=r"^(\*\.)?([A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}$", max_length=253),
+]
+Uuid = Annotated[
+    str, msgspec.Meta(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+]
+Moment = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+class ItemPayload(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    item_id: Id
+    product: Name
+    edition: Name | None = None
+    deployment_type: DeploymentType
+    license_type: LicenseType
+    quantity: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000_000)]
+    period: Period | None = None
+    domain: DomainPattern | None = None
+    starts_at: Moment
+    expires_at: Moment
+
+
+class Payload(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    format: Literal[1]
+    license_id: Id
+    alias: Name
+    organization_id: OrganizationId
+    license_text_version: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+    status: Literal["New", "Activated"]
+    server_uuid: Uuid | None = None
+    revision: Annotated[int, msgspec.Meta(ge=1)]
+    issued_at: Moment
+    items: Annotated[list[ItemPayload], msgspec.Meta(min_length=1, max_length=1000)]
+
+
+class LicenseFileError(Exception):
+    """Why a file is not (or not yet) an importable license, for a person to read."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+def default_alias(license_id: str, activated: datetime) -> str:
+    return f"DM_{license_id}_Date{activated:%Y%m%d}"
+
+
+def problems(payload: Payload) -> list[tuple[str, str]]:
+    """Rules a typed payload must also obey: (field path, what is wrong)."""
+    found: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i, item in enumerate(payload.items):
+        at = f"items[{i}]"
+        rules = LICENSE_TYPES[item.license_type]
+        if item.item_id in seen:
+            found.append((f"{at}.itemId", f"duplicate item id {item.item_id!r}"))
+        seen.add(item.item_id)
+        if item.expires_at <= item.starts_at:
+            found.append((f"{at}.expiresAt", "must be after startsAt"))
+        if rules.needs_period and item.period is None:
+            found.append((f"{at}.period", f"required for {item.license_type.value} items"))
+        if not rules.needs_period and item.period is not None:
+            found.append((f"{at}.period", f"only per-device and per-server items have a period"))
+        if rules.needs_domain and item.domain is None:
+            found.append((f"{at}.domain", f"required for {item.license_type.value} items"))
+        if not rules.needs_domain and item.domain is not None:
+            found.append((f"{at}.domain", "only per-domain items have a domain"))
+        if rules.deployments is not None and item.deployment_type not in rules.deployments:
+            allowed = ", ".join(sorted(d.value for d in rules.deployments))
+            found.append((f"{at}.deploymentType", f"{item.license_type.value} items must be {allowed}"))
+    return found
+
+
+def to_license(payload: Payload) -> License:
+    items = tuple(
+        Item(
+            item_id=i.item_id,
+            license_id=payload.license_id,
+            organization_id=payload.organization_id,
+            product=i.product,
+            edition=i.edition,
+            deployment_type=i.deployment_type,
+            license_type=i.license_type,
+            quantity=i.quantity,
+            period=i.period,
+            domain=i.domain.lower() if i.domain else None,
+            starts_at=i.starts_at,
+            expires_at=i.expires_at,
+        )
+        for i in payload.items
+    )
+    return License(
+        license_id=payload.license_id,
+        alias=payload.alias,
+        organization_id=payload.organization_id,
+        license_text_version=payload.license_text_version,
+        status=payload.status,
+        revision=payload.revision,
+        issued_at=payload.issued_at,
+        items=items,
+        server_uuid=payload.server_uuid,
+    )
+
+
+def encode_payload(payload: Payload) -> bytes:
+    return msgspec.json.format(msgspec.json.encode(payload), indent=2) + b"\n"
+
+
+def sign(payload_bytes: bytes, private_key: Ed25519PrivateKey) -> bytes:
+    """The whole file for these payload bytes."""
+    signature = base64.b64encode(private_key.sign(payload_bytes))
+    kid = key_id(private_key.public_key()).encode()
+    return b"%s %d\nKey-Id: %s\nSignature: %s\n\n%s" % (MAGIC, FORMAT_VERSION, kid, signature, payload_bytes)
+
+
+@dataclass(frozen=True)
+class Verified:
+    license: License
+    key_id: str
+    sha256: str
+    text: str
+
+
+def verify(data: bytes, trusted: dict[str, Ed25519PublicKey]) -> Verified:
+    """Check the signature first, then the payload; raise LicenseFileError with the reason."""
+    if len(data) > MAX_FILE_BYTES:
+        raise LicenseFileError("malformed", f"file is larger than {MAX_FILE_BYTES} bytes")
+    if not data.startswith(MAGIC):
+        raise LicenseFileError("malformed", "not an lts-server license file (first line must be 'LTS-LICENSE-FILE 1')")
+    m = _HEADER.match(data)
+    if m is None:
+        raise LicenseFileError(
+            "malformed",
+            "the header must be exactly 'LTS-LICENSE-FILE 1', 'Key-Id: <16 hex>', 'Signature: <base64>' "
+            "and an empty line (incomplete or altered file?)",
+        )
+    if int(m.group("version")) != FORMAT_VERSION:
+        raise LicenseFileError("unsupported-format", f"format version {int(m.group('version'))} is not supported")
+    kid = m.group("key_id").decode()
+    public_key = trusted.get(kid)
+    if public_key is None:
+        raise LicenseFileError("unknown-key", f"signed with key id {kid}, which is not among vendor.public_keys")
+    signature_text = m.group("signature")
+    signature = base64.b64decode(signature_text, validate=True)
+    if base64.b64encode(signature) != signature_text:
+        raise LicenseFileError("bad-signature", "the signature is not in canonical base64")
+    payload_bytes = data[m.end() :]
+    try:
+        public_key.verify(signature, payload_bytes)
+    except InvalidSignature:
+        raise LicenseFileError(
+            "bad-signature", "the signature does not match the content (altered, incomplete, or re-encoded file)"
+        ) from None
+    try:
+        payload = msgspec.json.decode(payload_bytes, type=Payload, strict=True)
+    except msgspec.ValidationError as e:
+        raise LicenseFileError("bad-field", _field_message(str(e))) from None
+    except msgspec.DecodeError as e:
+        raise LicenseFileError("malformed", f"payload is not valid JSON: {e}") from None
+    found = problems(payload)
+    if found:
+        raise LicenseFileError("bad-field", "; ".join(f"{path}: {what}" for path, what in found))
+    return Verified(to_license(payload), kid, hashlib.sha256(data).hexdigest(), data.decode("utf-8"))
+
+
+def _field_message(text: str) -> str:
+    msg, _, where = text.partition(" - at `$")
+    return f"{where.rstrip('`').lstrip('.')}: {msg}" if where else msg
+
+
+def check_binding(lic: License, server_uuid: str, allow_unbound: bool) -> None:
+    if lic.status != "Activated":
+        raise LicenseFileError("not-activated", f"license status is {lic.status}; only Activated licenses import")
+    if lic.server_uuid is None:
+        if not allow_unbound:
+            raise LicenseFileError(
+                "unbound", "the file is not bound to a server and vendor.allow_unbound is false"
+            )
+    elif lic.server_uuid != server_uuid:
+        raise LicenseFileError(
+            "wrong-server", f"the file is bound to server {lic.server_uuid}, this server is {server_uuid}"
+        )
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    data = path.read_bytes()
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError:
+        raise ValueError(f"{path}: not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path}: not an Ed25519 public key")
+    return key
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except ValueError:
+        raise ValueError(f"{path}: not an unencrypted PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def load_trusted(paths: list[Path]) -> dict[str, Ed25519PublicKey]:
+    keys = {}
+    for path in paths:
+        key = load_public_key(path)
+        keys[key_id(key)] = key
+    return keys

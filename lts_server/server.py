@@ -1,0 +1,122 @@
+"""Assembles a running server from a Config: store, identity, ledger, importer, HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from datetime import datetime
+
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from lts_server import identity, licensefile, logs
+from lts_server.config import Config
+from lts_server.core.times import utcnow
+from lts_server.importer import Importer
+from lts_server.ledger import Ledger
+from lts_server.store.sqlite import SQLiteStore
+from lts_server.web.app import create_app
+from lts_server.web.services import Services
+
+SWEEP_SECONDS = 60.0
+
+
+class Server:
+    def __init__(self, config: Config, clock: Callable[[], datetime] = utcnow) -> None:
+        self.config = config
+        self.clock = clock
+        self.trusted: dict[str, Ed25519PublicKey] = {}
+        self.runner: web.AppRunner | None = None
+        self.services: Services | None = None
+        self.stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.urls: list[str] = []
+
+    def load_vendor_keys(self) -> dict[str, Ed25519PublicKey]:
+        return licensefile.load_trusted(self.config.public_key_paths)
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.trusted = self.load_vendor_keys()
+        ident = identity.load_or_create(cfg.state_dir)
+        store = SQLiteStore(cfg.database_path, cfg.storage.busy_timeout_ms)
+        await store.open()
+        ledger = Ledger(store, ident.secret, self.clock)
+        await ledger.start()
+        importer = Importer(ledger, cfg.import_dir, ident.server_uuid, lambda: self.trusted,
+                            lambda: self.config.vendor.allow_unbound)
+        self.services = Services(cfg, ident, store, ledger, importer)
+        await importer.scan("start-up")
+        app = create_app(self.services)
+        self.runner = web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, cfg.server.host, cfg.server.port, ssl_context=self._ssl(),
+                           reuse_address=True)
+        await site.start()
+        scheme = "https" if cfg.server.tls_cert else "http"
+        self.urls = [f"{scheme}://{cfg.server.host}:{port}" for port in self.bound_ports()]
+        self._tasks.append(asyncio.create_task(
+            importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
+        self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
+        logs.event("server.listening", urls=self.urls, server_uuid=ident.server_uuid,
+                   database=str(cfg.database_path), import_dir=str(cfg.import_dir))
+
+    def bound_ports(self) -> list[int]:
+        ports = []
+        assert self.runner is not None
+        for site in self.runner.sites:
+            server = getattr(site, "_server", None)
+            for sock in getattr(server, "sockets", None) or []:
+                ports.append(sock.getsockname()[1])
+        return sorted(set(ports))
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        server = self.config.server
+        if not server.tls_cert or not server.tls_key:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.config.path(server.tls_cert), self.config.path(server.tls_key))
+        return ctx
+
+    async def _sweeper(self) -> None:
+        assert self.services is not None
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=SWEEP_SECONDS)
+            except TimeoutError:
+                try:
+                    freed = await self.services.ledger.sweep()
+                except Exception as e:  # a failed sweep is retried at the next tick
+                    logs.event("seats.sweep_failed", logs.logging.ERROR, error=str(e))
+                else:
+                    if freed:
+                        logs.event("seats.swept", freed=freed)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the vendor keys, then rescan the import directory."""
+        try:
+            keys = self.load_vendor_keys()
+        except (OSError, ValueError) as e:
+            logs.event("reload.keys_failed", logs.logging.ERROR, error=str(e), kept=sorted(self.trusted))
+        else:
+            if set(keys) != set(self.trusted):
+                logs.event("reload.keys_changed", added=sorted(set(keys) - set(self.trusted)),
+                           removed=sorted(set(self.trusted) - set(keys)))
+            self.trusted = keys
+        if self.services is not None:
+            report = await self.services.importer.scan("reload")
+            logs.event("reload.done", files=report.seen, changed=len(report.outcomes))
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, flush the ledger, close the database."""
+        self.stopping.set()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.services is not None:
+            await self.services.ledger.close()
+            await self.services.store.close()
+        logs.event("server.stopped")

@@ -1,0 +1,163 @@
+"""Storage behind a narrow interface of intent-revealing operations.
+
+The ledger hands the store a `WriteBatch` (claim these seats, record these
+events, import this license...) and the store makes all of it durable in one
+transaction or none of it. The licensing rules never see SQL; a PostgreSQL
+backend implements the same `Store` protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from lts_server.core.model import HandshakeCode, Item, ItemStatus, License
+
+
+class StoreError(Exception):
+    """The database could not do what was asked; the message says why, for a person."""
+
+
+class StoreUnavailable(StoreError):
+    """Locked by another process, or otherwise temporarily unusable: retry later."""
+
+
+class StoreFull(StoreError):
+    """The disk (or the database's size limit) is full."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was written by a newer lts-server."""
+
+
+class Conflict(StoreError):
+    """A conditional write found the database in another state than the ledger expected."""
+
+
+@dataclass(frozen=True)
+class Seat:
+    item_id: str
+    client_uuid: str
+    granted_at: datetime
+    refreshed_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class SeatClaim:
+    seat: Seat
+    limit: int  # the claim fails if the item already holds this many seats
+
+
+@dataclass(frozen=True)
+class Event:
+    at: datetime
+    type: str
+    code: str | None = None
+    item_id: str | None = None
+    client_uuid: str | None = None
+    product: str | None = None
+    deployment_type: str | None = None
+    result: int | None = None
+    detail: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    seq: int
+    event: Event
+
+
+@dataclass(frozen=True)
+class ImportRecord:
+    path: str
+    sha256: str
+    state: str  # imported | renewed | unchanged | rejected
+    seen_at: datetime
+    reason: str | None = None
+    license_id: str | None = None
+    revision: int | None = None
+
+
+@dataclass(frozen=True)
+class LicenseRecord:
+    license: License
+    key_id: str
+    sha256: str
+    file_text: str
+    first_imported_at: datetime
+    updated_at: datetime
+
+
+@dataclass
+class Snapshot:
+    """Everything the ledger keeps in memory, as loaded at start-up."""
+
+    licenses: dict[str, LicenseRecord] = field(default_factory=dict)
+    items: dict[str, Item] = field(default_factory=dict)
+    statuses: dict[str, ItemStatus] = field(default_factory=dict)
+    codes: dict[str, HandshakeCode] = field(default_factory=dict)
+    organization_defaults: dict[str, str] = field(default_factory=dict)
+    seats: dict[str, dict[str, Seat]] = field(default_factory=dict)
+    imports: dict[str, ImportRecord] = field(default_factory=dict)
+
+
+@dataclass
+class WriteBatch:
+    """Changes that become durable together, in one transaction."""
+
+    licenses: list[LicenseRecord] = field(default_factory=list)
+    codes: list[HandshakeCode] = field(default_factory=list)
+    codes_deleted: list[str] = field(default_factory=list)
+    organization_defaults: dict[str, str] = field(default_factory=dict)
+    seat_claims: list[SeatClaim] = field(default_factory=list)
+    seat_refreshes: list[Seat] = field(default_factory=list)
+    seat_releases: list[Seat] = field(default_factory=list)
+    revocations: dict[str, bool] = field(default_factory=dict)
+    imports: list[ImportRecord] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    # When the changes were made: stamps rows that keep a modification time.
+    at: datetime | None = None
+
+    def __bool__(self) -> bool:
+        return any(
+            (
+                self.licenses,
+                self.codes,
+                self.codes_deleted,
+                self.organization_defaults,
+                self.seat_claims,
+                self.seat_refreshes,
+                self.seat_releases,
+                self.revocations,
+                self.imports,
+                self.events,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    start: datetime | None = None
+    end: datetime | None = None
+    code: str | None = None
+    item_id: str | None = None
+    type: str | None = None
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ready(self) -> bool: ...
+
+    async def load(self) -> Snapshot: ...
+
+    async def write(self, batch: WriteBatch) -> None: ...
+
+    def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]: ...
+
+    async def size_bytes(self) -> int: ...

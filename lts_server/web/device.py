@@ -1,0 +1,99 @@
+"""The device API: handshakes (and, later, usage reports) from client SDKs."""
+
+from __future__ import annotations
+
+import msgspec
+from aiohttp import web
+
+from lts_server.core import handshake as hs
+from lts_server.core.model import Counts, ItemStatus
+from lts_server.core.times import iso
+from lts_server.web.errors import ApiError, validation_error
+from lts_server.web.schemas import MAX_BODY, Authorization, HandshakeBody, SeatCount
+from lts_server.web.services import SERVICES, Services
+
+_decoder = msgspec.json.Decoder(HandshakeBody)
+_encoder = msgspec.json.Encoder()
+
+
+async def read_json_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
+    if request.content_type != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, not {request.content_type or 'missing'}")
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(400, f"the body is {request.content_length} bytes; at most {limit} are accepted")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise ApiError(400, f"the body is over {limit} bytes; at most {limit} are accepted")
+    return body
+
+
+def to_request(body: HandshakeBody) -> hs.Request:
+    return hs.Request(
+        client_uuid=body.client_uuid,
+        product=body.product,
+        deployment_type=body.deployment_type,
+        handshake_code=body.handshake_code,
+        organization_id=body.organization_id,
+        session_password=body.session_password,
+        version=body.version,
+        edition=body.edition,
+        domain=body.domain,
+        app_id=body.app_id,
+        process_name=body.process_name,
+        instances=body.instances,
+    )
+
+
+def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: ItemStatus, issued) -> Authorization:
+    item = grant.item
+    fit = grant.fit
+    seats = units = None
+    if item.rules.counts is Counts.SEATS:
+        seats = SeatCount(status.seats_used, item.quantity, fit.limit, max(0, fit.limit - status.seats_used))
+    elif item.rules.counts is Counts.UNITS:
+        units = SeatCount(status.units_used, item.quantity, fit.limit, max(0, fit.limit - status.units_used))
+    return Authorization(
+        server_uuid=services.identity.server_uuid,
+        handshake_code=grant.code.name,
+        organization_id=grant.code.organization_id,
+        item_id=item.item_id,
+        license_id=item.license_id,
+        product=item.product,
+        deployment_type=item.deployment_type.value,
+        license_type=item.license_type.value,
+        client_uuid=req.client_uuid,
+        issued_at=iso(issued),
+        expires_at=iso(fit.expires_at),
+        edition=item.edition,
+        domain=req.domain if item.domain else None,
+        instances=fit.instances if item.rules.counts is Counts.INSTANCES else None,
+        seats=seats,
+        units=units,
+    )
+
+
+async def handshake(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body = await read_json_body(request)
+    try:
+        parsed = _decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise validation_error(e) from None
+    req = to_request(parsed)
+    issued = services.ledger.clock()
+    decision, status = await services.ledger.handshake(req)
+    if isinstance(decision, hs.Refused):
+        return web.Response(
+            status=403,
+            body=b'{"error":' + _encoder.encode(decision.refusal.to_json()) + b"}",
+            content_type="application/json",
+        )
+    assert status is not None
+    auth = _encoder.encode(authorization(services, req, decision, status, issued))
+    # The signature covers these exact bytes; they are sent verbatim as the
+    # first member, so a client can verify without re-serialising.
+    signature = services.identity.sign(auth)
+    out = b'{"authorization":%s,"signature":"%s","keyId":"%s"}' % (
+        auth, signature.encode(), services.identity.key_id.encode()
+    )
+    return web.Response(body=out, content_type="application/json")

@@ -1,0 +1,76 @@
+"""JSON errors for every failure: a precise message, the documented code, never a traceback.
+
+Licensing refusals carry the reference codes (100-151) and their SDK codes;
+protocol and server failures carry their HTTP status as the code (400, 401,
+403, 404, 405, 413, 415, 500, 503), so the two ranges never collide.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+
+from lts_server import logs
+from lts_server.ledger import JobFailed, LedgerClosed
+from lts_server.store import StoreError, StoreUnavailable
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+
+def error_response(status: int, message: str, field: str | None = None, code: int | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    body: dict[str, object] = {"code": code if code is not None else status, "message": message}
+    if field is not None:
+        body["field"] = field
+    return web.Response(status=status, body=json.dumps({"error": body}), content_type="application/json",
+                        headers=headers)
+
+
+def validation_error(e: msgspec.ValidationError | msgspec.DecodeError) -> ApiError:
+    text = str(e)
+    if isinstance(e, msgspec.ValidationError):
+        msg, _, where = text.partition(" - at `$")
+        field = where.rstrip("`").lstrip(".") or None
+        if msg.startswith(("Object missing required field", "Object contains unknown field")):
+            name = msg.split("`")[1]
+            field = f"{field}.{name}" if field else name
+        return ApiError(400, f"{field}: {msg}" if field else msg, field)
+    return ApiError(400, f"the body is not valid JSON: {text}")
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return error_response(e.status, e.message, e.field)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
+        return error_response(e.status, message or e.reason, headers={k: v for k, v in e.headers.items()
+                                                                         if k.lower() == "allow"})
+    except StoreUnavailable as e:
+        logs.event("http.store_unavailable", logs.logging.ERROR, path=request.path, error=str(e))
+        return error_response(503, f"storage unavailable, retry later: {e}", headers={"Retry-After": "5"})
+    except StoreError as e:
+        logs.event("http.store_error", logs.logging.ERROR, path=request.path, error=str(e))
+        return error_response(503, f"storage error, nothing was recorded: {e}", headers={"Retry-After": "30"})
+    except LedgerClosed as e:
+        return error_response(503, str(e), headers={"Retry-After": "5"})
+    except JobFailed as e:
+        return error_response(500, str(e))
+    except Exception as e:  # the client gets a line, the log gets the traceback
+        logs.log.exception("http.internal_error", extra={"fields": {"path": request.path}})
+        return error_response(500, f"internal error ({type(e).__name__}); see the server log")

@@ -1,0 +1,63 @@
+"""Request and response bodies of the device API, validated by msgspec."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from lts_server.core.model import DeploymentType
+
+MAX_BODY = 16 * 1024
+
+Short = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Field = Annotated[str, msgspec.Meta(max_length=256)]
+ClientUuid = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:{}-]+$")]
+
+
+class HandshakeBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    client_uuid: ClientUuid
+    product: Short
+    deployment_type: DeploymentType
+    handshake_code: Short | None = None
+    organization_id: Short | None = None
+    session_password: Field | None = None
+    version: Short | None = None
+    edition: Short | None = None
+    domain: Annotated[str, msgspec.Meta(max_length=253)] | None = None
+    app_id: Field | None = None
+    process_name: Field | None = None
+    instances: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1
+
+
+class SeatCount(msgspec.Struct, rename="camel"):
+    used: int
+    quantity: int
+    limit: int
+    left: int
+
+
+class Authorization(msgspec.Struct, rename="camel", omit_defaults=True):
+    server_uuid: str
+    handshake_code: str
+    organization_id: str
+    item_id: str
+    license_id: str
+    product: str
+    deployment_type: str
+    license_type: str
+    client_uuid: str
+    issued_at: str
+    expires_at: str
+    edition: str | None = None
+    domain: str | None = None
+    instances: int | None = None
+    seats: SeatCount | None = None
+    units: SeatCount | None = None
+
+
+class ServerInfo(msgspec.Struct, rename="camel"):
+    server_uuid: str
+    version: str
+    key_id: str
+    public_key: str

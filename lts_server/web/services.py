@@ -1,0 +1,27 @@
+"""What the HTTP handlers reach: the parts of a running server."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from lts_server.config import Config
+from lts_server.identity import Identity
+from lts_server.importer import Importer
+from lts_server.ledger import Ledger
+from lts_server.store import Store
+
+
+@dataclass
+class Services:
+    config: Config
+    identity: Identity
+    store: Store
+    ledger: Ledger
+    importer: Importer
+    started: float = field(default_factory=time.monotonic)
+
+
+SERVICES = web.AppKey("services", Services)
