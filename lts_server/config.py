@@ -11,14 +11,15 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args, get_origin
 
 import msgspec
 
 DEFAULT_PATH = Path("/etc/lts-server/lts-server.toml")
 ENV_PREFIX = "LTS_"
 
-Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+# 0 asks the OS for a free port (used by the tests).
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 
 
@@ -168,8 +169,25 @@ def _describe(path: Path, message: str, overridden: dict[str, str]) -> str:
         field = msg.split("`")[1]
         key = f"{key}.{field}" if key else field
         msg = "unknown key"
+    elif msg.startswith("Invalid enum value"):
+        choices = _choices(key)
+        if choices:
+            msg = f"{msg}; expected one of {', '.join(repr(c) for c in choices)}"
     source = f" (set by {overridden[key]})" if key in overridden else ""
     return f"{path}: key '{key or '<top>'}'{source}: {msg[0].lower()}{msg[1:]}"
+
+
+def _choices(key: str) -> tuple[str, ...]:
+    """The allowed values of a Literal-typed key such as 'log.level'."""
+    section, _, name = key.partition(".")
+    fields = {f.encode_name: f for f in msgspec.structs.fields(Config)}
+    if section not in fields:
+        return ()
+    section_type = fields[section].type
+    for f in msgspec.structs.fields(section_type):
+        if f.encode_name == name and get_origin(f.type) is Literal:
+            return get_args(f.type)
+    return ()
 
 
 def _check(config: Config, path: Path) -> None:

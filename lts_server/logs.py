@@ -55,3 +55,5 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log would add a line per request; our own events say more.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiosqlite logs every statement at debug level, parameters included.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)

@@ -21,10 +21,14 @@ async def read_json_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
         raise ApiError(415, f"Content-Type must be application/json, not {request.content_type or 'missing'}")
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(400, f"the body is {request.content_length} bytes; at most {limit} are accepted")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise ApiError(400, f"the body is over {limit} bytes; at most {limit} are accepted")
-    return body
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(limit + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(400, f"the body is over {limit} bytes; at most {limit} are accepted")
+    return b"".join(chunks)
 
 
 def to_request(body: HandshakeBody) -> hs.Request:

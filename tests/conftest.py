@@ -1,0 +1,257 @@
+"""Shared fixtures: a vendor key, license files relative to now, configs and servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from lts_server import config as config_mod
+from lts_server import licensefile
+from lts_server.cli.vendor import payload_from_spec
+from lts_server.server import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+@dataclass
+class Vendor:
+    key: Ed25519PrivateKey
+    pub_path: Path
+    key_path: Path
+
+    def issue(self, spec: dict[str, Any]) -> bytes:
+        """Sign a spec (snake_case, as lts-license takes it) into license file bytes."""
+        payload = payload_from_spec(spec, NOW)
+        return licensefile.sign(licensefile.encode_payload(payload), self.key)
+
+
+def make_vendor(folder: Path) -> Vendor:
+    folder.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    key_path = folder / "vendor.key"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    pub_path = folder / "vendor.pub"
+    pub_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
+    return Vendor(key, pub_path, key_path)
+
+
+@pytest.fixture
+def vendor(tmp_path: Path) -> Vendor:
+    return make_vendor(tmp_path / "vendor")
+
+
+def item(item_id: str, license_type: str = "per-device", **kw: Any) -> dict[str, Any]:
+    """An item spec valid from yesterday for a year, relative to now so fixtures never expire."""
+    spec: dict[str, Any] = {
+        "item_id": item_id,
+        "product": "barcode-reader",
+        "deployment_type": "browser",
+        "license_type": license_type,
+        "quantity": 10,
+        "starts_at": NOW - timedelta(days=1),
+        "expires_at": NOW + timedelta(days=365),
+    }
+    if license_type in ("per-device", "per-server"):
+        spec["period"] = "yearly"
+    if license_type in ("per-server", "per-concurrent-instance"):
+        spec["deployment_type"] = "server"
+    if license_type == "per-domain":
+        spec["domain"] = "*.example.com"
+    spec.update(kw)
+    return spec
+
+
+def license_spec(license_id: str = "L1", org: str = "216998", items: list[dict[str, Any]] | None = None,
+                 **kw: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {"license_id": license_id, "organization_id": org,
+                            "items": items or [item(f"{license_id}-1")]}
+    spec.update(kw)
+    return spec
+
+
+def write_config(folder: Path, vendor: Vendor | None, **sections: dict[str, Any]) -> Path:
+    """A config for a server living in `folder`; sections override the defaults."""
+    base: dict[str, dict[str, Any]] = {
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout": 5.0},
+        "storage": {"state_dir": str(folder / "state")},
+        "import": {"directory": str(folder / "import"), "rescan_seconds": 3600, "watch": False},
+        "vendor": {"public_keys": [str(vendor.pub_path)] if vendor else [], "allow_unbound": True},
+        "log": {"level": "warning", "format": "json"},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    (folder / "import").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml(value)}")
+    path = folder / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **kw: float) -> None:
+        self.now += timedelta(**kw)
+
+
+@dataclass
+class Running:
+    server: Server
+    url: str
+    folder: Path
+    vendor: Vendor
+    session: aiohttp.ClientSession
+    clock: Clock = field(default_factory=Clock)
+
+    @property
+    def ledger(self):  # noqa: ANN201
+        assert self.server.services is not None
+        return self.server.services.ledger
+
+    @property
+    def importer(self):  # noqa: ANN201
+        assert self.server.services is not None
+        return self.server.services.importer
+
+    async def drop(self, name: str, data: bytes) -> Path:
+        path = self.folder / "import" / name
+        path.write_bytes(data)
+        await self.importer.scan("test")
+        return path
+
+    async def handshake(self, **body: Any) -> tuple[int, dict[str, Any]]:
+        body.setdefault("clientUuid", "device-1")
+        body.setdefault("product", "barcode-reader")
+        body.setdefault("deploymentType", "browser")
+        async with self.session.post(f"{self.url}/api/v1/handshake", json=body) as resp:
+            return resp.status, await resp.json()
+
+
+@pytest.fixture
+async def running(tmp_path: Path, vendor: Vendor) -> AsyncIterator[Running]:
+    """An in-process server on a free port, with a clock the test controls."""
+    clock = Clock()
+    cfg = config_mod.load(write_config(tmp_path, vendor), environ={})
+    server = Server(cfg, clock=clock)
+    await server.start()
+    async with aiohttp.ClientSession() as session:
+        yield Running(server, server.urls[0], tmp_path, vendor, session, clock)
+    await server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    url: str
+    folder: Path
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_daemon(config_path: Path, folder: Path, env: dict[str, str] | None = None,
+                 wait: bool = True) -> Daemon:
+    """Start `python -m lts_server` as a real process and wait until /readyz answers."""
+    port = free_port()
+    full_env = {**os.environ, "LTS_SERVER__PORT": str(port), **(env or {})}
+    log_path = folder / f"daemon-{port}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "lts_server", "--config", str(config_path)],
+                            stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=full_env)
+    daemon = Daemon(proc, f"http://127.0.0.1:{port}", folder, log_path)
+    if wait:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {proc.returncode}:\n{daemon.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            proc.kill()
+            raise AssertionError(f"daemon did not listen:\n{daemon.log()}")
+    return daemon
+
+
+def stop_daemon(daemon: Daemon, timeout: float = 15) -> int:
+    if daemon.proc.poll() is None:
+        daemon.proc.send_signal(signal.SIGTERM)
+    try:
+        return daemon.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        daemon.proc.kill()
+        raise
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def factory(config_path: Path, **kw: Any) -> Daemon:
+        d = start_daemon(config_path, tmp_path, **kw)
+        started.append(d)
+        return d
+
+    yield factory
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")

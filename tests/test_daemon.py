@@ -1,0 +1,155 @@
+"""The daemon as systemd runs it: notifications, signals, health endpoints, logs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, Vendor, item, license_spec, start_daemon, stop_daemon, write_config
+
+
+def get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_health_and_readiness(tmp_path: Path, vendor: Vendor) -> None:
+    d = start_daemon(write_config(tmp_path, vendor), tmp_path)
+    try:
+        assert get(f"{d.url}/healthz") == (200, {"status": "ok"})
+        assert get(f"{d.url}/readyz") == (200, {"status": "ready"})
+    finally:
+        assert stop_daemon(d) == 0
+
+
+def test_sd_notify_ready_watchdog_stopping(tmp_path: Path, vendor: Vendor) -> None:
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(15)
+    d = start_daemon(write_config(tmp_path, vendor), tmp_path,
+                     env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}, wait=False)
+    try:
+        messages: list[str] = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+        ready = next(m for m in messages if "READY=1" in m)
+        assert "STATUS=listening on http://127.0.0.1:" in ready
+        # The socket is bound by the time READY=1 is sent.
+        port = int(ready.rsplit(":", 1)[1].split()[0])
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        # WATCHDOG=1 at half the interval: several in a second.
+        deadline = time.monotonic() + 1.5
+        pings = 0
+        while time.monotonic() < deadline:
+            if "WATCHDOG=1" in sock.recv(4096).decode():
+                pings += 1
+        assert pings >= 3
+        d.proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in sock.recv(4096).decode():
+            pass
+        assert d.proc.wait(15) == 0
+    finally:
+        sock.close()
+        if d.proc.poll() is None:
+            d.proc.kill()
+
+
+def test_sigterm_lets_an_in_flight_request_finish(tmp_path: Path, vendor: Vendor) -> None:
+    (tmp_path / "import").mkdir()
+    (tmp_path / "import" / "a.lic").write_bytes(vendor.issue(license_spec("L1", items=[item("L1-1")])))
+    d = start_daemon(write_config(tmp_path, vendor), tmp_path)
+    port = int(d.url.rsplit(":", 1)[1])
+    # Another process holds the write lock, so the handshake's commit waits: the
+    # request is in flight when SIGTERM arrives.
+    blocker = sqlite3.connect(tmp_path / "state" / "lts-server.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    body = json.dumps({"handshakeCode": "216998-L1", "clientUuid": "dev-inflight", "product": "barcode-reader",
+                       "deploymentType": "browser"}).encode()
+    conn = socket.create_connection(("127.0.0.1", port), timeout=15)
+    conn.sendall((f"POST /api/v1/handshake HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
+    time.sleep(0.3)
+    d.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.7)
+    assert d.proc.poll() is None, "the daemon must wait for the in-flight request"
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    response = b""
+    while chunk := conn.recv(65536):
+        response += chunk
+    conn.close()
+    assert response.startswith(b"HTTP/1.1 200"), response[:300]
+    assert b'"authorization"' in response
+    assert d.proc.wait(15) == 0
+    # The acknowledged grant is in the database after shutdown.
+    con = sqlite3.connect(tmp_path / "state" / "lts-server.sqlite3")
+    assert con.execute("SELECT COUNT(*) FROM seats WHERE client_uuid = 'dev-inflight'").fetchone()[0] == 1
+    assert con.execute("SELECT COUNT(*) FROM events WHERE type = 'handshake' AND result = 0").fetchone()[0] == 1
+
+
+def test_sighup_rescans_the_import_directory(tmp_path: Path, vendor: Vendor) -> None:
+    d = start_daemon(write_config(tmp_path, vendor, log={"level": "info"}), tmp_path)
+    try:
+        assert get(f"{d.url}/api/v1/admin/imports")[1]["files"] == []
+        (tmp_path / "import" / "new.lic").write_bytes(vendor.issue(license_spec("L9")))
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        files: list = []
+        while time.monotonic() < deadline and not files:
+            files = get(f"{d.url}/api/v1/admin/imports")[1]["files"]
+            time.sleep(0.1)
+        assert [(Path(f["path"]).name, f["state"]) for f in files] == [("new.lic", "imported")]
+        assert '"event": "reload.done"' in d.log()
+    finally:
+        assert stop_daemon(d) == 0
+
+
+def test_log_lines_are_json_and_carry_no_secrets(tmp_path: Path, vendor: Vendor) -> None:
+    (tmp_path / "import" ).mkdir()
+    (tmp_path / "import" / "a.lic").write_bytes(vendor.issue(license_spec("L1")))
+    d = start_daemon(write_config(tmp_path, vendor, log={"level": "debug"}), tmp_path)
+    stop_daemon(d)
+    lines = [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]
+    assert any(line["event"] == "server.listening" for line in lines)
+    text = d.log()
+    key_pem = (tmp_path / "state" / "server-key.pem").read_text()
+    secret = (tmp_path / "state" / "server-secret").read_bytes()
+    assert key_pem.splitlines()[1] not in text
+    assert secret.hex() not in text
+
+
+def test_unusable_state_folder_is_a_clear_start_error(tmp_path: Path, vendor: Vendor) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cfg = write_config(tmp_path, vendor, storage={"state_dir": str(blocker / "state")})
+    d = start_daemon(cfg, tmp_path, wait=False)
+    assert d.proc.wait(20) == 1
+    assert "cannot start" in d.log()
+    assert "Traceback" not in d.log()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (ROOT / "systemd" / "lts-server.service").read_text()
+    lts = shutil.which("lts-server") or str(Path(__import__("sys").executable).parent / "lts-server")
+    (tmp_path / "lts-server.service").write_text(unit.replace("/opt/lts-server/bin/lts-server", lts))
+    proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "lts-server.service")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for setting in ("Type=notify", "WatchdogSec=", "DynamicUser=yes", "StateDirectory=lts-server",
+                    "ConfigurationDirectory=lts-server", "ProtectSystem=strict", "NoNewPrivileges=yes",
+                    "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure"):
+        assert setting in unit

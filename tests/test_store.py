@@ -1,0 +1,118 @@
+"""The SQLite store: migrations, durability settings, and clear errors when locked or full."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from lts_server.store import Event, SchemaTooNew, StoreFull, StoreUnavailable, WriteBatch
+from lts_server.store.sqlite import SQLiteStore, migrations
+
+AT = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+
+
+async def test_migrates_an_empty_database(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        assert await store.schema_version() == len(migrations())
+        assert await store.ready()
+    finally:
+        await store.close()
+    con = sqlite3.connect(tmp_path / "db.sqlite3")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"licenses", "items", "handshake_codes", "code_items", "seats", "events", "schema_version"} <= tables
+
+
+async def test_reopening_keeps_data_and_applies_nothing_twice(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    await store.write(WriteBatch(events=[Event(at=AT, type="test")], at=AT))
+    await store.close()
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        events = [e async for e in store.events(_all())]
+        assert [e.event.type for e in events] == ["test"]
+        con = sqlite3.connect(tmp_path / "db.sqlite3")
+        assert con.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == len(migrations())
+    finally:
+        await store.close()
+
+
+def _all():  # noqa: ANN202
+    from lts_server.store import EventQuery
+
+    return EventQuery()
+
+
+async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    await store.close()
+    con = sqlite3.connect(tmp_path / "db.sqlite3")
+    con.execute("INSERT INTO schema_version (version) VALUES (999)")
+    con.commit()
+    con.close()
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    with pytest.raises(SchemaTooNew, match="schema version 999.*knows versions up to"):
+        await store.open()
+
+
+async def test_locked_database_fails_fast_with_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    store = SQLiteStore(path, busy_timeout_ms=300)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await store.write(WriteBatch(events=[Event(at=AT, type="x")], at=AT))
+        assert time.monotonic() - started < 5
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    # Once the lock is gone the same store works again and nothing half-written remains.
+    await store.write(WriteBatch(events=[Event(at=AT, type="y")], at=AT))
+    assert [e.event.type async for e in store.events(_all())] == ["y"]
+    await store.close()
+
+
+async def test_opening_a_locked_database_fails_fast(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA journal_mode = DELETE")
+    other.execute("BEGIN EXCLUSIVE")
+    other.execute("CREATE TABLE t (x)")
+    try:
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await SQLiteStore(path, busy_timeout_ms=200).open()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+async def test_full_disk_is_a_clear_error_and_loses_nothing_committed(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.write(WriteBatch(events=[Event(at=AT, type="kept")], at=AT))
+    # Cap the file at its current size: the next growth is SQLITE_FULL, as on a full disk.
+    pages = (await store._all("PRAGMA page_count"))[0][0]
+    await store.db.execute(f"PRAGMA max_page_count = {pages}")
+    big = [Event(at=AT, type="big", detail={"pad": "x" * 4000}) for _ in range(50)]
+    with pytest.raises(StoreFull, match="full"):
+        await store.write(WriteBatch(events=big, at=AT))
+    assert [e.event.type async for e in store.events(_all())] == ["kept"]
+    await store.close()
+
+
+def test_migration_files_are_numbered_without_gaps() -> None:
+    found = migrations()
+    assert [v for v, _, _ in found] == list(range(1, len(found) + 1))
