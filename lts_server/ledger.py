@@ -19,7 +19,9 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from lts_server import logs
+from lts_server.core import codes as code_rules
 from lts_server.core import handshake as hs
+from lts_server.core.codes import CodeError, CodeFields
 from lts_server.core.model import HandshakeCode, Item, ItemStatus, License
 from lts_server.core.ordering import usage_order
 from lts_server.core.times import utcnow
@@ -66,6 +68,16 @@ class LedgerClosed(Exception):
 
 class JobFailed(Exception):
     """A job could not be completed; nothing of it was stored."""
+
+
+class NotFound(Exception):
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+# Refusals a job raises before it changes anything: they fail that job alone.
+JOB_REFUSALS: tuple[type[Exception], ...] = (CodeError, NotFound)
 
 
 @dataclass
@@ -151,7 +163,11 @@ class Ledger:
         results: list[Any] = []
         try:
             for job in jobs:
-                results.append(job.run(self.clock(), batch, undo))
+                try:
+                    results.append(job.run(self.clock(), batch, undo))
+                except JOB_REFUSALS as refusal:
+                    job.future.set_exception(refusal)
+                    results.append(None)
             await self.store.write(batch)
         except BaseException as e:
             for fn in reversed(undo):
@@ -344,6 +360,103 @@ class Ledger:
             batch.events.append(Event(at=now, type="code.edited", code=name,
                                       detail={"itemsAdded": new_items, "reason": "renewal"}))
         return state
+
+
+    # -- administration -------------------------------------------------------
+
+    async def create_code(self, organization_id: str, fields: CodeFields) -> HandshakeCode:
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> HandshakeCode:
+            if not self.organization_known(organization_id):
+                raise CodeError("organizationId", f"no imported license belongs to organization {organization_id!r}")
+            code = code_rules.create(organization_id, fields, self.items, self.codes)
+            _set(self.codes, code.name, code, undo)
+            batch.codes.append(code)
+            batch.events.append(Event(at=now, type="code.created", code=code.name, detail=_code_detail(code)))
+            return code
+
+        return await self.submit(run)
+
+    async def edit_code(self, name: str, fields: CodeFields) -> HandshakeCode:
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> HandshakeCode:
+            old = self._code(name)
+            code = code_rules.edit(old, fields, self.items, self.codes)
+            if code.name != old.name:
+                _pop(self.codes, old.name, undo)
+                batch.codes_deleted.append(old.name)
+                for org, chosen in list(self.organization_defaults.items()):
+                    if chosen == old.name:
+                        _set(self.organization_defaults, org, code.name, undo)
+                        batch.organization_defaults[org] = code.name
+            _set(self.codes, code.name, code, undo)
+            batch.codes.append(code)
+            changed = [f.name for f in dataclasses.fields(code)
+                       if f.name != "password_hash" and getattr(code, f.name) != getattr(old, f.name)]
+            if changed:
+                batch.events.append(Event(at=now, type="code.edited", code=code.name,
+                                          detail={"changed": changed, "previousName": old.name,
+                                                  **_code_detail(code)}))
+            if code.password_hash != old.password_hash:
+                batch.events.append(Event(at=now, type="code.password_changed", code=code.name,
+                                          detail={"passwordSet": code.password_hash is not None}))
+            return code
+
+        return await self.submit(run)
+
+    async def delete_code(self, name: str) -> None:
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> None:
+            code = self._code(name)
+            _pop(self.codes, name, undo)
+            batch.codes_deleted.append(name)
+            batch.events.append(Event(at=now, type="code.deleted", code=name, detail=_code_detail(code)))
+
+        await self.submit(run)
+
+    async def set_usage_order(self, name: str, order: tuple[str, ...] | None) -> HandshakeCode:
+        """A custom order (a permutation of the code's items), or None for the default order."""
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> HandshakeCode:
+            old = self._code(name)
+            code = code_rules.reorder(old, order) if order is not None else code_rules.default_order(old)
+            _set(self.codes, name, code, undo)
+            batch.codes.append(code)
+            batch.events.append(Event(at=now, type="code.reordered" if order is not None else "code.order_reset",
+                                      code=name, detail={"order": self.ordered_items(code)}))
+            return code
+
+        return await self.submit(run)
+
+    async def set_revoked(self, item_id: str, revoked: bool) -> ItemStatus:
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> ItemStatus:
+            if item_id not in self.items:
+                raise NotFound(f"item {item_id}")
+            status = dataclasses.replace(self.status(item_id), revoked=revoked)
+            _set(self.statuses, item_id, status, undo)
+            batch.revocations[item_id] = revoked
+            batch.events.append(Event(at=now, type="item.revoked" if revoked else "item.restored", item_id=item_id))
+            return status
+
+        return await self.submit(run)
+
+    async def release_seat(self, item_id: str, client_uuid: str) -> None:
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> None:
+            seat = self.seats.get(item_id, {}).get(client_uuid)
+            if seat is None:
+                raise NotFound(f"seat of device {client_uuid} on item {item_id}")
+            self._release(seat, "forced", None, now, batch, undo)
+
+        await self.submit(run)
+
+    def _code(self, name: str) -> HandshakeCode:
+        code = self.codes.get(name)
+        if code is None:
+            raise NotFound(f"handshake code {name}")
+        return code
+
+
+def _code_detail(code: HandshakeCode) -> dict[str, Any]:
+    return {"items": list(code.items), "customOrder": code.custom_order, "domains": list(code.domains),
+            "appIds": list(code.app_ids), "processNames": list(code.process_names),
+            "passwordSet": code.password_hash is not None}
 
 
 def default_code_name(organization_id: str, license_id: str) -> str:

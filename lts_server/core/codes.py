@@ -1,0 +1,125 @@
+"""Handshake-code rules: names, membership, validation fields and custom usage order."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from lts_server.core.model import HandshakeCode, Item
+
+CUSTOM_PART = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+DOMAIN = re.compile(r"^(\*\.)?([A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}$")
+MAX_VALUES = 100
+
+
+class CodeError(Exception):
+    """A code change that cannot be made; names the field."""
+
+    def __init__(self, field: str, message: str, status: int = 400) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class CodeFields:
+    """What an admin sets on a code; None leaves a field as it is."""
+
+    custom: str | None = None
+    items: tuple[str, ...] | None = None
+    domains: tuple[str, ...] | None = None
+    app_ids: tuple[str, ...] | None = None
+    process_names: tuple[str, ...] | None = None
+    # "" removes the password; the shell hashes a new one before it gets here.
+    password_hash: str | None = None
+
+
+def code_name(organization_id: str, custom: str) -> str:
+    return f"{organization_id}-{custom}"
+
+
+def _check_values(field: str, values: tuple[str, ...], pattern: re.Pattern[str] | None = None) -> tuple[str, ...]:
+    if len(values) > MAX_VALUES:
+        raise CodeError(field, f"at most {MAX_VALUES} values")
+    seen: list[str] = []
+    for i, v in enumerate(values):
+        if not v or len(v) > 253 or (pattern is not None and not pattern.match(v)):
+            raise CodeError(f"{field}[{i}]", f"{v!r} is not a valid value")
+        if v not in seen:
+            seen.append(v)
+    return tuple(seen)
+
+
+def _check_items(items: tuple[str, ...], organization_id: str, known: Mapping[str, Item]) -> tuple[str, ...]:
+    if len(set(items)) != len(items):
+        raise CodeError("items", "an item is listed twice")
+    for i, item_id in enumerate(items):
+        if item_id not in known:
+            raise CodeError(f"items[{i}]", f"no imported item has id {item_id!r}", status=400)
+    return items
+
+
+def create(organization_id: str, fields: CodeFields, known: Mapping[str, Item],
+           existing: Mapping[str, HandshakeCode]) -> HandshakeCode:
+    if fields.custom is None or not CUSTOM_PART.match(fields.custom):
+        raise CodeError("custom", "1 to 64 of A-Z a-z 0-9 . _ -")
+    name = code_name(organization_id, fields.custom)
+    if name in existing:
+        raise CodeError("custom", f"a handshake code named {name} already exists", status=409)
+    return HandshakeCode(
+        name=name,
+        organization_id=organization_id,
+        items=_check_items(fields.items or (), organization_id, known),
+        domains=_check_values("domains", tuple(d.lower() for d in fields.domains or ()), DOMAIN),
+        app_ids=_check_values("appIds", fields.app_ids or ()),
+        process_names=_check_values("processNames", fields.process_names or ()),
+        password_hash=fields.password_hash or None,
+    )
+
+
+def edit(code: HandshakeCode, fields: CodeFields, known: Mapping[str, Item],
+         existing: Mapping[str, HandshakeCode]) -> HandshakeCode:
+    changes: dict[str, object] = {}
+    if fields.custom is not None:
+        if not CUSTOM_PART.match(fields.custom):
+            raise CodeError("custom", "1 to 64 of A-Z a-z 0-9 . _ -")
+        name = code_name(code.organization_id, fields.custom)
+        if name != code.name:
+            if code.is_default:
+                raise CodeError("custom", "a default code's name cannot change", status=409)
+            if name in existing:
+                raise CodeError("custom", f"a handshake code named {name} already exists", status=409)
+            changes["name"] = name
+    if fields.items is not None:
+        items = _check_items(fields.items, code.organization_id, known)
+        changes["items"] = _keep_order(code, items)
+    if fields.domains is not None:
+        changes["domains"] = _check_values("domains", tuple(d.lower() for d in fields.domains), DOMAIN)
+    if fields.app_ids is not None:
+        changes["app_ids"] = _check_values("appIds", fields.app_ids)
+    if fields.process_names is not None:
+        changes["process_names"] = _check_values("processNames", fields.process_names)
+    if fields.password_hash is not None:
+        changes["password_hash"] = fields.password_hash or None
+    return dataclasses.replace(code, **changes)  # type: ignore[arg-type]
+
+
+def _keep_order(code: HandshakeCode, items: tuple[str, ...]) -> tuple[str, ...]:
+    """With a custom order, kept items keep their places and new ones go last."""
+    if not code.custom_order:
+        return items
+    kept = tuple(i for i in code.items if i in items)
+    return kept + tuple(i for i in items if i not in kept)
+
+
+def reorder(code: HandshakeCode, order: tuple[str, ...]) -> HandshakeCode:
+    if sorted(order) != sorted(code.items) or len(set(order)) != len(order):
+        raise CodeError("items", f"must list each of the code's items exactly once: {', '.join(code.items)}")
+    return dataclasses.replace(code, items=order, custom_order=True)
+
+
+def default_order(code: HandshakeCode) -> HandshakeCode:
+    return dataclasses.replace(code, custom_order=False)

@@ -1,0 +1,140 @@
+"""The license file format: sign, verify, and reject everything else."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from lts_server import licensefile
+from lts_server.cli.vendor import payload_from_spec
+from lts_server.identity import key_id
+from tests.conftest import NOW, Vendor, item, license_spec, make_vendor
+
+
+def trusted(v: Vendor) -> dict:
+    return {key_id(v.key.public_key()): v.key.public_key()}
+
+
+def test_round_trip_keeps_every_field(vendor: Vendor) -> None:
+    spec = license_spec("100028117", items=[
+        item("A", edition="pro"),
+        item("B", "per-domain", quantity=1),
+        item("C", "per-concurrent-instance", quantity=8),
+    ], server_uuid="0feb6cf8-698d-47b4-8f64-dc3580f5a7a9", revision=3)
+    data = vendor.issue(spec)
+    text = data.decode()
+    assert text.startswith("LTS-LICENSE-FILE 1\nKey-Id: ")
+    assert '"licenseId": "100028117"' in text  # readable with cat
+    v = licensefile.verify(data, trusted(vendor))
+    lic = v.license
+    assert (lic.license_id, lic.organization_id, lic.revision, lic.status) == ("100028117", "216998", 3, "Activated")
+    assert lic.alias == f"DM_100028117_Date{NOW:%Y%m%d}"
+    assert lic.server_uuid == "0feb6cf8-698d-47b4-8f64-dc3580f5a7a9"
+    assert [i.item_id for i in lic.items] == ["A", "B", "C"]
+    assert lic.items[0].edition == "pro"
+    assert lic.items[1].domain == "*.example.com"
+    assert lic.items[2].quantity == 8
+    assert v.key_id == key_id(vendor.key.public_key())
+
+
+def test_several_trusted_keys(vendor: Vendor, tmp_path) -> None:
+    other = make_vendor(tmp_path / "other")
+    keys = {**trusted(vendor), **trusted(other)}
+    assert licensefile.verify(vendor.issue(license_spec("A")), keys).license.license_id == "A"
+    assert licensefile.verify(other.issue(license_spec("B")), keys).license.license_id == "B"
+
+
+@pytest.mark.parametrize("mutate, kind", [
+    (lambda d: d.replace(b"LTS-LICENSE-FILE 1", b"LTS-LICENSE-FILE 2"), "unsupported-format"),
+    (lambda d: b"hello", "malformed"),
+    (lambda d: d[: len(d) // 2], "bad-signature"),
+    (lambda d: d[:40], "malformed"),
+    (lambda d: d.replace(b'"quantity": 10', b'"quantity": 99'), "bad-signature"),
+    (lambda d: d.replace(b"\n", b"\r\n"), "malformed"),
+    (lambda d: d + b" ", "bad-signature"),
+])
+def test_rejections(vendor: Vendor, mutate, kind: str) -> None:
+    data = vendor.issue(license_spec("L1"))
+    with pytest.raises(licensefile.LicenseFileError) as err:
+        licensefile.verify(mutate(data), trusted(vendor))
+    assert err.value.kind == kind
+
+
+def test_unknown_key(vendor: Vendor, tmp_path) -> None:
+    other = make_vendor(tmp_path / "other")
+    with pytest.raises(licensefile.LicenseFileError, match="unknown-key"):
+        licensefile.verify(other.issue(license_spec("L1")), trusted(vendor))
+
+
+def test_signed_but_invalid_content_is_rejected_with_the_field(vendor: Vendor) -> None:
+    raw = b'{"format": 1, "licenseId": "L1", "alias": "a", "organizationId": "1", "licenseTextVersion": "2.0", ' \
+          b'"status": "Activated", "revision": 1, "issuedAt": "2026-01-01T00:00:00Z", "items": [{"itemId": "x", ' \
+          b'"product": "p", "deploymentType": "browser", "licenseType": "per-device", "quantity": 0, ' \
+          b'"startsAt": "2026-01-01T00:00:00Z", "expiresAt": "2027-01-01T00:00:00Z", "period": "yearly"}]}'
+    with pytest.raises(licensefile.LicenseFileError) as err:
+        licensefile.verify(licensefile.sign(raw, vendor.key), trusted(vendor))
+    assert err.value.kind == "bad-field"
+    assert "items[0].quantity" in err.value.message
+
+
+def test_binding_rules(vendor: Vendor) -> None:
+    uuid = "0feb6cf8-698d-47b4-8f64-dc3580f5a7a9"
+    bound = licensefile.verify(vendor.issue(license_spec("L1", server_uuid=uuid)), trusted(vendor)).license
+    licensefile.check_binding(bound, uuid, allow_unbound=False)
+    with pytest.raises(licensefile.LicenseFileError, match="wrong-server"):
+        licensefile.check_binding(bound, "11111111-1111-1111-1111-111111111111", allow_unbound=True)
+    unbound = licensefile.verify(vendor.issue(license_spec("L2")), trusted(vendor)).license
+    licensefile.check_binding(unbound, uuid, allow_unbound=True)
+    with pytest.raises(licensefile.LicenseFileError, match="unbound"):
+        licensefile.check_binding(unbound, uuid, allow_unbound=False)
+    new = licensefile.verify(vendor.issue(license_spec("L3", status="New")), trusted(vendor)).license
+    with pytest.raises(licensefile.LicenseFileError, match="not-activated"):
+        licensefile.check_binding(new, uuid, allow_unbound=True)
+
+
+SAMPLE_KEY = Ed25519PrivateKey.generate()
+SAMPLE = licensefile.sign(licensefile.encode_payload(payload_from_spec(
+    license_spec("T1", items=[item("T1-1", edition="pro"), item("T1-2", "per-scan")],
+                 server_uuid="0feb6cf8-698d-47b4-8f64-dc3580f5a7a9"), NOW)), SAMPLE_KEY)
+SAMPLE_KEYS = {key_id(SAMPLE_KEY.public_key()): SAMPLE_KEY.public_key()}
+SAMPLE_LICENSE = licensefile.verify(SAMPLE, SAMPLE_KEYS).license
+
+
+def _outcome(data: bytes) -> object:
+    try:
+        return licensefile.verify(data, SAMPLE_KEYS).license
+    except licensefile.LicenseFileError:
+        return None
+
+
+def test_flipping_any_single_byte_never_changes_what_imports() -> None:
+    """Every position, three different flips each: rejected, or the identical license."""
+    for pos in range(len(SAMPLE)):
+        for mask in (0x01, 0x20, 0x80):
+            tampered = bytearray(SAMPLE)
+            tampered[pos] ^= mask
+            outcome = _outcome(bytes(tampered))
+            assert outcome is None or outcome == SAMPLE_LICENSE, f"byte {pos} ^ {mask:#x} changed the content"
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(pos=st.integers(min_value=0), value=st.integers(min_value=0, max_value=255))
+def test_replacing_any_byte_with_any_value(pos: int, value: int) -> None:
+    tampered = bytearray(SAMPLE)
+    tampered[pos % len(SAMPLE)] = value
+    outcome = _outcome(bytes(tampered))
+    if bytes(tampered) == SAMPLE:
+        assert outcome == SAMPLE_LICENSE
+    else:
+        assert outcome is None or outcome == SAMPLE_LICENSE
+
+
+def test_expiry_relative_to_now_in_fixtures() -> None:
+    # Guards the fixtures themselves: test data is made relative to now, so it never expires.
+    lic = SAMPLE_LICENSE
+    assert lic.items[0].starts_at < NOW + timedelta(seconds=1) < lic.items[0].expires_at
