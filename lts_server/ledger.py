@@ -25,7 +25,7 @@ from lts_server.core.codes import CodeError, CodeFields
 from lts_server.core.model import HandshakeCode, Item, ItemStatus, License
 from lts_server.core.ordering import usage_order
 from lts_server.core.times import utcnow
-from lts_server.passwords import session_matches
+from lts_server.passwords import session_hash, session_matches
 from lts_server.store import (
     Event,
     ImportRecord,
@@ -216,6 +216,9 @@ class Ledger:
 
     def password_matches(self, code: HandshakeCode, given: str | None) -> bool:
         return code.password_hash is not None and session_matches(self._secret, code.password_hash, given)
+
+    def hash_session_password(self, password: str) -> str:
+        return session_hash(self._secret, password)
 
     def ordered_items(self, code: HandshakeCode) -> list[str]:
         return usage_order(code.items, self.items, code.custom_order)

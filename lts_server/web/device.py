@@ -18,7 +18,7 @@ _encoder = msgspec.json.Encoder()
 
 async def read_json_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
     if request.content_type != "application/json":
-        raise ApiError(415, f"Content-Type must be application/json, not {request.content_type or 'missing'}")
+        raise ApiError(400, f"Content-Type must be application/json, not {request.content_type or 'missing'}")
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(400, f"the body is {request.content_length} bytes; at most {limit} are accepted")
     chunks: list[bytes] = []

@@ -1,0 +1,101 @@
+"""Against the real running daemon: atomic seats under load, and the client library."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from lts_server.client import BadSignature, LicenseRefused, LtsClient, ServerUnavailable, verify
+from tests.conftest import Daemon, Vendor, free_port, item, license_spec, start_daemon, stop_daemon, write_config
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, vendor: Vendor):  # noqa: ANN201
+    (tmp_path / "import").mkdir()
+    (tmp_path / "import" / "a.lic").write_bytes(vendor.issue(license_spec("L1", items=[item("L1-1", quantity=100)])))
+    (tmp_path / "import" / "b.lic").write_bytes(vendor.issue(license_spec("L2", items=[item("L2-1", "per-scan")])))
+    d = start_daemon(write_config(tmp_path, vendor), tmp_path)
+    yield d
+    assert stop_daemon(d) == 0
+
+
+async def test_500_concurrent_devices_get_exactly_110_seats(daemon: Daemon, tmp_path: Path) -> None:
+    connector = aiohttp.TCPConnector(limit=100)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one(n: int) -> int:
+            async with session.post(f"{daemon.url}/api/v1/handshake", json={
+                    "handshakeCode": "216998-L1", "clientUuid": f"device-{n}", "product": "barcode-reader",
+                    "deploymentType": "browser"}) as resp:
+                body = await resp.json()
+                if resp.status == 403:
+                    assert body["error"]["code"] == 120
+                return resp.status
+
+        statuses = await asyncio.gather(*(one(n) for n in range(500)))
+    assert statuses.count(200) == 110
+    assert statuses.count(403) == 390
+    con = sqlite3.connect(tmp_path / "state" / "lts-server.sqlite3")
+    assert con.execute("SELECT COUNT(*) FROM seats").fetchone()[0] == 110
+    assert con.execute("SELECT seats_used FROM items WHERE item_id = 'L1-1'").fetchone()[0] == 110
+    assert con.execute("SELECT COUNT(*) FROM events WHERE type = 'handshake'").fetchone()[0] == 500
+
+
+async def test_client_fails_over_verifies_and_caches(daemon: Daemon, tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    cache = tmp_path / "client-cache"
+    async with LtsClient([dead, daemon.url], cache_dir=cache) as client:
+        auth = await client.handshake(handshake_code="216998-L1", client_uuid="dev-a", product="barcode-reader",
+                                      deployment_type="browser")
+        assert auth.server == daemon.url
+        assert auth.fields["itemId"] == "L1-1"
+        again = await client.handshake(handshake_code="216998-L1", client_uuid="dev-a", product="barcode-reader",
+                                       deployment_type="browser")
+        assert again.raw == auth.raw  # served from the cache, no new request
+        later = datetime.now(UTC) + timedelta(days=400)
+        fresh = await client.handshake(handshake_code="216998-L1", client_uuid="dev-a", product="barcode-reader",
+                                       deployment_type="browser", now=later)
+        assert fresh.raw != auth.raw  # the cached one lapsed: asked again
+    con = sqlite3.connect(tmp_path / "state" / "lts-server.sqlite3")
+    assert con.execute("SELECT COUNT(*) FROM events WHERE type = 'handshake'").fetchone()[0] == 2
+    # A cache edited by hand is not trusted.
+    cached = next(cache.glob("auth-*.json"))
+    data = json.loads(cached.read_text())
+    data["signature"] = data["signature"][::-1]
+    cached.write_text(json.dumps(data))
+    async with LtsClient([daemon.url], cache_dir=cache) as client:
+        assert client._read_cached(cached) is None
+
+
+async def test_client_raises_refusals_with_codes(daemon: Daemon) -> None:
+    async with LtsClient([daemon.url]) as client:
+        with pytest.raises(LicenseRefused) as err:
+            await client.handshake(handshake_code="216998-nope", client_uuid="d", product="barcode-reader",
+                                   deployment_type="browser")
+    assert (err.value.code, err.value.sdk_code, err.value.status) == (101, -20101, 403)
+
+
+async def test_client_with_no_reachable_server() -> None:
+    async with LtsClient([f"http://127.0.0.1:{free_port()}"], timeout=2) as client:
+        with pytest.raises(ServerUnavailable):
+            await client.handshake(handshake_code="x-y", client_uuid="d", product="p", deployment_type="browser")
+
+
+def test_verify_rejects_a_changed_authorization() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    import base64
+    from cryptography.hazmat.primitives import serialization
+
+    key = Ed25519PrivateKey.generate()
+    pub = base64.b64encode(key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                         serialization.PublicFormat.Raw)).decode()
+    raw = b'{"itemId":"a","expiresAt":"2030-01-01T00:00:00Z"}'
+    sig = base64.b64encode(key.sign(raw)).decode()
+    verify(raw, sig, pub)
+    with pytest.raises(BadSignature):
+        verify(raw.replace(b"2030", b"2099"), sig, pub)
