@@ -12,6 +12,7 @@ import os
 import secrets
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -38,15 +39,15 @@ class Identity:
     # Keys the HMAC of session passwords: a stolen database alone cannot test guesses.
     secret: bytes
 
-    @property
+    @cached_property
     def public_key(self) -> Ed25519PublicKey:
         return self.signing_key.public_key()
 
-    @property
+    @cached_property
     def key_id(self) -> str:
         return key_id(self.public_key)
 
-    @property
+    @cached_property
     def public_key_b64(self) -> str:
         return base64.b64encode(raw_public(self.public_key)).decode()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections import deque
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,6 +43,7 @@ T = TypeVar("T")
 K = TypeVar("K")
 V = TypeVar("V")
 MAX_BATCH = 512
+MAX_IN_FLIGHT = 4
 _ABSENT = object()
 
 Undo = list[Callable[[], None]]
@@ -86,6 +88,16 @@ class _Job(Generic[T]):
     future: asyncio.Future[T]
 
 
+@dataclass
+class _Flight:
+    """A batch whose changes are applied in memory and whose commit is under way."""
+
+    jobs: list[_Job[Any]]
+    results: list[Any]
+    undo: Undo
+    write: asyncio.Future[None]
+
+
 @dataclass(frozen=True)
 class ImportOutcome:
     state: str  # imported | renewed | unchanged | rejected
@@ -101,6 +113,7 @@ class Ledger:
         self._queue: asyncio.Queue[_Job[Any]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        self._pipeline = 0
         self.licenses: dict[str, LicenseRecord] = {}
         self.items: dict[str, Item] = {}
         self.statuses: dict[str, ItemStatus] = {}
@@ -147,45 +160,88 @@ class Ledger:
         return await future
 
     async def _write_loop(self) -> None:
-        while True:
-            jobs = [await self._queue.get()]
-            while len(jobs) < MAX_BATCH and not self._queue.empty():
-                jobs.append(self._queue.get_nowait())
-            try:
-                await self._run_batch(jobs)
-            finally:
-                for _ in jobs:
-                    self._queue.task_done()
+        """Take queued jobs as batches and keep up to MAX_IN_FLIGHT commits under way.
 
-    async def _run_batch(self, jobs: list[_Job[Any]]) -> None:
+        Batch N+1 is decided while batch N commits (on the database thread,
+        in order). Answers go out only when a batch's commit is done. If a
+        commit fails, every later batch is refused by the store too (same
+        pipeline id); all of them are undone in memory, newest first, and
+        their jobs fail.
+        """
+        flights: deque[_Flight] = deque()
+        getter: asyncio.Task[_Job[Any]] | None = None
+        try:
+            while True:
+                if getter is None and len(flights) < MAX_IN_FLIGHT:
+                    getter = asyncio.ensure_future(self._queue.get())
+                waits: list[asyncio.Future[Any]] = [getter] if getter is not None else []
+                if flights:
+                    waits.append(flights[0].write)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                while flights and flights[0].write.done():
+                    flight = flights.popleft()
+                    if flight.write.cancelled() or flight.write.exception() is not None:
+                        await self._recover([flight, *flights])
+                        flights.clear()
+                    else:
+                        self._settle(flight)
+                if getter is not None and getter.done():
+                    jobs = [getter.result()]
+                    getter = None
+                    while len(jobs) < MAX_BATCH and not self._queue.empty():
+                        jobs.append(self._queue.get_nowait())
+                    flight = self._start(jobs)
+                    if flight is not None:
+                        flights.append(flight)
+        finally:
+            if getter is not None:
+                getter.cancel()
+
+    def _start(self, jobs: list[_Job[Any]]) -> _Flight | None:
         batch = WriteBatch(at=self.clock())
         undo: Undo = []
         results: list[Any] = []
-        try:
-            for job in jobs:
-                try:
-                    results.append(job.run(self.clock(), batch, undo))
-                except JOB_REFUSALS as refusal:
-                    job.future.set_exception(refusal)
-                    results.append(None)
-            await self.store.write(batch)
-        except BaseException as e:
-            for fn in reversed(undo):
-                fn()
-            failure = e if isinstance(e, StoreError) else JobFailed(f"internal error: {type(e).__name__}: {e}")
-            if not isinstance(e, StoreError):
+        for job in jobs:
+            try:
+                results.append(job.run(self.clock(), batch, undo))
+            except JOB_REFUSALS as refusal:
+                job.future.set_exception(refusal)
+                results.append(None)
+            except Exception as e:  # a bug: undo the whole batch rather than commit half of it
                 logs.event("ledger.job_failed", logs.logging.ERROR, error=repr(e))
-            else:
-                logs.event("ledger.commit_failed", logs.logging.ERROR, error=str(e), jobs=len(jobs))
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(failure)
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            return
-        for job, result in zip(jobs, results):
+                for fn in reversed(undo):
+                    fn()
+                failure = JobFailed(f"internal error: {type(e).__name__}: {e}")
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(failure)
+                    self._queue.task_done()
+                return None
+        write = asyncio.ensure_future(self.store.write(batch, self._pipeline))
+        return _Flight(jobs, results, undo, write)
+
+    def _settle(self, flight: _Flight) -> None:
+        for job, result in zip(flight.jobs, flight.results):
             if not job.future.done():
                 job.future.set_result(result)
+            self._queue.task_done()
+
+    async def _recover(self, flights: list[_Flight]) -> None:
+        await asyncio.gather(*(f.write for f in flights), return_exceptions=True)
+        first = flights[0].write
+        error = first.exception() if not first.cancelled() else None
+        failure = error if isinstance(error, StoreError) else StoreError(f"commit failed: {error!r}")
+        logs.event("ledger.commit_failed", logs.logging.ERROR, error=str(failure),
+                   jobs=sum(len(f.jobs) for f in flights))
+        for flight in reversed(flights):
+            for fn in reversed(flight.undo):
+                fn()
+        for flight in flights:
+            for job in flight.jobs:
+                if not job.future.done():
+                    job.future.set_exception(failure)
+                self._queue.task_done()
+        self._pipeline += 1
 
     # -- the view the core reads ------------------------------------------
 

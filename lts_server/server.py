@@ -15,6 +15,7 @@ from lts_server.config import Config
 from lts_server.core.times import utcnow
 from lts_server.importer import Importer
 from lts_server.ledger import Ledger
+from lts_server.signer import BatchSigner
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
 from lts_server.web.services import Services
@@ -46,7 +47,7 @@ class Server:
         await ledger.start()
         importer = Importer(ledger, cfg.import_dir, ident.server_uuid, lambda: self.trusted,
                             lambda: self.config.vendor.allow_unbound)
-        self.services = Services(cfg, ident, store, ledger, importer)
+        self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key))
         await importer.scan("start-up")
         app = create_app(self.services)
         self.runner = web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None)

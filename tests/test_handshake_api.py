@@ -213,7 +213,7 @@ async def test_a_failed_commit_grants_nothing_and_loses_no_seat(demo: Running, m
     store = demo.server.services.store
     real_write = store.write
 
-    async def full(batch):  # noqa: ANN001, ANN202
+    async def full(batch, pipeline=None):  # noqa: ANN001, ANN202
         raise StoreFull("database /x: database or disk is full; free disk space, then retry")
 
     monkeypatch.setattr(store, "write", full)

@@ -69,6 +69,7 @@ class SQLiteStore:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
         self._db: aiosqlite.Connection | None = None
+        self._failed_pipeline: int | None = None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -247,24 +248,42 @@ class SQLiteStore:
             )
         return snap
 
-    async def write(self, batch: WriteBatch) -> None:
+    async def write(self, batch: WriteBatch, pipeline: int | None = None) -> None:
+        """Make the batch durable in one transaction, in one hop to the database thread.
+
+        Writes run in submission order. With a pipeline id, a write submitted
+        after a failed write of the same pipeline is refused: the ledger
+        decided it on top of changes that never committed.
+        """
         if not batch:
             return
-        db = self.db
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                await self._write(db, batch)
-            except BaseException:
-                await db.rollback()
-                raise
-            await db.commit()
+            # aiosqlite runs every call on its one thread, in order; _execute
+            # runs a whole transaction there instead of one hop per statement.
+            await self.db._execute(self._write_in_thread, batch, pipeline)
         except sqlite3.Error as e:
             raise _translate(e, self.path) from None
 
-    async def _write(self, db: aiosqlite.Connection, b: WriteBatch) -> None:
+    def _write_in_thread(self, batch: WriteBatch, pipeline: int | None) -> None:
+        if pipeline is not None and pipeline == self._failed_pipeline:
+            raise StoreError("not written: an earlier write of the same batch pipeline failed")
+        con: sqlite3.Connection = self.db._conn
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                self._write(con, batch)
+            except BaseException:
+                con.rollback()
+                raise
+            con.commit()
+        except BaseException:
+            if pipeline is not None:
+                self._failed_pipeline = pipeline
+            raise
+
+    def _write(self, db: sqlite3.Connection, b: WriteBatch) -> None:
         if b.licenses:
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO licenses (license_id, alias, organization_id, license_text_version, status,"
                 " revision, server_uuid, issued_at, key_id, sha256, file_text, first_imported_ms, updated_ms)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -293,7 +312,7 @@ class SQLiteStore:
                     for r in b.licenses
                 ],
             )
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO items (item_id, license_id, organization_id, product, edition, deployment_type,"
                 " license_type, quantity, period, domain, starts_at, expires_at)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -321,11 +340,11 @@ class SQLiteStore:
                 ],
             )
         for name in b.codes_deleted:
-            await db.execute("DELETE FROM code_items WHERE code_name = ?", (name,))
-            await db.execute("DELETE FROM handshake_codes WHERE name = ?", (name,))
+            db.execute("DELETE FROM code_items WHERE code_name = ?", (name,))
+            db.execute("DELETE FROM handshake_codes WHERE name = ?", (name,))
         for code in b.codes:
             now_ms = to_ms(b.at or utcnow())
-            await db.execute(
+            db.execute(
                 "INSERT INTO handshake_codes (name, organization_id, is_default, source_license_id,"
                 " custom_order, domains, app_ids, process_names, password_hash, created_ms, updated_ms)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?)"
@@ -347,19 +366,19 @@ class SQLiteStore:
                     now_ms,
                 ),
             )
-            await db.execute("DELETE FROM code_items WHERE code_name = ?", (code.name,))
-            await db.executemany(
+            db.execute("DELETE FROM code_items WHERE code_name = ?", (code.name,))
+            db.executemany(
                 "INSERT INTO code_items (code_name, item_id, position) VALUES (?,?,?)",
                 [(code.name, item_id, pos) for pos, item_id in enumerate(code.items)],
             )
         for org, code_name in b.organization_defaults.items():
-            await db.execute(
+            db.execute(
                 "INSERT INTO organization_defaults (organization_id, code_name) VALUES (?,?)"
                 " ON CONFLICT (organization_id) DO UPDATE SET code_name = excluded.code_name",
                 (org, code_name),
             )
         if b.seat_claims:
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO seats (item_id, client_uuid, granted_ms, refreshed_ms, expires_ms) VALUES (?,?,?,?,?)",
                 [
                     (
@@ -379,27 +398,27 @@ class SQLiteStore:
                 n, _ = per_item.get(c.seat.item_id, (0, c.limit))
                 per_item[c.seat.item_id] = (n + 1, c.limit)
             for item_id, (n, limit) in per_item.items():
-                cur = await db.execute(
+                cur = db.execute(
                     "UPDATE items SET seats_used = seats_used + ? WHERE item_id = ? AND seats_used + ? <= ?",
                     (n, item_id, n, limit),
                 )
                 if cur.rowcount != 1:
                     raise Conflict(f"item {item_id} has no room for {n} more seats")
         if b.seat_refreshes:
-            await db.executemany(
+            db.executemany(
                 "UPDATE seats SET refreshed_ms = ?, expires_ms = ? WHERE item_id = ? AND client_uuid = ?",
                 [(to_ms(s.refreshed_at), to_ms(s.expires_at), s.item_id, s.client_uuid) for s in b.seat_refreshes],
             )
         for s in b.seat_releases:
-            cur = await db.execute(
+            cur = db.execute(
                 "DELETE FROM seats WHERE item_id = ? AND client_uuid = ?", (s.item_id, s.client_uuid)
             )
             if cur.rowcount == 1:
-                await db.execute("UPDATE items SET seats_used = seats_used - 1 WHERE item_id = ?", (s.item_id,))
+                db.execute("UPDATE items SET seats_used = seats_used - 1 WHERE item_id = ?", (s.item_id,))
         for item_id, revoked in b.revocations.items():
-            await db.execute("UPDATE items SET revoked = ? WHERE item_id = ?", (int(revoked), item_id))
+            db.execute("UPDATE items SET revoked = ? WHERE item_id = ?", (int(revoked), item_id))
         if b.imports:
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO import_files (path, sha256, state, reason, license_id, revision, seen_ms)"
                 " VALUES (?,?,?,?,?,?,?) ON CONFLICT (path) DO UPDATE SET sha256 = excluded.sha256,"
                 " state = excluded.state, reason = excluded.reason, license_id = excluded.license_id,"
@@ -407,7 +426,7 @@ class SQLiteStore:
                 [(r.path, r.sha256, r.state, r.reason, r.license_id, r.revision, to_ms(r.seen_at)) for r in b.imports],
             )
         if b.events:
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO events (at_ms, type, code, item_id, client_uuid, product, deployment_type, result,"
                 " detail) VALUES (?,?,?,?,?,?,?,?,?)",
                 [

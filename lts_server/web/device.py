@@ -12,6 +12,7 @@ from lts_server.web.errors import ApiError, validation_error
 from lts_server.web.schemas import MAX_BODY, Authorization, HandshakeBody, SeatCount
 from lts_server.web.services import SERVICES, Services
 
+JSON = {"Content-Type": "application/json"}
 _decoder = msgspec.json.Decoder(HandshakeBody)
 _encoder = msgspec.json.Encoder()
 
@@ -19,8 +20,10 @@ _encoder = msgspec.json.Encoder()
 async def read_json_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
     if request.content_type != "application/json":
         raise ApiError(400, f"Content-Type must be application/json, not {request.content_type or 'missing'}")
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(400, f"the body is {request.content_length} bytes; at most {limit} are accepted")
+    if request.content_length is not None:
+        if request.content_length > limit:
+            raise ApiError(400, f"the body is {request.content_length} bytes; at most {limit} are accepted")
+        return await request.read()
     chunks: list[bytes] = []
     size = 0
     while chunk := await request.content.read(limit + 1 - size):
@@ -88,16 +91,14 @@ async def handshake(request: web.Request) -> web.Response:
     decision, status = await services.ledger.handshake(req)
     if isinstance(decision, hs.Refused):
         return web.Response(
-            status=403,
-            body=b'{"error":' + _encoder.encode(decision.refusal.to_json()) + b"}",
-            content_type="application/json",
+            status=403, body=b'{"error":' + _encoder.encode(decision.refusal.to_json()) + b"}", headers=JSON
         )
     assert status is not None
     auth = _encoder.encode(authorization(services, req, decision, status, issued))
     # The signature covers these exact bytes; they are sent verbatim as the
     # first member, so a client can verify without re-serialising.
-    signature = services.identity.sign(auth)
+    signature = await services.signer.sign(auth)
     out = b'{"authorization":%s,"signature":"%s","keyId":"%s"}' % (
-        auth, signature.encode(), services.identity.key_id.encode()
+        auth, signature, services.identity.key_id.encode()
     )
-    return web.Response(body=out, content_type="application/json")
+    return web.Response(body=out, headers=JSON)

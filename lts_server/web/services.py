@@ -11,6 +11,7 @@ from lts_server.config import Config
 from lts_server.identity import Identity
 from lts_server.importer import Importer
 from lts_server.ledger import Ledger
+from lts_server.signer import BatchSigner
 from lts_server.store import Store
 
 
@@ -21,6 +22,7 @@ class Services:
     store: Store
     ledger: Ledger
     importer: Importer
+    signer: BatchSigner
     started: float = field(default_factory=time.monotonic)
 
 
