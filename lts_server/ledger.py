@@ -16,18 +16,21 @@ import dataclasses
 from collections import deque
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from lts_server import logs
 from lts_server.core import codes as code_rules
 from lts_server.core import handshake as hs
 from lts_server.core.codes import CodeError, CodeFields
-from lts_server.core.model import HandshakeCode, Item, ItemStatus, License
+from lts_server.core.model import Counts, HandshakeCode, Item, ItemStatus, License
+from lts_server.core.usage import tolerance
+from lts_server.errors import Code, Refusal
 from lts_server.core.ordering import usage_order
 from lts_server.core.times import utcnow
 from lts_server.passwords import session_hash, session_matches
 from lts_server.store import (
+    AuthorizationRecord,
     Event,
     ImportRecord,
     LicenseRecord,
@@ -36,6 +39,7 @@ from lts_server.store import (
     Snapshot,
     Store,
     StoreError,
+    UsageReportRecord,
     WriteBatch,
 )
 
@@ -44,6 +48,8 @@ K = TypeVar("K")
 V = TypeVar("V")
 MAX_BATCH = 512
 MAX_IN_FLIGHT = 4
+# How long report ids stay in memory; older duplicates are found in the database.
+RECENT_REPORTS = timedelta(minutes=10)
 _ABSENT = object()
 
 Undo = list[Callable[[], None]]
@@ -72,6 +78,15 @@ class JobFailed(Exception):
     """A job could not be completed; nothing of it was stored."""
 
 
+class UsageError(Exception):
+    """A usage record that cannot be counted; names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
 class NotFound(Exception):
     def __init__(self, what: str) -> None:
         super().__init__(what)
@@ -79,7 +94,7 @@ class NotFound(Exception):
 
 
 # Refusals a job raises before it changes anything: they fail that job alone.
-JOB_REFUSALS: tuple[type[Exception], ...] = (CodeError, NotFound)
+JOB_REFUSALS: tuple[type[Exception], ...] = (CodeError, NotFound, UsageError)
 
 
 @dataclass
@@ -96,6 +111,32 @@ class _Flight:
     results: list[Any]
     undo: Undo
     write: asyncio.Future[None]
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    slot: datetime
+    product: str
+    operation: str
+    count: int
+    item_id: str | None = None
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    report_id: str
+    client_uuid: str
+    handshake_code: str
+    records: tuple[UsageRecord, ...]
+
+
+@dataclass(frozen=True)
+class UsageOutcome:
+    duplicate: bool = False
+    accepted: int = 0
+    refusal: Refusal | None = None
+    charged: dict[str, int] = dataclasses.field(default_factory=dict)
+    seat_refreshed: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +162,11 @@ class Ledger:
         self.organization_defaults: dict[str, str] = {}
         self.seats: dict[str, dict[str, Seat]] = {}
         self.imports: dict[str, ImportRecord] = {}
+        self.authorizations: dict[tuple[str, str], AuthorizationRecord] = {}
+        # item -> server -> authorization, for per-concurrent-instance items
+        self._instance_grants: dict[str, dict[str, AuthorizationRecord]] = {}
+        # Report ids counted lately; older ones are found in the database.
+        self._recent_reports: dict[str, datetime] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -136,6 +182,11 @@ class Ledger:
         self.organization_defaults = snap.organization_defaults
         self.seats = snap.seats
         self.imports = snap.imports
+        self.authorizations = snap.authorizations
+        for auth in snap.authorizations.values():
+            item = snap.items.get(auth.item_id)
+            if item is not None and item.rules.counts is Counts.INSTANCES:
+                self._instance_grants.setdefault(auth.item_id, {})[auth.client_uuid] = auth
 
     async def close(self) -> None:
         """Finish every queued job, then stop the writer."""
@@ -270,6 +321,10 @@ class Ledger:
         seat = self.seats.get(item_id, {}).get(client_uuid)
         return seat.expires_at if seat else None
 
+    def instances_elsewhere(self, item_id: str, client_uuid: str, now: datetime) -> int:
+        return sum(a.instances for c, a in self._instance_grants.get(item_id, {}).items()
+                   if c != client_uuid and a.expires_at > now)
+
     def password_matches(self, code: HandshakeCode, given: str | None) -> bool:
         return code.password_hash is not None and session_matches(self._secret, code.password_hash, given)
 
@@ -303,10 +358,101 @@ class Ledger:
                 _set(self.seats[item_id], req.client_uuid, seat, undo)
                 batch.seat_refreshes.append(seat)
                 batch.events.append(_seat_event("seat.refreshed", seat, decision.code.name, now))
+            auth = AuthorizationRecord(decision.code.name, req.client_uuid, item_id, fit.instances, now,
+                                       fit.expires_at)
+            _set(self.authorizations, (auth.code, auth.client_uuid), auth, undo)
+            if fit.item.rules.counts is Counts.INSTANCES:
+                _set(self._instance_grants.setdefault(item_id, {}), req.client_uuid, auth, undo)
+            batch.authorizations.append(auth)
             batch.events.append(_handshake_event(req, now, decision.code.name, item_id, 0))
             return decision, self.status(item_id)
 
         return await self.submit(run)
+
+    async def report_usage(self, report: UsageReport) -> UsageOutcome:
+        """Count one usage report, once; see docs/api.md for what each license type counts."""
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> UsageOutcome:
+            if report.report_id in self._recent_reports:
+                return UsageOutcome(duplicate=True)
+            code = self.codes.get(report.handshake_code)
+            if code is None:
+                return UsageOutcome(refusal=Refusal(Code.UNKNOWN_CODE, repr(report.handshake_code)))
+            auth = self.authorizations.get((code.name, report.client_uuid))
+            if auth is None:
+                return UsageOutcome(refusal=Refusal(
+                    Code.NO_MATCHING_ITEM, f"device {report.client_uuid} holds no authorization for {code.name}"))
+            targets = []
+            for i, record in enumerate(report.records):
+                item_id = record.item_id or auth.item_id
+                if record.item_id is not None and item_id not in code.items and item_id != auth.item_id:
+                    raise UsageError(f"records[{i}].itemId", f"item {item_id} is not drawn on by {code.name}")
+                item = self.items.get(item_id)
+                if item is None:
+                    raise UsageError(f"records[{i}].itemId", f"item {item_id} does not exist")
+                targets.append(item)
+            charged: dict[str, int] = {}
+            for record, item in zip(report.records, targets):
+                counts = item.rules.counts
+                if counts is Counts.UNITS and record.count:
+                    charged[item.item_id] = charged.get(item.item_id, 0) + record.count
+                batch.events.append(Event(
+                    at=record.slot, type="usage.record", code=code.name, item_id=item.item_id,
+                    client_uuid=report.client_uuid, product=record.product, units=record.count,
+                    instances=auth.instances if counts is Counts.INSTANCES else None,
+                    detail={"operation": record.operation, "reportId": report.report_id}))
+            for item_id, units in charged.items():
+                status = self.status(item_id)
+                _set(self.statuses, item_id, dataclasses.replace(status, units_used=status.units_used + units), undo)
+                batch.unit_charges[item_id] = batch.unit_charges.get(item_id, 0) + units
+            refreshed = self._refresh_seat(auth.item_id, report.client_uuid, now, batch, undo)
+            batch.usage_reports.append(UsageReportRecord(report.report_id, report.client_uuid, code.name, now))
+            batch.events.append(Event(at=now, type="usage.report", code=code.name, item_id=auth.item_id,
+                                      client_uuid=report.client_uuid,
+                                      detail={"reportId": report.report_id, "records": len(report.records)}))
+            self._remember_report(report.report_id, now, undo)
+            return UsageOutcome(accepted=len(report.records), charged=charged, seat_refreshed=refreshed)
+
+        return await self.submit(run)
+
+    def _refresh_seat(self, item_id: str, client_uuid: str, now: datetime, batch: WriteBatch, undo: Undo) -> bool:
+        seat = self.seats.get(item_id, {}).get(client_uuid)
+        item = self.items.get(item_id)
+        if seat is None or item is None:
+            return False
+        new = dataclasses.replace(seat, refreshed_at=now,
+                                  expires_at=max(seat.expires_at, hs.authorization_end(item, now)))
+        _set(self.seats[item_id], client_uuid, new, undo)
+        batch.seat_refreshes.append(new)
+        batch.events.append(_seat_event("seat.refreshed", new, None, now))
+        return True
+
+    def _remember_report(self, report_id: str, now: datetime, undo: Undo) -> None:
+        horizon = now - RECENT_REPORTS
+        while self._recent_reports:
+            oldest = next(iter(self._recent_reports))
+            if self._recent_reports[oldest] >= horizon:
+                break
+            del self._recent_reports[oldest]
+        _set(self._recent_reports, report_id, now, undo)
+
+    async def mirror_overuse(self, deltas: dict[str, int]) -> None:
+        """Reflect overuse the rollup job committed; record items that became overused."""
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> None:
+            for item_id, delta in deltas.items():
+                item = self.items.get(item_id)
+                if item is None:
+                    continue
+                status = self.status(item_id)
+                used = status.overuse_used + delta
+                overused = status.overused or used >= tolerance(item.quantity)
+                _set(self.statuses, item_id, dataclasses.replace(status, overuse_used=used, overused=overused), undo)
+                if overused and not status.overused:
+                    batch.events.append(Event(at=now, type="item.overused", item_id=item_id,
+                                              detail={"overuseUsed": used, "tolerance": tolerance(item.quantity)}))
+
+        await self.submit(run)
 
     async def sweep(self) -> int:
         """Free the seats whose active period has lapsed; returns how many."""
@@ -527,6 +673,6 @@ def _handshake_event(req: hs.Request, now: datetime, code: str | None, item_id: 
                  product=req.product, deployment_type=req.deployment_type.value, result=result)
 
 
-def _seat_event(kind: str, seat: Seat, code: str, now: datetime) -> Event:
+def _seat_event(kind: str, seat: Seat, code: str | None, now: datetime) -> Event:
     return Event(at=now, type=kind, code=code, item_id=seat.item_id, client_uuid=seat.client_uuid,
                  detail={"expiresAt": seat.expires_at.isoformat()})

@@ -21,6 +21,9 @@ from lts_server.web.app import create_app
 from lts_server.web.services import Services
 
 SWEEP_SECONDS = 60.0
+# Rollups trail the event log by about this much.
+ROLLUP_SECONDS = 1.0
+ROLLUP_PAGE = 50_000
 
 
 class Server:
@@ -60,6 +63,7 @@ class Server:
         self._tasks.append(asyncio.create_task(
             importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
         self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
+        self._tasks.append(asyncio.create_task(self._roller(), name="rollups"))
         logs.event("server.listening", urls=self.urls, server_uuid=ident.server_uuid,
                    database=str(cfg.database_path), import_dir=str(cfg.import_dir))
 
@@ -93,6 +97,30 @@ class Server:
                 else:
                     if freed:
                         logs.event("seats.swept", freed=freed)
+
+    async def roll_up(self) -> int:
+        """Fold every event written so far into the rollups; returns how many were folded."""
+        assert self.services is not None
+        ledger, store = self.services.ledger, self.services.store
+        total = 0
+        while True:
+            quantities = {i.item_id: (i.license_type.value, i.quantity) for i in ledger.items.values()}
+            result = await store.roll_up(quantities, ROLLUP_PAGE)
+            total += result.processed
+            if result.overuse:
+                await ledger.mirror_overuse(result.overuse)
+            if result.processed < ROLLUP_PAGE:
+                return total
+
+    async def _roller(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=ROLLUP_SECONDS)
+            except TimeoutError:
+                try:
+                    await self.roll_up()
+                except Exception as e:  # retried at the next tick; the event log is the truth
+                    logs.event("rollups.failed", logs.logging.ERROR, error=str(e))
 
     async def reload(self) -> None:
         """SIGHUP: re-read the vendor keys, then rescan the import directory."""

@@ -41,6 +41,7 @@ class FakeView:
     statuses: dict[str, ItemStatus] = field(default_factory=dict)
     seats: dict[tuple[str, str], datetime] = field(default_factory=dict)
     defaults: dict[str, str] = field(default_factory=dict)
+    elsewhere: dict[str, int] = field(default_factory=dict)
 
     def default_code(self, organization_id: str) -> str | None:
         return self.defaults.get(organization_id)
@@ -53,6 +54,9 @@ class FakeView:
 
     def seat_expiry(self, item_id: str, client_uuid: str) -> datetime | None:
         return self.seats.get((item_id, client_uuid))
+
+    def instances_elsewhere(self, item_id: str, client_uuid: str, now: datetime) -> int:
+        return self.elsewhere.get(item_id, 0)
 
 
 def view_with(*items: Item, **code_kw) -> FakeView:
@@ -229,3 +233,15 @@ def test_instances_granted_for_concurrent_instance_only() -> None:
     assert isinstance(grant, hs.Grant) and grant.fit.instances == 3
     grant = decide(view_with(mk("d")), req(instances=3))
     assert isinstance(grant, hs.Grant) and grant.fit.instances == 1
+
+
+def test_overused_instance_item_grants_only_n_across_servers() -> None:
+    item = mk("i", LicenseType.PER_CONCURRENT_INSTANCE, deployment_type=DeploymentType.SERVER, quantity=8)
+    v = view_with(item)
+    server = req(deployment_type=DeploymentType.SERVER, instances=3)
+    v.elsewhere["i"] = 6
+    assert isinstance(decide(v, server), hs.Grant)  # not overused: the tolerance absorbs it
+    v.statuses["i"] = ItemStatus(overused=True)
+    assert refused_code(decide(v, server)) is Code.LIMIT_EXCEEDED
+    v.elsewhere["i"] = 5
+    assert isinstance(decide(v, server), hs.Grant)

@@ -61,6 +61,10 @@ class View(Protocol):
 
     def seat_expiry(self, item_id: str, client_uuid: str) -> datetime | None: ...
 
+    def instances_elsewhere(self, item_id: str, client_uuid: str, now: datetime) -> int:
+        """Instances granted to other servers whose authorization is still running."""
+        ...
+
 
 class SeatAction(Enum):
     NONE = "none"
@@ -162,7 +166,8 @@ def authorization_end(item: Item, now: datetime) -> datetime:
     return min(now + length, cap)
 
 
-def fit(req: Request, item: Item, status: ItemStatus, seat_expiry: datetime | None, now: datetime) -> Refusal | Fit:
+def fit(req: Request, item: Item, status: ItemStatus, seat_expiry: datetime | None, now: datetime,
+        instances_elsewhere: int = 0) -> Refusal | Fit:
     """Whether one item authorizes the request, or the first check it fails."""
     rules = item.rules
     if item.product.casefold() != req.product.casefold():
@@ -200,8 +205,12 @@ def fit(req: Request, item: Item, status: ItemStatus, seat_expiry: datetime | No
             seat = SeatAction.CLAIM
     elif rules.counts is Counts.UNITS and status.units_used >= limit:
         return Refusal(Code.LIMIT_EXCEEDED, f"the quota of item {item.item_id} and its grace are used up")
-    elif rules.counts is Counts.INSTANCES and status.overused and instances > item.quantity:
-        return Refusal(Code.LIMIT_EXCEEDED, f"item {item.item_id} is overused")
+    elif rules.counts is Counts.INSTANCES and status.overused and instances_elsewhere + instances > item.quantity:
+        # Overuse tolerance used up: only N instances across all servers.
+        return Refusal(
+            Code.LIMIT_EXCEEDED,
+            f"item {item.item_id} is overused; {instances_elsewhere} of {item.quantity} instances are in use",
+        )
     return Fit(item, seat, authorization_end(item, now), instances, limit)
 
 
@@ -233,7 +242,13 @@ def decide(
         if item is None:
             missing = missing or item_id
             continue
-        outcome = fit(req, item, view.status(item_id), view.seat_expiry(item_id, req.client_uuid), now)
+        status = view.status(item_id)
+        elsewhere = (
+            view.instances_elsewhere(item_id, req.client_uuid, now)
+            if status.overused and item.rules.counts is Counts.INSTANCES
+            else 0
+        )
+        outcome = fit(req, item, status, view.seat_expiry(item_id, req.client_uuid), now, elsewhere)
         if isinstance(outcome, Fit):
             return Grant(code, outcome)
         if best is None or _rank(outcome) > best[0]:

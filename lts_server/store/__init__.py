@@ -62,6 +62,8 @@ class Event:
     deployment_type: str | None = None
     result: int | None = None
     detail: dict[str, Any] | None = None
+    units: int | None = None
+    instances: int | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,44 @@ class LicenseRecord:
     updated_at: datetime
 
 
+@dataclass(frozen=True)
+class AuthorizationRecord:
+    """The latest grant for a device on a code: where its usage is charged."""
+
+    code: str
+    client_uuid: str
+    item_id: str
+    instances: int
+    granted_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class UsageReportRecord:
+    report_id: str
+    client_uuid: str
+    code: str
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class RollupRow:
+    bucket_ms: int
+    granted: int
+    refused: int
+    units: int
+    devices: int
+    instances: int
+
+
+@dataclass(frozen=True)
+class RollupResult:
+    processed: int
+    last_seq: int
+    # Instance-slices beyond quantity added per concurrent-instance item.
+    overuse: dict[str, int]
+
+
 @dataclass
 class Snapshot:
     """Everything the ledger keeps in memory, as loaded at start-up."""
@@ -102,6 +142,7 @@ class Snapshot:
     organization_defaults: dict[str, str] = field(default_factory=dict)
     seats: dict[str, dict[str, Seat]] = field(default_factory=dict)
     imports: dict[str, ImportRecord] = field(default_factory=dict)
+    authorizations: dict[tuple[str, str], AuthorizationRecord] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,6 +158,9 @@ class WriteBatch:
     seat_releases: list[Seat] = field(default_factory=list)
     revocations: dict[str, bool] = field(default_factory=dict)
     imports: list[ImportRecord] = field(default_factory=list)
+    authorizations: list[AuthorizationRecord] = field(default_factory=list)
+    usage_reports: list[UsageReportRecord] = field(default_factory=list)
+    unit_charges: dict[str, int] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     # When the changes were made: stamps rows that keep a modification time.
     at: datetime | None = None
@@ -133,6 +177,9 @@ class WriteBatch:
                 self.seat_releases,
                 self.revocations,
                 self.imports,
+                self.authorizations,
+                self.usage_reports,
+                self.unit_charges,
                 self.events,
             )
         )
@@ -161,3 +208,11 @@ class Store(Protocol):
     def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]: ...
 
     async def size_bytes(self) -> int: ...
+
+    async def report_seen(self, report_id: str) -> bool: ...
+
+    async def roll_up(self, quantities: dict[str, tuple[str, int]], limit: int = 50_000) -> RollupResult: ...
+
+    async def rollup_series(self, scope: str, key: str, size: str, start_ms: int, end_ms: int) -> list[RollupRow]: ...
+
+    async def rollup_lag(self) -> int: ...

@@ -22,12 +22,16 @@ from lts_server.core.model import (
     Period,
 )
 from lts_server.core.times import from_ms, iso, parse_iso, to_ms, utcnow
+from lts_server.core.usage import EventFacts, aggregate, overuse_delta, tolerance
 from lts_server.store import (
+    AuthorizationRecord,
     Conflict,
     Event,
     EventQuery,
     ImportRecord,
     LicenseRecord,
+    RollupResult,
+    RollupRow,
     SchemaTooNew,
     Seat,
     Snapshot,
@@ -246,6 +250,12 @@ class SQLiteStore:
                 revision=row[5],
                 seen_at=from_ms(row[6]),
             )
+        for row in await self._all(
+            "SELECT code, client_uuid, item_id, instances, granted_ms, expires_ms FROM authorizations"
+        ):
+            snap.authorizations[(row[0], row[1])] = AuthorizationRecord(
+                row[0], row[1], row[2], row[3], from_ms(row[4]), from_ms(row[5])
+            )
         return snap
 
     async def write(self, batch: WriteBatch, pipeline: int | None = None) -> None:
@@ -425,10 +435,27 @@ class SQLiteStore:
                 " revision = excluded.revision, seen_ms = excluded.seen_ms",
                 [(r.path, r.sha256, r.state, r.reason, r.license_id, r.revision, to_ms(r.seen_at)) for r in b.imports],
             )
+        if b.authorizations:
+            db.executemany(
+                "INSERT INTO authorizations (code, client_uuid, item_id, instances, granted_ms, expires_ms)"
+                " VALUES (?,?,?,?,?,?) ON CONFLICT (code, client_uuid) DO UPDATE SET item_id = excluded.item_id,"
+                " instances = excluded.instances, granted_ms = excluded.granted_ms,"
+                " expires_ms = excluded.expires_ms",
+                [(a.code, a.client_uuid, a.item_id, a.instances, to_ms(a.granted_at), to_ms(a.expires_at))
+                 for a in b.authorizations],
+            )
+        if b.usage_reports:
+            db.executemany(
+                "INSERT INTO usage_reports (report_id, client_uuid, code, received_ms) VALUES (?,?,?,?)"
+                " ON CONFLICT (report_id) DO NOTHING",
+                [(r.report_id, r.client_uuid, r.code, to_ms(r.received_at)) for r in b.usage_reports],
+            )
+        for item_id, units in b.unit_charges.items():
+            db.execute("UPDATE items SET units_used = units_used + ? WHERE item_id = ?", (units, item_id))
         if b.events:
             db.executemany(
                 "INSERT INTO events (at_ms, type, code, item_id, client_uuid, product, deployment_type, result,"
-                " detail) VALUES (?,?,?,?,?,?,?,?,?)",
+                " detail, units, instances) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
                         to_ms(e.at),
@@ -440,6 +467,8 @@ class SQLiteStore:
                         e.deployment_type,
                         e.result,
                         json.dumps(e.detail, separators=(",", ":")) if e.detail else None,
+                        e.units,
+                        e.instances,
                     )
                     for e in b.events
                 ],
@@ -462,8 +491,8 @@ class SQLiteStore:
         while True:
             clause = " AND ".join(["seq > ?", *where])
             rows = await self._all(
-                "SELECT seq, at_ms, type, code, item_id, client_uuid, product, deployment_type, result, detail"
-                f" FROM events WHERE {clause} ORDER BY seq LIMIT 1000",
+                "SELECT seq, at_ms, type, code, item_id, client_uuid, product, deployment_type, result, detail,"
+                f" units, instances FROM events WHERE {clause} ORDER BY seq LIMIT 1000",
                 [after, *params],
             )
             if not rows:
@@ -481,6 +510,98 @@ class SQLiteStore:
                         deployment_type=r[7],
                         result=r[8],
                         detail=json.loads(r[9]) if r[9] else None,
+                        units=r[10],
+                        instances=r[11],
                     ),
                 )
             after = rows[-1][0]
+
+    async def report_seen(self, report_id: str) -> bool:
+        rows = await self._all("SELECT 1 FROM usage_reports WHERE report_id = ?", (report_id,))
+        return bool(rows)
+
+    async def rollup_lag(self) -> int:
+        """Events written but not yet in the rollups."""
+        rows = await self._all(
+            "SELECT COALESCE(MAX(seq), 0) - (SELECT last_seq FROM rollup_state WHERE id = 1) FROM events"
+        )
+        return max(0, rows[0][0])
+
+    async def roll_up(self, quantities: dict[str, tuple[str, int]], limit: int = 50_000) -> RollupResult:
+        """Fold the next events of the log into the rollups, in one transaction."""
+        try:
+            return await self.db._execute(self._roll_up_in_thread, quantities, limit)
+        except sqlite3.Error as e:
+            raise _translate(e, self.path) from None
+
+    def _roll_up_in_thread(self, quantities: dict[str, tuple[str, int]], limit: int) -> RollupResult:
+        con: sqlite3.Connection = self.db._conn
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            last = con.execute("SELECT last_seq FROM rollup_state WHERE id = 1").fetchone()[0]
+            rows = con.execute(
+                "SELECT seq, at_ms, type, code, item_id, client_uuid, result, units, instances FROM events"
+                " WHERE seq > ? AND type IN ('handshake', 'usage.record') ORDER BY seq LIMIT ?",
+                (last, limit),
+            ).fetchall()
+            end = con.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+            if len(rows) == limit:
+                end = rows[-1][0]
+            result = self._apply_rollup(con, [EventFacts(*r) for r in rows], quantities, end)
+            con.execute("UPDATE rollup_state SET last_seq = ? WHERE id = 1", (end,))
+            con.commit()
+            return result
+        except BaseException:
+            con.rollback()
+            raise
+
+    @staticmethod
+    def _apply_rollup(con: sqlite3.Connection, events: list[EventFacts], quantities: dict[str, tuple[str, int]],
+                      end: int) -> RollupResult:
+        agg = aggregate(events)
+        con.executemany(
+            "INSERT INTO rollups (scope, key, size, bucket_ms, granted, refused, units) VALUES (?,?,?,?,?,?,?)"
+            " ON CONFLICT (scope, key, size, bucket_ms) DO UPDATE SET granted = granted + excluded.granted,"
+            " refused = refused + excluded.refused, units = units + excluded.units",
+            [(*k, c.granted, c.refused, c.units) for k, c in agg.counters.items()],
+        )
+        overuse: dict[str, int] = {}
+        for (scope, key, size, bucket, client), instances in agg.devices.items():
+            cur = con.execute(
+                "INSERT INTO rollup_devices (scope, key, size, bucket_ms, client_uuid, instances)"
+                " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                (scope, key, size, bucket, client, instances),
+            )
+            if cur.rowcount != 1:
+                continue  # this device already counted in this bucket
+            if scope == "item" and size == "3m" and instances:
+                license_type, quantity = quantities.get(key, ("", 0))
+                if license_type == "per-concurrent-instance":
+                    before = con.execute(
+                        "SELECT instances FROM rollups WHERE scope = 'item' AND key = ? AND size = '3m'"
+                        " AND bucket_ms = ?", (key, bucket)).fetchone()
+                    total = before[0] if before else 0
+                    overuse[key] = overuse.get(key, 0) + overuse_delta(total, total + instances, quantity)
+            con.execute(
+                "INSERT INTO rollups (scope, key, size, bucket_ms, devices, instances) VALUES (?,?,?,?,1,?)"
+                " ON CONFLICT (scope, key, size, bucket_ms) DO UPDATE SET devices = devices + 1,"
+                " instances = instances + excluded.instances",
+                (scope, key, size, bucket, instances),
+            )
+        overuse = {k: v for k, v in overuse.items() if v}
+        for item_id, delta in overuse.items():
+            # The overuse counter moves with the rollup, in its transaction.
+            con.execute(
+                "UPDATE items SET overuse_used = overuse_used + ?,"
+                " overused = CASE WHEN overuse_used + ? >= ? THEN 1 ELSE overused END WHERE item_id = ?",
+                (delta, delta, tolerance(quantities[item_id][1]), item_id),
+            )
+        return RollupResult(len(events), end, overuse)
+
+    async def rollup_series(self, scope: str, key: str, size: str, start_ms: int, end_ms: int) -> list[RollupRow]:
+        rows = await self._all(
+            "SELECT bucket_ms, granted, refused, units, devices, instances FROM rollups"
+            " WHERE scope = ? AND key = ? AND size = ? AND bucket_ms >= ? AND bucket_ms < ? ORDER BY bucket_ms",
+            (scope, key, size, start_ms, end_ms),
+        )
+        return [RollupRow(*r) for r in rows]

@@ -6,7 +6,7 @@ from aiohttp import web
 
 import lts_server
 from lts_server.core.times import iso
-from lts_server.web import device
+from lts_server.web import device, stats, usage
 from lts_server.web.errors import errors_middleware
 from lts_server.web.schemas import ServerInfo
 from lts_server.web.services import SERVICES, Services
@@ -59,5 +59,9 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/v1/server", server_info)
     app.router.add_post("/api/v1/handshake", device.handshake)
+    app.router.add_post("/api/v1/usage", usage.report_usage)
     app.router.add_get("/api/v1/admin/imports", list_imports)
+    app.router.add_get("/api/v1/admin/events", stats.export_events)
+    app.router.add_get("/api/v1/admin/stats/codes/{code}", stats.code_stats)
+    app.router.add_get("/api/v1/admin/stats/items/{item_id}", stats.item_stats)
     return app

@@ -14,7 +14,8 @@ import msgspec
 from aiohttp import web
 
 from lts_server import logs
-from lts_server.ledger import JobFailed, LedgerClosed
+from lts_server.core.codes import CodeError
+from lts_server.ledger import JobFailed, LedgerClosed, NotFound, UsageError
 from lts_server.store import StoreError, StoreUnavailable
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -55,6 +56,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except ApiError as e:
         return error_response(e.status, e.message, e.field)
+    except (CodeError, UsageError) as e:
+        return error_response(getattr(e, "status", 400), str(e), e.field)
+    except NotFound as e:
+        return error_response(404, f"no such {e.what}")
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 import msgspec
 
 from lts_server.core.model import DeploymentType
+from lts_server.core.usage import MAX_COUNT, MAX_RECORDS
 
 MAX_BODY = 16 * 1024
 
@@ -61,3 +63,18 @@ class ServerInfo(msgspec.Struct, rename="camel"):
     version: str
     key_id: str
     public_key: str
+
+
+class UsageRecordBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    slot: datetime
+    product: Short
+    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    count: Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+    item_id: Short | None = None
+
+
+class UsageBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    report_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:{}-]+$")]
+    client_uuid: ClientUuid
+    handshake_code: Short
+    records: Annotated[list[UsageRecordBody], msgspec.Meta(max_length=MAX_RECORDS)]

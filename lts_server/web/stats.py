@@ -1,0 +1,177 @@
+"""Statistics per handshake code and per item (from the rollups), and the event export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import datetime, timedelta
+
+from aiohttp import web
+
+from lts_server.core.model import Counts, hard_limit
+from lts_server.core.times import from_ms, iso, parse_iso, to_ms
+from lts_server.core.usage import BUCKETS, bucket_start, tolerance
+from lts_server.store import EventQuery, RollupRow
+from lts_server.web.errors import ApiError
+from lts_server.web.services import SERVICES, Services
+
+MAX_BUCKETS = 10_000
+DEFAULT_SPAN = {"3m": timedelta(days=1), "2h": timedelta(days=7), "1d": timedelta(days=30)}
+EVENT_COLUMNS = ("seq", "at", "type", "code", "itemId", "clientUuid", "product", "deploymentType", "result",
+                 "units", "instances", "detail")
+
+
+def _time(request: web.Request, name: str) -> datetime | None:
+    value = request.query.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return parse_iso(value)
+    except ValueError:
+        raise ApiError(400, f"{name}: expected an ISO 8601 date-time with a time zone, got {value!r}", name) from None
+
+
+def _range(request: web.Request, services: Services) -> tuple[str, datetime, datetime]:
+    bucket = request.query.get("bucket", "2h")
+    if bucket not in BUCKETS:
+        raise ApiError(400, f"bucket: expected one of {', '.join(BUCKETS)}, got {bucket!r}", "bucket")
+    end = _time(request, "to") or services.ledger.clock()
+    start = _time(request, "from") or end - DEFAULT_SPAN[bucket]
+    if start >= end:
+        raise ApiError(400, "from: must be before to", "from")
+    if (to_ms(end) - bucket_start(to_ms(start), bucket)) / BUCKETS[bucket] > MAX_BUCKETS:
+        raise ApiError(400, f"bucket: more than {MAX_BUCKETS} {bucket} buckets; choose a wider bucket or a shorter range",
+                       "bucket")
+    return bucket, start, end
+
+
+def _row(row: RollupRow | None) -> dict[str, int]:
+    if row is None:
+        return {"granted": 0, "refused": 0, "units": 0, "devices": 0}
+    return {"granted": row.granted, "refused": row.refused, "units": row.units, "devices": row.devices}
+
+
+async def _stats(services: Services, scope: str, key: str, bucket: str, start: datetime, end: datetime) -> dict:
+    store = services.store
+    start_ms = bucket_start(to_ms(start), bucket)
+    rows = {r.bucket_ms: r for r in await store.rollup_series(scope, key, bucket, start_ms, to_ms(end))}
+    series = []
+    period = {"granted": 0, "refused": 0, "units": 0, "peakDevices": 0}
+    for b in range(start_ms, to_ms(end), BUCKETS[bucket]):
+        values = _row(rows.get(b))
+        series.append({"start": iso(from_ms(b)), **values})
+        period["granted"] += values["granted"]
+        period["refused"] += values["refused"]
+        period["units"] += values["units"]
+        period["peakDevices"] = max(period["peakDevices"], values["devices"])
+    now = services.ledger.clock()
+    today_ms = bucket_start(to_ms(now), "1d")
+    today = await store.rollup_series(scope, key, "1d", today_ms, today_ms + 1)
+    total = await store.rollup_series(scope, key, "all", 0, 1)
+    return {
+        "bucket": bucket,
+        "from": iso(from_ms(start_ms)),
+        "to": iso(end),
+        "series": series,
+        "summary": {
+            "all": _row(total[0] if total else None),
+            "period": period,
+            "today": _row(today[0] if today else None),
+        },
+        "rollupLagEvents": await store.rollup_lag(),
+    }
+
+
+def item_status(services: Services, item_id: str) -> dict:
+    ledger = services.ledger
+    item = ledger.items[item_id]
+    status = ledger.status(item_id)
+    now = ledger.clock()
+    out: dict = {
+        "itemId": item.item_id,
+        "licenseId": item.license_id,
+        "product": item.product,
+        "edition": item.edition,
+        "deploymentType": item.deployment_type.value,
+        "licenseType": item.license_type.value,
+        "quantity": item.quantity,
+        "startsAt": iso(item.starts_at),
+        "expiresAt": iso(item.expires_at),
+        "daysToExpiry": (item.expires_at - now).days,
+        "revoked": status.revoked,
+    }
+    counts = item.rules.counts
+    if counts is Counts.SEATS:
+        out["seats"] = {"used": status.seats_used, "quantity": item.quantity,
+                        "limit": hard_limit(item.license_type, item.quantity)}
+    elif counts is Counts.UNITS:
+        out["units"] = {"used": status.units_used, "quota": item.quantity,
+                        "limit": hard_limit(item.license_type, item.quantity)}
+    elif counts in (Counts.CONCURRENCY, Counts.INSTANCES):
+        out["overuse"] = {"used": status.overuse_used, "tolerance": tolerance(item.quantity),
+                          "left": max(0, tolerance(item.quantity) - status.overuse_used),
+                          "overused": status.overused}
+    if item.domain:
+        out["domain"] = item.domain
+    return out
+
+
+async def code_stats(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    name = request.match_info["code"]
+    bucket, start, end = _range(request, services)
+    code = services.ledger.codes.get(name)
+    body = await _stats(services, "code", name, bucket, start, end)
+    if code is None and not body["summary"]["all"]["granted"] and not body["summary"]["all"]["refused"]:
+        raise ApiError(404, f"no such handshake code {name}")
+    body = {"code": name, "exists": code is not None,
+            "items": [item_status(services, i) for i in services.ledger.ordered_items(code) if i in services.ledger.items]
+            if code else [], **body}
+    return web.json_response(body)
+
+
+async def item_stats(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    item_id = request.match_info["item_id"]
+    if item_id not in services.ledger.items:
+        raise ApiError(404, f"no such item {item_id}")
+    bucket, start, end = _range(request, services)
+    body = await _stats(services, "item", item_id, bucket, start, end)
+    return web.json_response({"itemId": item_id, "status": item_status(services, item_id), **body})
+
+
+async def export_events(request: web.Request) -> web.StreamResponse:
+    """Stream the event log as NDJSON (or CSV with Accept: text/csv), a page at a time."""
+    services = request.app[SERVICES]
+    query = EventQuery(start=_time(request, "from"), end=_time(request, "to"), code=request.query.get("code"),
+                       item_id=request.query.get("item"), type=request.query.get("type"))
+    as_csv = "text/csv" in request.headers.get("Accept", "")
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8" if as_csv else "application/x-ndjson",
+        "Content-Disposition": f'inline; filename="events.{"csv" if as_csv else "ndjson"}"',
+    })
+    await response.prepare(request)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    if as_csv:
+        writer.writerow(EVENT_COLUMNS)
+    pending = 0
+    async for stored in services.store.events(query):
+        e = stored.event
+        values = (stored.seq, iso(e.at), e.type, e.code, e.item_id, e.client_uuid, e.product, e.deployment_type,
+                  e.result, e.units, e.instances, e.detail)
+        if as_csv:
+            writer.writerow([json.dumps(v, separators=(",", ":")) if isinstance(v, dict) else ("" if v is None else v)
+                             for v in values])
+        else:
+            buffer.write(json.dumps(dict(zip(EVENT_COLUMNS, values)), separators=(",", ":")) + "\n")
+        pending += 1
+        if pending >= 500:
+            await response.write(buffer.getvalue().encode())
+            buffer.seek(0)
+            buffer.truncate()
+            pending = 0
+    await response.write(buffer.getvalue().encode())
+    await response.write_eof()
+    return response

@@ -1,0 +1,56 @@
+"""POST /api/v1/usage: usage reports from devices, counted once per reportId."""
+
+from __future__ import annotations
+
+import msgspec
+from aiohttp import web
+
+from lts_server.core.usage import MAX_RECORDS, slot_problem
+from lts_server.ledger import UsageRecord, UsageReport
+from lts_server.web.device import JSON, read_json_body
+from lts_server.web.errors import ApiError, validation_error
+from lts_server.web.schemas import UsageBody
+from lts_server.web.services import SERVICES
+
+# A report carries up to MAX_RECORDS records; allow their size.
+MAX_USAGE_BODY = 256 * 1024
+_decoder = msgspec.json.Decoder(UsageBody)
+_encoder = msgspec.json.Encoder()
+
+
+async def report_usage(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body = await read_json_body(request, MAX_USAGE_BODY)
+    try:
+        parsed = _decoder.decode(body)
+    except msgspec.ValidationError as e:
+        if "records" in str(e) and f"length <= {MAX_RECORDS}" in str(e):
+            raise ApiError(400, f"records: at most {MAX_RECORDS} records per report", "records") from None
+        raise validation_error(e) from None
+    except msgspec.DecodeError as e:
+        raise validation_error(e) from None
+    now = services.ledger.clock()
+    for i, record in enumerate(parsed.records):
+        problem = slot_problem(record.slot, now)
+        if problem:
+            raise ApiError(400, f"records[{i}].slot: {record.slot.isoformat()} {problem}", f"records[{i}].slot")
+    if await services.store.report_seen(parsed.report_id):
+        return _answer(parsed.report_id, duplicate=True)
+    report = UsageReport(
+        report_id=parsed.report_id,
+        client_uuid=parsed.client_uuid,
+        handshake_code=parsed.handshake_code,
+        records=tuple(UsageRecord(r.slot, r.product, r.operation, r.count, r.item_id) for r in parsed.records),
+    )
+    outcome = await services.ledger.report_usage(report)
+    if outcome.refusal is not None:
+        return web.Response(status=403, body=b'{"error":' + _encoder.encode(outcome.refusal.to_json()) + b"}",
+                            headers=JSON)
+    return _answer(parsed.report_id, duplicate=outcome.duplicate, accepted=outcome.accepted)
+
+
+def _answer(report_id: str, duplicate: bool, accepted: int = 0) -> web.Response:
+    return web.Response(
+        body=_encoder.encode({"reportId": report_id, "duplicate": duplicate, "accepted": 0 if duplicate else accepted}),
+        headers=JSON,
+    )

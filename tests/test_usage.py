@@ -1,0 +1,296 @@
+"""Usage reports, counting, the event log and statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lts_server.core.codes import CodeFields
+from lts_server.core.times import iso, slice_start, to_ms
+from lts_server.core.usage import BUCKETS, SIZES, bucket_start
+from lts_server.store import Event, WriteBatch
+from lts_server.store.sqlite import SQLiteStore
+from tests.conftest import NOW, Running, item, license_spec
+
+
+def db(running: Running) -> sqlite3.Connection:
+    return sqlite3.connect(running.folder / "state" / "lts-server.sqlite3")
+
+
+def slot(running: Running, minutes_ago: int = 0) -> str:
+    return iso(slice_start(running.clock() - timedelta(minutes=minutes_ago)))
+
+
+async def report(running: Running, report_id: str, records: list[dict], client: str = "device-1",
+                 code: str = "216998-U") -> tuple[int, dict]:
+    async with running.session.post(f"{running.url}/api/v1/usage", json={
+            "reportId": report_id, "clientUuid": client, "handshakeCode": code, "records": records}) as resp:
+        return resp.status, await resp.json()
+
+
+def rec(running: Running, count: int = 1, minutes_ago: int = 0, **kw) -> dict:
+    return {"slot": slot(running, minutes_ago), "product": "barcode-reader", "operation": "scan", "count": count, **kw}
+
+
+async def grant(running: Running, client: str = "device-1", **kw) -> dict:
+    body = {"handshakeCode": "216998-U", "clientUuid": client, "product": "barcode-reader",
+            "deploymentType": "browser", **kw}
+    status, answer = await running.handshake(**body)
+    assert status == 200, answer
+    return answer["authorization"]
+
+
+@pytest.fixture
+async def unit(running: Running) -> Running:
+    await running.drop("u.lic", running.vendor.issue(license_spec("U", items=[item("scan", "per-scan", quantity=100)])))
+    await grant(running)
+    return running
+
+
+async def test_report_counts_units_once_by_report_id(unit: Running) -> None:
+    for _ in range(3):
+        status, body = await report(unit, "r-1", [rec(unit, 7), rec(unit, 3, minutes_ago=3)])
+        assert status == 200
+    assert body == {"reportId": "r-1", "duplicate": True, "accepted": 0}
+    assert unit.ledger.statuses["scan"].units_used == 10
+    assert db(unit).execute("SELECT units_used FROM items WHERE item_id = 'scan'").fetchone()[0] == 10
+    assert db(unit).execute("SELECT COUNT(*) FROM events WHERE type = 'usage.report'").fetchone()[0] == 1
+
+
+async def test_the_same_report_concurrently_counts_once(unit: Running) -> None:
+    results = await asyncio.gather(*(report(unit, "r-c", [rec(unit, 5)]) for _ in range(3)))
+    assert sorted(body["duplicate"] for _, body in results) == [False, True, True]
+    assert unit.ledger.statuses["scan"].units_used == 5
+
+
+async def test_duplicates_are_found_after_a_restart(unit: Running) -> None:
+    assert (await report(unit, "r-old", [rec(unit, 5)]))[1]["duplicate"] is False
+    unit.ledger._recent_reports.clear()  # as after a restart: only the database remembers
+    assert (await report(unit, "r-old", [rec(unit, 5)]))[1]["duplicate"] is True
+    assert unit.ledger.statuses["scan"].units_used == 5
+
+
+@pytest.mark.parametrize("record, needle", [
+    ({"slot": "LATE"}, "more than 30 days old"),
+    ({"slot": "MISALIGNED"}, "start of a 3-minute slice"),
+    ({"slot": "FUTURE"}, "future beyond 5 minutes"),
+    ({"count": -1}, "records[0].count"),
+    ({"count": 10**9}, "records[0].count"),
+    ({"operation": ""}, "records[0].operation"),
+])
+async def test_bad_records_get_400_naming_the_problem(unit: Running, record: dict, needle: str) -> None:
+    now = unit.clock()
+    slots = {"LATE": iso(slice_start(now - timedelta(days=31))),
+             "MISALIGNED": iso(slice_start(now) + timedelta(minutes=1)),
+             "FUTURE": iso(slice_start(now + timedelta(minutes=9)))}
+    r = {**rec(unit), **record}
+    r["slot"] = slots.get(r["slot"], r["slot"])
+    status, body = await report(unit, "bad", [r])
+    assert status == 400 and needle in body["error"]["message"], body
+    assert unit.ledger.statuses["scan"].units_used == 0
+
+
+async def test_late_reports_within_30_days_and_small_skew_are_accepted(unit: Running) -> None:
+    status, _ = await report(unit, "late", [rec(unit, 2, minutes_ago=29 * 24 * 60)])
+    assert status == 200
+    future = {**rec(unit, 1), "slot": iso(slice_start(unit.clock() + timedelta(minutes=3)))}
+    assert (await report(unit, "skew", [future]))[0] == 200
+    assert unit.ledger.statuses["scan"].units_used == 3
+
+
+async def test_too_many_records(unit: Running) -> None:
+    status, body = await report(unit, "big", [rec(unit)] * 1001)
+    assert status == 400 and body["error"]["field"] == "records"
+
+
+async def test_device_without_authorization_gets_403(unit: Running) -> None:
+    status, body = await report(unit, "x", [rec(unit)], client="stranger")
+    assert status == 403 and body["error"]["code"] == 104
+    status, body = await report(unit, "y", [rec(unit)], code="216998-nope")
+    assert status == 403 and body["error"]["code"] == 101
+
+
+async def test_per_scan_exhaustion_with_grace(unit: Running) -> None:
+    assert (await report(unit, "a", [rec(unit, 104)]))[0] == 200
+    assert (await unit.handshake(handshakeCode="216998-U", clientUuid="device-2"))[0] == 200  # 104 < 105
+    assert (await report(unit, "b", [rec(unit, 1)]))[0] == 200
+    status, body = await unit.handshake(handshakeCode="216998-U", clientUuid="device-3")
+    assert status == 403 and body["error"]["code"] == 120
+    # Usage never disappears: reports past the limit are still recorded.
+    assert (await report(unit, "c", [rec(unit, 50)]))[0] == 200
+    assert unit.ledger.statuses["scan"].units_used == 155
+
+
+async def test_report_refreshes_a_device_seat(running: Running) -> None:
+    await running.drop("d.lic", running.vendor.issue(license_spec("D", items=[item("d", period="daily")])))
+    await running.handshake(handshakeCode="216998-D")
+    first = running.ledger.seats["d"]["device-1"].expires_at
+    running.clock.advance(hours=5)
+    status, _ = await report(running, "r", [rec(running)], code="216998-D")
+    assert status == 200
+    assert running.ledger.seats["d"]["device-1"].expires_at == first + timedelta(hours=5)
+
+
+async def test_concurrency_counted_per_slice_and_device(running: Running) -> None:
+    await running.drop("c.lic", running.vendor.issue(license_spec("C", items=[
+        item("conc", "per-concurrent-device", quantity=2)])))
+    for d in ("a", "b", "c"):
+        await running.handshake(handshakeCode="216998-C", clientUuid=d)
+    await report(running, "a1", [rec(running), rec(running, minutes_ago=3)], client="a", code="216998-C")
+    await report(running, "a2", [rec(running)], client="a", code="216998-C")  # same slice again: once
+    await report(running, "b1", [rec(running)], client="b", code="216998-C")
+    await report(running, "c1", [rec(running)], client="c", code="216998-C")
+    await running.server.roll_up()
+    now_slot = to_ms(slice_start(running.clock()))
+    rows = dict(db(running).execute(
+        "SELECT bucket_ms, devices FROM rollups WHERE scope = 'item' AND key = 'conc' AND size = '3m'").fetchall())
+    assert rows[now_slot] == 3 and rows[now_slot - 180_000] == 1
+
+
+async def test_instance_overuse_tolerance_then_only_n_instances(running: Running) -> None:
+    await running.drop("i.lic", running.vendor.issue(license_spec("I", items=[
+        item("inst", "per-concurrent-instance", quantity=1)])))
+    for server in ("s1", "s2"):
+        status, _ = await running.handshake(handshakeCode="216998-I", clientUuid=server, deploymentType="server")
+        assert status == 200
+    # Two servers x 1 instance on a quantity of 1: one instance-slice beyond N per slice.
+    for server in ("s1", "s2"):
+        records = [rec(running, minutes_ago=3 * k) for k in range(600)]
+        assert (await report(running, f"{server}-a", records, client=server, code="216998-I"))[0] == 200
+    await running.server.roll_up()
+    status = running.ledger.statuses["inst"]
+    assert status.overuse_used == 600 and not status.overused
+    for server in ("s1", "s2"):
+        records = [rec(running, minutes_ago=3 * k) for k in range(600, 1000)]
+        await report(running, f"{server}-b", records, client=server, code="216998-I")
+    await running.server.roll_up()
+    status = running.ledger.statuses["inst"]
+    assert status.overuse_used == 1000 and status.overused  # 1000 x N used up
+    code, body = await running.handshake(handshakeCode="216998-I", clientUuid="s3", deploymentType="server")
+    assert code == 403 and body["error"]["code"] == 120
+    assert db(running).execute("SELECT overused FROM items WHERE item_id = 'inst'").fetchone()[0] == 1
+
+
+async def test_statistics_do_not_change_when_items_leave_a_code(running: Running) -> None:
+    await running.drop("s.lic", running.vendor.issue(license_spec("S", items=[item("s1"), item("s2")])))
+    for n in range(3):
+        await running.handshake(handshakeCode="216998-S", clientUuid=f"d{n}")
+    await running.handshake(handshakeCode="216998-S", product="nothing")
+    await running.server.roll_up()
+
+    async def stats() -> dict:
+        async with running.session.get(f"{running.url}/api/v1/admin/stats/codes/216998-S?bucket=1d") as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+    before = await stats()
+    assert before["summary"]["all"] == {"granted": 3, "refused": 1, "units": 0, "devices": 3}
+    await running.ledger.edit_code("216998-S", CodeFields(items=("s2",)))
+    await running.server.roll_up()
+    after = await stats()
+    assert after["summary"] == before["summary"] and after["series"] == before["series"]
+    assert [i["itemId"] for i in after["items"]] == ["s2"]
+
+
+async def test_item_stats_and_status(unit: Running) -> None:
+    await report(unit, "r", [rec(unit, 40)])
+    await unit.server.roll_up()
+    async with unit.session.get(f"{unit.url}/api/v1/admin/stats/items/scan?bucket=2h") as resp:
+        body = await resp.json()
+    assert body["status"]["units"] == {"used": 40, "quota": 100, "limit": 105}
+    assert body["status"]["daysToExpiry"] >= 364
+    assert body["summary"]["today"]["units"] == 40 and body["summary"]["today"]["granted"] == 1
+    assert sum(b["units"] for b in body["series"]) == 40
+    async with unit.session.get(f"{unit.url}/api/v1/admin/stats/items/scan?bucket=weekly") as resp:
+        assert resp.status == 400 and (await resp.json())["error"]["field"] == "bucket"
+    async with unit.session.get(f"{unit.url}/api/v1/admin/stats/items/nope") as resp:
+        assert resp.status == 404
+
+
+async def test_event_export_ndjson_and_csv(unit: Running) -> None:
+    await report(unit, "r", [rec(unit, 4)])
+    async with unit.session.get(f"{unit.url}/api/v1/admin/events?type=usage.record") as resp:
+        assert resp.headers["Content-Type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in (await resp.text()).splitlines()]
+    assert [(e["type"], e["itemId"], e["units"]) for e in lines] == [("usage.record", "scan", 4)]
+    async with unit.session.get(f"{unit.url}/api/v1/admin/events?code=216998-U",
+                                headers={"Accept": "text/csv"}) as resp:
+        text = await resp.text()
+    rows = text.strip().splitlines()
+    assert rows[0].startswith("seq,at,type,code")
+    assert any(",handshake,216998-U," in r for r in rows[1:])
+
+
+# -- rollups always equal a brute-force recount of the raw events ------------------
+
+BASE = datetime(2026, 3, 1, tzinfo=UTC)
+
+event_strategy = st.builds(
+    lambda minutes, kind, code, item_id, client, units: Event(
+        at=BASE + timedelta(minutes=minutes), type=kind, code=code, item_id=item_id, client_uuid=client,
+        result=(0 if kind == "handshake" and units % 2 == 0 else (120 if kind == "handshake" else None)),
+        units=units if kind == "usage.record" else None),
+    minutes=st.integers(0, 3 * 24 * 60),
+    kind=st.sampled_from(["handshake", "usage.record", "seat.granted"]),
+    code=st.sampled_from(["216998-a", "216998-b", None]),
+    item_id=st.sampled_from(["i1", "i2", None]),
+    client=st.sampled_from(["d1", "d2", "d3", "d4"]),
+    units=st.integers(0, 50),
+)
+
+
+def brute_force(events: list[Event]) -> dict[tuple, tuple[int, int, int, int]]:
+    granted: dict[tuple, int] = defaultdict(int)
+    refused: dict[tuple, int] = defaultdict(int)
+    units: dict[tuple, int] = defaultdict(int)
+    devices: dict[tuple, set] = defaultdict(set)
+    for e in events:
+        if e.type not in ("handshake", "usage.record"):
+            continue
+        for scope, key in (("code", e.code), ("item", e.item_id)):
+            if key is None:
+                continue
+            for size in SIZES:
+                width = BUCKETS.get(size)
+                ms = to_ms(e.at)
+                k = (scope, key, size, ms - ms % width if width else 0)
+                if e.type == "handshake":
+                    if e.result == 0:
+                        granted[k] += 1
+                        devices[k].add(e.client_uuid)
+                    else:
+                        refused[k] += 1
+                else:
+                    units[k] += e.units or 0
+                    devices[k].add(e.client_uuid)
+    keys = set(granted) | set(refused) | set(units) | set(devices)
+    return {k: (granted[k], refused[k], units[k], len(devices[k])) for k in keys}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(st.lists(event_strategy, max_size=30), min_size=1, max_size=6),
+       page=st.integers(1, 40))
+def test_rollups_equal_a_recount_of_raw_events(tmp_path_factory, batches: list[list[Event]], page: int) -> None:
+    async def run() -> None:
+        store = SQLiteStore(tmp_path_factory.mktemp("roll") / "db.sqlite3")
+        await store.open()
+        try:
+            for batch in batches:
+                await store.write(WriteBatch(events=batch, at=BASE))
+                while (await store.roll_up({}, page)).processed == page:
+                    pass
+            rows = await store._all("SELECT scope, key, size, bucket_ms, granted, refused, units, devices FROM rollups")
+        finally:
+            await store.close()
+        got = {tuple(r[:4]): tuple(r[4:]) for r in rows if any(r[4:])}
+        expected = {k: v for k, v in brute_force([e for b in batches for e in b]).items() if any(v)}
+        assert got == expected
+
+    asyncio.run(run())
