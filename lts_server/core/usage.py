@@ -61,45 +61,60 @@ class Counters:
     units: int = 0
 
 
+Bucket = tuple[str, str, str, int]  # scope, key, size, bucket start (ms)
+
+
 @dataclass
 class Aggregate:
-    """Increments from a run of events, before distinct devices are known."""
+    """Increments from a run of events, before the devices already counted are known."""
 
-    counters: dict[tuple[str, str, str, int], Counters] = field(default_factory=lambda: defaultdict(Counters))
-    # (scope, key, size, bucket, client) -> instances active (max seen)
-    devices: dict[tuple[str, str, str, int, str], int] = field(default_factory=dict)
+    counters: dict[Bucket, Counters] = field(default_factory=dict)
+    # The devices active in each bucket, with the instances each was granted.
+    devices: dict[Bucket, dict[str, int]] = field(default_factory=dict)
 
 
 def aggregate(events: Iterable[EventFacts]) -> Aggregate:
-    agg = Aggregate()
+    """Count per 3-minute bucket, then fold those into the larger sizes (cheaper than per event)."""
+    counters: dict[Bucket, Counters] = defaultdict(Counters)
+    devices: dict[Bucket, dict[str, int]] = defaultdict(dict)
     for e in events:
         if e.type == "handshake":
-            granted = e.result == 0
+            granted: bool | None = e.result == 0
             active = granted
-            units = 0
         elif e.type == "usage.record":
-            granted = None
-            active = True
-            units = e.units or 0
+            granted, active = None, True
         else:
             continue
-        scopes = []
-        if e.code:
-            scopes.append(("code", e.code))
-        if e.item_id:
-            scopes.append(("item", e.item_id))
-        for scope, key in scopes:
-            for size in SIZES:
-                b = bucket_start(e.at_ms, size)
-                c = agg.counters[(scope, key, size, b)]
-                if granted is True:
-                    c.granted += 1
-                elif granted is False:
-                    c.refused += 1
-                c.units += units
-                if active and e.client_uuid:
-                    k = (scope, key, size, b, e.client_uuid)
-                    agg.devices[k] = max(agg.devices.get(k, 0), e.instances or 0)
+        slot = e.at_ms - e.at_ms % SLICE_MS
+        for scope, key in (("code", e.code), ("item", e.item_id)):
+            if not key:
+                continue
+            k = (scope, key, "3m", slot)
+            c = counters[k]
+            if granted is True:
+                c.granted += 1
+            elif granted is False:
+                c.refused += 1
+            elif e.units:
+                c.units += e.units
+            if active and e.client_uuid:
+                seen = devices[k]
+                instances = (e.instances or 0) if scope == "item" else 0
+                if seen.get(e.client_uuid, -1) < instances:
+                    seen[e.client_uuid] = instances
+    agg = Aggregate(dict(counters), dict(devices))
+    for (scope, key, _, slot), c in counters.items():
+        for size in SIZES[1:]:
+            total = agg.counters.setdefault((scope, key, size, bucket_start(slot, size)), Counters())
+            total.granted += c.granted
+            total.refused += c.refused
+            total.units += c.units
+    for (scope, key, _, slot), seen in devices.items():
+        for size in SIZES[1:]:
+            merged = agg.devices.setdefault((scope, key, size, bucket_start(slot, size)), {})
+            for client, instances in seen.items():
+                if merged.get(client, -1) < instances:
+                    merged[client] = instances
     return agg
 
 

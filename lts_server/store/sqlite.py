@@ -566,28 +566,36 @@ class SQLiteStore:
             [(*k, c.granted, c.refused, c.units) for k, c in agg.counters.items()],
         )
         overuse: dict[str, int] = {}
-        for (scope, key, size, bucket, client), instances in agg.devices.items():
-            cur = con.execute(
-                "INSERT INTO rollup_devices (scope, key, size, bucket_ms, client_uuid, instances)"
-                " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                (scope, key, size, bucket, client, instances),
-            )
-            if cur.rowcount != 1:
-                continue  # this device already counted in this bucket
-            if scope == "item" and size == "3m" and instances:
-                license_type, quantity = quantities.get(key, ("", 0))
-                if license_type == "per-concurrent-instance":
-                    before = con.execute(
-                        "SELECT instances FROM rollups WHERE scope = 'item' AND key = ? AND size = '3m'"
-                        " AND bucket_ms = ?", (key, bucket)).fetchone()
-                    total = before[0] if before else 0
-                    overuse[key] = overuse.get(key, 0) + overuse_delta(total, total + instances, quantity)
-            con.execute(
-                "INSERT INTO rollups (scope, key, size, bucket_ms, devices, instances) VALUES (?,?,?,?,1,?)"
-                " ON CONFLICT (scope, key, size, bucket_ms) DO UPDATE SET devices = devices + 1,"
-                " instances = instances + excluded.instances",
-                (scope, key, size, bucket, instances),
-            )
+        for (scope, key, size, bucket), seen in agg.devices.items():
+            instance_item = scope == "item" and quantities.get(key, ("", 0))[0] == "per-concurrent-instance"
+            if instance_item and size == "3m":
+                # Instance-slices need to know which servers are new in the slice.
+                new, added = 0, 0
+                for client, instances in seen.items():
+                    cur = con.execute(
+                        "INSERT INTO rollup_devices (scope, key, size, bucket_ms, client_uuid, instances)"
+                        " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING", (scope, key, size, bucket, client, instances))
+                    if cur.rowcount == 1:
+                        new += 1
+                        added += instances
+                if new:
+                    row = con.execute("SELECT instances FROM rollups WHERE scope = ? AND key = ? AND size = ?"
+                                      " AND bucket_ms = ?", (scope, key, size, bucket)).fetchone()
+                    before = row[0] if row else 0
+                    overuse[key] = overuse.get(key, 0) + overuse_delta(before, before + added, quantities[key][1])
+            else:
+                cur = con.executemany(
+                    "INSERT INTO rollup_devices (scope, key, size, bucket_ms, client_uuid, instances)"
+                    " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                    [(scope, key, size, bucket, client, instances) for client, instances in seen.items()])
+                new, added = cur.rowcount, 0
+            if new:
+                con.execute(
+                    "INSERT INTO rollups (scope, key, size, bucket_ms, devices, instances) VALUES (?,?,?,?,?,?)"
+                    " ON CONFLICT (scope, key, size, bucket_ms) DO UPDATE SET devices = devices + excluded.devices,"
+                    " instances = instances + excluded.instances",
+                    (scope, key, size, bucket, new, added),
+                )
         overuse = {k: v for k, v in overuse.items() if v}
         for item_id, delta in overuse.items():
             # The overuse counter moves with the rollup, in its transaction.
