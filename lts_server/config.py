@@ -58,6 +58,15 @@ class VendorSection(_Section):
     allow_unbound: bool = False
 
 
+class AdminSection(_Section):
+    # Serve the admin API (and portal) on their own address; unset = the
+    # server's listener. With a separate listener, admin paths answer 404 on
+    # the device listener.
+    host: str | None = None
+    port: Port | None = None
+    token_ttl_hours: Annotated[float, msgspec.Meta(gt=0, le=24 * 30)] = 12.0
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "text"] = "auto"
@@ -68,6 +77,7 @@ class Config(_Section):
     import_: ImportSection = msgspec.field(name="import")
     server: ServerSection = msgspec.field(default_factory=ServerSection)
     vendor: VendorSection = msgspec.field(default_factory=VendorSection)
+    admin: AdminSection = msgspec.field(default_factory=AdminSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
     # Where the file was read from; relative paths in it are taken from its folder.
     source: str = ""

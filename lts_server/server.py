@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Callable
 from datetime import datetime
@@ -26,6 +27,17 @@ ROLLUP_SECONDS = 1.0
 ROLLUP_PAGE = 50_000
 
 
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _ports(site: web.TCPSite) -> list[int]:
+    server = getattr(site, "_server", None)
+    return sorted({sock.getsockname()[1] for sock in getattr(server, "sockets", None) or []})
+
+
 class Server:
     def __init__(self, config: Config, clock: Callable[[], datetime] = utcnow) -> None:
         self.config = config
@@ -36,6 +48,7 @@ class Server:
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.urls: list[str] = []
+        self.admin_url = ""
 
     def load_vendor_keys(self) -> dict[str, Ed25519PublicKey]:
         return licensefile.load_trusted(self.config.public_key_paths)
@@ -52,29 +65,31 @@ class Server:
                             lambda: self.config.vendor.allow_unbound)
         self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key))
         await importer.scan("start-up")
-        app = create_app(self.services)
+        separate_admin = cfg.admin.port is not None
+        admin_port = cfg.admin.port if separate_admin else None
+        if admin_port == 0:
+            admin_port = _free_port(cfg.admin.host or cfg.server.host)
+        app = create_app(self.services, admin_port)
         self.runner = web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.server.host, cfg.server.port, ssl_context=self._ssl(),
                            reuse_address=True)
         await site.start()
         scheme = "https" if cfg.server.tls_cert else "http"
-        self.urls = [f"{scheme}://{cfg.server.host}:{port}" for port in self.bound_ports()]
+        self.urls = [f"{scheme}://{cfg.server.host}:{port}" for port in _ports(site)]
+        if admin_port is not None:
+            admin_host = cfg.admin.host or cfg.server.host
+            await web.TCPSite(self.runner, admin_host, admin_port, ssl_context=self._ssl(),
+                              reuse_address=True).start()
+            self.admin_url = f"{scheme}://{admin_host}:{admin_port}"
+        else:
+            self.admin_url = self.urls[0]
         self._tasks.append(asyncio.create_task(
             importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
         self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
         self._tasks.append(asyncio.create_task(self._roller(), name="rollups"))
         logs.event("server.listening", urls=self.urls, server_uuid=ident.server_uuid,
                    database=str(cfg.database_path), import_dir=str(cfg.import_dir))
-
-    def bound_ports(self) -> list[int]:
-        ports = []
-        assert self.runner is not None
-        for site in self.runner.sites:
-            server = getattr(site, "_server", None)
-            for sock in getattr(server, "sockets", None) or []:
-                ports.append(sock.getsockname()[1])
-        return sorted(set(ports))
 
     def _ssl(self) -> ssl.SSLContext | None:
         server = self.config.server

@@ -172,9 +172,24 @@ async def running(tmp_path: Path, vendor: Vendor) -> AsyncIterator[Running]:
     cfg = config_mod.load(write_config(tmp_path, vendor), environ={})
     server = Server(cfg, clock=clock)
     await server.start()
-    async with aiohttp.ClientSession() as session:
-        yield Running(server, server.urls[0], tmp_path, vendor, session, clock)
+    url = server.urls[0]
+    token = await admin_login(url)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+        yield Running(server, url, tmp_path, vendor, session, clock)
     await server.stop()
+
+
+ADMIN_PASSWORD = "correct horse battery staple"
+
+
+async def admin_login(url: str, password: str = ADMIN_PASSWORD) -> str:
+    """Set the admin password (first run) and log in; returns a bearer token."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/api/v1/admin/setup", json={"password": password}) as resp:
+            assert resp.status in (201, 409), await resp.text()
+        async with session.post(f"{url}/api/v1/admin/login", json={"password": password}) as resp:
+            assert resp.status == 200, await resp.text()
+            return (await resp.json())["token"]
 
 
 def free_port() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -14,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Vendor, item, license_spec, start_daemon, stop_daemon, write_config
+from tests.conftest import ROOT, Vendor, admin_login, item, license_spec, start_daemon, stop_daemon, write_config
 
 
-def get(url: str) -> tuple[int, dict]:
+def get(url: str, token: str | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -102,14 +104,15 @@ def test_sigterm_lets_an_in_flight_request_finish(tmp_path: Path, vendor: Vendor
 
 def test_sighup_rescans_the_import_directory(tmp_path: Path, vendor: Vendor) -> None:
     d = start_daemon(write_config(tmp_path, vendor, log={"level": "info"}), tmp_path)
+    token = asyncio.run(admin_login(d.url))
     try:
-        assert get(f"{d.url}/api/v1/admin/imports")[1]["files"] == []
+        assert get(f"{d.url}/api/v1/admin/imports", token)[1]["files"] == []
         (tmp_path / "import" / "new.lic").write_bytes(vendor.issue(license_spec("L9")))
         d.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         files: list = []
         while time.monotonic() < deadline and not files:
-            files = get(f"{d.url}/api/v1/admin/imports")[1]["files"]
+            files = get(f"{d.url}/api/v1/admin/imports", token)[1]["files"]
             time.sleep(0.1)
         assert [(Path(f["path"]).name, f["state"]) for f in files] == [("new.lic", "imported")]
         assert '"event": "reload.done"' in d.log()

@@ -58,7 +58,8 @@ async def run(cfg: config_mod.Config) -> int:
         print(f"lts-server: cannot start: {e}", file=sys.stderr)
         await server.stop()
         return EXIT_START
-    print(f"lts-server {lts_server.__version__} listening on {', '.join(server.urls)}", flush=True)
+    admin = f" (admin API on {server.admin_url})" if server.admin_url not in server.urls else ""
+    print(f"lts-server {lts_server.__version__} listening on {', '.join(server.urls)}{admin}", flush=True)
     notifier.notify("READY=1", f"STATUS=listening on {', '.join(server.urls)}")
 
     loop = asyncio.get_running_loop()

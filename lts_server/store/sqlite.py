@@ -613,3 +613,57 @@ class SQLiteStore:
             (scope, key, size, start_ms, end_ms),
         )
         return [RollupRow(*r) for r in rows]
+
+    # -- the admin account ----------------------------------------------------
+
+    async def _transaction(self, fn, *args):  # noqa: ANN001, ANN202
+        def run():  # noqa: ANN202
+            con: sqlite3.Connection = self.db._conn
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(con, *args)
+            except BaseException:
+                con.rollback()
+                raise
+            con.commit()
+            return result
+
+        try:
+            return await self.db._execute(run)
+        except sqlite3.Error as e:
+            raise _translate(e, self.path) from None
+
+    async def admin_password_hash(self) -> str | None:
+        rows = await self._all("SELECT password_hash FROM admin WHERE id = 1")
+        return rows[0][0] if rows else None
+
+    async def set_admin_password(self, password_hash: str, at_ms: int, only_if_unset: bool = False) -> bool:
+        """Set the password and end every session; with only_if_unset, False when one was already set."""
+
+        def run(con: sqlite3.Connection) -> bool:
+            if only_if_unset and con.execute("SELECT 1 FROM admin WHERE id = 1").fetchone():
+                return False
+            con.execute(
+                "INSERT INTO admin (id, password_hash, changed_ms) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE"
+                " SET password_hash = excluded.password_hash, changed_ms = excluded.changed_ms",
+                (password_hash, at_ms))
+            con.execute("DELETE FROM admin_tokens")
+            return True
+
+        return await self._transaction(run)
+
+    async def add_admin_token(self, token_hash: str, at_ms: int, expires_ms: int) -> None:
+        def run(con: sqlite3.Connection) -> None:
+            con.execute("DELETE FROM admin_tokens WHERE expires_ms <= ?", (at_ms,))
+            con.execute("INSERT INTO admin_tokens (token_hash, created_ms, expires_ms) VALUES (?,?,?)",
+                        (token_hash, at_ms, expires_ms))
+
+        await self._transaction(run)
+
+    async def admin_token_expiry(self, token_hash: str) -> int | None:
+        rows = await self._all("SELECT expires_ms FROM admin_tokens WHERE token_hash = ?", (token_hash,))
+        return rows[0][0] if rows else None
+
+    async def delete_admin_token(self, token_hash: str) -> None:
+        await self._transaction(lambda con: con.execute("DELETE FROM admin_tokens WHERE token_hash = ?",
+                                                        (token_hash,)))

@@ -6,7 +6,7 @@ from aiohttp import web
 
 import lts_server
 from lts_server.core.times import iso
-from lts_server.web import device, stats, usage
+from lts_server.web import admin, auth, device, openapi, stats, usage
 from lts_server.web.errors import errors_middleware
 from lts_server.web.schemas import ServerInfo
 from lts_server.web.services import SERVICES, Services
@@ -52,16 +52,60 @@ async def list_imports(request: web.Request) -> web.Response:
     return web.json_response({"files": files})
 
 
-def create_app(services: Services) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=CLIENT_MAX_SIZE)
+async def servers(request: web.Request) -> web.Response:
+    return web.json_response({"servers": request.app[SERVICES].config.server.servers})
+
+
+def create_app(services: Services, admin_port: int | None = None) -> web.Application:
+    """The application; with admin_port set, admin paths answer only on that port."""
+    middlewares = [errors_middleware]
+    if admin_port is not None:
+        middlewares.append(_admin_only_on(admin_port))
+    middlewares.append(auth.auth_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=CLIENT_MAX_SIZE)
     app[SERVICES] = services
+    app[auth.THROTTLE] = auth.Throttle()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/v1/server", server_info)
     app.router.add_post("/api/v1/handshake", device.handshake)
     app.router.add_post("/api/v1/usage", usage.report_usage)
+    app.router.add_get("/api/v1/servers", servers)
+    app.router.add_post("/api/v1/admin/setup", auth.setup)
+    app.router.add_post("/api/v1/admin/login", auth.login)
+    app.router.add_post("/api/v1/admin/logout", auth.logout)
+    app.router.add_post("/api/v1/admin/password", auth.change_password)
+    app.router.add_get("/api/v1/admin/status", admin.status)
+    app.router.add_get("/api/v1/admin/handshake-codes", admin.list_codes)
+    app.router.add_post("/api/v1/admin/handshake-codes", admin.create_code)
+    app.router.add_get("/api/v1/admin/handshake-codes/{name}", admin.get_code)
+    app.router.add_patch("/api/v1/admin/handshake-codes/{name}", admin.edit_code)
+    app.router.add_delete("/api/v1/admin/handshake-codes/{name}", admin.delete_code)
+    app.router.add_put("/api/v1/admin/handshake-codes/{name}/usage-order", admin.set_order)
+    app.router.add_delete("/api/v1/admin/handshake-codes/{name}/usage-order", admin.reset_order)
+    app.router.add_get("/api/v1/admin/licenses", admin.list_licenses)
+    app.router.add_post("/api/v1/admin/licenses", admin.upload_license)
+    app.router.add_get("/api/v1/admin/licenses/{license_id}", admin.get_license)
+    app.router.add_get("/api/v1/admin/items", admin.list_items)
+    app.router.add_post("/api/v1/admin/items/{item_id}/revoke", admin.revoke_item)
+    app.router.add_post("/api/v1/admin/items/{item_id}/restore", admin.restore_item)
+    app.router.add_get("/api/v1/admin/items/{item_id}/devices", admin.list_devices)
+    app.router.add_delete("/api/v1/admin/items/{item_id}/devices/{client_uuid}", admin.release_device)
     app.router.add_get("/api/v1/admin/imports", list_imports)
     app.router.add_get("/api/v1/admin/events", stats.export_events)
     app.router.add_get("/api/v1/admin/stats/codes/{code}", stats.code_stats)
     app.router.add_get("/api/v1/admin/stats/items/{item_id}", stats.item_stats)
+    app.router.add_get("/api/v1/openapi.json", openapi.handler)
     return app
+
+
+def _admin_only_on(admin_port: int):  # noqa: ANN202
+    @web.middleware
+    async def middleware(request: web.Request, handler):  # noqa: ANN001, ANN202
+        if request.path.startswith(auth.ADMIN_PREFIX) or request.path.startswith("/portal"):
+            sockname = request.transport.get_extra_info("sockname") if request.transport else None
+            if not sockname or sockname[1] != admin_port:
+                raise web.HTTPNotFound(text="not found: the admin API is served on its own address")
+        return await handler(request)
+
+    return middleware

@@ -78,3 +78,48 @@ class UsageBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_o
     client_uuid: ClientUuid
     handshake_code: Short
     records: Annotated[list[UsageRecordBody], msgspec.Meta(max_length=MAX_RECORDS)]
+
+
+Password = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+
+
+class SetupBody(msgspec.Struct, forbid_unknown_fields=True):
+    password: Password
+
+
+class LoginBody(msgspec.Struct, forbid_unknown_fields=True):
+    password: Password
+
+
+class PasswordChangeBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    current_password: Password
+    new_password: Password
+
+
+Value = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+Values = Annotated[list[Value], msgspec.Meta(max_length=100)]
+ItemIds = Annotated[list[Short], msgspec.Meta(max_length=1000)]
+
+
+class CodeCreateBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    organization_id: Short
+    custom: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+    items: ItemIds = []
+    domains: Values = []
+    app_ids: Values = []
+    process_names: Values = []
+    session_password: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+
+
+class CodeEditBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    custom: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = None
+    items: ItemIds | None = None
+    domains: Values | None = None
+    app_ids: Values | None = None
+    process_names: Values | None = None
+    # A string sets the password; "" removes it; absent leaves it.
+    session_password: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+
+
+class UsageOrderBody(msgspec.Struct, forbid_unknown_fields=True):
+    items: ItemIds

@@ -1,0 +1,244 @@
+"""The admin API: handshake codes, licenses, items, devices and server status."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from datetime import datetime
+
+import msgspec
+from aiohttp import web
+
+import lts_server
+from lts_server.core.codes import CodeFields
+from lts_server.core.model import HandshakeCode
+from lts_server.core.times import iso, to_ms
+from lts_server.core.usage import bucket_start
+from lts_server.licensefile import MAX_FILE_BYTES
+from lts_server.web.device import read_json_body
+from lts_server.web.errors import ApiError, validation_error
+from lts_server.web.schemas import CodeCreateBody, CodeEditBody, UsageOrderBody
+from lts_server.web.services import SERVICES, Services
+from lts_server.web.stats import item_status
+
+
+def _decode(body: bytes, kind: type):  # noqa: ANN202
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise validation_error(e) from None
+
+
+async def _requests_today(services: Services, name: str, now: datetime) -> int:
+    day = bucket_start(to_ms(now), "1d")
+    rows = await services.store.rollup_series("code", name, "1d", day, day + 1)
+    return rows[0].granted + rows[0].refused if rows else 0
+
+
+async def code_json(services: Services, code: HandshakeCode) -> dict:
+    ledger = services.ledger
+    return {
+        "name": code.name,
+        "organizationId": code.organization_id,
+        "custom": code.name[len(code.organization_id) + 1:],
+        "default": code.is_default,
+        "sourceLicenseId": code.source_license_id,
+        "items": ledger.ordered_items(code),
+        "customOrder": code.custom_order,
+        "missingItems": [i for i in code.items if i not in ledger.items],
+        "domains": list(code.domains),
+        "appIds": list(code.app_ids),
+        "processNames": list(code.process_names),
+        "passwordSet": code.password_hash is not None,
+        "requestsToday": await _requests_today(services, code.name, ledger.clock()),
+    }
+
+
+async def list_codes(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    codes = sorted(services.ledger.codes.values(), key=lambda c: c.name)
+    return web.json_response({"codes": [await code_json(services, c) for c in codes]})
+
+
+async def create_code(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body: CodeCreateBody = _decode(await read_json_body(request), CodeCreateBody)
+    fields = CodeFields(
+        custom=body.custom, items=tuple(body.items), domains=tuple(body.domains), app_ids=tuple(body.app_ids),
+        process_names=tuple(body.process_names),
+        password_hash=services.ledger.hash_session_password(body.session_password) if body.session_password else None,
+    )
+    code = await services.ledger.create_code(body.organization_id, fields)
+    return web.json_response(await code_json(services, code), status=201)
+
+
+def _code(services: Services, name: str) -> HandshakeCode:
+    code = services.ledger.codes.get(name)
+    if code is None:
+        raise ApiError(404, f"no such handshake code {name}")
+    return code
+
+
+async def get_code(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    return web.json_response(await code_json(services, _code(services, request.match_info["name"])))
+
+
+async def edit_code(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    name = request.match_info["name"]
+    _code(services, name)
+    body: CodeEditBody = _decode(await read_json_body(request), CodeEditBody)
+    password = body.session_password
+    fields = CodeFields(
+        custom=body.custom,
+        items=tuple(body.items) if body.items is not None else None,
+        domains=tuple(body.domains) if body.domains is not None else None,
+        app_ids=tuple(body.app_ids) if body.app_ids is not None else None,
+        process_names=tuple(body.process_names) if body.process_names is not None else None,
+        password_hash=None if password is None else (services.ledger.hash_session_password(password) if password else ""),
+    )
+    code = await services.ledger.edit_code(name, fields)
+    return web.json_response(await code_json(services, code))
+
+
+async def delete_code(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    name = request.match_info["name"]
+    _code(services, name)
+    await services.ledger.delete_code(name)
+    return web.json_response({"deleted": name})
+
+
+async def set_order(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    name = request.match_info["name"]
+    _code(services, name)
+    body: UsageOrderBody = _decode(await read_json_body(request), UsageOrderBody)
+    code = await services.ledger.set_usage_order(name, tuple(body.items))
+    return web.json_response(await code_json(services, code))
+
+
+async def reset_order(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    name = request.match_info["name"]
+    _code(services, name)
+    code = await services.ledger.set_usage_order(name, None)
+    return web.json_response(await code_json(services, code))
+
+
+def license_json(services: Services, license_id: str, with_text: bool = False) -> dict:
+    record = services.ledger.licenses[license_id]
+    lic = record.license
+    out = {
+        "licenseId": lic.license_id, "alias": lic.alias, "organizationId": lic.organization_id,
+        "licenseTextVersion": lic.license_text_version, "status": lic.status, "revision": lic.revision,
+        "serverUuid": lic.server_uuid, "issuedAt": iso(lic.issued_at), "keyId": record.key_id,
+        "sha256": record.sha256, "firstImportedAt": iso(record.first_imported_at),
+        "updatedAt": iso(record.updated_at), "items": [i.item_id for i in lic.items],
+    }
+    if with_text:
+        out["fileText"] = record.file_text
+    return out
+
+
+async def list_licenses(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    return web.json_response({"licenses": [license_json(services, i) for i in sorted(services.ledger.licenses)]})
+
+
+async def get_license(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    license_id = request.match_info["license_id"]
+    if license_id not in services.ledger.licenses:
+        raise ApiError(404, f"no such license {license_id}")
+    return web.json_response(license_json(services, license_id, with_text=True))
+
+
+async def upload_license(request: web.Request) -> web.Response:
+    """The raw .lic file as the body; same checks and states as the import directory."""
+    services = request.app[SERVICES]
+    if request.content_length is not None and request.content_length > MAX_FILE_BYTES:
+        raise ApiError(400, f"the file is over {MAX_FILE_BYTES} bytes")
+    data = await request.read()
+    if not data:
+        raise ApiError(400, "the body must be the license file")
+    name = os.path.basename(request.query.get("name", "")) or f"{hashlib.sha256(data).hexdigest()[:16]}.lic"
+    outcome = await services.importer.import_bytes(f"upload:{name}", data)
+    assert outcome is not None
+    body = {"state": outcome.state, "licenseId": outcome.license_id, "reason": outcome.reason}
+    if outcome.state == "rejected":
+        reason = outcome.reason or "rejected"
+        return web.json_response({"error": {"code": 422, "message": reason, "reason": reason.split(":")[0]},
+                                  **body}, status=422)
+    status = 201 if outcome.state in ("imported", "renewed") else 200
+    if outcome.license_id:
+        body["license"] = license_json(services, outcome.license_id)
+    return web.json_response(body, status=status)
+
+
+async def list_items(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    return web.json_response({"items": [item_status(services, i) for i in sorted(services.ledger.items)]})
+
+
+def _item(services: Services, item_id: str) -> str:
+    if item_id not in services.ledger.items:
+        raise ApiError(404, f"no such item {item_id}")
+    return item_id
+
+
+async def revoke_item(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    item_id = _item(services, request.match_info["item_id"])
+    await services.ledger.set_revoked(item_id, True)
+    return web.json_response(item_status(services, item_id))
+
+
+async def restore_item(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    item_id = _item(services, request.match_info["item_id"])
+    await services.ledger.set_revoked(item_id, False)
+    return web.json_response(item_status(services, item_id))
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    item_id = _item(services, request.match_info["item_id"])
+    seats = sorted(services.ledger.seats.get(item_id, {}).values(), key=lambda s: s.granted_at)
+    return web.json_response({"itemId": item_id, "devices": [
+        {"clientUuid": s.client_uuid, "grantedAt": iso(s.granted_at), "refreshedAt": iso(s.refreshed_at),
+         "expiresAt": iso(s.expires_at)} for s in seats]})
+
+
+async def release_device(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    item_id = _item(services, request.match_info["item_id"])
+    client = request.match_info["client_uuid"]
+    await services.ledger.release_seat(item_id, client)
+    return web.json_response({"released": client, "itemId": item_id})
+
+
+async def status(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    ledger = services.ledger
+    directory = services.config.import_dir
+    try:
+        files = sum(1 for p in directory.iterdir() if p.suffix == ".lic")
+        dir_state = {"path": str(directory), "exists": True, "files": files}
+    except OSError as e:
+        dir_state = {"path": str(directory), "exists": False, "error": e.strerror}
+    dir_state["lastScanError"] = services.importer.last_scan_error
+    dir_state["rejected"] = sum(1 for r in ledger.imports.values() if r.state == "rejected")
+    return web.json_response({
+        "serverUuid": services.identity.server_uuid,
+        "version": lts_server.__version__,
+        "uptimeSeconds": round(time.monotonic() - services.started),
+        "databaseBytes": await services.store.size_bytes(),
+        "importDirectory": dir_state,
+        "counts": {"licenses": len(ledger.licenses), "items": len(ledger.items), "codes": len(ledger.codes),
+                   "seats": sum(len(s) for s in ledger.seats.values())},
+        "servers": services.config.server.servers,
+        "rollupLagEvents": await services.store.rollup_lag(),
+    })

@@ -1,0 +1,167 @@
+"""Admin authentication: first-run setup, argon2id password, bearer tokens, login throttling."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+import msgspec
+from aiohttp import web
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from lts_server import logs
+from lts_server.core.times import from_ms, iso, to_ms
+from lts_server.web.device import read_json_body
+from lts_server.web.errors import ApiError, validation_error
+from lts_server.web.schemas import LoginBody, PasswordChangeBody, SetupBody
+from lts_server.web.services import SERVICES, Services
+
+ADMIN_PREFIX = "/api/v1/admin/"
+OPEN_PATHS = {"/api/v1/admin/setup", "/api/v1/admin/login"}
+MIN_PASSWORD = 12
+# Failed logins per address within the window: slowed after SLOW_AFTER, refused after LOCK_AFTER.
+WINDOW_SECONDS = 15 * 60
+SLOW_AFTER = 3
+LOCK_AFTER = 10
+
+_hasher = PasswordHasher()
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Throttle:
+    """Counts failed logins per client address."""
+
+    def __init__(self) -> None:
+        self._failures: dict[str, list[float]] = {}
+
+    def failures(self, address: str) -> int:
+        now = time.monotonic()
+        recent = [t for t in self._failures.get(address, []) if now - t < WINDOW_SECONDS]
+        self._failures[address] = recent
+        return len(recent)
+
+    def fail(self, address: str) -> None:
+        self._failures.setdefault(address, []).append(time.monotonic())
+
+    def clear(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+
+THROTTLE = web.AppKey("throttle", Throttle)
+
+
+async def _hash(password: str) -> str:
+    return await asyncio.to_thread(_hasher.hash, password)
+
+
+async def _verify(stored: str, password: str) -> bool:
+    def check() -> bool:
+        try:
+            return _hasher.verify(stored, password)
+        except (VerificationError, InvalidHashError):
+            return False
+
+    return await asyncio.to_thread(check)
+
+
+def _decode(body: bytes, kind: type) -> object:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise validation_error(e) from None
+
+
+def _check_new(password: str, field: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise ApiError(400, f"{field}: at least {MIN_PASSWORD} characters", field)
+
+
+async def setup(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body = _decode(await read_json_body(request), SetupBody)
+    _check_new(body.password, "password")
+    done = await services.store.set_admin_password(await _hash(body.password), to_ms(services.ledger.clock()),
+                                                   only_if_unset=True)
+    if not done:
+        raise ApiError(409, "the admin password is already set; log in, or change it with the current one")
+    logs.event("admin.setup", remote=request.remote)
+    return web.json_response({"user": "admin", "setup": True}, status=201)
+
+
+async def _issue_token(services: Services) -> dict[str, str]:
+    token = secrets.token_urlsafe(32)
+    now = services.ledger.clock()
+    expires = now + timedelta(hours=services.config.admin.token_ttl_hours)
+    await services.store.add_admin_token(token_hash(token), to_ms(now), to_ms(expires))
+    return {"token": token, "expiresAt": iso(expires)}
+
+
+async def login(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    throttle = request.app[THROTTLE]
+    address = request.remote or "?"
+    failures = throttle.failures(address)
+    if failures >= LOCK_AFTER:
+        raise ApiError(429, f"too many failed logins from {address}; try again in {WINDOW_SECONDS // 60} minutes")
+    body = _decode(await read_json_body(request), LoginBody)
+    stored = await services.store.admin_password_hash()
+    if stored is None:
+        raise ApiError(403, "setup required: set the admin password with POST /api/v1/admin/setup")
+    if failures >= SLOW_AFTER:
+        await asyncio.sleep(min(2.0 ** (failures - SLOW_AFTER), 8.0))
+    if not await _verify(stored, body.password):
+        throttle.fail(address)
+        logs.event("admin.login_failed", logs.logging.WARNING, remote=address, failures=failures + 1)
+        raise ApiError(401, "wrong password")
+    throttle.clear(address)
+    logs.event("admin.login", remote=address)
+    return web.json_response(await _issue_token(services))
+
+
+async def logout(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    await services.store.delete_admin_token(request["token_hash"])
+    return web.json_response({"loggedOut": True})
+
+
+async def change_password(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body = _decode(await read_json_body(request), PasswordChangeBody)
+    stored = await services.store.admin_password_hash()
+    if stored is None or not await _verify(stored, body.current_password):
+        raise ApiError(400, "currentPassword: wrong password", "currentPassword")
+    _check_new(body.new_password, "newPassword")
+    await services.store.set_admin_password(await _hash(body.new_password), to_ms(services.ledger.clock()))
+    logs.event("admin.password_changed", remote=request.remote)
+    return web.json_response({"changed": True, **await _issue_token(services)})
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    path = request.path
+    if not path.startswith(ADMIN_PREFIX) or path in OPEN_PATHS:
+        return await handler(request)
+    services = request.app[SERVICES]
+    if await services.store.admin_password_hash() is None:
+        raise ApiError(403, "setup required: set the admin password with POST /api/v1/admin/setup")
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "missing bearer token: log in with POST /api/v1/admin/login")
+    hashed = token_hash(token.strip())
+    expires = await services.store.admin_token_expiry(hashed)
+    if expires is None or from_ms(expires) <= services.ledger.clock():
+        raise ApiError(401, "the token is unknown or expired: log in again")
+    request["token_hash"] = hashed
+    return await handler(request)
