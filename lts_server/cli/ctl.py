@@ -1,37 +1,309 @@
-"""ltsctl: the admin CLI (see the admin API issue); for now it reports the server's identity."""
+"""ltsctl: the admin CLI over the admin API, for operators (tables) and scripts (--json).
+
+The token from `ltsctl login` is kept per server in ~/.config/lts-server/tokens.json (0600).
+Every failure prints one clear line and exits non-zero (1: the server refused or failed;
+2: usage or local problem; 3: not logged in, or the login was refused).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 
+DEFAULT_SERVER = os.environ.get("LTS_SERVER_URL", "http://127.0.0.1:48080")
+EXIT_FAILED, EXIT_USAGE, EXIT_AUTH = 1, 2, 3
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ltsctl", description="Administer an lts-server over its API.")
-    p.add_argument("--server", default="http://127.0.0.1:48080", help="the server's URL (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", help="the server's UUID, version and key id")
-    args = p.parse_args(argv)
+
+class CtlError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "lts-server"
+
+
+def load_tokens() -> dict[str, str]:
     try:
-        info = asyncio.run(_get(f"{args.server.rstrip('/')}/api/v1/server"))
-    except (aiohttp.ClientError, OSError) as e:
-        print(f"ltsctl: cannot reach {args.server}: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(info, indent=2))
+        return json.loads((config_dir() / "tokens.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_token(server: str, token: str | None) -> None:
+    tokens = load_tokens()
+    if token is None:
+        tokens.pop(server, None)
     else:
-        for key, value in info.items():
-            print(f"{key:12} {value}")
+        tokens[server] = token
+    folder = config_dir()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / "tokens.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(tokens, f)
+    os.chmod(path, 0o600)
+
+
+class Api:
+    def __init__(self, server: str, session: aiohttp.ClientSession, token: str | None) -> None:
+        self.server = server.rstrip("/")
+        self.session = session
+        self.token = token
+
+    async def call(self, method: str, path: str, body: Any = None, data: bytes | None = None,
+                   headers: dict[str, str] | None = None, raw: bool = False, auth: bool = True) -> Any:
+        h = dict(headers or {})
+        if auth:
+            if not self.token:
+                raise CtlError(f"not logged in to {self.server}: run `ltsctl --server {self.server} login`", EXIT_AUTH)
+            h["Authorization"] = f"Bearer {self.token}"
+        try:
+            async with self.session.request(method, self.server + path, json=body, data=data, headers=h) as resp:
+                payload = await resp.read()
+                if resp.status >= 400:
+                    try:
+                        error = json.loads(payload)["error"]
+                        message = error.get("message", "")
+                    except (ValueError, KeyError, TypeError):
+                        message = payload[:200].decode(errors="replace")
+                    code = EXIT_AUTH if resp.status == 401 else EXIT_FAILED
+                    raise CtlError(f"{method} {path}: HTTP {resp.status}: {message}", code)
+                return payload if raw else json.loads(payload)
+        except aiohttp.ClientError as e:
+            raise CtlError(f"cannot reach {self.server}: {e}") from None
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _usage(item: dict[str, Any]) -> str:
+    for key in ("seats", "units"):
+        if key in item:
+            return f"{item[key]['used']:,}/{item[key].get('quantity', item[key].get('quota')):,} {key}"
+    if "overuse" in item:
+        return f"overuse {item['overuse']['used']:,}/{item['overuse']['tolerance']:,}"
+    return "unlimited"
+
+
+def _csv(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+async def run(args: argparse.Namespace) -> int:
+    server = args.server.rstrip("/")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=args.timeout)) as session:
+        api = Api(server, session, load_tokens().get(server))
+        out: Any = None
+        cmd = args.command
+        if cmd == "login":
+            password = os.environ.get("LTS_ADMIN_PASSWORD") or getpass.getpass("admin password: ")
+            if args.setup:
+                await api.call("POST", "/api/v1/admin/setup", {"password": password}, auth=False)
+            result = await api.call("POST", "/api/v1/admin/login", {"password": password}, auth=False)
+            save_token(server, result["token"])
+            out = {"loggedIn": True, "expiresAt": result["expiresAt"]}
+            text = f"logged in to {server} until {result['expiresAt']}"
+        elif cmd == "logout":
+            await api.call("POST", "/api/v1/admin/logout")
+            save_token(server, None)
+            out, text = {"loggedOut": True}, f"logged out of {server}"
+        elif cmd == "status":
+            out = await api.call("GET", "/api/v1/admin/status")
+            d = out["importDirectory"]
+            text = "\n".join([
+                f"server UUID   {out['serverUuid']}", f"version       {out['version']}",
+                f"uptime        {out['uptimeSeconds']:,} s", f"database      {out['databaseBytes']:,} bytes",
+                f"import dir    {d['path']} ({d.get('files', '?')} files, {d['rejected']} rejected)",
+                f"counts        {_cell(out['counts'])}", f"servers       {', '.join(out['servers'])}"])
+        elif cmd == "licenses":
+            if args.action == "list":
+                out = (await api.call("GET", "/api/v1/admin/licenses"))["licenses"]
+                text = table(out, ["licenseId", "alias", "organizationId", "revision", "items", "updatedAt"])
+            elif args.action == "show":
+                out = await api.call("GET", f"/api/v1/admin/licenses/{args.id}")
+                text = "\n".join(f"{k:18} {_cell(v)}" for k, v in out.items() if k != "fileText")
+            else:
+                try:
+                    data = Path(args.file).read_bytes()
+                except OSError as e:
+                    raise CtlError(f"{args.file}: {e.strerror}", EXIT_USAGE) from None
+                out = await api.call("POST", f"/api/v1/admin/licenses?name={Path(args.file).name}", data=data,
+                                     headers={"Content-Type": "application/octet-stream"})
+                text = f"{args.file}: {out['state']} (license {out.get('licenseId')})"
+        elif cmd == "items":
+            if args.action == "list":
+                out = (await api.call("GET", "/api/v1/admin/items"))["items"]
+                rows = [{**i, "usage": _usage(i)} for i in out]
+                text = table(rows, ["itemId", "product", "deploymentType", "licenseType", "usage", "expiresAt",
+                                    "revoked"])
+            else:
+                out = await api.call("POST", f"/api/v1/admin/items/{args.id}/{args.action}")
+                text = f"item {args.id}: {'revoked' if out['revoked'] else 'active'}"
+        elif cmd == "codes":
+            base = "/api/v1/admin/handshake-codes"
+            if args.action == "list":
+                out = (await api.call("GET", base))["codes"]
+                text = table(out, ["name", "default", "items", "customOrder", "passwordSet", "requestsToday"])
+            elif args.action == "show":
+                out = await api.call("GET", f"{base}/{args.name}")
+                text = "\n".join(f"{k:16} {_cell(v)}" for k, v in out.items())
+            elif args.action == "create":
+                body = {"organizationId": args.organization, "custom": args.custom,
+                        "items": _csv(args.items) or [], "domains": _csv(args.domains) or [],
+                        "appIds": _csv(args.app_ids) or [], "processNames": _csv(args.process_names) or []}
+                if args.password:
+                    body["sessionPassword"] = args.password
+                out = await api.call("POST", base, body)
+                text = f"created {out['name']}"
+            elif args.action == "edit":
+                body = {k: v for k, v in {
+                    "custom": args.custom, "items": _csv(args.items), "domains": _csv(args.domains),
+                    "appIds": _csv(args.app_ids), "processNames": _csv(args.process_names),
+                    "sessionPassword": "" if args.no_password else args.password}.items() if v is not None}
+                out = await api.call("PATCH", f"{base}/{args.name}", body)
+                text = f"saved {out['name']}"
+            elif args.action == "delete":
+                out = await api.call("DELETE", f"{base}/{args.name}")
+                text = f"deleted {args.name}"
+            else:
+                if args.default:
+                    out = await api.call("DELETE", f"{base}/{args.name}/usage-order")
+                else:
+                    if not args.items:
+                        raise CtlError("codes order: give the items in order, or --default", EXIT_USAGE)
+                    out = await api.call("PUT", f"{base}/{args.name}/usage-order", {"items": args.items})
+                text = f"{args.name} usage order: {', '.join(out['items'])}" + (
+                    " (custom)" if out["customOrder"] else " (default)")
+        elif cmd == "devices":
+            if args.action == "list":
+                out = (await api.call("GET", f"/api/v1/admin/items/{args.item}/devices"))["devices"]
+                text = table(out, ["clientUuid", "grantedAt", "refreshedAt", "expiresAt"])
+            else:
+                out = await api.call("DELETE", f"/api/v1/admin/items/{args.item}/devices/{args.client}")
+                text = f"released {args.client} from {args.item}"
+        elif cmd == "stats":
+            query = f"?bucket={args.bucket}" + (f"&from={args.since}" if args.since else "")
+            out = await api.call("GET", f"/api/v1/admin/stats/codes/{args.code}{query}")
+            s = out["summary"]
+            text = "\n".join([
+                f"{args.code}: all granted {s['all']['granted']:,} refused {s['all']['refused']:,} "
+                f"units {s['all']['units']:,} devices {s['all']['devices']:,}",
+                f"today: granted {s['today']['granted']:,} refused {s['today']['refused']:,}",
+                table([b for b in out["series"] if b["granted"] or b["refused"] or b["units"]],
+                      ["start", "granted", "refused", "units", "devices"])])
+        elif cmd == "events":
+            params = "&".join(f"{k}={v}" for k, v in (("from", args.since), ("to", args.until), ("code", args.code),
+                                                      ("item", args.item), ("type", args.type)) if v)
+            headers = {"Accept": "text/csv"} if args.format == "csv" else {}
+            data = await api.call("GET", f"/api/v1/admin/events?{params}", headers=headers, raw=True)
+            sys.stdout.buffer.write(data)
+            return 0
+        else:
+            raise CtlError(f"unknown command {cmd}", EXIT_USAGE)
+    print(json.dumps(out, indent=2) if args.json else text)
     return 0
 
 
-async def _get(url: str) -> dict:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async with session.get(url) as resp:
-            resp.raise_for_status()
-            return await resp.json()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ltsctl", description="Administer an lts-server over its admin API.")
+    p.add_argument("--server", default=DEFAULT_SERVER, help="the server's URL (default: %(default)s, or $LTS_SERVER_URL)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    sub = p.add_subparsers(dest="command", required=True)
+    login = sub.add_parser("login", help="log in as admin (password from $LTS_ADMIN_PASSWORD or a prompt)")
+    login.add_argument("--setup", action="store_true", help="set the first admin password, then log in")
+    sub.add_parser("logout", help="end this token")
+    sub.add_parser("status", help="server UUID, version, uptime, database, import folder")
+    lic = sub.add_parser("licenses", help="imported licenses").add_subparsers(dest="action", required=True)
+    lic.add_parser("list")
+    lic.add_parser("show").add_argument("id")
+    lic.add_parser("import", help="upload a license file").add_argument("file")
+    items = sub.add_parser("items", help="license items").add_subparsers(dest="action", required=True)
+    items.add_parser("list")
+    items.add_parser("revoke").add_argument("id")
+    items.add_parser("restore").add_argument("id")
+    codes = sub.add_parser("codes", help="handshake codes").add_subparsers(dest="action", required=True)
+    codes.add_parser("list")
+    codes.add_parser("show").add_argument("name")
+    create = codes.add_parser("create")
+    create.add_argument("organization", help="organization id (the fixed first part of the name)")
+    create.add_argument("custom", help="the custom part: 1-64 of A-Z a-z 0-9 . _ -")
+    edit = codes.add_parser("edit")
+    edit.add_argument("name")
+    edit.add_argument("--custom", help="rename (not for default codes)")
+    edit.add_argument("--no-password", action="store_true", help="remove the session password")
+    for c in (create, edit):
+        c.add_argument("--items", help="comma-separated item ids")
+        c.add_argument("--domains", help="comma-separated domains, e.g. *.example.com")
+        c.add_argument("--app-ids", help="comma-separated mobile app ids")
+        c.add_argument("--process-names", help="comma-separated process names")
+        c.add_argument("--password", help="session password")
+    codes.add_parser("delete").add_argument("name")
+    order = codes.add_parser("order", help="set the usage order, or --default")
+    order.add_argument("name")
+    order.add_argument("items", nargs="*")
+    order.add_argument("--default", action="store_true")
+    dev = sub.add_parser("devices", help="devices holding seats").add_subparsers(dest="action", required=True)
+    dev.add_parser("list").add_argument("item")
+    rel = dev.add_parser("release")
+    rel.add_argument("item")
+    rel.add_argument("client")
+    stats = sub.add_parser("stats", help="statistics of a handshake code")
+    stats.add_argument("code")
+    stats.add_argument("--bucket", default="1d", choices=["3m", "2h", "1d"])
+    stats.add_argument("--since", help="ISO date-time with zone")
+    ev = sub.add_parser("events", help="usage events").add_subparsers(dest="action", required=True)
+    export = ev.add_parser("export", help="write events to stdout (NDJSON or CSV)")
+    export.add_argument("--format", choices=["ndjson", "csv"], default="ndjson")
+    for name in ("since", "until", "code", "item", "type"):
+        export.add_argument(f"--{name}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except CtlError as e:
+        print(f"ltsctl: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

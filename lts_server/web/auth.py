@@ -39,8 +39,15 @@ def token_hash(token: str) -> str:
 class Throttle:
     """Counts failed logins per client address."""
 
-    def __init__(self) -> None:
+    def __init__(self, base_delay: float = 1.0) -> None:
         self._failures: dict[str, list[float]] = {}
+        self.base_delay = base_delay
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait before checking a password: doubling past SLOW_AFTER, at most 8 s."""
+        if failures < SLOW_AFTER:
+            return 0.0
+        return min(self.base_delay * 2.0 ** (failures - SLOW_AFTER), 8.0)
 
     def failures(self, address: str) -> int:
         now = time.monotonic()
@@ -56,6 +63,7 @@ class Throttle:
 
 
 THROTTLE = web.AppKey("throttle", Throttle)
+TOKEN_HASH = web.RequestKey("token_hash", str)
 
 
 async def _hash(password: str) -> str:
@@ -115,8 +123,7 @@ async def login(request: web.Request) -> web.Response:
     stored = await services.store.admin_password_hash()
     if stored is None:
         raise ApiError(403, "setup required: set the admin password with POST /api/v1/admin/setup")
-    if failures >= SLOW_AFTER:
-        await asyncio.sleep(min(2.0 ** (failures - SLOW_AFTER), 8.0))
+    await asyncio.sleep(throttle.delay(failures))
     if not await _verify(stored, body.password):
         throttle.fail(address)
         logs.event("admin.login_failed", logs.logging.WARNING, remote=address, failures=failures + 1)
@@ -128,7 +135,7 @@ async def login(request: web.Request) -> web.Response:
 
 async def logout(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    await services.store.delete_admin_token(request["token_hash"])
+    await services.store.delete_admin_token(request[TOKEN_HASH])
     return web.json_response({"loggedOut": True})
 
 
@@ -163,5 +170,5 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     expires = await services.store.admin_token_expiry(hashed)
     if expires is None or from_ms(expires) <= services.ledger.clock():
         raise ApiError(401, "the token is unknown or expired: log in again")
-    request["token_hash"] = hashed
+    request[TOKEN_HASH] = hashed
     return await handler(request)
