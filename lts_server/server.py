@@ -24,7 +24,9 @@ from lts_server.web.services import Services
 SWEEP_SECONDS = 60.0
 # Rollups trail the event log by about this much.
 ROLLUP_SECONDS = 1.0
-ROLLUP_PAGE = 50_000
+# Events per rollup transaction: small, so device commits queued behind it on
+# the database thread wait a few milliseconds, not a hundred.
+ROLLUP_PAGE = 2_000
 
 
 def _free_port(host: str) -> int:
@@ -126,6 +128,7 @@ class Server:
                 await ledger.mirror_overuse(result.overuse)
             if result.processed < ROLLUP_PAGE:
                 return total
+            await asyncio.sleep(0)
 
     async def _roller(self) -> None:
         while not self.stopping.is_set():
