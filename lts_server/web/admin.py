@@ -7,7 +7,6 @@ import os
 import time
 from datetime import datetime
 
-import msgspec
 from aiohttp import web
 
 import lts_server
@@ -17,17 +16,10 @@ from lts_server.core.times import iso, to_ms
 from lts_server.core.usage import bucket_start
 from lts_server.licensefile import MAX_FILE_BYTES
 from lts_server.web.device import read_json_body
-from lts_server.web.errors import ApiError, validation_error
+from lts_server.web.errors import ApiError, decode_json
 from lts_server.web.schemas import CodeCreateBody, CodeEditBody, UsageOrderBody
 from lts_server.web.services import SERVICES, Services
 from lts_server.web.stats import item_status
-
-
-def _decode(body: bytes, kind: type):  # noqa: ANN202
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise validation_error(e) from None
 
 
 async def _requests_today(services: Services, name: str, now: datetime) -> int:
@@ -63,7 +55,7 @@ async def list_codes(request: web.Request) -> web.Response:
 
 async def create_code(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    body: CodeCreateBody = _decode(await read_json_body(request), CodeCreateBody)
+    body: CodeCreateBody = decode_json(await read_json_body(request), CodeCreateBody)
     fields = CodeFields(
         custom=body.custom, items=tuple(body.items), domains=tuple(body.domains), app_ids=tuple(body.app_ids),
         process_names=tuple(body.process_names),
@@ -89,7 +81,7 @@ async def edit_code(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     name = request.match_info["name"]
     _code(services, name)
-    body: CodeEditBody = _decode(await read_json_body(request), CodeEditBody)
+    body: CodeEditBody = decode_json(await read_json_body(request), CodeEditBody)
     password = body.session_password
     fields = CodeFields(
         custom=body.custom,
@@ -115,7 +107,7 @@ async def set_order(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     name = request.match_info["name"]
     _code(services, name)
-    body: UsageOrderBody = _decode(await read_json_body(request), UsageOrderBody)
+    body: UsageOrderBody = decode_json(await read_json_body(request), UsageOrderBody)
     code = await services.ledger.set_usage_order(name, tuple(body.items))
     return web.json_response(await code_json(services, code))
 

@@ -9,7 +9,6 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
-import msgspec
 from aiohttp import web
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -17,7 +16,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from lts_server import logs
 from lts_server.core.times import from_ms, iso, to_ms
 from lts_server.web.device import read_json_body
-from lts_server.web.errors import ApiError, validation_error
+from lts_server.web.errors import ApiError, decode_json
 from lts_server.web.schemas import LoginBody, PasswordChangeBody, SetupBody
 from lts_server.web.services import SERVICES, Services
 
@@ -80,13 +79,6 @@ async def _verify(stored: str, password: str) -> bool:
     return await asyncio.to_thread(check)
 
 
-def _decode(body: bytes, kind: type) -> object:
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise validation_error(e) from None
-
-
 def _check_new(password: str, field: str) -> None:
     if len(password) < MIN_PASSWORD:
         raise ApiError(400, f"{field}: at least {MIN_PASSWORD} characters", field)
@@ -94,7 +86,7 @@ def _check_new(password: str, field: str) -> None:
 
 async def setup(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    body = _decode(await read_json_body(request), SetupBody)
+    body = decode_json(await read_json_body(request), SetupBody)
     _check_new(body.password, "password")
     done = await services.store.set_admin_password(await _hash(body.password), to_ms(services.ledger.clock()),
                                                    only_if_unset=True)
@@ -119,7 +111,7 @@ async def login(request: web.Request) -> web.Response:
     failures = throttle.failures(address)
     if failures >= LOCK_AFTER:
         raise ApiError(429, f"too many failed logins from {address}; try again in {WINDOW_SECONDS // 60} minutes")
-    body = _decode(await read_json_body(request), LoginBody)
+    body = decode_json(await read_json_body(request), LoginBody)
     stored = await services.store.admin_password_hash()
     if stored is None:
         raise ApiError(403, "setup required: set the admin password with POST /api/v1/admin/setup")
@@ -141,7 +133,7 @@ async def logout(request: web.Request) -> web.Response:
 
 async def change_password(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    body = _decode(await read_json_body(request), PasswordChangeBody)
+    body = decode_json(await read_json_body(request), PasswordChangeBody)
     stored = await services.store.admin_password_hash()
     if stored is None or not await _verify(stored, body.current_password):
         raise ApiError(400, "currentPassword: wrong password", "currentPassword")

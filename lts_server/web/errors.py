@@ -50,6 +50,14 @@ def validation_error(e: msgspec.ValidationError | msgspec.DecodeError) -> ApiErr
     return ApiError(400, f"the body is not valid JSON: {text}")
 
 
+def decode_json(body: bytes, kind: type) -> object:
+    """Decode and validate a request body, or raise the 400 that names the field."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise validation_error(e) from None
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
