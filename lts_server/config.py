@@ -37,6 +37,10 @@ class ServerSection(_Section):
     # The server list handed to clients: main first, then standby.
     # "self" stands for this server.
     servers: list[str] = msgspec.field(default_factory=lambda: ["self"])
+    # Makes this server a standby: while the main server at this URL answers
+    # /healthz, device requests here get 503 with error 100.
+    standby_of: str | None = None
+    standby_check_seconds: Positive = 5.0
 
 
 class StorageSection(_Section):

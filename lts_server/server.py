@@ -8,6 +8,7 @@ import ssl
 from collections.abc import Callable
 from datetime import datetime
 
+import aiohttp
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -90,6 +91,9 @@ class Server:
             importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
         self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
         self._tasks.append(asyncio.create_task(self._roller(), name="rollups"))
+        if cfg.server.standby_of:
+            await self._check_main()
+            self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
         logs.event("server.listening", urls=self.urls, server_uuid=ident.server_uuid,
                    database=str(cfg.database_path), import_dir=str(cfg.import_dir))
 
@@ -139,6 +143,26 @@ class Server:
                     await self.roll_up()
                 except Exception as e:  # retried at the next tick; the event log is the truth
                     logs.event("rollups.failed", logs.logging.ERROR, error=str(e))
+
+    async def _check_main(self) -> None:
+        assert self.services is not None
+        url = f"{(self.config.server.standby_of or '').rstrip('/')}/healthz"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
+                async with session.get(url) as resp:
+                    up = resp.status == 200
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            up = False
+        if up != self.services.main_is_up:
+            logs.event("standby.main_up" if up else "standby.serving", main=url)
+        self.services.main_is_up = up
+
+    async def _watch_main(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=self.config.server.standby_check_seconds)
+            except TimeoutError:
+                await self._check_main()
 
     async def reload(self) -> None:
         """SIGHUP: re-read the vendor keys, then rescan the import directory."""

@@ -99,3 +99,33 @@ def test_verify_rejects_a_changed_authorization() -> None:
     verify(raw, sig, pub)
     with pytest.raises(BadSignature):
         verify(raw.replace(b"2030", b"2099"), sig, pub)
+
+
+async def test_standby_refuses_while_the_main_is_up_and_clients_fail_over(tmp_path: Path, vendor: Vendor) -> None:
+    main_dir, standby_dir = tmp_path / "main", tmp_path / "standby"
+    for folder in (main_dir, standby_dir):
+        (folder / "import").mkdir(parents=True)
+        (folder / "import" / "a.lic").write_bytes(vendor.issue(license_spec("L1")))
+    main = start_daemon(write_config(main_dir, vendor), main_dir)
+    standby = start_daemon(write_config(standby_dir, vendor, server={"standby_of": main.url,
+                                                                     "standby_check_seconds": 0.2}), standby_dir)
+    try:
+        body = {"handshakeCode": "216998-L1", "clientUuid": "d", "product": "barcode-reader",
+                "deploymentType": "browser"}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(standby.url + "/api/v1/handshake", json=body) as resp:
+                assert resp.status == 503 and (await resp.json())["error"]["code"] == 100
+        async with LtsClient([standby.url, main.url]) as client:
+            auth = await client.handshake(handshake_code="216998-L1", client_uuid="d", product="barcode-reader",
+                                          deployment_type="browser")
+            assert auth.server == main.url
+        assert stop_daemon(main) == 0
+        await asyncio.sleep(1.0)
+        async with LtsClient([main.url, standby.url]) as client:
+            auth = await client.handshake(handshake_code="216998-L1", client_uuid="d", product="barcode-reader",
+                                          deployment_type="browser")
+            assert auth.server == standby.url  # the main is down: the standby serves
+    finally:
+        for d in (main, standby):
+            if d.proc.poll() is None:
+                stop_daemon(d)

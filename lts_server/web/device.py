@@ -8,6 +8,7 @@ from aiohttp import web
 from lts_server.core import handshake as hs
 from lts_server.core.model import Counts, ItemStatus
 from lts_server.core.times import iso
+from lts_server.errors import Code, Refusal
 from lts_server.web.errors import ApiError, validation_error
 from lts_server.web.schemas import MAX_BODY, Authorization, HandshakeBody, SeatCount
 from lts_server.web.services import SERVICES, Services
@@ -79,8 +80,18 @@ def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: 
     )
 
 
+def standby_refusal(services: Services) -> web.Response | None:
+    if not services.main_is_up:
+        return None
+    refusal = Refusal(Code.NOT_SERVING, f"this is a standby and the main server {services.config.server.standby_of} is up")
+    return web.Response(status=503, body=b'{"error":' + _encoder.encode(refusal.to_json()) + b"}",
+                        headers={**JSON, "Retry-After": "30"})
+
+
 async def handshake(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    if (refused := standby_refusal(services)) is not None:
+        return refused
     body = await read_json_body(request)
     try:
         parsed = _decoder.decode(body)

@@ -24,6 +24,8 @@ class Services:
     importer: Importer
     signer: BatchSigner
     started: float = field(default_factory=time.monotonic)
+    # A standby whose main server is up does not serve devices.
+    main_is_up: bool = False
 
 
 SERVICES = web.AppKey("services", Services)

@@ -7,7 +7,7 @@ from aiohttp import web
 
 from lts_server.core.usage import MAX_RECORDS, slot_problem
 from lts_server.ledger import UsageRecord, UsageReport
-from lts_server.web.device import JSON, read_json_body
+from lts_server.web.device import JSON, read_json_body, standby_refusal
 from lts_server.web.errors import ApiError, validation_error
 from lts_server.web.schemas import UsageBody
 from lts_server.web.services import SERVICES
@@ -20,6 +20,8 @@ _encoder = msgspec.json.Encoder()
 
 async def report_usage(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    if (refused := standby_refusal(services)) is not None:
+        return refused
     body = await read_json_body(request, MAX_USAGE_BODY)
     try:
         parsed = _decoder.decode(body)
