@@ -18,6 +18,8 @@ from typing import Any
 
 import aiohttp
 
+from lts_server.web.stats import usage_text
+
 DEFAULT_SERVER = os.environ.get("LTS_SERVER_URL", "http://127.0.0.1:48080")
 EXIT_FAILED, EXIT_USAGE, EXIT_AUTH = 1, 2, 3
 
@@ -108,15 +110,6 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _usage(item: dict[str, Any]) -> str:
-    for key in ("seats", "units"):
-        if key in item:
-            return f"{item[key]['used']:,}/{item[key].get('quantity', item[key].get('quota')):,} {key}"
-    if "overuse" in item:
-        return f"overuse {item['overuse']['used']:,}/{item['overuse']['tolerance']:,}"
-    return "unlimited"
-
-
 def _csv(value: str | None) -> list[str] | None:
     if value is None:
         return None
@@ -167,7 +160,7 @@ async def run(args: argparse.Namespace) -> int:
         elif cmd == "items":
             if args.action == "list":
                 out = (await api.call("GET", "/api/v1/admin/items"))["items"]
-                rows = [{**i, "usage": _usage(i)} for i in out]
+                rows = [{**i, "usage": usage_text(i)} for i in out]
                 text = table(rows, ["itemId", "product", "deploymentType", "licenseType", "usage", "expiresAt",
                                     "revoked"])
             else:

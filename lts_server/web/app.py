@@ -6,7 +6,7 @@ from aiohttp import web
 
 import lts_server
 from lts_server.core.times import iso
-from lts_server.web import admin, auth, device, openapi, stats, usage
+from lts_server.web import admin, auth, device, openapi, portal, stats, usage
 from lts_server.web.errors import errors_middleware
 from lts_server.web.schemas import ServerInfo
 from lts_server.web.services import SERVICES, Services
@@ -58,7 +58,7 @@ async def servers(request: web.Request) -> web.Response:
 
 def create_app(services: Services, admin_port: int | None = None) -> web.Application:
     """The application; with admin_port set, admin paths answer only on that port."""
-    middlewares = [errors_middleware]
+    middlewares = [portal.security_headers, errors_middleware]
     if admin_port is not None:
         middlewares.append(_admin_only_on(admin_port))
     middlewares.append(auth.auth_middleware)
@@ -96,6 +96,7 @@ def create_app(services: Services, admin_port: int | None = None) -> web.Applica
     app.router.add_get("/api/v1/admin/stats/codes/{code}", stats.code_stats)
     app.router.add_get("/api/v1/admin/stats/items/{item_id}", stats.item_stats)
     app.router.add_get("/api/v1/openapi.json", openapi.handler)
+    portal.add_routes(app)
     return app
 
 

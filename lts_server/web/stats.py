@@ -117,6 +117,17 @@ def item_status(services: Services, item_id: str) -> dict:
     return out
 
 
+def usage_text(status: dict) -> str:
+    """An item's use for people: '12 / 50 seats', '1,200 / 100,000 units', 'overuse 3 / 8,000'."""
+    if "seats" in status:
+        return f"{status['seats']['used']:,} / {status['seats']['quantity']:,} seats"
+    if "units" in status:
+        return f"{status['units']['used']:,} / {status['units']['quota']:,} units"
+    if "overuse" in status:
+        return f"overuse {status['overuse']['used']:,} / {status['overuse']['tolerance']:,}"
+    return "unlimited"
+
+
 async def code_stats(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     name = request.match_info["code"]

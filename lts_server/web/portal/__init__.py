@@ -1,0 +1,496 @@
+"""The management portal: server-rendered pages under /portal/, for a browser on the intranet.
+
+Pages call the same ledger operations and importer as the admin API. A
+session is an admin token kept in an HttpOnly, SameSite=Strict cookie;
+every form carries a CSRF token bound to the session (before login, a
+double-submit cookie).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+import urllib.parse
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from aiohttp import web
+
+from lts_server.core.codes import CodeError, CodeFields
+from lts_server.core.times import from_ms, iso, parse_iso, to_ms
+from lts_server.ledger import NotFound
+from lts_server.licensefile import MAX_FILE_BYTES
+from lts_server.web import auth
+from lts_server.web.admin import code_json
+from lts_server.web.admin import status as admin_status
+from lts_server.web.portal.charts import GRANTED, REFUSED, Slice, donut, trend
+from lts_server.web.services import SERVICES, Services
+from lts_server.web.stats import _stats, item_status, usage_text
+
+HERE = Path(__file__).parent
+SESSION = "lts_session"
+PRE_CSRF = "lts_csrf"
+FLASH = "lts_flash"
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
+
+_env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
+_env.filters["num"] = lambda value: f"{value:,}" if isinstance(value, int) else value
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler):  # noqa: ANN001, ANN201
+    response = await handler(request)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if request.path.startswith("/portal"):
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def _secure(request: web.Request) -> bool:
+    return request.secure
+
+
+def _csrf_for(services: Services, token_hash: str) -> str:
+    return hmac.new(services.identity.secret, b"portal-csrf:" + token_hash.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+async def _session(request: web.Request) -> str | None:
+    """The session's token hash when the cookie holds a live token."""
+    token = request.cookies.get(SESSION)
+    if not token:
+        return None
+    services = request.app[SERVICES]
+    hashed = auth.token_hash(token)
+    expires = await services.store.admin_token_expiry(hashed)
+    if expires is None or from_ms(expires) <= services.ledger.clock():
+        return None
+    return hashed
+
+
+def _render(request: web.Request, template: str, title: str, http_status: int = 200, **context: Any) -> web.Response:
+    flash = request.cookies.get(FLASH)
+    parsed = None
+    if flash:
+        kind, _, text = urllib.parse.unquote(flash).partition(":")
+        parsed = {"kind": "error" if kind == "error" else "ok", "text": text}
+    html = _env.get_template(template).render(title=title, flash=parsed, **context)
+    response = web.Response(text=html, content_type="text/html", status=http_status)
+    if flash:
+        response.del_cookie(FLASH, path="/portal")
+    return response
+
+
+def _redirect(location: str, flash: tuple[str, str] | None = None) -> web.HTTPSeeOther:
+    response = web.HTTPSeeOther(location)
+    if flash:
+        response.set_cookie(FLASH, urllib.parse.quote(f"{flash[0]}:{flash[1]}"), path="/portal", httponly=True,
+                            samesite="Strict", max_age=60)
+    return response
+
+
+async def _pre_login_csrf(request: web.Request) -> tuple[str, bool]:
+    value = request.cookies.get(PRE_CSRF)
+    return (value, False) if value else (secrets.token_urlsafe(24), True)
+
+
+def _with_pre_csrf(request: web.Request, response: web.Response, value: str, new: bool) -> web.Response:
+    if new:
+        response.set_cookie(PRE_CSRF, value, path="/portal", httponly=True, samesite="Strict",
+                            secure=_secure(request))
+    return response
+
+
+async def _check_pre_csrf(request: web.Request, form: Any) -> None:
+    cookie = request.cookies.get(PRE_CSRF, "")
+    if not cookie or not hmac.compare_digest(cookie, str(form.get("csrf", ""))):
+        raise web.HTTPForbidden(text="the form has expired or did not come from this site; reload the page")
+
+
+async def _logged_in(request: web.Request) -> dict[str, Any]:
+    """The page context for a logged-in admin, or a redirect to setup or login."""
+    services = request.app[SERVICES]
+    if await services.store.admin_password_hash() is None:
+        raise _redirect("/portal/setup")
+    hashed = await _session(request)
+    if hashed is None:
+        raise _redirect("/portal/login")
+    return {"logged_in": True, "csrf": _csrf_for(services, hashed), "token_hash": hashed}
+
+
+async def _form(request: web.Request) -> tuple[dict[str, Any], Any]:
+    page = await _logged_in(request)
+    form = await request.post()
+    if not hmac.compare_digest(page["csrf"], str(form.get("csrf", ""))):
+        raise web.HTTPForbidden(text="the form has expired or did not come from this site; reload the page")
+    return page, form
+
+
+# -- setup, login, logout, password ---------------------------------------------------
+
+async def index(request: web.Request) -> web.Response:
+    page = await _logged_in(request)
+    services = request.app[SERVICES]
+    ledger = services.ledger
+    status = json.loads((await admin_status(request)).text)  # the same figures as the API
+    warnings = []
+    for item_id in sorted(ledger.items):
+        s = item_status(services, item_id)
+        days = s["daysToExpiry"]
+        if 0 <= days <= 30:
+            warnings.append(f"Item {item_id} ({s['product']}) expires in {days} days, on {s['expiresAt'][:10]}.")
+        elif days < 0:
+            warnings.append(f"Item {item_id} ({s['product']}) expired on {s['expiresAt'][:10]}.")
+        for key in ("seats", "units"):
+            if key in s and s[key]["used"] >= 0.8 * s[key][("quantity" if key == "seats" else "quota")]:
+                quota = s[key]["quantity" if key == "seats" else "quota"]
+                warnings.append(f"Item {item_id} has used {s[key]['used']:,} of {quota:,} {key} "
+                                f"({100 * s[key]['used'] // max(1, quota)}%).")
+        if s.get("overuse", {}).get("overused"):
+            warnings.append(f"Item {item_id} is overused: only its quantity of instances is granted.")
+    for record in sorted(ledger.imports.values(), key=lambda r: r.path):
+        if record.state == "rejected":
+            warnings.append(f"License file {record.path} was rejected: {record.reason}")
+    seconds = status["uptimeSeconds"]
+    uptime = f"{seconds // 86400} d {seconds % 86400 // 3600} h {seconds % 3600 // 60} min"
+    return _render(request, "home.html", "Home", nav="home", status=status, warnings=warnings, uptime=uptime, **page)
+
+
+async def setup_page(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    if await services.store.admin_password_hash() is not None:
+        raise _redirect("/portal/login")
+    value, new = await _pre_login_csrf(request)
+    return _with_pre_csrf(request, _render(request, "setup.html", "Set up", csrf=value, logged_in=False), value, new)
+
+
+async def setup_submit(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    form = await request.post()
+    await _check_pre_csrf(request, form)
+    password, confirm = str(form.get("password", "")), str(form.get("confirm", ""))
+    if password != confirm:
+        raise _redirect("/portal/setup", ("error", "The two passwords differ."))
+    if len(password) < auth.MIN_PASSWORD:
+        raise _redirect("/portal/setup", ("error", f"The password needs at least {auth.MIN_PASSWORD} characters."))
+    done = await services.store.set_admin_password(await auth._hash(password), to_ms(services.ledger.clock()),
+                                                   only_if_unset=True)
+    if not done:
+        raise _redirect("/portal/login", ("error", "The password was already set."))
+    raise _redirect("/portal/login", ("ok", "Password set. Log in with it."))
+
+
+async def login_page(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    if await services.store.admin_password_hash() is None:
+        raise _redirect("/portal/setup")
+    if await _session(request):
+        raise _redirect("/portal/")
+    value, new = await _pre_login_csrf(request)
+    return _with_pre_csrf(request, _render(request, "login.html", "Log in", csrf=value, logged_in=False), value, new)
+
+
+async def login_submit(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    form = await request.post()
+    await _check_pre_csrf(request, form)
+    throttle = request.app[auth.THROTTLE]
+    address = request.remote or "?"
+    failures = throttle.failures(address)
+    if failures >= auth.LOCK_AFTER:
+        raise _redirect("/portal/login", ("error", "Too many failed logins; try again in 15 minutes."))
+    stored = await services.store.admin_password_hash()
+    await asyncio.sleep(throttle.delay(failures))
+    if stored is None or not await auth._verify(stored, str(form.get("password", ""))):
+        throttle.fail(address)
+        raise _redirect("/portal/login", ("error", "Wrong password."))
+    throttle.clear(address)
+    token = (await auth._issue_token(services))["token"]
+    response = _redirect("/portal/")
+    response.set_cookie(SESSION, token, path="/portal", httponly=True, samesite="Strict", secure=_secure(request),
+                        max_age=int(services.config.admin.token_ttl_hours * 3600))
+    response.del_cookie(PRE_CSRF, path="/portal")
+    raise response
+
+
+async def logout(request: web.Request) -> web.Response:
+    page, _ = await _form(request)
+    await request.app[SERVICES].store.delete_admin_token(page["token_hash"])
+    response = _redirect("/portal/login", ("ok", "Logged out."))
+    response.del_cookie(SESSION, path="/portal")
+    raise response
+
+
+async def security_page(request: web.Request) -> web.Response:
+    page = await _logged_in(request)
+    return _render(request, "security.html", "Security", nav="security", **page)
+
+
+async def security_submit(request: web.Request) -> web.Response:
+    page, form = await _form(request)
+    services = request.app[SERVICES]
+    stored = await services.store.admin_password_hash()
+    if stored is None or not await auth._verify(stored, str(form.get("current", ""))):
+        raise _redirect("/portal/security", ("error", "The current password is wrong."))
+    new = str(form.get("new", ""))
+    if len(new) < auth.MIN_PASSWORD:
+        raise _redirect("/portal/security", ("error", f"The new password needs at least {auth.MIN_PASSWORD} characters."))
+    await services.store.set_admin_password(await auth._hash(new), to_ms(services.ledger.clock()))
+    token = (await auth._issue_token(services))["token"]
+    response = _redirect("/portal/security", ("ok", "Password changed; other sessions were logged out."))
+    response.set_cookie(SESSION, token, path="/portal", httponly=True, samesite="Strict", secure=_secure(request))
+    raise response
+
+
+# -- items -------------------------------------------------------------------------------
+
+def _items(services: Services) -> list[dict[str, Any]]:
+    return [{**s, "usage": usage_text(s)} for s in (item_status(services, i) for i in sorted(services.ledger.items))]
+
+
+async def items_page(request: web.Request) -> web.Response:
+    page = await _logged_in(request)
+    services = request.app[SERVICES]
+    rejected = [{"path": r.path, "reason": r.reason, "seenAt": iso(r.seen_at)[:19].replace("T", " ")}
+                for r in sorted(services.ledger.imports.values(), key=lambda r: r.path) if r.state == "rejected"]
+    return _render(request, "items.html", "License items", nav="items", items=_items(services), rejected=rejected,
+                   **page)
+
+
+async def items_import(request: web.Request) -> web.Response:
+    page = await _logged_in(request)
+    services = request.app[SERVICES]
+    form = await request.post()
+    if not hmac.compare_digest(page["csrf"], str(form.get("csrf", ""))):
+        raise web.HTTPForbidden(text="the form has expired; reload the page")
+    upload = form.get("file")
+    if upload is None or not hasattr(upload, "file"):
+        raise _redirect("/portal/items", ("error", "Choose a license file to import."))
+    data = upload.file.read(MAX_FILE_BYTES + 1)
+    name = Path(upload.filename or "upload.lic").name
+    outcome = await services.importer.import_bytes(f"upload:{name}", data)
+    assert outcome is not None
+    if outcome.state == "rejected":
+        raise _redirect("/portal/items", ("error", f"{name} was rejected: {outcome.reason}"))
+    raise _redirect("/portal/items", ("ok", f"{name}: license {outcome.license_id} {outcome.state}."))
+
+
+async def item_action(request: web.Request) -> web.Response:
+    _, _ = await _form(request)
+    services = request.app[SERVICES]
+    item_id, action = request.match_info["item_id"], request.match_info["action"]
+    try:
+        await services.ledger.set_revoked(item_id, action == "revoke")
+    except NotFound:
+        raise _redirect("/portal/items", ("error", f"No item {item_id}.")) from None
+    raise _redirect("/portal/items", ("ok", f"Item {item_id} {'revoked' if action == 'revoke' else 'restored'}."))
+
+
+# -- handshake codes ------------------------------------------------------------------------
+
+async def codes_page(request: web.Request) -> web.Response:
+    page = await _logged_in(request)
+    services = request.app[SERVICES]
+    codes = [await code_json(services, c) for c in sorted(services.ledger.codes.values(), key=lambda c: c.name)]
+    return _render(request, "codes.html", "Handshake codes", nav="codes", codes=codes, **page)
+
+
+def _lines(value: Any) -> tuple[str, ...]:
+    return tuple(v.strip() for v in str(value or "").replace(",", "\n").splitlines() if v.strip())
+
+
+def _code_form_context(services: Services, code: dict | None, form: dict) -> dict[str, Any]:
+    orgs = sorted({lic.license.organization_id for lic in services.ledger.licenses.values()})
+    return {"code": code, "form": form, "organizations": orgs, "all_items": _items(services)}
+
+
+async def code_new_page(request: web.Request) -> web.Response:
+    page = await _logged_in(request)
+    services = request.app[SERVICES]
+    form = {"custom": "", "organizationId": "", "domains": "", "appIds": "", "processNames": "", "items": []}
+    return _render(request, "code_form.html", "Add a handshake code", nav="codes", action="/portal/codes/new",
+                   **_code_form_context(services, None, form), **page)
+
+
+async def code_new_submit(request: web.Request) -> web.Response:
+    _, form = await _form(request)
+    services = request.app[SERVICES]
+    password = str(form.get("sessionPassword", ""))
+    fields = CodeFields(custom=str(form.get("custom", "")), items=tuple(form.getall("items", [])),
+                        domains=_lines(form.get("domains")), app_ids=_lines(form.get("appIds")),
+                        process_names=_lines(form.get("processNames")),
+                        password_hash=services.ledger.hash_session_password(password) if password else None)
+    try:
+        code = await services.ledger.create_code(str(form.get("organizationId", "")), fields)
+    except CodeError as e:
+        raise _redirect("/portal/codes/new", ("error", f"Not saved: {e}")) from None
+    raise _redirect("/portal/codes", ("ok", f"Handshake code {code.name} created."))
+
+
+async def code_edit_page(request: web.Request) -> web.Response:
+    page = await _logged_in(request)
+    services = request.app[SERVICES]
+    code = services.ledger.codes.get(request.match_info["name"])
+    if code is None:
+        raise _redirect("/portal/codes", ("error", "No such handshake code."))
+    data = await code_json(services, code)
+    form = {"custom": data["custom"], "domains": "\n".join(code.domains), "appIds": "\n".join(code.app_ids),
+            "processNames": "\n".join(code.process_names), "items": list(code.items)}
+    return _render(request, "code_form.html", f"Edit {code.name}", nav="codes",
+                   action=f"/portal/codes/{code.name}/edit", **_code_form_context(services, data, form), **page)
+
+
+async def code_edit_submit(request: web.Request) -> web.Response:
+    _, form = await _form(request)
+    services = request.app[SERVICES]
+    name = request.match_info["name"]
+    password = str(form.get("sessionPassword", ""))
+    password_hash = "" if form.get("removePassword") else (
+        services.ledger.hash_session_password(password) if password else None)
+    fields = CodeFields(custom=str(form.get("custom", "")) or None, items=tuple(form.getall("items", [])),
+                        domains=_lines(form.get("domains")), app_ids=_lines(form.get("appIds")),
+                        process_names=_lines(form.get("processNames")), password_hash=password_hash)
+    try:
+        code = await services.ledger.edit_code(name, fields)
+    except (CodeError, NotFound) as e:
+        raise _redirect(f"/portal/codes/{name}/edit", ("error", f"Not saved: {e}")) from None
+    raise _redirect("/portal/codes", ("ok", f"Handshake code {code.name} saved."))
+
+
+async def code_delete(request: web.Request) -> web.Response:
+    _, _ = await _form(request)
+    name = request.match_info["name"]
+    try:
+        await request.app[SERVICES].ledger.delete_code(name)
+    except NotFound:
+        raise _redirect("/portal/codes", ("error", f"No handshake code {name}.")) from None
+    raise _redirect("/portal/codes", ("ok", f"Handshake code {name} deleted; its statistics stay."))
+
+
+async def order_page(request: web.Request) -> web.Response:
+    page = await _logged_in(request)
+    services = request.app[SERVICES]
+    code = services.ledger.codes.get(request.match_info["name"])
+    if code is None:
+        raise _redirect("/portal/codes", ("error", "No such handshake code."))
+    items = [item_status(services, i) for i in services.ledger.ordered_items(code) if i in services.ledger.items]
+    return _render(request, "order.html", f"Usage order of {code.name}", nav="codes",
+                   code=await code_json(services, code), items=items, **page)
+
+
+async def order_submit(request: web.Request) -> web.Response:
+    _, form = await _form(request)
+    services = request.app[SERVICES]
+    name = request.match_info["name"]
+    code = services.ledger.codes.get(name)
+    if code is None:
+        raise _redirect("/portal/codes", ("error", "No such handshake code."))
+    if form.get("default"):
+        await services.ledger.set_usage_order(name, None)
+        raise _redirect(f"/portal/codes/{name}/order", ("ok", "Back to the default order."))
+    order = services.ledger.ordered_items(code)
+    item_id, direction = str(form.get("move", "")), form.get("direction")
+    if item_id in order:
+        i = order.index(item_id)
+        j = i - 1 if direction == "up" else i + 1
+        if 0 <= j < len(order):
+            order[i], order[j] = order[j], order[i]
+    await services.ledger.set_usage_order(name, tuple(order))
+    raise _redirect(f"/portal/codes/{name}/order", ("ok", f"{item_id} moved {direction}."))
+
+
+# -- statistics ----------------------------------------------------------------------------
+
+def _day(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return parse_iso(value + "T00:00:00Z")
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"not a date: {value!r}") from None
+
+
+async def _stats_page(request: web.Request, scope: str, key: str, subject: str,
+                      items: list[dict[str, Any]]) -> web.Response:
+    page = await _logged_in(request)
+    services = request.app[SERVICES]
+    now = services.ledger.clock()
+    day = _day(request.query.get("day"))
+    if day is not None:
+        start, end, bucket = day, day + timedelta(days=1), "3m"
+    else:
+        end = (_day(request.query.get("to")) or now.replace(hour=0, minute=0, second=0, microsecond=0)) + timedelta(days=1)
+        start = _day(request.query.get("from")) or end - timedelta(days=7)
+        bucket = "2h" if end - start <= timedelta(days=31) else "1d"
+        if start >= end:
+            raise _redirect(request.path, ("error", "The start of the period must be before its end."))
+    body = await _stats(services, scope, key, bucket, start, min(end, now + timedelta(minutes=3)) if day else end)
+    summary = body["summary"]
+    donuts = [{"label": label, "svg": donut([Slice("granted", s["granted"], GRANTED),
+                                              Slice("refused", s["refused"], REFUSED)], label)}
+              for label, s in (("All history", summary["all"]), ("Selected period", summary["period"]),
+                               ("Today", summary["today"]))]
+    series = body["series"]
+    points = [(b["start"][5:16].replace("T", " "), b["granted"], b["refused"]) for b in series]
+    rows = [b for b in series if b["granted"] or b["refused"] or b["units"] or b["devices"]]
+    return _render(request, "stats.html", f"Statistics of {subject}", nav="codes" if scope == "code" else "items",
+                   subject=subject, items=items, donuts=donuts, trend=trend(points), rows=rows,
+                   day=day.strftime("%Y-%m-%d") if day else None, from_day=start.strftime("%Y-%m-%d"),
+                   to_day=(end - timedelta(days=1)).strftime("%Y-%m-%d"), **page)
+
+
+async def code_stats_page(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    name = request.match_info["name"]
+    code = services.ledger.codes.get(name)
+    items = [{**s, "usage": usage_text(s)} for s in (item_status(services, i) for i in services.ledger.ordered_items(code)
+                                                      if i in services.ledger.items)] if code else []
+    return await _stats_page(request, "code", name, f"handshake code {name}", items)
+
+
+async def item_stats_page(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    item_id = request.match_info["item_id"]
+    if item_id not in services.ledger.items:
+        raise _redirect("/portal/items", ("error", f"No item {item_id}."))
+    s = item_status(services, item_id)
+    return await _stats_page(request, "item", item_id, f"item {item_id}", [{**s, "usage": usage_text(s)}])
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/portal", to_portal)
+    r.add_get("/portal/", index)
+    r.add_get("/portal/setup", setup_page)
+    r.add_post("/portal/setup", setup_submit)
+    r.add_get("/portal/login", login_page)
+    r.add_post("/portal/login", login_submit)
+    r.add_post("/portal/logout", logout)
+    r.add_get("/portal/security", security_page)
+    r.add_post("/portal/security", security_submit)
+    r.add_get("/portal/items", items_page)
+    r.add_post("/portal/items/import", items_import)
+    r.add_post("/portal/items/{item_id}/{action:revoke|restore}", item_action)
+    r.add_get("/portal/codes", codes_page)
+    r.add_get("/portal/codes/new", code_new_page)
+    r.add_post("/portal/codes/new", code_new_submit)
+    r.add_get("/portal/codes/{name}/edit", code_edit_page)
+    r.add_post("/portal/codes/{name}/edit", code_edit_submit)
+    r.add_post("/portal/codes/{name}/delete", code_delete)
+    r.add_get("/portal/codes/{name}/order", order_page)
+    r.add_post("/portal/codes/{name}/order", order_submit)
+    r.add_get("/portal/stats/code/{name}", code_stats_page)
+    r.add_get("/portal/stats/item/{item_id}", item_stats_page)
+    r.add_static("/portal/static/", HERE / "static", append_version=False)
+
+
+async def to_portal(request: web.Request) -> web.Response:
+    raise _redirect("/portal/")
