@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 from collections import deque
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ K = TypeVar("K")
 V = TypeVar("V")
 MAX_BATCH = 512
 MAX_IN_FLIGHT = 4
+# Seats one sweep frees at most, so a mass expiry never stalls handshakes.
+MAX_SWEEP = 5000
 # How long report ids stay in memory; older duplicates are found in the database.
 RECENT_REPORTS = timedelta(minutes=10)
 _ABSENT = object()
@@ -161,6 +164,8 @@ class Ledger:
         self.codes: dict[str, HandshakeCode] = {}
         self.organization_defaults: dict[str, str] = {}
         self.seats: dict[str, dict[str, Seat]] = {}
+        # (expires_at, item, device) for every seat grant and refresh: the sweeper's to-do list.
+        self._expiries: list[tuple[datetime, str, str]] = []
         self.imports: dict[str, ImportRecord] = {}
         self.authorizations: dict[tuple[str, str], AuthorizationRecord] = {}
         # item -> server -> authorization, for per-concurrent-instance items
@@ -181,6 +186,9 @@ class Ledger:
         self.codes = snap.codes
         self.organization_defaults = snap.organization_defaults
         self.seats = snap.seats
+        self._expiries = [(seat.expires_at, item_id, client)
+                          for item_id, holders in snap.seats.items() for client, seat in holders.items()]
+        heapq.heapify(self._expiries)
         self.imports = snap.imports
         self.authorizations = snap.authorizations
         for auth in snap.authorizations.values():
@@ -348,6 +356,7 @@ class Ledger:
             if fit.seat is hs.SeatAction.CLAIM:
                 seat = Seat(item_id, req.client_uuid, now, now, fit.expires_at)
                 _set(self.seats.setdefault(item_id, {}), req.client_uuid, seat, undo)
+                heapq.heappush(self._expiries, (seat.expires_at, item_id, req.client_uuid))
                 status = self.status(item_id)
                 _set(self.statuses, item_id, dataclasses.replace(status, seats_used=status.seats_used + 1), undo)
                 batch.seat_claims.append(SeatClaim(seat, fit.limit))
@@ -356,6 +365,7 @@ class Ledger:
                 old = self.seats[item_id][req.client_uuid]
                 seat = dataclasses.replace(old, refreshed_at=now, expires_at=max(old.expires_at, fit.expires_at))
                 _set(self.seats[item_id], req.client_uuid, seat, undo)
+                heapq.heappush(self._expiries, (seat.expires_at, item_id, req.client_uuid))
                 batch.seat_refreshes.append(seat)
                 batch.events.append(_seat_event("seat.refreshed", seat, decision.code.name, now))
             auth = AuthorizationRecord(decision.code.name, req.client_uuid, item_id, fit.instances, now,
@@ -423,6 +433,7 @@ class Ledger:
         new = dataclasses.replace(seat, refreshed_at=now,
                                   expires_at=max(seat.expires_at, hs.authorization_end(item, now)))
         _set(self.seats[item_id], client_uuid, new, undo)
+        heapq.heappush(self._expiries, (new.expires_at, item_id, client_uuid))
         batch.seat_refreshes.append(new)
         batch.events.append(_seat_event("seat.refreshed", new, None, now))
         return True
@@ -455,15 +466,19 @@ class Ledger:
         await self.submit(run)
 
     async def sweep(self) -> int:
-        """Free the seats whose active period has lapsed; returns how many."""
+        """Free seats whose active period has lapsed (at most MAX_SWEEP a call); returns how many."""
 
         def run(now: datetime, batch: WriteBatch, undo: Undo) -> int:
             freed = 0
-            for item_id, holders in self.seats.items():
-                for client, seat in list(holders.items()):
-                    if seat.expires_at <= now:
-                        self._release(seat, "lapsed", None, now, batch, undo)
-                        freed += 1
+            heap = self._expiries
+            # Entries go stale when a seat is refreshed or released; the seat
+            # itself is the truth, so a popped entry only counts if it still matches.
+            while heap and heap[0][0] <= now and freed < MAX_SWEEP:
+                expires_at, item_id, client = heapq.heappop(heap)
+                seat = self.seats.get(item_id, {}).get(client)
+                if seat is not None and seat.expires_at == expires_at:
+                    self._release(seat, "lapsed", None, now, batch, undo)
+                    freed += 1
             return freed
 
         return await self.submit(run)

@@ -16,7 +16,7 @@ from lts_server import identity, licensefile, logs
 from lts_server.config import Config
 from lts_server.core.times import utcnow
 from lts_server.importer import Importer
-from lts_server.ledger import Ledger
+from lts_server.ledger import MAX_SWEEP, Ledger
 from lts_server.signer import BatchSigner
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
@@ -27,7 +27,7 @@ SWEEP_SECONDS = 60.0
 ROLLUP_SECONDS = 1.0
 # Events per rollup transaction: small, so device commits queued behind it on
 # the database thread wait a few milliseconds, not a hundred.
-ROLLUP_PAGE = 2_000
+ROLLUP_PAGE = 500
 
 
 def _free_port(host: str) -> int:
@@ -52,6 +52,7 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self.urls: list[str] = []
         self.admin_url = ""
+        self._rollup_lock = asyncio.Lock()
 
     def load_vendor_keys(self) -> dict[str, Ed25519PublicKey]:
         return licensefile.load_trusted(self.config.public_key_paths)
@@ -112,17 +113,25 @@ class Server:
                 await asyncio.wait_for(self.stopping.wait(), timeout=SWEEP_SECONDS)
             except TimeoutError:
                 try:
-                    freed = await self.services.ledger.sweep()
+                    freed = total = await self.services.ledger.sweep()
+                    while freed == MAX_SWEEP:  # a mass expiry: go on in slices
+                        freed = await self.services.ledger.sweep()
+                        total += freed
                 except Exception as e:  # a failed sweep is retried at the next tick
                     logs.event("seats.sweep_failed", logs.logging.ERROR, error=str(e))
                 else:
-                    if freed:
-                        logs.event("seats.swept", freed=freed)
+                    if total:
+                        logs.event("seats.swept", freed=total)
 
     async def roll_up(self) -> int:
         """Fold every event written so far into the rollups; returns how many were folded."""
         assert self.services is not None
         ledger, store = self.services.ledger, self.services.store
+        async with self._rollup_lock:  # one roll-up at a time, so overuse is mirrored in order
+            return await self._roll_up_pages(ledger, store)
+
+    @staticmethod
+    async def _roll_up_pages(ledger: Ledger, store: SQLiteStore) -> int:
         total = 0
         while True:
             quantities = {i.item_id: (i.license_type.value, i.quantity) for i in ledger.items.values()}

@@ -294,3 +294,25 @@ def test_rollups_equal_a_recount_of_raw_events(tmp_path_factory, batches: list[l
         assert got == expected
 
     asyncio.run(run())
+
+
+async def test_instances_count_when_handshake_and_report_fall_in_different_pages(tmp_path) -> None:
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        slot_at = BASE
+        await store.write(WriteBatch(events=[
+            Event(at=slot_at, type="handshake", code="c", item_id="inst", client_uuid="s1", result=0),
+            Event(at=slot_at, type="handshake", code="c", item_id="inst", client_uuid="s2", result=0),
+            Event(at=slot_at, type="usage.record", code="c", item_id="inst", client_uuid="s1", units=1, instances=3),
+            Event(at=slot_at, type="usage.record", code="c", item_id="inst", client_uuid="s2", units=1, instances=2),
+        ], at=BASE))
+        quantities = {"inst": ("per-concurrent-instance", 4)}
+        overuse = 0
+        while (result := await store.roll_up(quantities, 1)).processed:
+            overuse += sum(result.overuse.values())
+        rows = await store.rollup_series("item", "inst", "3m", 0, to_ms(BASE) + 1)
+        assert (rows[0].devices, rows[0].instances) == (2, 5)
+        assert overuse == 1  # 5 instances in the slice on a quantity of 4
+    finally:
+        await store.close()

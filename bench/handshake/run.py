@@ -98,6 +98,7 @@ def main() -> None:
         con = sqlite3.connect(folder / "state" / "lts-server.sqlite3")
         seats = con.execute("SELECT COUNT(*) FROM seats").fetchone()[0]
         events = con.execute("SELECT COUNT(*) FROM events WHERE type = 'handshake' AND result = 0").fetchone()[0]
+        lag = con.execute("SELECT MAX(seq) - (SELECT last_seq FROM rollup_state) FROM events").fetchone()[0]
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
@@ -108,6 +109,7 @@ def main() -> None:
               f"p99 {med(name, 'p99'):6.2f} ms   non-2xx {sum(r['non2xx'] for r in results[name])}")
     print(f"  ratio lts/bare: {med('lts', 'rps') / med('bare', 'rps'):.2f}")
     print(f"  durable: {seats} seats and {events} granted-handshake events committed")
+    print(f"  statistics rollups trailing the event log at shutdown: {lag} events")
 
 
 if __name__ == "__main__":

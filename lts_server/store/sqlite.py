@@ -572,13 +572,22 @@ class SQLiteStore:
                 # Instance-slices need to know which servers are new in the slice.
                 new, added = 0, 0
                 for client, instances in seen.items():
-                    cur = con.execute(
-                        "INSERT INTO rollup_devices (scope, key, size, bucket_ms, client_uuid, instances)"
-                        " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING", (scope, key, size, bucket, client, instances))
-                    if cur.rowcount == 1:
+                    row = con.execute(
+                        "SELECT instances FROM rollup_devices WHERE scope = ? AND key = ? AND size = ?"
+                        " AND bucket_ms = ? AND client_uuid = ?", (scope, key, size, bucket, client)).fetchone()
+                    if row is None:
+                        con.execute(
+                            "INSERT INTO rollup_devices (scope, key, size, bucket_ms, client_uuid, instances)"
+                            " VALUES (?,?,?,?,?,?)", (scope, key, size, bucket, client, instances))
                         new += 1
                         added += instances
-                if new:
+                    elif instances > row[0]:
+                        # Seen by its handshake first (no instances), now by its report.
+                        con.execute(
+                            "UPDATE rollup_devices SET instances = ? WHERE scope = ? AND key = ? AND size = ?"
+                            " AND bucket_ms = ? AND client_uuid = ?", (instances, scope, key, size, bucket, client))
+                        added += instances - row[0]
+                if added:
                     row = con.execute("SELECT instances FROM rollups WHERE scope = ? AND key = ? AND size = ?"
                                       " AND bucket_ms = ?", (scope, key, size, bucket)).fetchone()
                     before = row[0] if row else 0
@@ -589,7 +598,7 @@ class SQLiteStore:
                     " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                     [(scope, key, size, bucket, client, instances) for client, instances in seen.items()])
                 new, added = cur.rowcount, 0
-            if new:
+            if new or added:
                 con.execute(
                     "INSERT INTO rollups (scope, key, size, bucket_ms, devices, instances) VALUES (?,?,?,?,?,?)"
                     " ON CONFLICT (scope, key, size, bucket_ms) DO UPDATE SET devices = devices + excluded.devices,"

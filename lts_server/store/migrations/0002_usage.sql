@@ -27,6 +27,9 @@ CREATE TABLE authorizations (
 );
 
 -- Rollups, kept up to date from the event log by a background job.
+-- WITHOUT ROWID (SQLite): one B-tree per table instead of a table plus its
+-- key index, which halves the cost of the many small inserts; a PostgreSQL
+-- schema simply omits it.
 -- scope: 'code' or 'item'; size: '3m', '2h', '1d' or 'all' (bucket_ms 0).
 CREATE TABLE rollups (
     scope      TEXT NOT NULL,
@@ -39,7 +42,7 @@ CREATE TABLE rollups (
     devices    BIGINT NOT NULL DEFAULT 0,
     instances  BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (scope, key, size, bucket_ms)
-);
+) WITHOUT ROWID;
 
 -- Which devices were active in which bucket, so each counts once.
 CREATE TABLE rollup_devices (
@@ -50,7 +53,7 @@ CREATE TABLE rollup_devices (
     client_uuid TEXT NOT NULL,
     instances   INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (scope, key, size, bucket_ms, client_uuid)
-);
+) WITHOUT ROWID;
 
 -- How far the rollup job has read the event log.
 CREATE TABLE rollup_state (
