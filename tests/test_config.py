@@ -110,3 +110,13 @@ def test_daemon_missing_default_config_exits_2(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "cannot read the config file" in proc.stderr
+
+
+def test_a_public_key_file_that_is_not_a_key_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "bad.pub").write_text("not a key")
+    path = write(tmp_path, MINIMAL + "[vendor]\npublic_keys = ['bad.pub']\n")
+    proc = subprocess.run([sys.executable, "-m", "lts_server", "--config", str(path), "--check-config"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "key 'vendor.public_keys[0]': expected an Ed25519 public key" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

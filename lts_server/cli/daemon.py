@@ -10,7 +10,7 @@ import sys
 
 import lts_server
 from lts_server import config as config_mod
-from lts_server import identity, logs
+from lts_server import identity, licensefile, logs
 from lts_server.sdnotify import Notifier
 from lts_server.server import Server
 from lts_server.store import StoreError
@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as e:
         print(f"lts-server: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    for i, path in enumerate(cfg.public_key_paths):
+        try:
+            licensefile.load_public_key(path)
+        except (OSError, ValueError) as e:
+            print(f"lts-server: config error: {args.config}: key 'vendor.public_keys[{i}]': expected an Ed25519 "
+                  f"public key in PEM form: {e}", file=sys.stderr)
+            return EXIT_CONFIG
     if args.check_config:
         print(f"{args.config}: ok")
         return 0
