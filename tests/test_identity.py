@@ -48,3 +48,8 @@ async def test_server_endpoint_publishes_the_signing_key(running: Running) -> No
     key = Ed25519PublicKey.from_public_bytes(raw)
     key.verify(ident.signing_key.sign(b"x"), b"x")
     assert info["version"]
+
+
+async def test_server_list_names_this_server_for_self(running: Running) -> None:
+    async with running.session.get(f"{running.url}/api/v1/servers") as resp:
+        assert (await resp.json()) == {"servers": [running.url]}

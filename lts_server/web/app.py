@@ -53,7 +53,10 @@ async def list_imports(request: web.Request) -> web.Response:
 
 
 async def servers(request: web.Request) -> web.Response:
-    return web.json_response({"servers": request.app[SERVICES].config.server.servers})
+    """The server list for clients; "self" becomes the address this request reached."""
+    me = f"{request.scheme}://{request.host}"
+    configured = request.app[SERVICES].config.server.servers
+    return web.json_response({"servers": [me if s == "self" else s for s in configured]})
 
 
 def create_app(services: Services, admin_port: int | None = None) -> web.Application:
