@@ -266,11 +266,8 @@ async def items_page(request: web.Request) -> web.Response:
 
 
 async def items_import(request: web.Request) -> web.Response:
-    page = await _logged_in(request)
+    _, form = await _form(request)
     services = request.app[SERVICES]
-    form = await request.post()
-    if not hmac.compare_digest(page["csrf"], str(form.get("csrf", ""))):
-        raise web.HTTPForbidden(text="the form has expired; reload the page")
     upload = form.get("file")
     if upload is None or not hasattr(upload, "file"):
         raise _redirect("/portal/items", ("error", "Choose a license file to import."))
