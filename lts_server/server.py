@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import aiohttp
 from aiohttp import web
@@ -14,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lts_server import identity, licensefile, logs
 from lts_server.config import Config
-from lts_server.core.times import utcnow
+from lts_server.core.times import to_ms, utcnow
+from lts_server.core.usage import MAX_LATE
 from lts_server.importer import Importer
 from lts_server.ledger import MAX_SWEEP, Ledger
 from lts_server.signer import BatchSigner
@@ -28,6 +30,7 @@ ROLLUP_SECONDS = 1.0
 # Events per rollup transaction: small, so device commits queued behind it on
 # the database thread wait a few milliseconds, not a hundred.
 ROLLUP_PAGE = 500
+PRUNE_SECONDS = 3600.0
 
 
 def _free_port(host: str) -> int:
@@ -144,14 +147,27 @@ class Server:
             await asyncio.sleep(0)
 
     async def _roller(self) -> None:
+        last_prune = 0.0
         while not self.stopping.is_set():
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=ROLLUP_SECONDS)
             except TimeoutError:
                 try:
                     await self.roll_up()
+                    if time.monotonic() - last_prune > PRUNE_SECONDS:
+                        last_prune = time.monotonic()
+                        await self.prune_rollup_marks()
                 except Exception as e:  # retried at the next tick; the event log is the truth
                     logs.event("rollups.failed", logs.logging.ERROR, error=str(e))
+
+    async def prune_rollup_marks(self) -> int:
+        """Drop device marks of buckets no usage report can reach any more (older than the 30-day window)."""
+        assert self.services is not None
+        horizon = self.clock() - MAX_LATE - timedelta(days=1)
+        pruned = await self.services.store.prune_rollup_marks(to_ms(horizon))
+        if pruned:
+            logs.event("rollups.pruned", marks=pruned)
+        return pruned
 
     async def _check_main(self) -> None:
         assert self.services is not None

@@ -316,3 +316,18 @@ async def test_instances_count_when_handshake_and_report_fall_in_different_pages
         assert overuse == 1  # 5 instances in the slice on a quantity of 4
     finally:
         await store.close()
+
+
+async def test_device_marks_are_pruned_after_the_lateness_window_and_totals_stay(unit: Running) -> None:
+    await report(unit, "r", [rec(unit, 2)])
+    await unit.server.roll_up()
+    con = db(unit)
+    marks = con.execute("SELECT COUNT(*) FROM rollup_devices").fetchone()[0]
+    assert marks > 0
+    assert await unit.server.prune_rollup_marks() == 0  # nothing is old yet
+    unit.clock.advance(days=32)
+    pruned = await unit.server.prune_rollup_marks()
+    kept = con.execute("SELECT size FROM rollup_devices").fetchall()
+    assert pruned == marks - len(kept) and {k[0] for k in kept} == {"all"}
+    totals = con.execute("SELECT SUM(units) FROM rollups WHERE scope = 'item' AND size = '3m'").fetchone()[0]
+    assert totals == 2

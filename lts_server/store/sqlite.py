@@ -22,7 +22,7 @@ from lts_server.core.model import (
     Period,
 )
 from lts_server.core.times import from_ms, iso, parse_iso, to_ms, utcnow
-from lts_server.core.usage import EventFacts, aggregate, overuse_delta, tolerance
+from lts_server.core.usage import BUCKETS, EventFacts, aggregate, overuse_delta, tolerance
 from lts_server.store import (
     AuthorizationRecord,
     Conflict,
@@ -676,3 +676,16 @@ class SQLiteStore:
     async def delete_admin_token(self, token_hash: str) -> None:
         await self._transaction(lambda con: con.execute("DELETE FROM admin_tokens WHERE token_hash = ?",
                                                         (token_hash,)))
+
+    async def prune_rollup_marks(self, before_ms: int) -> int:
+        """Forget who was active in buckets that ended before before_ms (no report can reach them any more)."""
+
+        def run(con: sqlite3.Connection) -> int:
+            total = 0
+            for size, width in BUCKETS.items():
+                cur = con.execute("DELETE FROM rollup_devices WHERE size = ? AND bucket_ms + ? <= ?",
+                                  (size, width, before_ms))
+                total += cur.rowcount
+            return total
+
+        return await self._transaction(run)
