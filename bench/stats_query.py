@@ -86,9 +86,17 @@ async def main(count: int, queries: int) -> None:
         t = time.perf_counter()
         folded = await server.roll_up()
         print(f"rollups built from {folded:,} events in {time.perf_counter() - t:.0f} s")
-        size = sqlite3.connect(cfg.database_path).execute("SELECT COUNT(*) FROM rollups").fetchone()[0]
-        print(f"{size:,} rollup rows")
+        con = sqlite3.connect(cfg.database_path)
+        for size, rows, first, last in con.execute(
+                "SELECT size, COUNT(*), MIN(bucket_ms), MAX(bucket_ms) FROM rollups GROUP BY size"):
+            print(f"  {size}: {rows:,} rollup rows")
+        password = "benchmark password"
         async with aiohttp.ClientSession() as session:
+            async with session.post(server.urls[0] + "/api/v1/admin/setup", json={"password": password}):
+                pass
+            async with session.post(server.urls[0] + "/api/v1/admin/login", json={"password": password}) as resp:
+                token = (await resp.json())["token"]
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
             for path, label in (
                 ("codes/216998-L3?bucket=2h&from={d30}", "code, 2h buckets over 30 days"),
                 ("codes/216998-L3?bucket=3m&from={d1}", "code, 3m buckets over 1 day"),
