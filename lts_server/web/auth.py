@@ -65,11 +65,11 @@ THROTTLE = web.AppKey("throttle", Throttle)
 TOKEN_HASH = web.RequestKey("token_hash", str)
 
 
-async def _hash(password: str) -> str:
+async def hash_password(password: str) -> str:
     return await asyncio.to_thread(_hasher.hash, password)
 
 
-async def _verify(stored: str, password: str) -> bool:
+async def verify_password(stored: str, password: str) -> bool:
     def check() -> bool:
         try:
             return _hasher.verify(stored, password)
@@ -88,7 +88,7 @@ async def setup(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     body = decode_json(await read_json_body(request), SetupBody)
     _check_new(body.password, "password")
-    done = await services.store.set_admin_password(await _hash(body.password), to_ms(services.ledger.clock()),
+    done = await services.store.set_admin_password(await hash_password(body.password), to_ms(services.ledger.clock()),
                                                    only_if_unset=True)
     if not done:
         raise ApiError(409, "the admin password is already set; log in, or change it with the current one")
@@ -96,7 +96,7 @@ async def setup(request: web.Request) -> web.Response:
     return web.json_response({"user": "admin", "setup": True}, status=201)
 
 
-async def _issue_token(services: Services) -> dict[str, str]:
+async def issue_token(services: Services) -> dict[str, str]:
     token = secrets.token_urlsafe(32)
     now = services.ledger.clock()
     expires = now + timedelta(hours=services.config.admin.token_ttl_hours)
@@ -116,13 +116,13 @@ async def login(request: web.Request) -> web.Response:
     if stored is None:
         raise ApiError(403, "setup required: set the admin password with POST /api/v1/admin/setup")
     await asyncio.sleep(throttle.delay(failures))
-    if not await _verify(stored, body.password):
+    if not await verify_password(stored, body.password):
         throttle.fail(address)
         logs.event("admin.login_failed", logs.logging.WARNING, remote=address, failures=failures + 1)
         raise ApiError(401, "wrong password")
     throttle.clear(address)
     logs.event("admin.login", remote=address)
-    return web.json_response(await _issue_token(services))
+    return web.json_response(await issue_token(services))
 
 
 async def logout(request: web.Request) -> web.Response:
@@ -135,12 +135,12 @@ async def change_password(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     body = decode_json(await read_json_body(request), PasswordChangeBody)
     stored = await services.store.admin_password_hash()
-    if stored is None or not await _verify(stored, body.current_password):
+    if stored is None or not await verify_password(stored, body.current_password):
         raise ApiError(400, "currentPassword: wrong password", "currentPassword")
     _check_new(body.new_password, "newPassword")
-    await services.store.set_admin_password(await _hash(body.new_password), to_ms(services.ledger.clock()))
+    await services.store.set_admin_password(await hash_password(body.new_password), to_ms(services.ledger.clock()))
     logs.event("admin.password_changed", remote=request.remote)
-    return web.json_response({"changed": True, **await _issue_token(services)})
+    return web.json_response({"changed": True, **await issue_token(services)})
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -52,7 +52,7 @@ def _row(row: RollupRow | None) -> dict[str, int]:
     return {"granted": row.granted, "refused": row.refused, "units": row.units, "devices": row.devices}
 
 
-async def _stats(services: Services, scope: str, key: str, bucket: str, start: datetime, end: datetime) -> dict:
+async def compute_stats(services: Services, scope: str, key: str, bucket: str, start: datetime, end: datetime) -> dict:
     store = services.store
     start_ms = bucket_start(to_ms(start), bucket)
     rows = {r.bucket_ms: r for r in await store.rollup_series(scope, key, bucket, start_ms, to_ms(end))}
@@ -133,7 +133,7 @@ async def code_stats(request: web.Request) -> web.Response:
     name = request.match_info["code"]
     bucket, start, end = _range(request, services)
     code = services.ledger.codes.get(name)
-    body = await _stats(services, "code", name, bucket, start, end)
+    body = await compute_stats(services, "code", name, bucket, start, end)
     if code is None and not body["summary"]["all"]["granted"] and not body["summary"]["all"]["refused"]:
         raise ApiError(404, f"no such handshake code {name}")
     body = {"code": name, "exists": code is not None,
@@ -148,7 +148,7 @@ async def item_stats(request: web.Request) -> web.Response:
     if item_id not in services.ledger.items:
         raise ApiError(404, f"no such item {item_id}")
     bucket, start, end = _range(request, services)
-    body = await _stats(services, "item", item_id, bucket, start, end)
+    body = await compute_stats(services, "item", item_id, bucket, start, end)
     return web.json_response({"itemId": item_id, "status": item_status(services, item_id), **body})
 
 

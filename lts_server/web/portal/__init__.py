@@ -30,7 +30,7 @@ from lts_server.web.admin import code_json
 from lts_server.web.admin import status as admin_status
 from lts_server.web.portal.charts import GRANTED, REFUSED, Slice, donut, trend
 from lts_server.web.services import SERVICES, Services
-from lts_server.web.stats import _stats, item_status, usage_text
+from lts_server.web.stats import compute_stats, item_status, usage_text
 
 HERE = Path(__file__).parent
 SESSION = "lts_session"
@@ -181,7 +181,7 @@ async def setup_submit(request: web.Request) -> web.Response:
         raise _redirect("/portal/setup", ("error", "The two passwords differ."))
     if len(password) < auth.MIN_PASSWORD:
         raise _redirect("/portal/setup", ("error", f"The password needs at least {auth.MIN_PASSWORD} characters."))
-    done = await services.store.set_admin_password(await auth._hash(password), to_ms(services.ledger.clock()),
+    done = await services.store.set_admin_password(await auth.hash_password(password), to_ms(services.ledger.clock()),
                                                    only_if_unset=True)
     if not done:
         raise _redirect("/portal/login", ("error", "The password was already set."))
@@ -209,11 +209,11 @@ async def login_submit(request: web.Request) -> web.Response:
         raise _redirect("/portal/login", ("error", "Too many failed logins; try again in 15 minutes."))
     stored = await services.store.admin_password_hash()
     await asyncio.sleep(throttle.delay(failures))
-    if stored is None or not await auth._verify(stored, str(form.get("password", ""))):
+    if stored is None or not await auth.verify_password(stored, str(form.get("password", ""))):
         throttle.fail(address)
         raise _redirect("/portal/login", ("error", "Wrong password."))
     throttle.clear(address)
-    token = (await auth._issue_token(services))["token"]
+    token = (await auth.issue_token(services))["token"]
     response = _redirect("/portal/")
     response.set_cookie(SESSION, token, path="/portal", httponly=True, samesite="Strict", secure=_secure(request),
                         max_age=int(services.config.admin.token_ttl_hours * 3600))
@@ -238,13 +238,13 @@ async def security_submit(request: web.Request) -> web.Response:
     page, form = await _form(request)
     services = request.app[SERVICES]
     stored = await services.store.admin_password_hash()
-    if stored is None or not await auth._verify(stored, str(form.get("current", ""))):
+    if stored is None or not await auth.verify_password(stored, str(form.get("current", ""))):
         raise _redirect("/portal/security", ("error", "The current password is wrong."))
     new = str(form.get("new", ""))
     if len(new) < auth.MIN_PASSWORD:
         raise _redirect("/portal/security", ("error", f"The new password needs at least {auth.MIN_PASSWORD} characters."))
-    await services.store.set_admin_password(await auth._hash(new), to_ms(services.ledger.clock()))
-    token = (await auth._issue_token(services))["token"]
+    await services.store.set_admin_password(await auth.hash_password(new), to_ms(services.ledger.clock()))
+    token = (await auth.issue_token(services))["token"]
     response = _redirect("/portal/security", ("ok", "Password changed; other sessions were logged out."))
     response.set_cookie(SESSION, token, path="/portal", httponly=True, samesite="Strict", secure=_secure(request))
     raise response
@@ -429,7 +429,7 @@ async def _stats_page(request: web.Request, scope: str, key: str, subject: str,
         bucket = "2h" if end - start <= timedelta(days=31) else "1d"
         if start >= end:
             raise _redirect(request.path, ("error", "The start of the period must be before its end."))
-    body = await _stats(services, scope, key, bucket, start, min(end, now + timedelta(minutes=3)) if day else end)
+    body = await compute_stats(services, scope, key, bucket, start, min(end, now + timedelta(minutes=3)) if day else end)
     summary = body["summary"]
     donuts = [{"label": label, "svg": donut([Slice("granted", s["granted"], GRANTED),
                                               Slice("refused", s["refused"], REFUSED)], label)}
