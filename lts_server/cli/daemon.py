@@ -66,6 +66,11 @@ async def run(cfg: config_mod.Config) -> int:
         print(f"lts-server: cannot start: {e}", file=sys.stderr)
         await server.stop()
         return EXIT_START
+    except Exception as e:  # a bug: the log gets the traceback, the operator one line
+        logs.log.exception("server.start_failed")
+        print(f"lts-server: cannot start: internal error {type(e).__name__}: {e} (see the log)", file=sys.stderr)
+        await server.stop()
+        return EXIT_START
     admin = f" (admin API on {server.admin_url})" if server.admin_url not in server.urls else ""
     # The loaded licensing state lives as long as the process: keep the cyclic
     # GC from rescanning it, and collect young objects less often, which cuts
