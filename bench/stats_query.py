@@ -41,8 +41,8 @@ def fill(db_path: Path, count: int) -> None:
     con = sqlite3.connect(db_path)
     con.execute("PRAGMA synchronous = OFF")
 
-    def rows(n: int):  # noqa: ANN202
-        for i in range(n):
+    def rows(first: int, n: int):  # noqa: ANN202
+        for i in range(first, first + n):
             code_n = rng.randrange(CODES)
             item = f"L{code_n}-{rng.randrange(ITEMS_PER_CODE)}"
             at = start + (i * span) // count
@@ -61,7 +61,7 @@ def fill(db_path: Path, count: int) -> None:
         con.execute("BEGIN")
         con.executemany(
             "INSERT INTO events (at_ms, type, code, item_id, client_uuid, product, deployment_type, result, units)"
-            " VALUES (?,?,?,?,?,?,?,?,?)", rows(n))
+            " VALUES (?,?,?,?,?,?,?,?,?)", rows(done, n))
         con.execute("COMMIT")
         done += n
     con.close()
