@@ -25,7 +25,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/import_files.py
+	$(BIN)/python bench/handshake/run.py
+	$(BIN)/python bench/stats_query.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
