@@ -25,10 +25,10 @@ from lts_server.core import codes as code_rules
 from lts_server.core import handshake as hs
 from lts_server.core.codes import CodeError, CodeFields
 from lts_server.core.model import Counts, HandshakeCode, Item, ItemStatus, License
-from lts_server.core.usage import tolerance
-from lts_server.errors import Code, Refusal
 from lts_server.core.ordering import usage_order
 from lts_server.core.times import utcnow
+from lts_server.core.usage import tolerance
+from lts_server.errors import Code, Refusal
 from lts_server.passwords import session_hash, session_matches
 from lts_server.store import (
     AuthorizationRecord,

@@ -114,7 +114,7 @@ def problems(payload: Payload) -> list[tuple[str, str]]:
         if rules.needs_period and item.period is None:
             found.append((f"{at}.period", f"required for {item.license_type.value} items"))
         if not rules.needs_period and item.period is not None:
-            found.append((f"{at}.period", f"only per-device and per-server items have a period"))
+            found.append((f"{at}.period", "only per-device and per-server items have a period"))
         if rules.needs_domain and item.domain is None:
             found.append((f"{at}.domain", f"required for {item.license_type.value} items"))
         if not rules.needs_domain and item.domain is not None:

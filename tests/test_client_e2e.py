@@ -87,9 +87,10 @@ async def test_client_with_no_reachable_server() -> None:
 
 
 def test_verify_rejects_a_changed_authorization() -> None:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     import base64
+
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     key = Ed25519PrivateKey.generate()
     pub = base64.b64encode(key.public_key().public_bytes(serialization.Encoding.Raw,

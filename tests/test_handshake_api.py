@@ -8,7 +8,6 @@ import json
 import sqlite3
 from datetime import timedelta
 
-import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from lts_server.core.codes import CodeFields
 from lts_server.core.times import iso, slice_start, to_ms
-from lts_server.core.usage import BUCKETS, SIZES, bucket_start
+from lts_server.core.usage import BUCKETS, SIZES
 from lts_server.store import Event, WriteBatch
 from lts_server.store.sqlite import SQLiteStore
-from tests.conftest import NOW, Running, item, license_spec
+from tests.conftest import Running, item, license_spec
 
 
 def db(running: Running) -> sqlite3.Connection:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 import tomllib
-from datetime import datetime, time, UTC
+from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any
 

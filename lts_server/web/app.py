@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from aiohttp import web
 
 import lts_server
@@ -10,8 +11,6 @@ from lts_server.web import admin, auth, device, openapi, portal, stats, usage
 from lts_server.web.errors import errors_middleware
 from lts_server.web.schemas import ServerInfo
 from lts_server.web.services import SERVICES, Services
-
-import msgspec
 
 # Admin uploads carry license files (up to 1 MiB); device bodies are capped
 # lower by their handlers.
