@@ -79,21 +79,31 @@ async def verify_password(stored: str, password: str) -> bool:
     return await asyncio.to_thread(check)
 
 
+class AuthRefused(Exception):
+    """An account operation that cannot be done; the API answers it as JSON, the portal as a message."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+
+SETUP_REQUIRED = "setup required: set the admin password with POST /api/v1/admin/setup"
+
+
 def _check_new(password: str, field: str) -> None:
     if len(password) < MIN_PASSWORD:
-        raise ApiError(400, f"{field}: at least {MIN_PASSWORD} characters", field)
+        raise AuthRefused(400, f"{field}: at least {MIN_PASSWORD} characters", field)
 
 
-async def setup(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    body = decode_json(await read_json_body(request), SetupBody)
-    _check_new(body.password, "password")
-    done = await services.store.set_admin_password(await hash_password(body.password), to_ms(services.ledger.clock()),
+async def set_up(services: Services, password: str) -> None:
+    """Set the first admin password."""
+    _check_new(password, "password")
+    done = await services.store.set_admin_password(await hash_password(password), to_ms(services.ledger.clock()),
                                                    only_if_unset=True)
     if not done:
-        raise ApiError(409, "the admin password is already set; log in, or change it with the current one")
-    logs.event("admin.setup", remote=request.remote)
-    return web.json_response({"user": "admin", "setup": True}, status=201)
+        raise AuthRefused(409, "the admin password is already set; log in, or change it with the current one")
 
 
 async def issue_token(services: Services) -> dict[str, str]:
@@ -104,25 +114,65 @@ async def issue_token(services: Services) -> dict[str, str]:
     return {"token": token, "expiresAt": iso(expires)}
 
 
-async def login(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    throttle = request.app[THROTTLE]
-    address = request.remote or "?"
+async def log_in(app: web.Application, address: str, password: str) -> dict[str, str]:
+    """Check the password (throttled per address) and issue a token."""
+    services, throttle = app[SERVICES], app[THROTTLE]
     failures = throttle.failures(address)
     if failures >= LOCK_AFTER:
-        raise ApiError(429, f"too many failed logins from {address}; try again in {WINDOW_SECONDS // 60} minutes")
-    body = decode_json(await read_json_body(request), LoginBody)
+        raise AuthRefused(429, f"too many failed logins from {address}; try again in {WINDOW_SECONDS // 60} minutes")
     stored = await services.store.admin_password_hash()
     if stored is None:
-        raise ApiError(403, "setup required: set the admin password with POST /api/v1/admin/setup")
+        raise AuthRefused(403, SETUP_REQUIRED)
     await asyncio.sleep(throttle.delay(failures))
-    if not await verify_password(stored, body.password):
+    if not await verify_password(stored, password):
         throttle.fail(address)
         logs.event("admin.login_failed", logs.logging.WARNING, remote=address, failures=failures + 1)
-        raise ApiError(401, "wrong password")
+        raise AuthRefused(401, "wrong password")
     throttle.clear(address)
     logs.event("admin.login", remote=address)
-    return web.json_response(await issue_token(services))
+    return await issue_token(services)
+
+
+async def change(services: Services, current: str, new: str) -> dict[str, str]:
+    """Change the password, which ends every session; returns a token for the caller."""
+    stored = await services.store.admin_password_hash()
+    if stored is None or not await verify_password(stored, current):
+        raise AuthRefused(400, "currentPassword: wrong password", "currentPassword")
+    _check_new(new, "newPassword")
+    await services.store.set_admin_password(await hash_password(new), to_ms(services.ledger.clock()))
+    logs.event("admin.password_changed")
+    return await issue_token(services)
+
+
+async def live_token(services: Services, token: str) -> str | None:
+    """The token's hash when it is known and not expired."""
+    hashed = token_hash(token)
+    expires = await services.store.admin_token_expiry(hashed)
+    if expires is None or from_ms(expires) <= services.ledger.clock():
+        return None
+    return hashed
+
+
+def _api(refused: AuthRefused) -> ApiError:
+    return ApiError(refused.status, refused.message, refused.field)
+
+
+async def setup(request: web.Request) -> web.Response:
+    body = decode_json(await read_json_body(request), SetupBody)
+    try:
+        await set_up(request.app[SERVICES], body.password)
+    except AuthRefused as e:
+        raise _api(e) from None
+    logs.event("admin.setup", remote=request.remote)
+    return web.json_response({"user": "admin", "setup": True}, status=201)
+
+
+async def login(request: web.Request) -> web.Response:
+    body = decode_json(await read_json_body(request), LoginBody)
+    try:
+        return web.json_response(await log_in(request.app, request.remote or "?", body.password))
+    except AuthRefused as e:
+        raise _api(e) from None
 
 
 async def logout(request: web.Request) -> web.Response:
@@ -132,15 +182,12 @@ async def logout(request: web.Request) -> web.Response:
 
 
 async def change_password(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
     body = decode_json(await read_json_body(request), PasswordChangeBody)
-    stored = await services.store.admin_password_hash()
-    if stored is None or not await verify_password(stored, body.current_password):
-        raise ApiError(400, "currentPassword: wrong password", "currentPassword")
-    _check_new(body.new_password, "newPassword")
-    await services.store.set_admin_password(await hash_password(body.new_password), to_ms(services.ledger.clock()))
-    logs.event("admin.password_changed", remote=request.remote)
-    return web.json_response({"changed": True, **await issue_token(services)})
+    try:
+        token = await change(request.app[SERVICES], body.current_password, body.new_password)
+    except AuthRefused as e:
+        raise _api(e) from None
+    return web.json_response({"changed": True, **token})
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -152,15 +199,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if not path.startswith(ADMIN_PREFIX) or path in OPEN_PATHS:
         return await handler(request)
     services = request.app[SERVICES]
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    bearer = token.strip() if scheme.lower() == "bearer" else ""
+    hashed = await live_token(services, bearer) if bearer else None
+    if hashed is not None:  # a live token implies setup is done: one lookup, not two
+        request[TOKEN_HASH] = hashed
+        return await handler(request)
     if await services.store.admin_password_hash() is None:
-        raise ApiError(403, "setup required: set the admin password with POST /api/v1/admin/setup")
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+        raise ApiError(403, SETUP_REQUIRED)
+    if not bearer:
         raise ApiError(401, "missing bearer token: log in with POST /api/v1/admin/login")
-    hashed = token_hash(token.strip())
-    expires = await services.store.admin_token_expiry(hashed)
-    if expires is None or from_ms(expires) <= services.ledger.clock():
-        raise ApiError(401, "the token is unknown or expired: log in again")
-    request[TOKEN_HASH] = hashed
-    return await handler(request)
+    raise ApiError(401, "the token is unknown or expired: log in again")

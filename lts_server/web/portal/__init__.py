@@ -22,7 +22,7 @@ import jinja2
 from aiohttp import web
 
 from lts_server.core.codes import CodeError, CodeFields
-from lts_server.core.times import from_ms, iso, parse_iso, to_ms
+from lts_server.core.times import iso, parse_iso
 from lts_server.ledger import NotFound
 from lts_server.licensefile import MAX_FILE_BYTES
 from lts_server.web import auth
@@ -55,10 +55,6 @@ async def security_headers(request: web.Request, handler):  # noqa: ANN001, ANN2
     return response
 
 
-def _secure(request: web.Request) -> bool:
-    return request.secure
-
-
 def _csrf_for(services: Services, token_hash: str) -> str:
     return hmac.new(services.identity.secret, b"portal-csrf:" + token_hash.encode(), hashlib.sha256).hexdigest()[:32]
 
@@ -66,14 +62,7 @@ def _csrf_for(services: Services, token_hash: str) -> str:
 async def _session(request: web.Request) -> str | None:
     """The session's token hash when the cookie holds a live token."""
     token = request.cookies.get(SESSION)
-    if not token:
-        return None
-    services = request.app[SERVICES]
-    hashed = auth.token_hash(token)
-    expires = await services.store.admin_token_expiry(hashed)
-    if expires is None or from_ms(expires) <= services.ledger.clock():
-        return None
-    return hashed
+    return await auth.live_token(request.app[SERVICES], token) if token else None
 
 
 def _render(request: web.Request, template: str, title: str, http_status: int = 200, **context: Any) -> web.Response:
@@ -97,7 +86,7 @@ def _redirect(location: str, flash: tuple[str, str] | None = None) -> web.HTTPSe
     return response
 
 
-async def _pre_login_csrf(request: web.Request) -> tuple[str, bool]:
+def _pre_login_csrf(request: web.Request) -> tuple[str, bool]:
     value = request.cookies.get(PRE_CSRF)
     return (value, False) if value else (secrets.token_urlsafe(24), True)
 
@@ -105,32 +94,32 @@ async def _pre_login_csrf(request: web.Request) -> tuple[str, bool]:
 def _with_pre_csrf(request: web.Request, response: web.Response, value: str, new: bool) -> web.Response:
     if new:
         response.set_cookie(PRE_CSRF, value, path="/portal", httponly=True, samesite="Strict",
-                            secure=_secure(request))
+                            secure=request.secure)
     return response
 
 
-async def _check_pre_csrf(request: web.Request, form: Any) -> None:
-    cookie = request.cookies.get(PRE_CSRF, "")
-    if not cookie or not hmac.compare_digest(cookie, str(form.get("csrf", ""))):
+def _require_csrf(expected: str, form: Any) -> None:
+    if not expected or not hmac.compare_digest(expected, str(form.get("csrf", ""))):
         raise web.HTTPForbidden(text="the form has expired or did not come from this site; reload the page")
+
+
+def _flash_refusal(refused: auth.AuthRefused) -> tuple[str, str]:
+    return "error", refused.message[0].upper() + refused.message[1:] + "."
 
 
 async def _logged_in(request: web.Request) -> dict[str, Any]:
     """The page context for a logged-in admin, or a redirect to setup or login."""
     services = request.app[SERVICES]
-    if await services.store.admin_password_hash() is None:
-        raise _redirect("/portal/setup")
     hashed = await _session(request)
-    if hashed is None:
-        raise _redirect("/portal/login")
-    return {"logged_in": True, "csrf": _csrf_for(services, hashed), "token_hash": hashed}
+    if hashed is not None:  # a live session implies setup is done
+        return {"logged_in": True, "csrf": _csrf_for(services, hashed), "token_hash": hashed}
+    raise _redirect("/portal/setup" if await services.store.admin_password_hash() is None else "/portal/login")
 
 
 async def _form(request: web.Request) -> tuple[dict[str, Any], Any]:
     page = await _logged_in(request)
     form = await request.post()
-    if not hmac.compare_digest(page["csrf"], str(form.get("csrf", ""))):
-        raise web.HTTPForbidden(text="the form has expired or did not come from this site; reload the page")
+    _require_csrf(page["csrf"], form)
     return page, form
 
 
@@ -168,23 +157,20 @@ async def setup_page(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     if await services.store.admin_password_hash() is not None:
         raise _redirect("/portal/login")
-    value, new = await _pre_login_csrf(request)
+    value, new = _pre_login_csrf(request)
     return _with_pre_csrf(request, _render(request, "setup.html", "Set up", csrf=value, logged_in=False), value, new)
 
 
 async def setup_submit(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
     form = await request.post()
-    await _check_pre_csrf(request, form)
-    password, confirm = str(form.get("password", "")), str(form.get("confirm", ""))
-    if password != confirm:
+    _require_csrf(request.cookies.get(PRE_CSRF, ""), form)
+    password = str(form.get("password", ""))
+    if password != str(form.get("confirm", "")):
         raise _redirect("/portal/setup", ("error", "The two passwords differ."))
-    if len(password) < auth.MIN_PASSWORD:
-        raise _redirect("/portal/setup", ("error", f"The password needs at least {auth.MIN_PASSWORD} characters."))
-    done = await services.store.set_admin_password(await auth.hash_password(password), to_ms(services.ledger.clock()),
-                                                   only_if_unset=True)
-    if not done:
-        raise _redirect("/portal/login", ("error", "The password was already set."))
+    try:
+        await auth.set_up(request.app[SERVICES], password)
+    except auth.AuthRefused as e:
+        raise _redirect("/portal/login" if e.status == 409 else "/portal/setup", _flash_refusal(e)) from None
     raise _redirect("/portal/login", ("ok", "Password set. Log in with it."))
 
 
@@ -194,28 +180,20 @@ async def login_page(request: web.Request) -> web.Response:
         raise _redirect("/portal/setup")
     if await _session(request):
         raise _redirect("/portal/")
-    value, new = await _pre_login_csrf(request)
+    value, new = _pre_login_csrf(request)
     return _with_pre_csrf(request, _render(request, "login.html", "Log in", csrf=value, logged_in=False), value, new)
 
 
 async def login_submit(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     form = await request.post()
-    await _check_pre_csrf(request, form)
-    throttle = request.app[auth.THROTTLE]
-    address = request.remote or "?"
-    failures = throttle.failures(address)
-    if failures >= auth.LOCK_AFTER:
-        raise _redirect("/portal/login", ("error", "Too many failed logins; try again in 15 minutes."))
-    stored = await services.store.admin_password_hash()
-    await asyncio.sleep(throttle.delay(failures))
-    if stored is None or not await auth.verify_password(stored, str(form.get("password", ""))):
-        throttle.fail(address)
-        raise _redirect("/portal/login", ("error", "Wrong password."))
-    throttle.clear(address)
-    token = (await auth.issue_token(services))["token"]
+    _require_csrf(request.cookies.get(PRE_CSRF, ""), form)
+    try:
+        token = (await auth.log_in(request.app, request.remote or "?", str(form.get("password", ""))))["token"]
+    except auth.AuthRefused as e:
+        raise _redirect("/portal/login", _flash_refusal(e)) from None
     response = _redirect("/portal/")
-    response.set_cookie(SESSION, token, path="/portal", httponly=True, samesite="Strict", secure=_secure(request),
+    response.set_cookie(SESSION, token, path="/portal", httponly=True, samesite="Strict", secure=request.secure,
                         max_age=int(services.config.admin.token_ttl_hours * 3600))
     response.del_cookie(PRE_CSRF, path="/portal")
     raise response
@@ -235,18 +213,13 @@ async def security_page(request: web.Request) -> web.Response:
 
 
 async def security_submit(request: web.Request) -> web.Response:
-    page, form = await _form(request)
-    services = request.app[SERVICES]
-    stored = await services.store.admin_password_hash()
-    if stored is None or not await auth.verify_password(stored, str(form.get("current", ""))):
-        raise _redirect("/portal/security", ("error", "The current password is wrong."))
-    new = str(form.get("new", ""))
-    if len(new) < auth.MIN_PASSWORD:
-        raise _redirect("/portal/security", ("error", f"The new password needs at least {auth.MIN_PASSWORD} characters."))
-    await services.store.set_admin_password(await auth.hash_password(new), to_ms(services.ledger.clock()))
-    token = (await auth.issue_token(services))["token"]
+    _, form = await _form(request)
+    try:
+        token = (await auth.change(request.app[SERVICES], str(form.get("current", "")), str(form.get("new", ""))))["token"]
+    except auth.AuthRefused as e:
+        raise _redirect("/portal/security", _flash_refusal(e)) from None
     response = _redirect("/portal/security", ("ok", "Password changed; other sessions were logged out."))
-    response.set_cookie(SESSION, token, path="/portal", httponly=True, samesite="Strict", secure=_secure(request))
+    response.set_cookie(SESSION, token, path="/portal", httponly=True, samesite="Strict", secure=request.secure)
     raise response
 
 
