@@ -212,8 +212,7 @@ async def release_device(request: web.Request) -> web.Response:
     return web.json_response({"released": client, "itemId": item_id})
 
 
-async def status(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+async def status_json(services: Services) -> dict:
     ledger = services.ledger
     directory = services.config.import_dir
     try:
@@ -223,7 +222,7 @@ async def status(request: web.Request) -> web.Response:
         dir_state = {"path": str(directory), "exists": False, "error": e.strerror}
     dir_state["lastScanError"] = services.importer.last_scan_error
     dir_state["rejected"] = sum(1 for r in ledger.imports.values() if r.state == "rejected")
-    return web.json_response({
+    return {
         "serverUuid": services.identity.server_uuid,
         "version": lts_server.__version__,
         "uptimeSeconds": round(time.monotonic() - services.started),
@@ -233,4 +232,18 @@ async def status(request: web.Request) -> web.Response:
                    "seats": sum(len(s) for s in ledger.seats.values())},
         "servers": services.config.server.servers,
         "rollupLagEvents": await services.store.rollup_lag(),
-    })
+    }
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(await status_json(request.app[SERVICES]))
+
+
+async def list_imports(request: web.Request) -> web.Response:
+    ledger = request.app[SERVICES].ledger
+    files = [
+        {"path": r.path, "state": r.state, "reason": r.reason, "sha256": r.sha256, "licenseId": r.license_id,
+         "revision": r.revision, "seenAt": iso(r.seen_at)}
+        for r in sorted(ledger.imports.values(), key=lambda r: r.path)
+    ]
+    return web.json_response({"files": files})

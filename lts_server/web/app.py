@@ -6,7 +6,6 @@ import msgspec
 from aiohttp import web
 
 import lts_server
-from lts_server.core.times import iso
 from lts_server.web import admin, auth, device, openapi, portal, stats, usage
 from lts_server.web.errors import errors_middleware
 from lts_server.web.schemas import ServerInfo
@@ -32,23 +31,6 @@ async def server_info(request: web.Request) -> web.Response:
     ident = request.app[SERVICES].identity
     info = ServerInfo(ident.server_uuid, lts_server.__version__, ident.key_id, ident.public_key_b64)
     return web.Response(body=msgspec.json.encode(info), content_type="application/json")
-
-
-async def list_imports(request: web.Request) -> web.Response:
-    ledger = request.app[SERVICES].ledger
-    files = [
-        {
-            "path": r.path,
-            "state": r.state,
-            "reason": r.reason,
-            "sha256": r.sha256,
-            "licenseId": r.license_id,
-            "revision": r.revision,
-            "seenAt": iso(r.seen_at),
-        }
-        for r in sorted(ledger.imports.values(), key=lambda r: r.path)
-    ]
-    return web.json_response({"files": files})
 
 
 async def servers(request: web.Request) -> web.Response:
@@ -93,7 +75,7 @@ def create_app(services: Services, admin_port: int | None = None) -> web.Applica
     app.router.add_post("/api/v1/admin/items/{item_id}/restore", admin.restore_item)
     app.router.add_get("/api/v1/admin/items/{item_id}/devices", admin.list_devices)
     app.router.add_delete("/api/v1/admin/items/{item_id}/devices/{client_uuid}", admin.release_device)
-    app.router.add_get("/api/v1/admin/imports", list_imports)
+    app.router.add_get("/api/v1/admin/imports", admin.list_imports)
     app.router.add_get("/api/v1/admin/events", stats.export_events)
     app.router.add_get("/api/v1/admin/stats/codes/{code}", stats.code_stats)
     app.router.add_get("/api/v1/admin/stats/items/{item_id}", stats.item_stats)

@@ -8,10 +8,8 @@ double-submit cookie).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
-import json
 import secrets
 import urllib.parse
 from datetime import datetime, timedelta
@@ -26,8 +24,7 @@ from lts_server.core.times import iso, parse_iso
 from lts_server.ledger import NotFound
 from lts_server.licensefile import MAX_FILE_BYTES
 from lts_server.web import auth
-from lts_server.web.admin import code_json
-from lts_server.web.admin import status as admin_status
+from lts_server.web.admin import code_json, status_json
 from lts_server.web.portal.charts import GRANTED, REFUSED, Slice, donut, trend
 from lts_server.web.services import SERVICES, Services
 from lts_server.web.stats import compute_stats, item_status, usage_text
@@ -129,7 +126,7 @@ async def index(request: web.Request) -> web.Response:
     page = await _logged_in(request)
     services = request.app[SERVICES]
     ledger = services.ledger
-    status = json.loads((await admin_status(request)).text)  # the same figures as the API
+    status = await status_json(services)  # the same figures as the API
     warnings = []
     for item_id in sorted(ledger.items):
         s = item_status(services, item_id)
