@@ -549,7 +549,8 @@ class Ledger:
             return "unchanged"
         first = existing.first_imported_at if existing else now
         # A renewal keeps items it no longer lists (see docs/license-file-format.md).
-        kept = tuple(i for i in existing.license.items if i.item_id not in {n.item_id for n in lic.items}) if existing else ()
+        listed = {i.item_id for i in lic.items}
+        kept = tuple(i for i in existing.license.items if i.item_id not in listed) if existing else ()
         merged = dataclasses.replace(lic, items=tuple(lic.items) + kept)
         record = LicenseRecord(merged, key_id, sha256, text, first, now)
         _set(self.licenses, lic.license_id, record, undo)

@@ -56,6 +56,7 @@ class Server:
         self.urls: list[str] = []
         self.admin_url = ""
         self._rollup_lock = asyncio.Lock()
+        self._standby_checked = asyncio.Event()
 
     def load_vendor_keys(self) -> dict[str, Ed25519PublicKey]:
         return licensefile.load_trusted(self.config.public_key_paths)
@@ -96,8 +97,8 @@ class Server:
         self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
         self._tasks.append(asyncio.create_task(self._roller(), name="rollups"))
         if cfg.server.standby_of:
-            await self._check_main()
             self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
+            await self._standby_checked.wait()  # know the main's state before serving anyone
         logs.event("server.listening", urls=self.urls, server_uuid=ident.server_uuid,
                    database=str(cfg.database_path), import_dir=str(cfg.import_dir))
 
@@ -136,8 +137,9 @@ class Server:
     @staticmethod
     async def _roll_up_pages(ledger: Ledger, store: SQLiteStore) -> int:
         total = 0
+        # Items present when the pass starts are the only ones its events can name.
+        quantities = {i.item_id: (i.license_type.value, i.quantity) for i in ledger.items.values()}
         while True:
-            quantities = {i.item_id: (i.license_type.value, i.quantity) for i in ledger.items.values()}
             result = await store.roll_up(quantities, ROLLUP_PAGE)
             total += result.processed
             if result.overuse:
@@ -169,13 +171,12 @@ class Server:
             logs.event("rollups.pruned", marks=pruned)
         return pruned
 
-    async def _check_main(self) -> None:
+    async def _check_main(self, session: aiohttp.ClientSession) -> None:
         assert self.services is not None
         url = f"{(self.config.server.standby_of or '').rstrip('/')}/healthz"
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
-                async with session.get(url) as resp:
-                    up = resp.status == 200
+            async with session.get(url) as resp:
+                up = resp.status == 200
         except (aiohttp.ClientError, OSError, TimeoutError):
             up = False
         if up != self.services.main_is_up:
@@ -183,11 +184,14 @@ class Server:
         self.services.main_is_up = up
 
     async def _watch_main(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                await asyncio.wait_for(self.stopping.wait(), timeout=self.config.server.standby_check_seconds)
-            except TimeoutError:
-                await self._check_main()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
+            await self._check_main(session)
+            self._standby_checked.set()
+            while not self.stopping.is_set():
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), timeout=self.config.server.standby_check_seconds)
+                except TimeoutError:
+                    await self._check_main(session)
 
     async def reload(self) -> None:
         """SIGHUP: re-read the vendor keys, then rescan the import directory."""
