@@ -615,6 +615,12 @@ class SQLiteStore:
             )
         return RollupResult(len(events), end, overuse)
 
+    async def rollups_at(self, scope: str, size: str, bucket_ms: int) -> dict[str, RollupRow]:
+        rows = await self._all(
+            "SELECT key, bucket_ms, granted, refused, units, devices, instances FROM rollups"
+            " WHERE scope = ? AND size = ? AND bucket_ms = ?", (scope, size, bucket_ms))
+        return {r[0]: RollupRow(*r[1:]) for r in rows}
+
     async def rollup_series(self, scope: str, key: str, size: str, start_ms: int, end_ms: int) -> list[RollupRow]:
         rows = await self._all(
             "SELECT bucket_ms, granted, refused, units, devices, instances FROM rollups"

@@ -24,7 +24,7 @@ from lts_server.core.times import iso, parse_iso
 from lts_server.ledger import NotFound
 from lts_server.licensefile import MAX_FILE_BYTES
 from lts_server.web import auth
-from lts_server.web.admin import code_json, status_json
+from lts_server.web.admin import code_json, requests_today, status_json
 from lts_server.web.portal.charts import GRANTED, REFUSED, Slice, donut, trend
 from lts_server.web.services import SERVICES, Services
 from lts_server.web.stats import compute_stats, item_status, usage_text
@@ -266,7 +266,8 @@ async def item_action(request: web.Request) -> web.Response:
 async def codes_page(request: web.Request) -> web.Response:
     page = await _logged_in(request)
     services = request.app[SERVICES]
-    codes = [await code_json(services, c) for c in sorted(services.ledger.codes.values(), key=lambda c: c.name)]
+    today = await requests_today(services)
+    codes = [await code_json(services, c, today) for c in sorted(services.ledger.codes.values(), key=lambda c: c.name)]
     return _render(request, "codes.html", "Handshake codes", nav="codes", codes=codes, **page)
 
 
