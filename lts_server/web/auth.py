@@ -79,22 +79,12 @@ async def verify_password(stored: str, password: str) -> bool:
     return await asyncio.to_thread(check)
 
 
-class AuthRefused(Exception):
-    """An account operation that cannot be done; the API answers it as JSON, the portal as a message."""
-
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
-
-
 SETUP_REQUIRED = "setup required: set the admin password with POST /api/v1/admin/setup"
 
 
 def _check_new(password: str, field: str) -> None:
     if len(password) < MIN_PASSWORD:
-        raise AuthRefused(400, f"{field}: at least {MIN_PASSWORD} characters", field)
+        raise ApiError(400, f"{field}: at least {MIN_PASSWORD} characters", field)
 
 
 async def set_up(services: Services, password: str) -> None:
@@ -103,7 +93,7 @@ async def set_up(services: Services, password: str) -> None:
     done = await services.store.set_admin_password(await hash_password(password), to_ms(services.ledger.clock()),
                                                    only_if_unset=True)
     if not done:
-        raise AuthRefused(409, "the admin password is already set; log in, or change it with the current one")
+        raise ApiError(409, "the admin password is already set; log in, or change it with the current one")
 
 
 async def issue_token(services: Services) -> dict[str, str]:
@@ -119,15 +109,15 @@ async def log_in(app: web.Application, address: str, password: str) -> dict[str,
     services, throttle = app[SERVICES], app[THROTTLE]
     failures = throttle.failures(address)
     if failures >= LOCK_AFTER:
-        raise AuthRefused(429, f"too many failed logins from {address}; try again in {WINDOW_SECONDS // 60} minutes")
+        raise ApiError(429, f"too many failed logins from {address}; try again in {WINDOW_SECONDS // 60} minutes")
     stored = await services.store.admin_password_hash()
     if stored is None:
-        raise AuthRefused(403, SETUP_REQUIRED)
+        raise ApiError(403, SETUP_REQUIRED)
     await asyncio.sleep(throttle.delay(failures))
     if not await verify_password(stored, password):
         throttle.fail(address)
         logs.event("admin.login_failed", logs.logging.WARNING, remote=address, failures=failures + 1)
-        raise AuthRefused(401, "wrong password")
+        raise ApiError(401, "wrong password")
     throttle.clear(address)
     logs.event("admin.login", remote=address)
     return await issue_token(services)
@@ -137,7 +127,7 @@ async def change(services: Services, current: str, new: str) -> dict[str, str]:
     """Change the password, which ends every session; returns a token for the caller."""
     stored = await services.store.admin_password_hash()
     if stored is None or not await verify_password(stored, current):
-        raise AuthRefused(400, "currentPassword: wrong password", "currentPassword")
+        raise ApiError(400, "currentPassword: wrong password", "currentPassword")
     _check_new(new, "newPassword")
     await services.store.set_admin_password(await hash_password(new), to_ms(services.ledger.clock()))
     logs.event("admin.password_changed")
@@ -153,26 +143,16 @@ async def live_token(services: Services, token: str) -> str | None:
     return hashed
 
 
-def _api(refused: AuthRefused) -> ApiError:
-    return ApiError(refused.status, refused.message, refused.field)
-
-
 async def setup(request: web.Request) -> web.Response:
     body = decode_json(await read_json_body(request), SetupBody)
-    try:
-        await set_up(request.app[SERVICES], body.password)
-    except AuthRefused as e:
-        raise _api(e) from None
+    await set_up(request.app[SERVICES], body.password)
     logs.event("admin.setup", remote=request.remote)
     return web.json_response({"user": "admin", "setup": True}, status=201)
 
 
 async def login(request: web.Request) -> web.Response:
     body = decode_json(await read_json_body(request), LoginBody)
-    try:
-        return web.json_response(await log_in(request.app, request.remote or "?", body.password))
-    except AuthRefused as e:
-        raise _api(e) from None
+    return web.json_response(await log_in(request.app, request.remote or "?", body.password))
 
 
 async def logout(request: web.Request) -> web.Response:
@@ -183,10 +163,7 @@ async def logout(request: web.Request) -> web.Response:
 
 async def change_password(request: web.Request) -> web.Response:
     body = decode_json(await read_json_body(request), PasswordChangeBody)
-    try:
-        token = await change(request.app[SERVICES], body.current_password, body.new_password)
-    except AuthRefused as e:
-        raise _api(e) from None
+    token = await change(request.app[SERVICES], body.current_password, body.new_password)
     return web.json_response({"changed": True, **token})
 
 

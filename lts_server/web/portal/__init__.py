@@ -25,6 +25,7 @@ from lts_server.ledger import NotFound
 from lts_server.licensefile import MAX_FILE_BYTES
 from lts_server.web import auth
 from lts_server.web.admin import code_json, requests_today, status_json
+from lts_server.web.errors import ApiError
 from lts_server.web.portal.charts import GRANTED, REFUSED, Slice, donut, trend
 from lts_server.web.services import SERVICES, Services
 from lts_server.web.stats import compute_stats, item_status, usage_text
@@ -100,7 +101,7 @@ def _require_csrf(expected: str, form: Any) -> None:
         raise web.HTTPForbidden(text="the form has expired or did not come from this site; reload the page")
 
 
-def _flash_refusal(refused: auth.AuthRefused) -> tuple[str, str]:
+def _flash_refusal(refused: ApiError) -> tuple[str, str]:
     return "error", refused.message[0].upper() + refused.message[1:] + "."
 
 
@@ -166,7 +167,7 @@ async def setup_submit(request: web.Request) -> web.Response:
         raise _redirect("/portal/setup", ("error", "The two passwords differ."))
     try:
         await auth.set_up(request.app[SERVICES], password)
-    except auth.AuthRefused as e:
+    except ApiError as e:
         raise _redirect("/portal/login" if e.status == 409 else "/portal/setup", _flash_refusal(e)) from None
     raise _redirect("/portal/login", ("ok", "Password set. Log in with it."))
 
@@ -187,7 +188,7 @@ async def login_submit(request: web.Request) -> web.Response:
     _require_csrf(request.cookies.get(PRE_CSRF, ""), form)
     try:
         token = (await auth.log_in(request.app, request.remote or "?", str(form.get("password", ""))))["token"]
-    except auth.AuthRefused as e:
+    except ApiError as e:
         raise _redirect("/portal/login", _flash_refusal(e)) from None
     response = _redirect("/portal/")
     response.set_cookie(SESSION, token, path="/portal", httponly=True, samesite="Strict", secure=request.secure,
@@ -213,7 +214,7 @@ async def security_submit(request: web.Request) -> web.Response:
     _, form = await _form(request)
     try:
         token = (await auth.change(request.app[SERVICES], str(form.get("current", "")), str(form.get("new", ""))))["token"]
-    except auth.AuthRefused as e:
+    except ApiError as e:
         raise _redirect("/portal/security", _flash_refusal(e)) from None
     response = _redirect("/portal/security", ("ok", "Password changed; other sessions were logged out."))
     response.set_cookie(SESSION, token, path="/portal", httponly=True, samesite="Strict", secure=request.secure)
