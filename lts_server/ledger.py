@@ -36,7 +36,7 @@ from lts_server.store import (
     ImportRecord,
     LicenseRecord,
     Seat,
-    SeatClaim,
+    Conflict,
     Snapshot,
     Store,
     StoreError,
@@ -104,6 +104,7 @@ JOB_REFUSALS: tuple[type[Exception], ...] = (CodeError, NotFound, UsageError)
 class _Job(Generic[T]):
     run: Callable[[datetime, WriteBatch, Undo], T]
     future: asyncio.Future[T]
+    retried: bool = False
 
 
 @dataclass
@@ -147,6 +148,8 @@ class ImportOutcome:
     state: str  # imported | renewed | unchanged | rejected
     license_id: str | None
     reason: str | None = None
+    # False when the file was already rejected as-is for the same reason: nothing new was recorded.
+    recorded: bool = True
 
 
 class Ledger:
@@ -158,6 +161,7 @@ class Ledger:
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._pipeline = 0
+        self._retry: list[_Job[Any]] = []
         self.licenses: dict[str, LicenseRecord] = {}
         self.items: dict[str, Item] = {}
         self.statuses: dict[str, ItemStatus] = {}
@@ -168,8 +172,8 @@ class Ledger:
         self._expiries: list[tuple[datetime, str, str]] = []
         self.imports: dict[str, ImportRecord] = {}
         self.authorizations: dict[tuple[str, str], AuthorizationRecord] = {}
-        # item -> server -> authorization, for per-concurrent-instance items
-        self._instance_grants: dict[str, dict[str, AuthorizationRecord]] = {}
+        # item -> client -> authorization, for items counted per slice (concurrent devices, instances)
+        self._concurrent_grants: dict[str, dict[str, AuthorizationRecord]] = {}
         # Report ids counted lately; older ones are found in the database.
         self._recent_reports: dict[str, datetime] = {}
 
@@ -193,8 +197,8 @@ class Ledger:
         self.authorizations = snap.authorizations
         for auth in snap.authorizations.values():
             item = snap.items.get(auth.item_id)
-            if item is not None and item.rules.counts is Counts.INSTANCES:
-                self._instance_grants.setdefault(auth.item_id, {})[auth.client_uuid] = auth
+            if item is not None and item.rules.per_slice:
+                self._concurrent_grants.setdefault(auth.item_id, {})[auth.client_uuid] = auth
 
     async def close(self) -> None:
         """Finish every queued job, then stop the writer."""
@@ -225,7 +229,8 @@ class Ledger:
         in order). Answers go out only when a batch's commit is done. If a
         commit fails, every later batch is refused by the store too (same
         pipeline id); all of them are undone in memory, newest first, and
-        their jobs fail.
+        their jobs fail - except after a conflict, where only the job that
+        conflicted fails and the others are decided again.
         """
         flights: deque[_Flight] = deque()
         getter: asyncio.Task[_Job[Any]] | None = None
@@ -244,11 +249,14 @@ class Ledger:
                         flights.clear()
                     else:
                         self._settle(flight)
+                # Jobs to decide again go first: they were queued before anything still waiting.
+                jobs, self._retry = self._retry, []
                 if getter is not None and getter.done():
-                    jobs = [getter.result()]
+                    jobs.append(getter.result())
                     getter = None
                     while len(jobs) < MAX_BATCH and not self._queue.empty():
                         jobs.append(self._queue.get_nowait())
+                if jobs:
                     flight = self._start(jobs)
                     if flight is not None:
                         flights.append(flight)
@@ -260,7 +268,8 @@ class Ledger:
         batch = WriteBatch(at=self.clock())
         undo: Undo = []
         results: list[Any] = []
-        for job in jobs:
+        for index, job in enumerate(jobs):
+            batch.job = index
             try:
                 results.append(job.run(self.clock(), batch, undo))
             except JOB_REFUSALS as refusal:
@@ -290,16 +299,29 @@ class Ledger:
         first = flights[0].write
         error = first.exception() if not first.cancelled() else None
         failure = error if isinstance(error, StoreError) else StoreError(f"commit failed: {error!r}")
-        logs.event("ledger.commit_failed", logs.logging.ERROR, error=str(failure),
-                   jobs=sum(len(f.jobs) for f in flights))
         for flight in reversed(flights):
             for fn in reversed(flight.undo):
                 fn()
+        # A conflict is one job's change that the database refused: that job
+        # fails, and every other job is decided again (once) on the state as
+        # it now is. Any other failure (disk full, lock) fails them all.
+        culprit = None
+        if isinstance(error, Conflict) and error.job is not None and error.job < len(flights[0].jobs):
+            culprit = flights[0].jobs[error.job]
+        retry: list[_Job[Any]] = []
         for flight in flights:
             for job in flight.jobs:
-                if not job.future.done():
+                if job.future.done():  # refused before it changed anything
+                    self._queue.task_done()
+                elif culprit is not None and job is not culprit and not job.retried:
+                    job.retried = True
+                    retry.append(job)
+                else:
                     job.future.set_exception(failure)
-                self._queue.task_done()
+                    self._queue.task_done()
+        logs.event("ledger.commit_failed", logs.logging.ERROR, error=str(failure),
+                   jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
+        self._retry = retry + self._retry
         self._pipeline += 1
 
     # -- the view the core reads ------------------------------------------
@@ -319,6 +341,12 @@ class Ledger:
                 return name
         return None
 
+    def open_rejections(self) -> list[ImportRecord]:
+        """Rejected files, by path, except those whose exact bytes were imported since (by any path)."""
+        imported = {r.sha256 for r in self.imports.values() if r.state != "rejected"}
+        return sorted((r for r in self.imports.values() if r.state == "rejected" and r.sha256 not in imported),
+                      key=lambda r: r.path)
+
     def organization_known(self, organization_id: str) -> bool:
         return any(c.organization_id == organization_id for c in self.codes.values())
 
@@ -330,7 +358,7 @@ class Ledger:
         return seat.expires_at if seat else None
 
     def instances_elsewhere(self, item_id: str, client_uuid: str, now: datetime) -> int:
-        return sum(a.instances for c, a in self._instance_grants.get(item_id, {}).items()
+        return sum(a.instances for c, a in self._concurrent_grants.get(item_id, {}).items()
                    if c != client_uuid and a.expires_at > now)
 
     def password_matches(self, code: HandshakeCode, given: str | None) -> bool:
@@ -359,20 +387,20 @@ class Ledger:
                 heapq.heappush(self._expiries, (seat.expires_at, item_id, req.client_uuid))
                 status = self.status(item_id)
                 _set(self.statuses, item_id, dataclasses.replace(status, seats_used=status.seats_used + 1), undo)
-                batch.seat_claims.append(SeatClaim(seat, fit.limit))
+                batch.claim(seat, fit.limit)
                 batch.events.append(_seat_event("seat.granted", seat, decision.code.name, now))
             elif fit.seat is hs.SeatAction.REFRESH:
                 old = self.seats[item_id][req.client_uuid]
                 seat = dataclasses.replace(old, refreshed_at=now, expires_at=max(old.expires_at, fit.expires_at))
                 _set(self.seats[item_id], req.client_uuid, seat, undo)
                 heapq.heappush(self._expiries, (seat.expires_at, item_id, req.client_uuid))
-                batch.seat_refreshes.append(seat)
+                batch.refresh(seat)
                 batch.events.append(_seat_event("seat.refreshed", seat, decision.code.name, now))
             auth = AuthorizationRecord(decision.code.name, req.client_uuid, item_id, fit.instances, now,
                                        fit.expires_at)
             _set(self.authorizations, (auth.code, auth.client_uuid), auth, undo)
-            if fit.item.rules.counts is Counts.INSTANCES:
-                _set(self._instance_grants.setdefault(item_id, {}), req.client_uuid, auth, undo)
+            if fit.item.rules.per_slice:
+                _set(self._concurrent_grants.setdefault(item_id, {}), req.client_uuid, auth, undo)
             batch.authorizations.append(auth)
             batch.events.append(_handshake_event(req, now, decision.code.name, item_id, 0))
             return decision, self.status(item_id)
@@ -434,7 +462,7 @@ class Ledger:
                                   expires_at=max(seat.expires_at, hs.authorization_end(item, now)))
         _set(self.seats[item_id], client_uuid, new, undo)
         heapq.heappush(self._expiries, (new.expires_at, item_id, client_uuid))
-        batch.seat_refreshes.append(new)
+        batch.refresh(new)
         batch.events.append(_seat_event("seat.refreshed", new, None, now))
         return True
 
@@ -474,7 +502,10 @@ class Ledger:
             # Entries go stale when a seat is refreshed or released; the seat
             # itself is the truth, so a popped entry only counts if it still matches.
             while heap and heap[0][0] <= now and freed < MAX_SWEEP:
-                expires_at, item_id, client = heapq.heappop(heap)
+                entry = heapq.heappop(heap)
+                # Back on the heap if the commit fails, so the next sweep tries again.
+                undo.append(lambda entry=entry: heapq.heappush(heap, entry))
+                expires_at, item_id, client = entry
                 seat = self.seats.get(item_id, {}).get(client)
                 if seat is not None and seat.expires_at == expires_at:
                     self._release(seat, "lapsed", None, now, batch, undo)
@@ -487,7 +518,7 @@ class Ledger:
         _pop(self.seats[seat.item_id], seat.client_uuid, undo)
         status = self.status(seat.item_id)
         _set(self.statuses, seat.item_id, dataclasses.replace(status, seats_used=max(0, status.seats_used - 1)), undo)
-        batch.seat_releases.append(seat)
+        batch.release(seat)
         batch.events.append(
             Event(at=now, type="seat.released", code=code, item_id=seat.item_id, client_uuid=seat.client_uuid,
                   detail={"reason": reason})
@@ -504,6 +535,9 @@ class Ledger:
                 assert verified_license is not None
                 reason = self._import_conflict(verified_license)
             if reason is not None:
+                known = self.imports.get(path)
+                if known is not None and (known.state, known.sha256, known.reason) == ("rejected", sha256, reason):
+                    return ImportOutcome("rejected", known.license_id, reason, recorded=False)
                 record = ImportRecord(path, sha256, "rejected", now, reason,
                                       verified_license.license_id if verified_license else None,
                                       verified_license.revision if verified_license else None)

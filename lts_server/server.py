@@ -14,6 +14,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lts_server import identity, licensefile, logs
+from lts_server import config as config_mod
 from lts_server.config import Config
 from lts_server.core.times import to_ms, utcnow
 from lts_server.core.usage import MAX_LATE
@@ -25,6 +26,7 @@ from lts_server.web.app import create_app
 from lts_server.web.services import Services
 
 SWEEP_SECONDS = 60.0
+SWEEP_RETRY_SECONDS = 5.0
 # Rollups trail the event log by about this much.
 ROLLUP_SECONDS = 1.0
 # Events per rollup transaction: small, so device commits queued behind it on
@@ -58,8 +60,8 @@ class Server:
         self._rollup_lock = asyncio.Lock()
         self._standby_checked = asyncio.Event()
 
-    def load_vendor_keys(self) -> dict[str, Ed25519PublicKey]:
-        return licensefile.load_trusted(self.config.public_key_paths)
+    def load_vendor_keys(self, cfg: Config | None = None) -> dict[str, Ed25519PublicKey]:
+        return licensefile.load_trusted((cfg or self.config).public_key_paths)
 
     async def start(self) -> None:
         cfg = self.config
@@ -112,18 +114,21 @@ class Server:
 
     async def _sweeper(self) -> None:
         assert self.services is not None
+        wait = SWEEP_SECONDS
         while not self.stopping.is_set():
             try:
-                await asyncio.wait_for(self.stopping.wait(), timeout=SWEEP_SECONDS)
+                await asyncio.wait_for(self.stopping.wait(), timeout=wait)
             except TimeoutError:
                 try:
                     freed = total = await self.services.ledger.sweep()
                     while freed == MAX_SWEEP:  # a mass expiry: go on in slices
                         freed = await self.services.ledger.sweep()
                         total += freed
-                except Exception as e:  # a failed sweep is retried at the next tick
-                    logs.event("seats.sweep_failed", logs.logging.ERROR, error=str(e))
+                except Exception as e:  # the sweep was undone, lapsed seats are still due: try again soon
+                    logs.event("seats.sweep_failed", logs.logging.ERROR, error=str(e), retry_seconds=SWEEP_RETRY_SECONDS)
+                    wait = SWEEP_RETRY_SECONDS
                 else:
+                    wait = SWEEP_SECONDS
                     if total:
                         logs.event("seats.swept", freed=total)
 
@@ -194,15 +199,21 @@ class Server:
                     await self._check_main(session)
 
     async def reload(self) -> None:
-        """SIGHUP: re-read the vendor keys, then rescan the import directory."""
+        """SIGHUP: re-read the config file's [vendor] section and its key files, then rescan.
+
+        A change of trusted keys makes the rescan try every rejected file again.
+        Other sections take effect at the next restart.
+        """
         try:
-            keys = self.load_vendor_keys()
-        except (OSError, ValueError) as e:
+            fresh = config_mod.load(self.config.source) if self.config.source else self.config
+            keys = self.load_vendor_keys(fresh)
+        except (config_mod.ConfigError, OSError, ValueError) as e:
             logs.event("reload.keys_failed", logs.logging.ERROR, error=str(e), kept=sorted(self.trusted))
         else:
             if set(keys) != set(self.trusted):
                 logs.event("reload.keys_changed", added=sorted(set(keys) - set(self.trusted)),
                            removed=sorted(set(self.trusted) - set(keys)))
+            self.config.vendor = fresh.vendor
             self.trusted = keys
         if self.services is not None:
             report = await self.services.importer.scan("reload")

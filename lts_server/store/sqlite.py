@@ -34,6 +34,8 @@ from lts_server.store import (
     RollupRow,
     SchemaTooNew,
     Seat,
+    SeatChange,
+    SeatOp,
     Snapshot,
     StoredEvent,
     StoreError,
@@ -387,44 +389,8 @@ class SQLiteStore:
                 " ON CONFLICT (organization_id) DO UPDATE SET code_name = excluded.code_name",
                 (org, code_name),
             )
-        if b.seat_claims:
-            db.executemany(
-                "INSERT INTO seats (item_id, client_uuid, granted_ms, refreshed_ms, expires_ms) VALUES (?,?,?,?,?)",
-                [
-                    (
-                        c.seat.item_id,
-                        c.seat.client_uuid,
-                        to_ms(c.seat.granted_at),
-                        to_ms(c.seat.refreshed_at),
-                        to_ms(c.seat.expires_at),
-                    )
-                    for c in b.seat_claims
-                ],
-            )
-            # One conditional counter update per item: the database itself
-            # refuses to count past the limit, whatever the caller believed.
-            per_item: dict[str, tuple[int, int]] = {}
-            for c in b.seat_claims:
-                n, _ = per_item.get(c.seat.item_id, (0, c.limit))
-                per_item[c.seat.item_id] = (n + 1, c.limit)
-            for item_id, (n, limit) in per_item.items():
-                cur = db.execute(
-                    "UPDATE items SET seats_used = seats_used + ? WHERE item_id = ? AND seats_used + ? <= ?",
-                    (n, item_id, n, limit),
-                )
-                if cur.rowcount != 1:
-                    raise Conflict(f"item {item_id} has no room for {n} more seats")
-        if b.seat_refreshes:
-            db.executemany(
-                "UPDATE seats SET refreshed_ms = ?, expires_ms = ? WHERE item_id = ? AND client_uuid = ?",
-                [(to_ms(s.refreshed_at), to_ms(s.expires_at), s.item_id, s.client_uuid) for s in b.seat_refreshes],
-            )
-        for s in b.seat_releases:
-            cur = db.execute(
-                "DELETE FROM seats WHERE item_id = ? AND client_uuid = ?", (s.item_id, s.client_uuid)
-            )
-            if cur.rowcount == 1:
-                db.execute("UPDATE items SET seats_used = seats_used - 1 WHERE item_id = ?", (s.item_id,))
+        for change in b.seat_changes:
+            self._apply_seat_change(db, change)
         for item_id, revoked in b.revocations.items():
             db.execute("UPDATE items SET revoked = ? WHERE item_id = ?", (int(revoked), item_id))
         if b.imports:
@@ -473,6 +439,32 @@ class SQLiteStore:
                     for e in b.events
                 ],
             )
+
+    @staticmethod
+    def _apply_seat_change(db: sqlite3.Connection, change: SeatChange) -> None:
+        s = change.seat
+        if change.op is SeatOp.CLAIM:
+            # A conditional counter update: the database itself refuses to
+            # count past the limit, whatever the caller believed.
+            cur = db.execute("UPDATE items SET seats_used = seats_used + 1 WHERE item_id = ? AND seats_used < ?",
+                             (s.item_id, change.limit))
+            if cur.rowcount != 1:
+                raise Conflict(f"item {s.item_id} has no room for another seat (limit {change.limit})", change.job)
+            try:
+                db.execute(
+                    "INSERT INTO seats (item_id, client_uuid, granted_ms, refreshed_ms, expires_ms)"
+                    " VALUES (?,?,?,?,?)",
+                    (s.item_id, s.client_uuid, to_ms(s.granted_at), to_ms(s.refreshed_at), to_ms(s.expires_at)),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(f"device {s.client_uuid} already holds a seat on item {s.item_id}",
+                               change.job) from None
+        elif change.op is SeatOp.REFRESH:
+            db.execute("UPDATE seats SET refreshed_ms = ?, expires_ms = ? WHERE item_id = ? AND client_uuid = ?",
+                       (to_ms(s.refreshed_at), to_ms(s.expires_at), s.item_id, s.client_uuid))
+        elif db.execute("DELETE FROM seats WHERE item_id = ? AND client_uuid = ?",
+                        (s.item_id, s.client_uuid)).rowcount == 1:
+            db.execute("UPDATE items SET seats_used = seats_used - 1 WHERE item_id = ?", (s.item_id,))
 
     async def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]:
         """Stream events in order, a page at a time, so memory stays flat."""
@@ -567,8 +559,8 @@ class SQLiteStore:
         )
         overuse: dict[str, int] = {}
         for (scope, key, size, bucket), seen in agg.devices.items():
-            instance_item = scope == "item" and quantities.get(key, ("", 0))[0] == "per-concurrent-instance"
-            if instance_item and size == "3m":
+            kind = quantities.get(key, ("", 0))[0] if scope == "item" and size == "3m" else ""
+            if kind == LicenseType.PER_CONCURRENT_INSTANCE:
                 # Instance-slices need to know which servers are new in the slice.
                 new, added = 0, 0
                 for client, instances in seen.items():
@@ -598,6 +590,12 @@ class SQLiteStore:
                     " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                     [(scope, key, size, bucket, client, instances) for client, instances in seen.items()])
                 new, added = cur.rowcount, 0
+                if kind == LicenseType.PER_CONCURRENT_DEVICE and new:
+                    # Device-slices beyond the quantity are the exceptions of a concurrent-device item.
+                    row = con.execute("SELECT devices FROM rollups WHERE scope = ? AND key = ? AND size = ?"
+                                      " AND bucket_ms = ?", (scope, key, size, bucket)).fetchone()
+                    before = row[0] if row else 0
+                    overuse[key] = overuse.get(key, 0) + overuse_delta(before, before + new, quantities[key][1])
             if new or added:
                 con.execute(
                     "INSERT INTO rollups (scope, key, size, bucket_ms, devices, instances) VALUES (?,?,?,?,?,?)"
