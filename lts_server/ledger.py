@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from lts_server import logs
+from lts_server import logs, reportkeys
 from lts_server.core import codes as code_rules
 from lts_server.core import handshake as hs
 from lts_server.core.codes import CodeError, CodeFields
 from lts_server.core.model import Counts, HandshakeCode, Item, ItemStatus, License
 from lts_server.core.ordering import usage_order
-from lts_server.core.times import utcnow
+from lts_server.core.times import to_ms, utcnow
 from lts_server.core.usage import tolerance
 from lts_server.errors import Code, Refusal
 from lts_server.passwords import session_hash, session_matches
@@ -115,6 +115,15 @@ class _Flight:
     results: list[Any]
     undo: Undo
     write: asyncio.Future[None]
+
+
+@dataclass(frozen=True)
+class HandshakeOutcome:
+    decision: hs.Decision
+    status: ItemStatus | None = None
+    # Granted only: the authorization's id and the key its device MACs usage reports with.
+    authorization_id: str | None = None
+    report_key: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -361,6 +370,14 @@ class Ledger:
         return sum(a.instances for c, a in self._concurrent_grants.get(item_id, {}).items()
                    if c != client_uuid and a.expires_at > now)
 
+    def authorization_id(self, auth: AuthorizationRecord) -> str:
+        return reportkeys.authorization_id(self._secret, auth.code, auth.client_uuid, to_ms(auth.granted_at))
+
+    def report_key(self, code: str, client_uuid: str) -> bytes | None:
+        """The key of the device's current authorization on the code, which its usage reports are MACed with."""
+        auth = self.authorizations.get((code, client_uuid))
+        return reportkeys.report_key(self._secret, self.authorization_id(auth)) if auth else None
+
     def password_matches(self, code: HandshakeCode, given: str | None) -> bool:
         return code.password_hash is not None and session_matches(self._secret, code.password_hash, given)
 
@@ -372,13 +389,13 @@ class Ledger:
 
     # -- jobs ----------------------------------------------------------------
 
-    async def handshake(self, req: hs.Request) -> tuple[hs.Decision, ItemStatus | None]:
-        def run(now: datetime, batch: WriteBatch, undo: Undo) -> tuple[hs.Decision, ItemStatus | None]:
+    async def handshake(self, req: hs.Request) -> HandshakeOutcome:
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> HandshakeOutcome:
             decision = hs.decide(req, self, now, self.password_matches)
             if isinstance(decision, hs.Refused):
                 batch.events.append(_handshake_event(req, now, decision.code_name, decision.item_id,
                                                      int(decision.refusal.code)))
-                return decision, None
+                return HandshakeOutcome(decision)
             fit = decision.fit
             item_id = fit.item.item_id
             if fit.seat is hs.SeatAction.CLAIM:
@@ -403,7 +420,9 @@ class Ledger:
                 _set(self._concurrent_grants.setdefault(item_id, {}), req.client_uuid, auth, undo)
             batch.authorizations.append(auth)
             batch.events.append(_handshake_event(req, now, decision.code.name, item_id, 0))
-            return decision, self.status(item_id)
+            authorization_id = self.authorization_id(auth)
+            return HandshakeOutcome(decision, self.status(item_id), authorization_id,
+                                    reportkeys.report_key(self._secret, authorization_id))
 
         return await self.submit(run)
 

@@ -30,9 +30,8 @@ def slot(running: Running, minutes_ago: int = 0) -> str:
 
 async def report(running: Running, report_id: str, records: list[dict], client: str = "device-1",
                  code: str = "216998-U") -> tuple[int, dict]:
-    async with running.session.post(f"{running.url}/api/v1/usage", json={
-            "reportId": report_id, "clientUuid": client, "handshakeCode": code, "records": records}) as resp:
-        return resp.status, await resp.json()
+    return await running.report({"reportId": report_id, "clientUuid": client, "handshakeCode": code,
+                                 "records": records})
 
 
 def rec(running: Running, count: int = 1, minutes_ago: int = 0, **kw) -> dict:
