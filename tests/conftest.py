@@ -90,13 +90,13 @@ def license_spec(license_id: str = "L1", org: str = "216998", items: list[dict[s
     return spec
 
 
-def write_config(folder: Path, vendor: Vendor | None, **sections: dict[str, Any]) -> Path:
-    """A config for a server living in `folder`; sections override the defaults."""
+def write_config(folder: Path, trusted: Vendor | None, /, **sections: dict[str, Any]) -> Path:
+    """A config for a server living in `folder`, trusting `trusted`'s key; sections override the defaults."""
     base: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout": 5.0},
         "storage": {"state_dir": str(folder / "state")},
         "import": {"directory": str(folder / "import"), "rescan_seconds": 3600, "watch": False},
-        "vendor": {"public_keys": [str(vendor.pub_path)] if vendor else [], "allow_unbound": True},
+        "vendor": {"public_keys": [str(trusted.pub_path)] if trusted else [], "allow_unbound": True},
         "log": {"level": "warning", "format": "json"},
     }
     for name, values in sections.items():
