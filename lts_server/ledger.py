@@ -404,7 +404,11 @@ class Ledger:
                 heapq.heappush(self._expiries, (seat.expires_at, item_id, req.client_uuid))
                 status = self.status(item_id)
                 _set(self.statuses, item_id, dataclasses.replace(status, seats_used=status.seats_used + 1), undo)
-                batch.claim(seat, fit.limit)
+                # A seat on another item of the code that this node does not know of (taken through
+                # another node) makes the claim conflict; seats it knows did not cover the request.
+                unknown = tuple(i for i in decision.code.items
+                                if i != item_id and self.seat_expiry(i, req.client_uuid) is None)
+                batch.claim(seat, fit.limit, unknown)
                 batch.events.append(_seat_event("seat.granted", seat, decision.code.name, now))
             elif fit.seat is hs.SeatAction.REFRESH:
                 old = self.seats[item_id][req.client_uuid]
@@ -463,7 +467,7 @@ class Ledger:
                 _set(self.statuses, item_id, dataclasses.replace(status, units_used=status.units_used + units), undo)
                 batch.unit_charges[item_id] = batch.unit_charges.get(item_id, 0) + units
             refreshed = self._refresh_seat(auth.item_id, report.client_uuid, now, batch, undo)
-            batch.usage_reports.append(UsageReportRecord(report.report_id, report.client_uuid, code.name, now))
+            batch.count_report(UsageReportRecord(report.report_id, report.client_uuid, code.name, now))
             batch.events.append(Event(at=now, type="usage.report", code=code.name, item_id=auth.item_id,
                                       client_uuid=report.client_uuid,
                                       detail={"reportId": report.report_id, "records": len(report.records)}))

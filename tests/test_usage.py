@@ -280,16 +280,18 @@ def brute_force(events: list[Event]) -> dict[tuple, tuple[int, int, int, int]]:
        page=st.integers(1, 40))
 def test_rollups_equal_a_recount_of_raw_events(tmp_path_factory, batches: list[list[Event]], page: int) -> None:
     async def run() -> None:
-        store = SQLiteStore(tmp_path_factory.mktemp("roll") / "db.sqlite3")
+        path = tmp_path_factory.mktemp("roll") / "db.sqlite3"
+        store = SQLiteStore(path)
         await store.open()
         try:
             for batch in batches:
                 await store.write(WriteBatch(events=batch, at=BASE))
                 while (await store.roll_up({}, page)).processed == page:
                     pass
-            rows = await store._all("SELECT scope, key, size, bucket_ms, granted, refused, units, devices FROM rollups")
         finally:
             await store.close()
+        rows = sqlite3.connect(path).execute(
+            "SELECT scope, key, size, bucket_ms, granted, refused, units, devices FROM rollups").fetchall()
         got = {tuple(r[:4]): tuple(r[4:]) for r in rows if any(r[4:])}
         expected = {k: v for k, v in brute_force([e for b in batches for e in b]).items() if any(v)}
         assert got == expected

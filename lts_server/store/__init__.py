@@ -69,6 +69,8 @@ class SeatChange:
     seat: Seat
     limit: int = 0  # CLAIM only: the claim fails if the item already holds this many seats
     job: int = 0  # the index of the job in its batch that made the change
+    # CLAIM only: the code's other items; the claim fails if the device holds a seat on one of them.
+    exclusive_of: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,8 @@ class WriteBatch:
     revocations: dict[str, bool] = field(default_factory=dict)
     imports: list[ImportRecord] = field(default_factory=list)
     authorizations: list[AuthorizationRecord] = field(default_factory=list)
-    usage_reports: list[UsageReportRecord] = field(default_factory=list)
+    # (job index, report): a report another writer counted meanwhile fails its job alone.
+    usage_reports: list[tuple[int, UsageReportRecord]] = field(default_factory=list)
     unit_charges: dict[str, int] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     # When the changes were made: stamps rows that keep a modification time.
@@ -185,14 +188,17 @@ class WriteBatch:
     # The index of the job now adding changes (set by the ledger), for SeatChange.job.
     job: int = 0
 
-    def claim(self, seat: Seat, limit: int) -> None:
-        self.seat_changes.append(SeatChange(SeatOp.CLAIM, seat, limit, self.job))
+    def claim(self, seat: Seat, limit: int, exclusive_of: tuple[str, ...] = ()) -> None:
+        self.seat_changes.append(SeatChange(SeatOp.CLAIM, seat, limit, self.job, exclusive_of))
 
     def refresh(self, seat: Seat) -> None:
         self.seat_changes.append(SeatChange(SeatOp.REFRESH, seat, job=self.job))
 
     def release(self, seat: Seat) -> None:
         self.seat_changes.append(SeatChange(SeatOp.RELEASE, seat, job=self.job))
+
+    def count_report(self, report: UsageReportRecord) -> None:
+        self.usage_reports.append((self.job, report))
 
     def __bool__(self) -> bool:
         return any(
