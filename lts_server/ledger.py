@@ -32,13 +32,15 @@ from lts_server.errors import Code, Refusal
 from lts_server.passwords import session_hash, session_matches
 from lts_server.store import (
     AuthorizationRecord,
+    Conflict,
     Event,
     ImportRecord,
     LicenseRecord,
+    Reloaded,
     Seat,
-    Conflict,
     Snapshot,
     Store,
+    StoredEvent,
     StoreError,
     UsageReportRecord,
     WriteBatch,
@@ -96,6 +98,9 @@ class NotFound(Exception):
         self.what = what
 
 
+# Events after which another node's ledger reads licenses, items and codes again.
+CATALOG_EVENTS = ("import.", "code.", "item.")
+
 # Refusals a job raises before it changes anything: they fail that job alone.
 JOB_REFUSALS: tuple[type[Exception], ...] = (CodeError, NotFound, UsageError)
 
@@ -115,6 +120,7 @@ class _Flight:
     results: list[Any]
     undo: Undo
     write: asyncio.Future[None]
+    batch: WriteBatch
 
 
 @dataclass(frozen=True)
@@ -295,7 +301,7 @@ class Ledger:
                     self._queue.task_done()
                 return None
         write = asyncio.ensure_future(self.store.write(batch, self._pipeline))
-        return _Flight(jobs, results, undo, write)
+        return _Flight(jobs, results, undo, write, batch)
 
     def _settle(self, flight: _Flight) -> None:
         for job, result in zip(flight.jobs, flight.results):
@@ -311,9 +317,14 @@ class Ledger:
         for flight in reversed(flights):
             for fn in reversed(flight.undo):
                 fn()
-        # A conflict is one job's change that the database refused: that job
-        # fails, and every other job is decided again (once) on the state as
-        # it now is. Any other failure (disk full, lock) fails them all.
+        if self.store.shared:
+            # Other nodes may have changed what these batches touched: read it again before deciding anew.
+            await self._reread([f.batch for f in flights])
+        # A conflict is one job's change that the database refused: on a store
+        # only this ledger writes, that job fails (its change contradicts what
+        # the database holds); on a shared store it is decided again too, on
+        # the rows just read. Every other job is decided again (once) on the
+        # state as it now is. Any other failure (disk full, lock) fails them all.
         culprit = None
         if isinstance(error, Conflict) and error.job is not None and error.job < len(flights[0].jobs):
             culprit = flights[0].jobs[error.job]
@@ -322,7 +333,7 @@ class Ledger:
             for job in flight.jobs:
                 if job.future.done():  # refused before it changed anything
                     self._queue.task_done()
-                elif culprit is not None and job is not culprit and not job.retried:
+                elif culprit is not None and (job is not culprit or self.store.shared) and not job.retried:
                     job.retried = True
                     retry.append(job)
                 else:
@@ -497,6 +508,85 @@ class Ledger:
                 break
             del self._recent_reports[oldest]
         _set(self._recent_reports, report_id, now, undo)
+
+    # -- other nodes (a shared store) ------------------------------------------------
+
+    async def follow(self, events: list[StoredEvent]) -> None:
+        """Take in what other nodes committed: their events name what changed, the rows are read again."""
+        items: set[str] = set()
+        clients: set[str] = set()
+        reports: list[str] = []
+        catalog = False
+        for stored in events:
+            e = stored.event
+            catalog = catalog or e.type.startswith(CATALOG_EVENTS)
+            if e.item_id:
+                items.add(e.item_id)
+            if e.client_uuid:
+                clients.add(e.client_uuid)
+            if e.type == "usage.report" and e.detail:
+                reports.append(e.detail["reportId"])
+        if not (items or clients or catalog):
+            return
+        fresh = await self.store.load_catalog() if catalog else None
+        reloaded = await self.store.reload(items | self._items_held_by(clients), clients)
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> None:
+            # Committed elsewhere: applied without an undo.
+            if fresh is not None:
+                self._apply_catalog(fresh)
+            self._apply_reloaded(reloaded, clients)
+            for report_id in reports:
+                self._recent_reports[report_id] = now
+
+        await self.submit(run)
+
+    async def _reread(self, batches: list[WriteBatch]) -> None:
+        items: set[str] = set()
+        clients: set[str] = set()
+        for b in batches:
+            for change in b.seat_changes:
+                items.add(change.seat.item_id)
+                clients.add(change.seat.client_uuid)
+            for auth in b.authorizations:
+                items.add(auth.item_id)
+                clients.add(auth.client_uuid)
+            for _, report in b.usage_reports:
+                clients.add(report.client_uuid)
+                if await self.store.report_seen(report.report_id):
+                    self._recent_reports[report.report_id] = b.at or self.clock()
+        self._apply_reloaded(await self.store.reload(items | self._items_held_by(clients), clients), clients)
+
+    def _items_held_by(self, clients: set[str]) -> set[str]:
+        return {item_id for item_id, holders in self.seats.items() if any(c in holders for c in clients)}
+
+    def _apply_catalog(self, snap: Snapshot) -> None:
+        self.licenses = snap.licenses
+        self.items = snap.items
+        self.statuses = snap.statuses
+        self.codes = snap.codes
+        self.organization_defaults = snap.organization_defaults
+        self.imports = snap.imports
+
+    def _apply_reloaded(self, reloaded: Reloaded, clients: set[str]) -> None:
+        for holders in self.seats.values():
+            for client in clients:
+                holders.pop(client, None)
+        for code in self.codes:
+            for client in clients:
+                self.authorizations.pop((code, client), None)
+        for grants in self._concurrent_grants.values():
+            for client in clients:
+                grants.pop(client, None)
+        for seat in reloaded.seats:
+            self.seats.setdefault(seat.item_id, {})[seat.client_uuid] = seat
+            heapq.heappush(self._expiries, (seat.expires_at, seat.item_id, seat.client_uuid))
+        for auth in reloaded.authorizations:
+            self.authorizations[(auth.code, auth.client_uuid)] = auth
+            item = self.items.get(auth.item_id)
+            if item is not None and item.rules.per_slice:
+                self._concurrent_grants.setdefault(auth.item_id, {})[auth.client_uuid] = auth
+        self.statuses.update(reloaded.statuses)
 
     async def mirror_overuse(self, deltas: dict[str, int]) -> None:
         """Reflect overuse the rollup job committed; record items that became overused."""

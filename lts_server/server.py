@@ -21,6 +21,8 @@ from lts_server.core.usage import MAX_LATE
 from lts_server.importer import Importer
 from lts_server.ledger import MAX_SWEEP, Ledger
 from lts_server.signer import BatchSigner
+from lts_server.store import Store
+from lts_server.store.postgres import PostgresStore
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
 from lts_server.web.services import Services
@@ -46,10 +48,19 @@ def _ports(site: web.TCPSite) -> list[int]:
     return sorted({sock.getsockname()[1] for sock in getattr(server, "sockets", None) or []})
 
 
+def open_store(cfg: Config) -> Store:
+    if cfg.storage.backend == "postgresql":
+        assert cfg.storage.url is not None
+        return PostgresStore(cfg.storage.url)
+    return SQLiteStore(cfg.database_path, cfg.storage.busy_timeout_ms)
+
+
 class Server:
-    def __init__(self, config: Config, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, config: Config, clock: Callable[[], datetime] = utcnow, worker: int = 0) -> None:
         self.config = config
         self.clock = clock
+        # 0: the only process; 1..N: one of server.workers processes sharing the port.
+        self.worker = worker
         self.trusted: dict[str, Ed25519PublicKey] = {}
         self.runner: web.AppRunner | None = None
         self.services: Services | None = None
@@ -58,6 +69,7 @@ class Server:
         self.urls: list[str] = []
         self.admin_url = ""
         self._rollup_lock = asyncio.Lock()
+        self._store: Store | None = None
         self._standby_checked = asyncio.Event()
 
     def load_vendor_keys(self, cfg: Config | None = None) -> dict[str, Ed25519PublicKey]:
@@ -66,15 +78,22 @@ class Server:
     async def start(self) -> None:
         cfg = self.config
         self.trusted = self.load_vendor_keys()
-        ident = identity.load_or_create(cfg.state_dir)
-        store = SQLiteStore(cfg.database_path, cfg.storage.busy_timeout_ms)
+        store = open_store(cfg)
+        self._store = store
         await store.open()
+        if isinstance(store, PostgresStore):
+            ident = await identity.for_cluster(store, cfg.state_dir)
+            # Read before the snapshot: what lands in between is taken in twice, harmlessly.
+            follow_from = await store.last_event()
+        else:
+            ident = identity.load_or_create(cfg.state_dir)
         ledger = Ledger(store, ident.secret, self.clock)
         await ledger.start()
         importer = Importer(ledger, cfg.import_dir, ident.server_uuid, lambda: self.trusted,
                             lambda: self.config.vendor.allow_unbound)
         self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key))
-        await importer.scan("start-up")
+        if self.leads:
+            await importer.scan("start-up")
         separate_admin = cfg.admin.port is not None
         admin_port = cfg.admin.port if separate_admin else None
         if admin_port == 0:
@@ -83,7 +102,7 @@ class Server:
         self.runner = web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.server.host, cfg.server.port, ssl_context=self._ssl(),
-                           reuse_address=True)
+                           reuse_address=True, reuse_port=self.worker > 0)
         await site.start()
         scheme = "https" if cfg.server.tls_cert else "http"
         self.urls = [f"{scheme}://{cfg.server.host}:{port}" for port in _ports(site)]
@@ -94,15 +113,44 @@ class Server:
             self.admin_url = f"{scheme}://{admin_host}:{admin_port}"
         else:
             self.admin_url = self.urls[0]
-        self._tasks.append(asyncio.create_task(
-            importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
-        self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
+        if self.leads:
+            self._tasks.append(asyncio.create_task(
+                importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
+            self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
         self._tasks.append(asyncio.create_task(self._roller(), name="rollups"))
+        if isinstance(store, PostgresStore):
+            self._tasks.append(asyncio.create_task(self._follow(store, follow_from), name="follow"))
         if cfg.server.standby_of:
             self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
             await self._standby_checked.wait()  # know the main's state before serving anyone
         logs.event("server.listening", urls=self.urls, server_uuid=ident.server_uuid,
                    database=str(cfg.database_path), import_dir=str(cfg.import_dir))
+
+    @property
+    def leads(self) -> bool:
+        """Whether this process watches the import folder and sweeps lapsed seats: the first worker
+        of a machine does it for the others (they learn of it through the database)."""
+        return self.worker <= 1
+
+    async def _follow(self, store: PostgresStore, after: int) -> None:
+        """Take in what the other nodes commit, every storage.follow_ms."""
+        assert self.services is not None
+        pause = self.config.storage.follow_ms / 1000
+        while not self.stopping.is_set():
+            try:
+                changes = await store.changes_since(after)
+                if changes.events:
+                    await self.services.ledger.follow(changes.events)
+                caught_up = changes.upto == after
+                after = changes.upto
+            except Exception as e:  # the database is away: try again, the feed resumes where it stopped
+                logs.event("follow.failed", logs.logging.ERROR, error=str(e))
+                caught_up = True
+            if caught_up:
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), timeout=pause)
+                except TimeoutError:
+                    pass
 
     def _ssl(self) -> ssl.SSLContext | None:
         server = self.config.server
@@ -140,7 +188,7 @@ class Server:
             return await self._roll_up_pages(ledger, store)
 
     @staticmethod
-    async def _roll_up_pages(ledger: Ledger, store: SQLiteStore) -> int:
+    async def _roll_up_pages(ledger: Ledger, store: Store) -> int:
         total = 0
         # Items present when the pass starts are the only ones its events can name.
         quantities = {i.item_id: (i.license_type.value, i.quantity) for i in ledger.items.values()}
@@ -215,7 +263,7 @@ class Server:
                            removed=sorted(set(self.trusted) - set(keys)))
             self.config.vendor = fresh.vendor
             self.trusted = keys
-        if self.services is not None:
+        if self.services is not None and self.leads:
             report = await self.services.importer.scan("reload")
             logs.event("reload.done", files=report.seen, changed=len(report.outcomes))
 
@@ -229,5 +277,6 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.services is not None:
             await self.services.ledger.close()
-            await self.services.store.close()
+        if self._store is not None:
+            await self._store.close()
         logs.event("server.stopped")

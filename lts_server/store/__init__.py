@@ -218,6 +218,15 @@ class WriteBatch:
         )
 
 
+@dataclass
+class Reloaded:
+    """The rows behind some items' counters and some devices' seats and authorizations, as stored now."""
+
+    statuses: dict[str, ItemStatus]
+    seats: list[Seat]
+    authorizations: list[AuthorizationRecord]
+
+
 @dataclass(frozen=True)
 class EventQuery:
     start: datetime | None = None
@@ -228,6 +237,10 @@ class EventQuery:
 
 
 class Store(Protocol):
+    # True when other nodes write the same database (PostgreSQL): the ledger then
+    # follows their changes and reads rows again after a conflict.
+    shared: bool
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -237,6 +250,10 @@ class Store(Protocol):
     async def load(self) -> Snapshot: ...
 
     async def write(self, batch: WriteBatch, pipeline: int | None = None) -> None: ...
+
+    async def load_catalog(self) -> Snapshot: ...
+
+    async def reload(self, items: set[str], clients: set[str]) -> Reloaded: ...
 
     def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]: ...
 

@@ -35,6 +35,7 @@ from lts_server.store import (
     ImportRecord,
     LicenseRecord,
     RollupResult,
+    Reloaded,
     RollupRow,
     Seat,
     SeatChange,
@@ -68,6 +69,7 @@ class Many:
 Statement = Query | Exec | Many
 Procedure = Generator[Statement, Any, T]
 
+AUTHORIZATION_COLUMNS = "code, client_uuid, item_id, instances, granted_ms, expires_ms"
 EVENT_COLUMNS = "seq, at_ms, type, code, item_id, client_uuid, product, deployment_type, result, detail, units, instances"
 PAGE = 1000
 # Values in one IN (...) list: well below SQLite's and PostgreSQL's parameter limits.
@@ -97,6 +99,18 @@ STATUS_COLUMNS = "revoked, seats_used, units_used, overuse_used, overused"
 
 
 def load_snapshot() -> Procedure[Snapshot]:
+    snap = yield from load_catalog()
+    for row in (yield Query("SELECT item_id, client_uuid, granted_ms, refreshed_ms, expires_ms FROM seats")):
+        seat = _seat(row)
+        snap.seats.setdefault(seat.item_id, {})[seat.client_uuid] = seat
+    for row in (yield Query(f"SELECT {AUTHORIZATION_COLUMNS} FROM authorizations")):
+        auth = _authorization(row)
+        snap.authorizations[(auth.code, auth.client_uuid)] = auth
+    return snap
+
+
+def load_catalog() -> Procedure[Snapshot]:
+    """Everything but the seats and authorizations: licenses, items with their counters, codes, imports."""
     snap = Snapshot()
     items_by_license: dict[str, list[Item]] = {}
     for row in (yield Query(f"SELECT {ITEM_COLUMNS}, {STATUS_COLUMNS} FROM items ORDER BY item_id")):
@@ -129,18 +143,48 @@ def load_snapshot() -> Procedure[Snapshot]:
         )
     for org, code_name in (yield Query("SELECT organization_id, code_name FROM organization_defaults")):
         snap.organization_defaults[org] = code_name
-    for row in (yield Query("SELECT item_id, client_uuid, granted_ms, refreshed_ms, expires_ms FROM seats")):
-        seat = _seat(row)
-        snap.seats.setdefault(seat.item_id, {})[seat.client_uuid] = seat
     for row in (yield Query("SELECT path, sha256, state, reason, license_id, revision, seen_ms FROM import_files")):
         snap.imports[row[0]] = ImportRecord(path=row[0], sha256=row[1], state=row[2], reason=row[3],
                                             license_id=row[4], revision=row[5], seen_at=from_ms(row[6]))
-    for row in (yield Query(
-        "SELECT code, client_uuid, item_id, instances, granted_ms, expires_ms FROM authorizations"
-    )):
-        auth = _authorization(row)
-        snap.authorizations[(auth.code, auth.client_uuid)] = auth
     return snap
+
+
+def reload(items: set[str], clients: set[str]) -> Procedure[Reloaded]:
+    """What other nodes may have changed: the counters of `items` (and of the items the devices sit on),
+    every seat and authorization of `clients`."""
+    seats = [_seat(r) for r in (yield from _select_in(
+        "SELECT item_id, client_uuid, granted_ms, refreshed_ms, expires_ms FROM seats WHERE client_uuid", clients))]
+    auths = [_authorization(r) for r in (yield from _select_in(
+        f"SELECT {AUTHORIZATION_COLUMNS} FROM authorizations WHERE client_uuid", clients))]
+    rows = yield from _select_in(f"SELECT item_id, {STATUS_COLUMNS} FROM items WHERE item_id",
+                                 items | {s.item_id for s in seats})
+    return Reloaded({r[0]: _status(r[1:]) for r in rows}, seats, auths)
+
+
+def _select_in(select: str, values: set[str] | list[str], *before: Any) -> Procedure[list[tuple[Any, ...]]]:
+    """`select` ending in a column, with IN (values), in chunks."""
+    ordered = sorted(values)
+    rows: list[tuple[Any, ...]] = []
+    for i in range(0, len(ordered), IN_CHUNK):
+        chunk = ordered[i:i + IN_CHUNK]
+        rows += yield Query(f"{select} IN ({','.join('?' * len(chunk))})", (*before, *chunk))
+    return rows
+
+
+@dataclass(frozen=True)
+class IdentityRow:
+    server_uuid: str
+    signing_key_pem: str
+    secret_hex: str
+
+
+def cluster_identity(candidate: IdentityRow) -> Procedure[IdentityRow]:
+    rows = yield Query("SELECT server_uuid, signing_key_pem, secret_hex FROM cluster_identity WHERE id = 1")
+    if rows:
+        return IdentityRow(*rows[0])
+    yield Exec("INSERT INTO cluster_identity (id, server_uuid, signing_key_pem, secret_hex) VALUES (1, ?, ?, ?)",
+               (candidate.server_uuid, candidate.signing_key_pem, candidate.secret_hex))
+    return candidate
 
 
 def _seat(row: tuple[Any, ...]) -> Seat:
@@ -275,7 +319,10 @@ def _seat_change(change: SeatChange) -> Procedure[None]:
                            (to_ms(s.refreshed_at), to_ms(s.expires_at), s.item_id, s.client_uuid))
         if found != 1:  # released meanwhile by another node
             raise Conflict(f"device {s.client_uuid} no longer holds a seat on item {s.item_id}", change.job)
-    elif (yield Exec("DELETE FROM seats WHERE item_id = ? AND client_uuid = ?", (s.item_id, s.client_uuid))) == 1:
+    else:
+        if (yield Exec("DELETE FROM seats WHERE item_id = ? AND client_uuid = ?", (s.item_id, s.client_uuid))) != 1:
+            # Released meanwhile by another node (its sweep, an admin): this release would count twice.
+            raise Conflict(f"device {s.client_uuid} no longer holds a seat on item {s.item_id}", change.job)
         yield Exec("UPDATE items SET seats_used = seats_used - 1 WHERE item_id = ?", (s.item_id,))
 
 
@@ -360,13 +407,9 @@ def _apply_rollup(events: list[EventFacts], quantities: dict[str, tuple[str, int
     for (scope, key, size, bucket), seen in agg.devices.items():
         bucket_key = (scope, key, size, bucket)
         # Who of these was already counted in the bucket, with the instances recorded for it.
-        known: dict[str, int] = {}
-        clients = list(seen)
-        for i in range(0, len(clients), IN_CHUNK):
-            chunk = clients[i:i + IN_CHUNK]
-            known.update((yield Query(
-                "SELECT client_uuid, instances FROM rollup_devices WHERE scope = ? AND key = ? AND size = ?"
-                f" AND bucket_ms = ? AND client_uuid IN ({','.join('?' * len(chunk))})", (*bucket_key, *chunk))))
+        known: dict[str, int] = dict((yield from _select_in(
+            "SELECT client_uuid, instances FROM rollup_devices WHERE scope = ? AND key = ? AND size = ?"
+            " AND bucket_ms = ? AND client_uuid", list(seen), *bucket_key)))
         fresh = [(client, instances) for client, instances in seen.items() if client not in known]
         if fresh:
             yield Many("INSERT INTO rollup_devices (scope, key, size, bucket_ms, client_uuid, instances)"

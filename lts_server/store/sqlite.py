@@ -13,6 +13,7 @@ import aiosqlite
 
 from lts_server.store import (
     EventQuery,
+    Reloaded,
     RollupResult,
     RollupRow,
     SchemaTooNew,
@@ -53,6 +54,8 @@ def _translate(e: sqlite3.Error, path: Path) -> StoreError:
 
 
 class SQLiteStore:
+    shared = False  # this process is the only writer
+
     def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
@@ -181,6 +184,12 @@ class SQLiteStore:
             if pipeline is not None:
                 self._failed_pipeline = pipeline
             raise
+
+    async def reload(self, items: set[str], clients: set[str]) -> Reloaded:
+        return await self._call(sql.reload(items, clients))
+
+    async def load_catalog(self) -> Snapshot:
+        return await self._call(sql.load_catalog())
 
     async def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]:
         """Stream events in order, a page at a time, so memory stays flat."""
