@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
 import aiohttp
@@ -22,7 +23,7 @@ from lts_server.importer import Importer
 from lts_server.ledger import MAX_SWEEP, Ledger
 from lts_server.signer import BatchSigner
 from lts_server.store import Store
-from lts_server.store.postgres import PostgresStore
+from lts_server.store.postgres import IMPORT_LOCK, PostgresStore
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
 from lts_server.web.services import Services
@@ -70,6 +71,9 @@ class Server:
         self.admin_url = ""
         self._rollup_lock = asyncio.Lock()
         self._store: Store | None = None
+        # The change feed of a PostgreSQL cluster: read up to this event.
+        self._followed = 0
+        self._follow_lock = asyncio.Lock()
         self._standby_checked = asyncio.Event()
 
     def load_vendor_keys(self, cfg: Config | None = None) -> dict[str, Ed25519PublicKey]:
@@ -84,13 +88,14 @@ class Server:
         if isinstance(store, PostgresStore):
             ident = await identity.for_cluster(store, cfg.state_dir)
             # Read before the snapshot: what lands in between is taken in twice, harmlessly.
-            follow_from = await store.last_event()
+            self._followed = await store.last_event()
         else:
             ident = identity.load_or_create(cfg.state_dir)
         ledger = Ledger(store, ident.secret, self.clock)
         await ledger.start()
         importer = Importer(ledger, cfg.import_dir, ident.server_uuid, lambda: self.trusted,
-                            lambda: self.config.vendor.allow_unbound)
+                            lambda: self.config.vendor.allow_unbound,
+                            self._import_turn if isinstance(store, PostgresStore) else contextlib.nullcontext)
         self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key))
         if self.leads:
             await importer.scan("start-up")
@@ -119,7 +124,7 @@ class Server:
             self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
         self._tasks.append(asyncio.create_task(self._roller(), name="rollups"))
         if isinstance(store, PostgresStore):
-            self._tasks.append(asyncio.create_task(self._follow(store, follow_from), name="follow"))
+            self._tasks.append(asyncio.create_task(self._follow(), name="follow"))
         if cfg.server.standby_of:
             self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
             await self._standby_checked.wait()  # know the main's state before serving anyone
@@ -132,17 +137,23 @@ class Server:
         of a machine does it for the others (they learn of it through the database)."""
         return self.worker <= 1
 
-    async def _follow(self, store: PostgresStore, after: int) -> None:
+    async def catch_up(self) -> bool:
+        """Take in what the other nodes committed since the last call; True once nothing is left."""
+        assert self.services is not None and isinstance(self._store, PostgresStore)
+        async with self._follow_lock:
+            changes = await self._store.changes_since(self._followed)
+            if changes.events and not await self.services.ledger.follow(changes.events):
+                return False  # a conflict re-read newer rows meanwhile: read again
+            done = changes.upto == self._followed
+            self._followed = changes.upto
+            return done
+
+    async def _follow(self) -> None:
         """Take in what the other nodes commit, every storage.follow_ms."""
-        assert self.services is not None
         pause = self.config.storage.follow_ms / 1000
         while not self.stopping.is_set():
             try:
-                changes = await store.changes_since(after)
-                if changes.events and not await self.services.ledger.follow(changes.events):
-                    continue  # read again: a conflict re-read newer rows meanwhile
-                caught_up = changes.upto == after
-                after = changes.upto
+                caught_up = await self.catch_up()
             except Exception as e:  # the database is away: try again, the feed resumes where it stopped
                 logs.event("follow.failed", logs.logging.ERROR, error=str(e))
                 caught_up = True
@@ -151,6 +162,14 @@ class Server:
                     await asyncio.wait_for(self.stopping.wait(), timeout=pause)
                 except TimeoutError:
                     pass
+
+    @contextlib.asynccontextmanager
+    async def _import_turn(self) -> AsyncIterator[None]:
+        assert isinstance(self._store, PostgresStore)
+        async with self._store.exclusive(IMPORT_LOCK):
+            while not await self.catch_up():
+                pass
+            yield
 
     def _ssl(self) -> ssl.SSLContext | None:
         server = self.config.server
