@@ -44,6 +44,8 @@ class Importer:
         self._allow_unbound = allow_unbound
         self._lock = asyncio.Lock()
         self.last_scan_error: str | None = None
+        # Told every import's outcome (alerts check at once; metrics count results).
+        self.on_import: Callable[[ImportOutcome], None] | None = None
 
     async def scan(self, reason: str = "rescan") -> ScanReport:
         async with self._lock:
@@ -89,6 +91,8 @@ class Importer:
             logs.logging.WARNING if outcome.state == "rejected" else logs.logging.INFO,
             path=path, sha256=sha256, license_id=outcome.license_id, reason=outcome.reason,
         )
+        if self.on_import is not None:
+            self.on_import(outcome)
         return outcome
 
     async def watch(self, stop: asyncio.Event, rescan_seconds: float, use_inotify: bool = True) -> None:

@@ -302,6 +302,11 @@ class Ledger:
                 self._queue.task_done()
         self._pipeline += 1
 
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting for the writer (for the metrics)."""
+        return self._queue.qsize()
+
     # -- the view the core reads ------------------------------------------
 
     def default_code(self, organization_id: str) -> str | None:

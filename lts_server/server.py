@@ -14,11 +14,13 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lts_server import identity, licensefile, logs
+from lts_server.alerts import Alerter
 from lts_server.config import Config
 from lts_server.core.times import to_ms, utcnow
 from lts_server.core.usage import MAX_LATE
 from lts_server.importer import Importer
-from lts_server.ledger import MAX_SWEEP, Ledger
+from lts_server.ledger import MAX_SWEEP, ImportOutcome, Ledger
+from lts_server.metrics import LiveState, Metrics
 from lts_server.signer import BatchSigner
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
@@ -65,13 +67,30 @@ class Server:
         cfg = self.config
         self.trusted = self.load_vendor_keys()
         ident = identity.load_or_create(cfg.state_dir)
+        metrics = Metrics()
         store = SQLiteStore(cfg.database_path, cfg.storage.busy_timeout_ms)
+        store.on_commit = lambda events, seconds: (metrics.commit_events.observe(events),
+                                                   metrics.commit_latency.observe(seconds))
         await store.open()
         ledger = Ledger(store, ident.secret, self.clock)
         await ledger.start()
+        metrics.watch(LiveState(lambda: ledger.items, lambda: ledger.statuses, lambda: ledger.queue_depth,
+                                ledger.clock))
+        password_file = cfg.alerts.smtp.password_file
+        alerter = Alerter(cfg.alerts, cfg.path(password_file) if password_file else None, store, ledger,
+                          ident.server_uuid, metrics)
+        await alerter.start()
         importer = Importer(ledger, cfg.import_dir, ident.server_uuid, lambda: self.trusted,
                             lambda: self.config.vendor.allow_unbound)
-        self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key))
+
+        def imported(outcome: ImportOutcome) -> None:
+            metrics.imports.labels(outcome.state).inc()
+            if outcome.state != "unchanged":
+                alerter.request_check()
+
+        importer.on_import = imported
+        self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key), alerter,
+                                 metrics)
         await importer.scan("start-up")
         separate_admin = cfg.admin.port is not None
         admin_port = cfg.admin.port if separate_admin else None
@@ -96,6 +115,10 @@ class Server:
             importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
         self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
         self._tasks.append(asyncio.create_task(self._roller(), name="rollups"))
+        # A check at start-up, then every check_seconds and whenever asked.
+        alerter.request_check()
+        self._tasks.append(asyncio.create_task(alerter.run_checks(self.stopping), name="alert-checks"))
+        self._tasks.append(asyncio.create_task(alerter.run_outbox(self.stopping), name="alert-outbox"))
         if cfg.server.standby_of:
             self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
             await self._standby_checked.wait()  # know the main's state before serving anyone
@@ -213,6 +236,11 @@ class Server:
         self.stopping.set()
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.services is not None:
+            try:
+                await asyncio.wait_for(self.services.alerts.idle(), self.config.server.shutdown_timeout)
+            except TimeoutError:
+                logs.event("alerts.stop_cut_delivery", logs.logging.WARNING)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from lts_server.store import (
     StoreUnavailable,
     WriteBatch,
 )
+from lts_server.store.sqlite_alerts import AlertsMixin
 
 MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -68,12 +70,14 @@ def _translate(e: sqlite3.Error, path: Path) -> StoreError:
     return StoreError(f"database {path}: {text}")
 
 
-class SQLiteStore:
+class SQLiteStore(AlertsMixin):
     def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
         self._db: aiosqlite.Connection | None = None
         self._failed_pipeline: int | None = None
+        # Told (events, seconds) after each durable write: the metrics' hook.
+        self.on_commit: Callable[[int, float], None] | None = None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -267,12 +271,15 @@ class SQLiteStore:
         """
         if not batch:
             return
+        started = time.perf_counter()
         try:
             # aiosqlite runs every call on its one thread, in order; _execute
             # runs a whole transaction there instead of one hop per statement.
             await self.db._execute(self._write_in_thread, batch, pipeline)
         except sqlite3.Error as e:
             raise _translate(e, self.path) from None
+        if self.on_commit is not None:
+            self.on_commit(len(batch.events), time.perf_counter() - started)
 
     def _write_in_thread(self, batch: WriteBatch, pipeline: int | None) -> None:
         if pipeline is not None and pipeline == self._failed_pipeline:
