@@ -113,6 +113,18 @@ class Metrics:
         self.alert_check_latency = Histogram("lts_alert_check_duration_seconds", "Time one alert check takes.",
                                              buckets=LATENCY_BUCKETS, registry=r)
 
+        # Series known in advance start at 0, so rate() and alert rules work before the first event.
+        self.handshakes.labels("granted", "0")
+        for outcome in ("accepted", "duplicate", "refused", "invalid", "unavailable", "error"):
+            self.usage_reports.labels(outcome)
+        for result in ("imported", "renewed", "unchanged", "rejected"):
+            self.imports.labels(result)
+        for channel in ("email", "webhook"):
+            for result in ("sent", "failed"):
+                self.alert_deliveries.labels(channel, result)
+        for kind in ("alert", "test"):
+            self.alerts.labels(kind)
+
     def watch(self, live: LiveState) -> None:
         self.registry.register(_LiveCollector(live))
 
