@@ -217,8 +217,8 @@ async def run(args: argparse.Namespace) -> int:
             if args.action == "list":
                 out = (await api.call("GET", "/api/v1/admin/items"))["items"]
                 rows = [{**i, "usage": usage_text(i)} for i in out]
-                text = table(rows, ["itemId", "product", "deploymentType", "licenseType", "usage", "expiresAt",
-                                    "revoked"])
+                text = table(rows, ["itemId", "state", "product", "deploymentType", "licenseType", "usage",
+                                    "expiresAt", "stateDetail"])
             else:
                 out = await api.call("POST", f"/api/v1/admin/items/{args.id}/{args.action}")
                 text = f"item {args.id}: {'revoked' if out['revoked'] else 'active'}"
