@@ -97,7 +97,8 @@ class Alerter:
             since = now - timedelta(minutes=self.window.minutes)
             requests = {code: rules.CodeRequests(g, r)
                         for code, (g, r) in (await self.store.code_requests_since(to_ms(since))).items()}
-            notified = {c.key: c.level for c in await self.store.open_conditions()}
+            previous = {c.key: c for c in await self.store.open_conditions()}
+            notified = {k: c.level for k, c in previous.items()}
             # From here to the write, nothing awaits: the ledger's state is read in one go.
             rejected = tuple(rules.RejectedFile(r.path, r.reason or "rejected")
                              for r in self.ledger.imports.values() if r.state == "rejected")
@@ -108,10 +109,10 @@ class Alerter:
             notification = None
             if t.new:
                 notification = Notification("alert", rules.subject_line(t.new), [condition_json(c) for c in t.new])
-            alert_id = await self.store.record_alert_check(AlertCheck(
-                at_ms, tuple(OpenCondition(c.key, c.kind.value, c.subject, c.level, c.label, c.message, c.link,
-                                           at_ms, at_ms) for c in met),
-                t.cleared, notification))
+            # Only rows that changed are written: a steady check holds the database's write lock briefly.
+            changed = tuple(OpenCondition(c.key, c.kind.value, c.subject, c.level, c.label, c.message, c.link,
+                                          at_ms, at_ms) for c in met if _changed(previous.get(c.key), c))
+            alert_id = await self.store.record_alert_check(AlertCheck(at_ms, changed, t.cleared, notification))
             self._levels = t.levels
             if self.metrics:
                 self.metrics.alert_checks.inc()
@@ -310,6 +311,11 @@ class Alerter:
                 password = self.smtp_password_path.read_text(encoding="utf-8").splitlines()[0]
                 client.login(smtp.username, password)
             client.send_message(msg)
+
+
+def _changed(before: OpenCondition | None, now: rules.Condition) -> bool:
+    return before is None or (before.level, before.label, before.message, before.link) != (
+        now.level, now.label, now.message, now.link)
 
 
 def open_condition_json(c: OpenCondition) -> dict[str, object]:

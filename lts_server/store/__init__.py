@@ -229,7 +229,7 @@ class AlertCheck:
     """The outcome of one check, made durable in one transaction with its notification."""
 
     at_ms: int
-    met: tuple[OpenCondition, ...]  # every condition met now (level = the current level)
+    met: tuple[OpenCondition, ...]  # conditions met now that are new or changed (level = the current level)
     cleared: tuple[str, ...]
     notification: Notification | None
 
