@@ -22,7 +22,7 @@ import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime
 from pathlib import Path
@@ -91,19 +91,9 @@ class Alerter:
         """Evaluate every condition now; queue one notification holding all newly met ones."""
         async with self._check_lock:
             started = time.perf_counter()
-            settings = await self.store.alert_settings()
-            enabled = frozenset(k for k in rules.Kind if k.value not in settings.disabled_kinds)
-            now = self.ledger.clock()
-            since = now - timedelta(minutes=self.window.minutes)
-            requests = {code: rules.CodeRequests(g, r)
-                        for code, (g, r) in (await self.store.code_requests_since(to_ms(since))).items()}
             previous = {c.key: c for c in await self.store.open_conditions()}
             notified = {k: c.level for k, c in previous.items()}
-            # From here to the write, nothing awaits: the ledger's state is read in one go.
-            rejected = tuple(rules.RejectedFile(r.path, r.reason or "rejected")
-                             for r in self.ledger.imports.values() if r.state == "rejected")
-            facts = rules.Facts(self.ledger.items, self.ledger.statuses, requests, rejected)
-            met = rules.conditions(facts, now, self.window, enabled)
+            now, met = await self.current()
             t = rules.transition(met, notified)
             at_ms = to_ms(now)
             notification = None
@@ -123,6 +113,20 @@ class Alerter:
                 logs.event("alerts.raised", alert_id=alert_id, conditions=[c.key for c in t.new])
                 self._wake_outbox.set()
             return CheckOutcome(t.new, t.cleared, alert_id)
+
+    async def current(self) -> tuple[datetime, list[rules.Condition]]:
+        """The conditions of the enabled kinds met right now (what a check would see), and that now."""
+        settings = await self.store.alert_settings()
+        enabled = frozenset(k for k in rules.Kind if k.value not in settings.disabled_kinds)
+        now = self.ledger.clock()
+        since = now - timedelta(minutes=self.window.minutes)
+        requests = {code: rules.CodeRequests(g, r)
+                    for code, (g, r) in (await self.store.code_requests_since(to_ms(since))).items()}
+        # From here on nothing awaits: the ledger's state is read in one go.
+        rejected = tuple(rules.RejectedFile(r.path, r.reason or "rejected")
+                         for r in self.ledger.imports.values() if r.state == "rejected")
+        facts = rules.Facts(self.ledger.items, self.ledger.statuses, requests, rejected)
+        return now, rules.conditions(facts, now, self.window, enabled)
 
     def request_check(self) -> None:
         """Ask for a check at once (after an import, or a report that crossed a level)."""

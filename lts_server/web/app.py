@@ -8,6 +8,7 @@ from aiohttp import web
 import lts_server
 from lts_server.web import admin, alerts, auth, device, metrics, openapi, portal, stats, usage
 from lts_server.web.errors import errors_middleware
+from lts_server.web.portal import alerts as portal_alerts
 from lts_server.web.schemas import ServerInfo
 from lts_server.web.services import SERVICES, Services
 
@@ -42,7 +43,7 @@ async def servers(request: web.Request) -> web.Response:
 
 def create_app(services: Services, admin_port: int | None = None) -> web.Application:
     """The application; with admin_port set, admin paths answer only on that port."""
-    middlewares = [portal.security_headers, metrics.device_metrics, errors_middleware]
+    middlewares = [portal.security_headers, metrics.device_metrics, errors_middleware, portal.html_errors]
     if admin_port is not None:
         middlewares.append(_admin_only_on(admin_port))
     middlewares.append(auth.auth_middleware)
@@ -83,6 +84,7 @@ def create_app(services: Services, admin_port: int | None = None) -> web.Applica
     alerts.add_routes(app)
     app.router.add_get("/metrics", metrics.handler(admin_port))
     portal.add_routes(app)
+    portal_alerts.add_routes(app)
     return app
 
 
