@@ -80,7 +80,7 @@ def trend(labels: list[str], lines: list[Line], title: str, width: int = 720, he
     grid = []
     for k in range(5):
         v = top * k // 4
-        grid.append(f'<line x1="{pad_l}" y1="{y(v):.1f}" x2="{width - 10}" y2="{y(v):.1f}" class="grid"/>'
+        grid.append(f'<line x1="{pad_l}" y1="{y(v):.1f}" x2="{width - 10}" y2="{y(v):.1f}" class="gridline"/>'
                     f'<text x="{pad_l - 6}" y="{y(v) + 3:.1f}" class="axis" text-anchor="end">{v:,}</text>')
     drawn = []
     for line in lines:
