@@ -133,14 +133,17 @@ class Alerter:
         self._wake_check.set()
 
     def after_usage(self, item_ids: Iterable[str]) -> None:
-        """Check at once if units just charged took an item past a level not yet notified."""
+        """Check at once if units or overuse just counted took an item past a level not yet notified.
+
+        Cheap (the rules of the named items only), so it runs after every usage report and roll-up.
+        """
         now = self.ledger.clock()
         for item_id in item_ids:
             item = self.ledger.items.get(item_id)
             if item is None:
                 continue
             for c in rules.item_conditions(item, self.ledger.status(item_id), now):
-                if c.kind is rules.Kind.UNITS and c.level > self._levels.get(c.key, 0):
+                if c.kind in (rules.Kind.UNITS, rules.Kind.OVERUSE) and c.level > self._levels.get(c.key, 0):
                     self.request_check()
                     return
 

@@ -155,10 +155,11 @@ class Server:
         assert self.services is not None
         ledger, store = self.services.ledger, self.services.store
         async with self._rollup_lock:  # one roll-up at a time, so overuse is mirrored in order
-            return await self._roll_up_pages(ledger, store)
+            return await self._roll_up_pages(ledger, store, self.services.alerts.after_usage)
 
     @staticmethod
-    async def _roll_up_pages(ledger: Ledger, store: SQLiteStore) -> int:
+    async def _roll_up_pages(ledger: Ledger, store: SQLiteStore,
+                             on_overuse: Callable[[list[str]], None] | None = None) -> int:
         total = 0
         # Items present when the pass starts are the only ones its events can name.
         quantities = {i.item_id: (i.license_type.value, i.quantity) for i in ledger.items.values()}
@@ -167,6 +168,8 @@ class Server:
             total += result.processed
             if result.overuse:
                 await ledger.mirror_overuse(result.overuse)
+                if on_overuse is not None:
+                    on_overuse(list(result.overuse))
             if result.processed < ROLLUP_PAGE:
                 return total
             await asyncio.sleep(0)

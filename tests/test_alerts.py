@@ -284,6 +284,9 @@ async def test_a_receiver_down_for_an_hour_gets_everything_afterwards_in_order(a
         await alerting.server.services.alerts.deliver_due()
     assert alerting.receiver.posts == []
     await alerting.receiver.up()
+    # The older delivery waits for its retry, and the newer one waits behind it: order is kept.
+    await alerting.server.services.alerts.deliver_due()
+    assert alerting.receiver.posts == []
     alerting.running.clock.advance(minutes=10)
     await alerting.server.services.alerts.deliver_due()
     assert [b["alertId"] for b in alerting.receiver.bodies()] == [first, second]
@@ -400,3 +403,17 @@ async def test_periodic_checks_run_without_being_asked(tmp_path: Path, vendor: V
         assert box.to("ops@example.com")[0]["Subject"] == "[lts-server] alert: expiry L1-1 expires within 30 days"
     finally:
         await server.stop()
+
+
+async def test_overuse_mirrored_by_the_roll_up_asks_for_a_check_at_once(alerting: Alerting) -> None:
+    running = alerting.running
+    await running.drop("c.lic", running.vendor.issue(license_spec("C", items=[
+        item("C-1", license_type="per-concurrent-instance", quantity=1)])))
+    await alerting.check()
+    # What the roll-up job does when instance-slices beyond the quantity were counted (1,000 is the allowance).
+    await running.ledger.mirror_overuse({"C-1": 650})
+    alerting.server.services.alerts.after_usage(["C-1"])
+    await wait_for(lambda: alerting.mailbox.to("ops@example.com"))
+    mail = alerting.mailbox.to("ops@example.com")[0]
+    assert mail["Subject"] == "[lts-server] alert: overuse C-1 60%"
+    assert "has used 650 of its overuse allowance of 1,000 slices (60%)." in text(mail)

@@ -96,9 +96,12 @@ class AlertsMixin:
         return await self._transaction(lambda con: _enqueue(con, at_ms, notification))  # type: ignore[attr-defined]
 
     async def due_deliveries(self, now_ms: int, limit: int = 100) -> list[Delivery]:
+        """Pending deliveries due now, oldest first; none to a receiver whose older delivery waits for its retry."""
         rows = await self._all(  # type: ignore[attr-defined]
             f"SELECT {_DELIVERY_COLUMNS} FROM alert_deliveries d JOIN alerts a ON a.id = d.alert_id"
-            " WHERE d.state = 'pending' AND d.next_ms <= ? ORDER BY d.id LIMIT ?", (now_ms, limit))
+            " WHERE d.state = 'pending' AND d.next_ms <= ? AND NOT EXISTS (SELECT 1 FROM alert_deliveries e"
+            " WHERE e.state = 'pending' AND e.channel = d.channel AND e.target = d.target AND e.id < d.id"
+            " AND e.next_ms > ?) ORDER BY d.id LIMIT ?", (now_ms, now_ms, limit))
         return [_delivery(r) for r in rows]
 
     async def mark_delivered(self, delivery_id: int, at_ms: int) -> None:
