@@ -417,3 +417,46 @@ async def test_overuse_mirrored_by_the_roll_up_asks_for_a_check_at_once(alerting
     mail = alerting.mailbox.to("ops@example.com")[0]
     assert mail["Subject"] == "[lts-server] alert: overuse C-1 60%"
     assert "has used 650 of its overuse allowance of 1,000 slices (60%)." in text(mail)
+
+
+async def test_smtp_login_uses_the_password_file_and_a_wrong_one_is_retried(tmp_path: Path, vendor: Vendor) -> None:
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    box = Mailbox()
+    logins: list[tuple[bytes, bytes]] = []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        assert isinstance(data, LoginPassword)
+        logins.append((data.login, data.password))
+        ok = data.password == b"smtp-pass-1"
+        return AuthResult(success=ok, handled=ok)  # not handled: the server answers 535 itself
+
+    port = free_port()
+    # A test server without TLS may offer AUTH only when told so (a real one would require TLS first).
+    controller = Controller(box, hostname="127.0.0.1", port=port, authenticator=authenticator,
+                            auth_require_tls=False, auth_required=True)
+    controller.start()
+    password = tmp_path / "smtp-password"
+    password.write_text("wrong-pass\n")
+    (tmp_path / "import").mkdir()
+    path = write_config(tmp_path, vendor, **{"alerts.smtp": {"host": "127.0.0.1", "port": port, "username": "lts",
+                                                              "password_file": str(password),
+                                                              "timeout_seconds": 5}})
+    clock = Clock()
+    server = Server(config_mod.load(path, environ={}), clock=clock)
+    await server.start()
+    try:
+        await server.services.store.set_alert_recipients("ops@example.com")
+        await server.services.alerts.send_test()
+        await server.services.alerts.deliver_due()
+        [alert] = await server.services.store.alert_history(1)
+        assert alert.deliveries[0].state == "pending" and "SMTPAuthenticationError" in alert.deliveries[0].last_error
+        password.write_text("smtp-pass-1\n")  # fixed: read again at the next try
+        clock.advance(minutes=1)
+        await server.services.alerts.deliver_due()
+        # (smtplib tries each mechanism the server offers before it gives up)
+        assert set(logins[:-1]) == {(b"lts", b"wrong-pass")} and logins[-1] == (b"lts", b"smtp-pass-1")
+        assert [m["Subject"] for m in box.to("ops@example.com")] == ["[lts-server] test notification"]
+    finally:
+        await server.stop()
+        controller.stop()
