@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import secrets
 import urllib.parse
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ SESSION = "lts_session"
 PRE_CSRF = "lts_csrf"
 FLASH = "lts_flash"
 ROWS_PER_PAGE = 24
+ITEMS_PER_PAGE = 50
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
 
@@ -239,6 +241,32 @@ async def security_submit(request: web.Request) -> web.Response:
 
 # -- items -------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Pager:
+    total: int
+    first: int  # 1-based index of the first row shown
+    last: int
+    page: int
+    pages: int
+    previous: str | None  # link, when there is such a page
+    next: str | None
+
+
+def _paged(request: web.Request, rows: list[Any], per_page: int) -> tuple[list[Any], Pager]:
+    """The rows of the page named by ?page= (other query parameters kept in the links)."""
+    pages = max(1, -(-len(rows) // per_page))
+    raw = request.query.get("page", "1")
+    number = min(pages, max(1, int(raw))) if raw.isdigit() else 1
+    shown = rows[(number - 1) * per_page:number * per_page]
+    query = {k: v for k, v in request.query.items() if k != "page"}
+
+    def link(n: int) -> str | None:
+        return "?" + urllib.parse.urlencode({**query, "page": n}) if 1 <= n <= pages else None
+
+    first = (number - 1) * per_page + 1
+    return shown, Pager(len(rows), first, first + len(shown) - 1, number, pages, link(number - 1), link(number + 1))
+
+
 def _for_people(status: dict[str, Any]) -> dict[str, Any]:
     return {**status, "usage": usage_text(status), "stateLabel": ItemState(status["state"]).label}
 
@@ -252,7 +280,8 @@ async def items_page(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     rejected = [{"path": r.path, "reason": r.reason, "seenAt": iso(r.seen_at)[:19].replace("T", " ")}
                 for r in sorted(services.ledger.imports.values(), key=lambda r: r.path) if r.state == "rejected"]
-    return _render(request, "items.html", "License items", nav="items", items=_items(services), rejected=rejected,
+    items, pager = _paged(request, _items(services), ITEMS_PER_PAGE)
+    return _render(request, "items.html", "License items", nav="items", items=items, pager=pager, rejected=rejected,
                    **page)
 
 
@@ -288,8 +317,9 @@ async def codes_page(request: web.Request) -> web.Response:
     page = await _logged_in(request)
     services = request.app[SERVICES]
     today = await requests_today(services)
-    codes = [await code_json(services, c, today) for c in sorted(services.ledger.codes.values(), key=lambda c: c.name)]
-    return _render(request, "codes.html", "Handshake codes", nav="codes", codes=codes, **page)
+    names, pager = _paged(request, sorted(services.ledger.codes), ITEMS_PER_PAGE)
+    codes = [await code_json(services, services.ledger.codes[n], today) for n in names]
+    return _render(request, "codes.html", "Handshake codes", nav="codes", codes=codes, pager=pager, **page)
 
 
 def _lines(value: Any) -> tuple[str, ...]:
@@ -435,18 +465,12 @@ async def _stats_page(request: web.Request, scope: str, key: str, subject: str,
     unit_counts = [b["units"] for b in series]
     counts_units = any(i.get("units") for i in items) or any(unit_counts)
     units = trend(labels, [Line("units", UNITS, unit_counts)], "Units (scans, pages) per bucket") if counts_units else None
-    rows = [b for b in series if b["granted"] or b["refused"] or b["units"] or b["devices"]]
     # Long tables are paged: a week of 2-hour buckets is up to 84 rows.
-    pages = max(1, -(-len(rows) // ROWS_PER_PAGE))
-    raw_page = request.query.get("page", "1")
-    number = min(pages, max(1, int(raw_page))) if raw_page.isdigit() else 1
-    shown = rows[(number - 1) * ROWS_PER_PAGE:number * ROWS_PER_PAGE]
-    query = {k: v for k, v in request.query.items() if k != "page"}
-    page_link = {n: "?" + urllib.parse.urlencode({**query, "page": n}) for n in (number - 1, number + 1)}
+    shown, pager = _paged(request, [b for b in series if b["granted"] or b["refused"] or b["units"] or b["devices"]],
+                          ROWS_PER_PAGE)
     return _render(request, "stats.html", f"Statistics of {subject}", nav="codes" if scope == "code" else "items",
                    subject=subject, items=items, donuts=donuts, trend=handshakes, units_trend=units, rows=shown,
-                   row_count=len(rows), first_row=(number - 1) * ROWS_PER_PAGE + 1, page=number, pages=pages,
-                   page_link=page_link, summary=summary,
+                   pager=pager, summary=summary,
                    day=day.strftime("%Y-%m-%d") if day else None, from_day=start.strftime("%Y-%m-%d"),
                    to_day=(end - timedelta(days=1)).strftime("%Y-%m-%d"), **page)
 
