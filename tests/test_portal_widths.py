@@ -26,6 +26,7 @@ PAGES = {
     "items": "/portal/items",
     "codes": "/portal/codes",
     "code-new": "/portal/codes/new",
+    "code-edit": "/portal/codes/216998-fleet/edit",
     "usage-order": "/portal/codes/216998-fleet/order",
     "stats-code": "/portal/stats/code/216998-fleet",
     "stats-item-units": "/portal/stats/item/scans",
@@ -96,6 +97,8 @@ async def test_every_page_fits_a_phone_and_a_laptop(running: Running) -> None:
             for width in WIDTHS:
                 page = await browser.new_page(viewport={"width": width, "height": 900})
                 await page.goto(running.url + "/portal/login")
+                await page.screenshot(path=str(OUT / f"login-{width}.png"), full_page=True)
+                assert await page.evaluate(OVERFLOW) == [], f"login at {width} px"
                 await page.fill("#password", ADMIN_PASSWORD)
                 await page.keyboard.press("Enter")
                 await page.wait_for_url(running.url + "/portal/")
