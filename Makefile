@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/handshake/run.py
 	$(BIN)/python bench/stats_query.py
 	$(BIN)/python bench/alert_check.py
+	$(BIN)/python bench/churn.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -36,11 +36,13 @@ from lts_server.core import alerts as rules
 from lts_server.core.times import from_ms, iso, to_ms
 from lts_server.ledger import Ledger
 from lts_server.metrics import Metrics
-from lts_server.store import AlertCheck, Delivery, Notification, OpenCondition, Store, Webhook
+from lts_server.store import Delivery, Notification, OpenCondition, Store, Webhook
 
 SIGNATURE_HEADER = "X-LTS-Signature"
 FIRST_RETRY_SECONDS = 5.0
 WEBHOOK_TIMEOUT_SECONDS = 10.0
+# How long a sender holds a delivery it tries: longer than any one try can take.
+CLAIM_MS = 5 * 60 * 1000
 
 
 class DeliveryFailed(Exception):
@@ -57,11 +59,6 @@ class CheckOutcome:
 def signature(secret: str, body: bytes) -> str:
     """The value of the X-LTS-Signature header: sha256=<hex HMAC-SHA256 of the exact body>."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-def condition_json(c: rules.Condition) -> dict[str, object]:
-    return {"key": c.key, "kind": str(c.kind), "subject": c.subject, "level": c.level, "label": c.label,
-            "message": c.message, "link": c.link}
 
 
 class Alerter:
@@ -91,28 +88,19 @@ class Alerter:
         """Evaluate every condition now; queue one notification holding all newly met ones."""
         async with self._check_lock:
             started = time.perf_counter()
-            previous = {c.key: c for c in await self.store.open_conditions()}
-            notified = {k: c.level for k, c in previous.items()}
             now, met = await self.current()
-            t = rules.transition(met, notified)
-            at_ms = to_ms(now)
-            notification = None
-            if t.new:
-                notification = Notification("alert", rules.subject_line(t.new), [condition_json(c) for c in t.new])
-            # Only rows that changed are written: a steady check holds the database's write lock briefly.
-            changed = tuple(OpenCondition(c.key, c.kind.value, c.subject, c.level, c.label, c.message, c.link,
-                                          at_ms, at_ms) for c in met if _changed(previous.get(c.key), c))
-            alert_id = await self.store.record_alert_check(AlertCheck(at_ms, changed, t.cleared, notification))
-            self._levels = t.levels
+            # What is new is decided in the store's transaction, against the levels notified there.
+            recorded = await self.store.record_alert_check(to_ms(now), met)
+            self._levels = recorded.levels
             if self.metrics:
                 self.metrics.alert_checks.inc()
                 self.metrics.alert_check_latency.observe(time.perf_counter() - started)
-            if alert_id is not None:
+            if recorded.alert_id is not None:
                 if self.metrics:
                     self.metrics.alerts.labels("alert").inc()
-                logs.event("alerts.raised", alert_id=alert_id, conditions=[c.key for c in t.new])
+                logs.event("alerts.raised", alert_id=recorded.alert_id, conditions=[c.key for c in recorded.new])
                 self._wake_outbox.set()
-            return CheckOutcome(t.new, t.cleared, alert_id)
+            return CheckOutcome(recorded.new, recorded.cleared, recorded.alert_id)
 
     async def current(self) -> tuple[datetime, list[rules.Condition]]:
         """The conditions of the enabled kinds met right now (what a check would see), and that now."""
@@ -123,8 +111,7 @@ class Alerter:
         requests = {code: rules.CodeRequests(g, r)
                     for code, (g, r) in (await self.store.code_requests_since(to_ms(since))).items()}
         # From here on nothing awaits: the ledger's state is read in one go.
-        rejected = tuple(rules.RejectedFile(r.path, r.reason or "rejected")
-                         for r in self.ledger.imports.values() if r.state == "rejected")
+        rejected = tuple(rules.RejectedFile(r.path, r.reason or "rejected") for r in self.ledger.open_rejections())
         facts = rules.Facts(self.ledger.items, self.ledger.statuses, requests, rejected)
         return now, rules.conditions(facts, now, self.window, enabled)
 
@@ -218,6 +205,9 @@ class Alerter:
         for d in due:
             if (d.channel, d.target) in blocked:
                 continue
+            now_ms = to_ms(self.ledger.clock())
+            if not await self.store.claim_delivery(d.id, now_ms, now_ms + CLAIM_MS):
+                continue  # sent meanwhile, or another sender holds it
             try:
                 if d.channel == "email":
                     await self._send_mail(d)
@@ -318,11 +308,6 @@ class Alerter:
                 password = self.smtp_password_path.read_text(encoding="utf-8").splitlines()[0]
                 client.login(smtp.username, password)
             client.send_message(msg)
-
-
-def _changed(before: OpenCondition | None, now: rules.Condition) -> bool:
-    return before is None or (before.level, before.label, before.message, before.link) != (
-        now.level, now.label, now.message, now.link)
 
 
 def open_condition_json(c: OpenCondition) -> dict[str, object]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, get_args, get_origin
@@ -41,11 +42,22 @@ class ServerSection(_Section):
     # /healthz, device requests here get 503 with error 100.
     standby_of: str | None = None
     standby_check_seconds: Positive = 5.0
+    # Processes serving the port together (SO_REUSEPORT), each a node of the
+    # cluster: more than 1 needs storage.backend = "postgresql".
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
 
 
 class StorageSection(_Section):
     state_dir: str
+    # "sqlite": one node, the database file in state_dir (or `database`).
+    # "postgresql": any number of nodes on the database at `url`.
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
     database: str | None = None
+    # libpq URL, postgresql://user@host:port/dbname; the password may come from
+    # PGPASSWORD or ~/.pgpass instead of the URL.
+    url: str | None = None
+    # How often a node reads what the other nodes of a PostgreSQL cluster changed.
+    follow_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200
     # How long a write waits for a lock held by another process before it
     # fails with a clear error instead of hanging.
     busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 5000
@@ -256,6 +268,19 @@ def _choices(key: str) -> tuple[str, ...]:
 
 def _check(config: Config, path: Path) -> None:
     server = config.server
+    storage = config.storage
+    if storage.backend == "postgresql":
+        if not storage.url:
+            raise ConfigError(f"{path}: key 'storage.url': required with backend = \"postgresql\" "
+                              "(postgresql://user@host:port/dbname)")
+        problem = url_problem(storage.url)
+        if problem:
+            raise ConfigError(f"{path}: key 'storage.url': {problem}")
+    elif server.workers > 1:
+        raise ConfigError(f"{path}: key 'server.workers': {server.workers} worker processes need "
+                          "storage.backend = \"postgresql\"; SQLite has one writer, so use workers = 1")
+    if server.workers > 1 and server.port == 0:
+        raise ConfigError(f"{path}: key 'server.port': several workers share one port; name it (not 0)")
     if bool(server.tls_cert) != bool(server.tls_key):
         raise ConfigError(f"{path}: key 'server.tls_cert': tls_cert and tls_key must be set together")
     for key in ("tls_cert", "tls_key"):
@@ -275,3 +300,17 @@ def _check(config: Config, path: Path) -> None:
     for i, key_path in enumerate(config.public_key_paths):
         if not os.access(key_path, os.R_OK):
             raise ConfigError(f"{path}: key 'vendor.public_keys[{i}]': cannot read {key_path}")
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with a PostgreSQL URL, or None."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        return f"expected a postgresql:// URL, not {parts.scheme or 'no scheme'}:// "
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return "the port in the URL is not a number"
+    if not parts.path.strip("/") and "dbname=" not in parts.query:
+        return "the URL names no database (postgresql://user@host:port/dbname)"
+    return None

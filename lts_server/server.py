@@ -14,6 +14,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lts_server import identity, licensefile, logs
+from lts_server import config as config_mod
 from lts_server.alerts import Alerter
 from lts_server.config import Config
 from lts_server.core.times import to_ms, utcnow
@@ -22,11 +23,14 @@ from lts_server.importer import Importer
 from lts_server.ledger import MAX_SWEEP, ImportOutcome, Ledger
 from lts_server.metrics import LiveState, Metrics
 from lts_server.signer import BatchSigner
+from lts_server.store import Store
+from lts_server.store.postgres import PostgresStore
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
 from lts_server.web.services import Services
 
 SWEEP_SECONDS = 60.0
+SWEEP_RETRY_SECONDS = 5.0
 # Rollups trail the event log by about this much.
 ROLLUP_SECONDS = 1.0
 # Events per rollup transaction: small, so device commits queued behind it on
@@ -46,10 +50,19 @@ def _ports(site: web.TCPSite) -> list[int]:
     return sorted({sock.getsockname()[1] for sock in getattr(server, "sockets", None) or []})
 
 
+def open_store(cfg: Config) -> Store:
+    if cfg.storage.backend == "postgresql":
+        assert cfg.storage.url is not None
+        return PostgresStore(cfg.storage.url)
+    return SQLiteStore(cfg.database_path, cfg.storage.busy_timeout_ms)
+
+
 class Server:
-    def __init__(self, config: Config, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, config: Config, clock: Callable[[], datetime] = utcnow, worker: int = 0) -> None:
         self.config = config
         self.clock = clock
+        # 0: the only process; 1..N: one of server.workers processes sharing the port.
+        self.worker = worker
         self.trusted: dict[str, Ed25519PublicKey] = {}
         self.runner: web.AppRunner | None = None
         self.services: Services | None = None
@@ -58,20 +71,27 @@ class Server:
         self.urls: list[str] = []
         self.admin_url = ""
         self._rollup_lock = asyncio.Lock()
+        self._store: Store | None = None
         self._standby_checked = asyncio.Event()
 
-    def load_vendor_keys(self) -> dict[str, Ed25519PublicKey]:
-        return licensefile.load_trusted(self.config.public_key_paths)
+    def load_vendor_keys(self, cfg: Config | None = None) -> dict[str, Ed25519PublicKey]:
+        return licensefile.load_trusted((cfg or self.config).public_key_paths)
 
     async def start(self) -> None:
         cfg = self.config
         self.trusted = self.load_vendor_keys()
-        ident = identity.load_or_create(cfg.state_dir)
         metrics = Metrics()
-        store = SQLiteStore(cfg.database_path, cfg.storage.busy_timeout_ms)
+        store = open_store(cfg)
+        self._store = store
         store.on_commit = lambda events, seconds: (metrics.commit_events.observe(events),
                                                    metrics.commit_latency.observe(seconds))
         await store.open()
+        if isinstance(store, PostgresStore):
+            ident = await identity.for_cluster(store, cfg.state_dir)
+            # Read before the snapshot: what lands in between is taken in twice, harmlessly.
+            follow_from = await store.last_event()
+        else:
+            ident = identity.load_or_create(cfg.state_dir)
         ledger = Ledger(store, ident.secret, self.clock)
         await ledger.start()
         metrics.watch(LiveState(lambda: ledger.items, lambda: ledger.statuses, lambda: ledger.queue_depth,
@@ -91,7 +111,8 @@ class Server:
         importer.on_import = imported
         self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key), alerter,
                                  metrics)
-        await importer.scan("start-up")
+        if self.leads:
+            await importer.scan("start-up")
         separate_admin = cfg.admin.port is not None
         admin_port = cfg.admin.port if separate_admin else None
         if admin_port == 0:
@@ -100,7 +121,7 @@ class Server:
         self.runner = web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.server.host, cfg.server.port, ssl_context=self._ssl(),
-                           reuse_address=True)
+                           reuse_address=True, reuse_port=self.worker > 0)
         await site.start()
         scheme = "https" if cfg.server.tls_cert else "http"
         self.urls = [f"{scheme}://{cfg.server.host}:{port}" for port in _ports(site)]
@@ -111,19 +132,50 @@ class Server:
             self.admin_url = f"{scheme}://{admin_host}:{admin_port}"
         else:
             self.admin_url = self.urls[0]
-        self._tasks.append(asyncio.create_task(
-            importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
-        self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
+        if self.leads:
+            self._tasks.append(asyncio.create_task(
+                importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
+            self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
         self._tasks.append(asyncio.create_task(self._roller(), name="rollups"))
-        # A check at start-up, then every check_seconds and whenever asked.
+        if isinstance(store, PostgresStore):
+            self._tasks.append(asyncio.create_task(self._follow(store, follow_from), name="follow"))
+        # A check at start-up, then every check_seconds and whenever asked (in any process: a check
+        # decides what is new inside its transaction, so two processes never raise the same alert).
         alerter.request_check()
         self._tasks.append(asyncio.create_task(alerter.run_checks(self.stopping), name="alert-checks"))
-        self._tasks.append(asyncio.create_task(alerter.run_outbox(self.stopping), name="alert-outbox"))
+        if self.leads:  # deliveries are claimed one at a time, but one sender per machine is plenty
+            self._tasks.append(asyncio.create_task(alerter.run_outbox(self.stopping), name="alert-outbox"))
         if cfg.server.standby_of:
             self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
             await self._standby_checked.wait()  # know the main's state before serving anyone
         logs.event("server.listening", urls=self.urls, server_uuid=ident.server_uuid,
                    database=str(cfg.database_path), import_dir=str(cfg.import_dir))
+
+    @property
+    def leads(self) -> bool:
+        """Whether this process watches the import folder and sweeps lapsed seats: the first worker
+        of a machine does it for the others (they learn of it through the database)."""
+        return self.worker <= 1
+
+    async def _follow(self, store: PostgresStore, after: int) -> None:
+        """Take in what the other nodes commit, every storage.follow_ms."""
+        assert self.services is not None
+        pause = self.config.storage.follow_ms / 1000
+        while not self.stopping.is_set():
+            try:
+                changes = await store.changes_since(after)
+                if changes.events:
+                    await self.services.ledger.follow(changes.events)
+                caught_up = changes.upto == after
+                after = changes.upto
+            except Exception as e:  # the database is away: try again, the feed resumes where it stopped
+                logs.event("follow.failed", logs.logging.ERROR, error=str(e))
+                caught_up = True
+            if caught_up:
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), timeout=pause)
+                except TimeoutError:
+                    pass
 
     def _ssl(self) -> ssl.SSLContext | None:
         server = self.config.server
@@ -135,18 +187,21 @@ class Server:
 
     async def _sweeper(self) -> None:
         assert self.services is not None
+        wait = SWEEP_SECONDS
         while not self.stopping.is_set():
             try:
-                await asyncio.wait_for(self.stopping.wait(), timeout=SWEEP_SECONDS)
+                await asyncio.wait_for(self.stopping.wait(), timeout=wait)
             except TimeoutError:
                 try:
                     freed = total = await self.services.ledger.sweep()
                     while freed == MAX_SWEEP:  # a mass expiry: go on in slices
                         freed = await self.services.ledger.sweep()
                         total += freed
-                except Exception as e:  # a failed sweep is retried at the next tick
-                    logs.event("seats.sweep_failed", logs.logging.ERROR, error=str(e))
+                except Exception as e:  # the sweep was undone, lapsed seats are still due: try again soon
+                    logs.event("seats.sweep_failed", logs.logging.ERROR, error=str(e), retry_seconds=SWEEP_RETRY_SECONDS)
+                    wait = SWEEP_RETRY_SECONDS
                 else:
+                    wait = SWEEP_SECONDS
                     if total:
                         logs.event("seats.swept", freed=total)
 
@@ -158,7 +213,7 @@ class Server:
             return await self._roll_up_pages(ledger, store, self.services.alerts.after_usage)
 
     @staticmethod
-    async def _roll_up_pages(ledger: Ledger, store: SQLiteStore,
+    async def _roll_up_pages(ledger: Ledger, store: Store,
                              on_overuse: Callable[[list[str]], None] | None = None) -> int:
         total = 0
         # Items present when the pass starts are the only ones its events can name.
@@ -220,17 +275,23 @@ class Server:
                     await self._check_main(session)
 
     async def reload(self) -> None:
-        """SIGHUP: re-read the vendor keys, then rescan the import directory."""
+        """SIGHUP: re-read the config file's [vendor] section and its key files, then rescan.
+
+        A change of trusted keys makes the rescan try every rejected file again.
+        Other sections take effect at the next restart.
+        """
         try:
-            keys = self.load_vendor_keys()
-        except (OSError, ValueError) as e:
+            fresh = config_mod.load(self.config.source) if self.config.source else self.config
+            keys = self.load_vendor_keys(fresh)
+        except (config_mod.ConfigError, OSError, ValueError) as e:
             logs.event("reload.keys_failed", logs.logging.ERROR, error=str(e), kept=sorted(self.trusted))
         else:
             if set(keys) != set(self.trusted):
                 logs.event("reload.keys_changed", added=sorted(set(keys) - set(self.trusted)),
                            removed=sorted(set(self.trusted) - set(keys)))
+            self.config.vendor = fresh.vendor
             self.trusted = keys
-        if self.services is not None:
+        if self.services is not None and self.leads:
             report = await self.services.importer.scan("reload")
             logs.event("reload.done", files=report.seen, changed=len(report.outcomes))
 
@@ -249,5 +310,6 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.services is not None:
             await self.services.ledger.close()
-            await self.services.store.close()
+        if self._store is not None:
+            await self._store.close()
         logs.event("server.stopped")

@@ -49,8 +49,7 @@ async def test_metrics_count_handshakes_usage_imports_commits_and_item_use(runni
     report = {"reportId": "r1", "clientUuid": "secret-device-s", "handshakeCode": "216998-L1",
               "records": [{"slot": slot, "product": "scanner", "operation": "scan", "count": 70}] * 2}
     for _ in range(2):
-        async with running.session.post(running.url + "/api/v1/usage", json=report) as resp:
-            assert resp.status == 200
+        assert (await running.report(report))[0] == 200
     async with running.session.post(running.url + "/api/v1/handshake", data=b"{") as resp:
         assert resp.status == 400
 

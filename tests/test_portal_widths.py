@@ -76,11 +76,11 @@ async def fill(running: Running) -> None:
     running.clock.now = end
     assert (await running.handshake(handshakeCode="216998-fleet", clientUuid="scanner-1", product="scanner",
                                     domain="x.a-rather-long-customer-domain-name.example.com"))[0] == 200
-    async with running.session.post(running.url + "/api/v1/usage", json={
-            "reportId": "r1", "clientUuid": "scanner-1", "handshakeCode": "216998-fleet",
-            "records": [{"slot": iso(slice_start(end)), "product": "scanner", "operation": "scan",
-                         "count": 8_700, "itemId": "scans"}]}) as resp:
-        assert resp.status == 200, await resp.text()
+    status, answer = await running.report({
+        "reportId": "r1", "clientUuid": "scanner-1", "handshakeCode": "216998-fleet",
+        "records": [{"slot": iso(slice_start(end)), "product": "scanner", "operation": "scan",
+                     "count": 8_700, "itemId": "scans"}]})
+    assert status == 200, answer
     await running.server.roll_up()
     await running.server.services.alerts.check()
 

@@ -226,6 +226,12 @@ def transition(met: Iterable[Condition], notified: Mapping[str, int]) -> Transit
     return Transition(tuple(new), levels, cleared)
 
 
+def condition_json(c: Condition) -> dict[str, object]:
+    """A condition as notifications carry it (e-mail text and webhook JSON are made from this)."""
+    return {"key": c.key, "kind": c.kind.value, "subject": c.subject, "level": c.level, "label": c.label,
+            "message": c.message, "link": c.link}
+
+
 def subject_line(new: tuple[Condition, ...]) -> str:
     """The e-mail subject of a notification."""
     if len(new) == 1:

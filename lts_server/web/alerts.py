@@ -13,7 +13,7 @@ from aiohttp import web
 from lts_server.alerts import delivery_json, open_condition_json
 from lts_server.core.alerts import Kind
 from lts_server.core.times import from_ms, iso, to_ms
-from lts_server.store.sqlite_alerts import split_recipients
+from lts_server.store.sql_alerts import split_recipients
 from lts_server.web.device import read_json_body
 from lts_server.web.errors import ApiError, decode_json
 from lts_server.web.services import SERVICES, Services

@@ -40,6 +40,7 @@ class SeatCount(msgspec.Struct, rename="camel"):
 
 
 class Authorization(msgspec.Struct, rename="camel", omit_defaults=True):
+    authorization_id: str
     server_uuid: str
     handshake_code: str
     organization_id: str

@@ -279,7 +279,7 @@ async def items_page(request: web.Request) -> web.Response:
     page = await _logged_in(request)
     services = request.app[SERVICES]
     rejected = [{"path": r.path, "reason": r.reason, "seenAt": iso(r.seen_at)[:19].replace("T", " ")}
-                for r in sorted(services.ledger.imports.values(), key=lambda r: r.path) if r.state == "rejected"]
+                for r in services.ledger.open_rejections()]
     items, pager = _paged(request, _items(services), ITEMS_PER_PAGE)
     return _render(request, "items.html", "License items", nav="items", items=items, pager=pager, rejected=rejected,
                    **page)
@@ -294,7 +294,6 @@ async def items_import(request: web.Request) -> web.Response:
     data = upload.file.read(MAX_FILE_BYTES + 1)
     name = Path(upload.filename or "upload.lic").name
     outcome = await services.importer.import_bytes(f"upload:{name}", data)
-    assert outcome is not None
     if outcome.state == "rejected":
         raise _redirect("/portal/items", ("error", f"{name} was rejected: {outcome.reason}"))
     raise _redirect("/portal/items", ("ok", f"{name}: license {outcome.license_id} {outcome.state}."))

@@ -1,5 +1,7 @@
 -- Usage alerts: who is told, which conditions are open at which level, and
--- the durable outbox of notifications and their deliveries.
+-- the durable outbox of notifications and their deliveries. Ids are given by
+-- the store (one more than the largest, inside the writing transaction), so
+-- the same SQL serves SQLite and PostgreSQL.
 
 -- One row: e-mail recipients (separated by semicolons, as an admin types
 -- them) and the kinds of condition switched off (a JSON array).
@@ -52,7 +54,9 @@ CREATE TABLE alert_deliveries (
     attempts   INTEGER NOT NULL DEFAULT 0,
     next_ms    BIGINT NOT NULL,
     last_error TEXT,
-    sent_ms    BIGINT
+    sent_ms    BIGINT,
+    -- A sender (any process, any node) holds a delivery while it tries it.
+    claimed_until_ms BIGINT
 );
 CREATE INDEX alert_deliveries_due ON alert_deliveries (state, next_ms);
 CREATE INDEX alert_deliveries_alert ON alert_deliveries (alert_id);
