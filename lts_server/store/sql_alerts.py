@@ -35,8 +35,8 @@ DELIVERY_COLUMNS = (
     "d.id, d.alert_id, d.channel, d.target, d.webhook_id, d.state, d.attempts, d.next_ms, d.last_error, d.sent_ms,"
     " a.created_ms, a.subject, a.type, a.conditions"
 )
-# SQLite's and PostgreSQL's upper bound of a BIGINT: "no page bound" for ?before=.
-NO_BOUND = 2**62
+# Ids are INTEGER (32-bit in PostgreSQL): one past the largest is "no page bound" for ?before=.
+NO_BOUND = 2**31 - 1
 
 
 def split_recipients(text: str) -> list[str]:

@@ -13,7 +13,7 @@ from aiohttp import web
 from lts_server.alerts import delivery_json, open_condition_json
 from lts_server.core.alerts import Kind
 from lts_server.core.times import from_ms, iso, to_ms
-from lts_server.store.sql_alerts import split_recipients
+from lts_server.store.sql_alerts import NO_BOUND, split_recipients
 from lts_server.web.device import read_json_body
 from lts_server.web.errors import ApiError, decode_json
 from lts_server.web.services import SERVICES, Services
@@ -155,7 +155,7 @@ async def history(request: web.Request) -> web.Response:
     """Notifications, newest first, with each delivery's state; page with ?before=<id>."""
     services = request.app[SERVICES]
     limit = _int(request, "limit", 50, 1, MAX_HISTORY)
-    before = _int(request, "before", None, 1, 2**62)
+    before = _int(request, "before", None, 1, NO_BOUND)
     assert limit is not None
     alerts = await services.store.alert_history(limit, before)
     return web.json_response({"alerts": [
