@@ -63,9 +63,10 @@ def signature(secret: str, body: bytes) -> str:
 
 class Alerter:
     def __init__(self, config: AlertsSection, smtp_password_path: Path | None, store: Store, ledger: Ledger,
-                 server_uuid: str, metrics: Metrics | None = None) -> None:
+                 server_uuid: str, metrics: Metrics | None = None, smtp_ca_path: Path | None = None) -> None:
         self.config = config
         self.smtp_password_path = smtp_password_path
+        self.smtp_ca_path = smtp_ca_path
         self.store = store
         self.ledger = ledger
         self.server_uuid = server_uuid
@@ -294,7 +295,7 @@ class Alerter:
     def _smtp_send(self, msg: EmailMessage) -> None:
         smtp = self.config.smtp
         assert smtp.host is not None
-        context = ssl.create_default_context()
+        context = ssl.create_default_context(cafile=self.smtp_ca_path)
         client: smtplib.SMTP
         if smtp.tls:
             client = smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=smtp.timeout_seconds, context=context)

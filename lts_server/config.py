@@ -95,6 +95,9 @@ class SmtpSection(_Section):
     password_file: str | None = None
     from_: str = msgspec.field(name="from", default="lts-server@localhost")
     timeout_seconds: Positive = 30.0
+    # PEM file of the CA(s) that sign the SMTP server's certificate, when it is
+    # not one the system trusts (an intranet CA); unset: the system's.
+    ca_file: str | None = None
 
 
 class AlertsSection(_Section):
@@ -294,6 +297,8 @@ def _check(config: Config, path: Path) -> None:
         raise ConfigError(f"{path}: key 'alerts.smtp.password_file': cannot read {config.path(smtp.password_file)}")
     if smtp.username and not smtp.password_file:
         raise ConfigError(f"{path}: key 'alerts.smtp.username': set alerts.smtp.password_file too")
+    if smtp.ca_file and not os.access(config.path(smtp.ca_file), os.R_OK):
+        raise ConfigError(f"{path}: key 'alerts.smtp.ca_file': cannot read {config.path(smtp.ca_file)}")
     token_file = config.metrics.token_file
     if token_file and not os.access(config.path(token_file), os.R_OK):
         raise ConfigError(f"{path}: key 'metrics.token_file': cannot read {config.path(token_file)}")

@@ -96,9 +96,9 @@ class Server:
         await ledger.start()
         metrics.watch(LiveState(lambda: ledger.items, lambda: ledger.statuses, lambda: ledger.queue_depth,
                                 ledger.clock))
-        password_file = cfg.alerts.smtp.password_file
-        alerter = Alerter(cfg.alerts, cfg.path(password_file) if password_file else None, store, ledger,
-                          ident.server_uuid, metrics)
+        smtp = cfg.alerts.smtp
+        alerter = Alerter(cfg.alerts, cfg.path(smtp.password_file) if smtp.password_file else None, store, ledger,
+                          ident.server_uuid, metrics, cfg.path(smtp.ca_file) if smtp.ca_file else None)
         await alerter.start()
         importer = Importer(ledger, cfg.import_dir, ident.server_uuid, lambda: self.trusted,
                             lambda: self.config.vendor.allow_unbound)

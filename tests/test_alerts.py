@@ -460,3 +460,61 @@ async def test_smtp_login_uses_the_password_file_and_a_wrong_one_is_retried(tmp_
     finally:
         await server.stop()
         controller.stop()
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (it is its own CA) and its key."""
+    import ipaddress
+    from datetime import UTC, datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test SMTP")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "smtp.crt", folder / "smtp.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.mark.parametrize("mode", ["starttls", "tls"])
+async def test_mail_goes_over_starttls_or_tls_checked_against_the_configured_ca(tmp_path: Path, vendor: Vendor,
+                                                                                  mode: str) -> None:
+    import ssl
+
+    cert, key = _tls_files(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    box = Mailbox()
+    port = free_port()
+    if mode == "starttls":
+        controller = Controller(box, hostname="127.0.0.1", port=port, tls_context=server_ctx, require_starttls=True)
+    else:
+        controller = Controller(box, hostname="127.0.0.1", port=port, ssl_context=server_ctx)
+    controller.start()
+    (tmp_path / "import").mkdir()
+    path = write_config(tmp_path, vendor, **{"alerts.smtp": {"host": "127.0.0.1", "port": port, mode: True,
+                                                              "ca_file": str(cert), "timeout_seconds": 5}})
+    server = Server(config_mod.load(path, environ={}), clock=Clock())
+    await server.start()
+    try:
+        await server.services.store.set_alert_recipients("ops@example.com")
+        await server.services.alerts.send_test()
+        await server.services.alerts.deliver_due()
+        await wait_for(lambda: box.to("ops@example.com"))
+        [alert] = await server.services.store.alert_history(1)
+        assert [d.state for d in alert.deliveries] == ["sent"]
+    finally:
+        await server.stop()
+        controller.stop()
