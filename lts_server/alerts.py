@@ -1,11 +1,12 @@
 """Usage alerts, the shell: run checks, queue notifications in the outbox, deliver them.
 
 The rules live in core/alerts.py; this module gathers their facts from the
-ledger and the store, makes a check's outcome durable (levels, notification
-and one delivery per recipient and webhook, in one transaction), and works
-the outbox: each pending delivery is tried in order, retried with
-exponential backoff (also after a restart, since the outbox is the database),
-and marked sent once the receiver accepted it, so it is never sent again.
+ledger and the store, has the store decide and make durable what is new
+(levels, notification and one delivery per recipient and webhook, in one
+transaction: store/sql_alerts.py), and works the outbox: each pending
+delivery is claimed, tried in order per receiver, retried with exponential
+backoff (also after a restart, since the outbox is the database), and marked
+sent once the receiver accepted it, so it is never sent again.
 The one window left: a crash between a receiver's "accepted" and our
 commit of "sent" sends that delivery once more; the alert id in every
 message (Message-ID, X-LTS-Alert-Id, "alertId") lets a receiver drop it.
