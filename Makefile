@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean help
+.PHONY: run test bench clean help packages
 
 help:
 	@echo "make run    start the daemon on config/demo.toml (http://127.0.0.1:48080)"
@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/lts-server --config config/demo.toml
 
-test: $(STAMP)
+test: packages $(STAMP)
 	$(BIN)/python -m pytest
+
+# Debian packages the tests use (python3-venv, chromium, postgresql), installed when missing.
+packages:
+	@bash .ci/packages
 
 bench: $(STAMP)
 	$(BIN)/python bench/import_files.py

@@ -58,6 +58,8 @@ class StorageSection(_Section):
     url: str | None = None
     # How often a node reads what the other nodes of a PostgreSQL cluster changed.
     follow_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200
+    # How long start-up keeps trying to reach PostgreSQL before it gives up (exit 1).
+    connect_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 15.0
     # How long a write waits for a lock held by another process before it
     # fails with a clear error instead of hanging.
     busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 5000

@@ -50,6 +50,8 @@ T = TypeVar("T")
 K = TypeVar("K")
 V = TypeVar("V")
 MAX_BATCH = 512
+# How often a job is decided again after conflicts on a shared store.
+SHARED_RETRIES = 8
 MAX_IN_FLIGHT = 4
 # Seats one sweep frees at most, so a mass expiry never stalls handshakes.
 MAX_SWEEP = 5000
@@ -109,7 +111,7 @@ JOB_REFUSALS: tuple[type[Exception], ...] = (CodeError, NotFound, UsageError)
 class _Job(Generic[T]):
     run: Callable[[datetime, WriteBatch, Undo], T]
     future: asyncio.Future[T]
-    retried: bool = False
+    retries: int = 0
 
 
 @dataclass
@@ -177,6 +179,8 @@ class Ledger:
         self._closed = False
         self._pipeline = 0
         self._retry: list[_Job[Any]] = []
+        # Counts the re-reads after conflicts, so the follower never applies rows read before one.
+        self._rereads = 0
         self.licenses: dict[str, LicenseRecord] = {}
         self.items: dict[str, Item] = {}
         self.statuses: dict[str, ItemStatus] = {}
@@ -328,13 +332,15 @@ class Ledger:
         culprit = None
         if isinstance(error, Conflict) and error.job is not None and error.job < len(flights[0].jobs):
             culprit = flights[0].jobs[error.job]
+        # Nodes racing for an item's last seats can conflict again; each round settles at least one claim.
+        retries = SHARED_RETRIES if self.store.shared else 1
         retry: list[_Job[Any]] = []
         for flight in flights:
             for job in flight.jobs:
                 if job.future.done():  # refused before it changed anything
                     self._queue.task_done()
-                elif culprit is not None and (job is not culprit or self.store.shared) and not job.retried:
-                    job.retried = True
+                elif culprit is not None and (job is not culprit or self.store.shared) and job.retries < retries:
+                    job.retries += 1
                     retry.append(job)
                 else:
                     job.future.set_exception(failure)
@@ -516,8 +522,10 @@ class Ledger:
 
     # -- other nodes (a shared store) ------------------------------------------------
 
-    async def follow(self, events: list[StoredEvent]) -> None:
-        """Take in what other nodes committed: their events name what changed, the rows are read again."""
+    async def follow(self, events: list[StoredEvent]) -> bool:
+        """Take in what other nodes committed: their events name what changed, the rows are read again.
+
+        False when the rows read turned out older than what the ledger holds: call again."""
         items: set[str] = set()
         clients: set[str] = set()
         reports: list[str] = []
@@ -532,19 +540,23 @@ class Ledger:
             if e.type == "usage.report" and e.detail:
                 reports.append(e.detail["reportId"])
         if not (items or clients or catalog):
-            return
+            return True
+        rereads = self._rereads
         fresh = await self.store.load_catalog() if catalog else None
         reloaded = await self.store.reload(items | self._items_held_by(clients), clients)
 
-        def run(now: datetime, batch: WriteBatch, undo: Undo) -> None:
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> bool:
+            if self._rereads != rereads:
+                return False  # a conflict re-read newer rows meanwhile: these may be older, read again
             # Committed elsewhere: applied without an undo.
             if fresh is not None:
                 self._apply_catalog(fresh)
             self._apply_reloaded(reloaded, clients)
             for report_id in reports:
                 self._recent_reports[report_id] = now
+            return True
 
-        await self.submit(run)
+        return await self.submit(run)
 
     async def _reread(self, batches: list[WriteBatch]) -> None:
         items: set[str] = set()
@@ -561,6 +573,7 @@ class Ledger:
                 if await self.store.report_seen(report.report_id):
                     self._recent_reports[report.report_id] = b.at or self.clock()
         self._apply_reloaded(await self.store.reload(items | self._items_held_by(clients), clients), clients)
+        self._rereads += 1
 
     def _items_held_by(self, clients: set[str]) -> set[str]:
         return {item_id for item_id, holders in self.seats.items() if any(c in holders for c in clients)}

@@ -40,7 +40,7 @@ async def migrate(cfg: Config, url: str) -> dict[str, int]:
     source = SQLiteStore(cfg.database_path, cfg.storage.busy_timeout_ms)
     await source.open()  # brings the SQLite schema to this version first
     await source.close()
-    target = PostgresStore(url)
+    target = PostgresStore(url, cfg.storage.connect_seconds)
     await target.open()
     await target.close()
     ident = identity.load_or_create(cfg.state_dir)

@@ -53,7 +53,7 @@ def _ports(site: web.TCPSite) -> list[int]:
 def open_store(cfg: Config) -> Store:
     if cfg.storage.backend == "postgresql":
         assert cfg.storage.url is not None
-        return PostgresStore(cfg.storage.url)
+        return PostgresStore(cfg.storage.url, cfg.storage.connect_seconds)
     return SQLiteStore(cfg.database_path, cfg.storage.busy_timeout_ms)
 
 
@@ -164,8 +164,8 @@ class Server:
         while not self.stopping.is_set():
             try:
                 changes = await store.changes_since(after)
-                if changes.events:
-                    await self.services.ledger.follow(changes.events)
+                if changes.events and not await self.services.ledger.follow(changes.events):
+                    continue  # read again: a conflict re-read newer rows meanwhile
                 caught_up = changes.upto == after
                 after = changes.upto
             except Exception as e:  # the database is away: try again, the feed resumes where it stopped

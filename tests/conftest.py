@@ -230,9 +230,9 @@ class Daemon:
 
 
 def start_daemon(config_path: Path, folder: Path, env: dict[str, str] | None = None,
-                 wait: bool = True) -> Daemon:
+                 wait: bool = True, port: int | None = None) -> Daemon:
     """Start `python -m lts_server` as a real process and wait until /readyz answers."""
-    port = free_port()
+    port = port or free_port()
     full_env = {**os.environ, "LTS_SERVER__PORT": str(port), **(env or {})}
     log_path = folder / f"daemon-{port}.log"
     proc = subprocess.Popen([sys.executable, "-m", "lts_server", "--config", str(config_path)],
@@ -290,3 +290,18 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
             return result
         await asyncio.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One PostgreSQL server for the whole run (see tests/pg.py); each test takes a new database."""
+    from tests import pg
+
+    server = pg.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def pg_url(pg_server: Any) -> str:
+    return await pg_server.new_database()

@@ -139,3 +139,12 @@ def test_one_check_collects_every_new_condition() -> None:
     t = a.transition(a.conditions(facts, NOW, WINDOW), {})
     assert [c.key for c in t.new] == ["seats:A", "expiry:B", "failures:216998-x"]
     assert a.subject_line(t.new).startswith("[lts-server] 3 new alerts: seats A 80%, expiry B expires within 7 days")
+
+
+def test_a_level_notified_moments_ago_neither_falls_nor_clears() -> None:
+    t = a.transition([_seats(60)], {"seats:L1-1": 80}, settling=frozenset({"seats:L1-1"}))
+    assert t.new == () and t.levels == {"seats:L1-1": 80} and t.cleared == ()
+    gone = a.transition([], {"seats:L1-1": 80}, settling=frozenset({"seats:L1-1"}))
+    assert gone.levels == {"seats:L1-1": 80} and gone.cleared == ()
+    higher = a.transition([_seats(100)], {"seats:L1-1": 80}, settling=frozenset({"seats:L1-1"}))
+    assert [c.level for c in higher.new] == [100]

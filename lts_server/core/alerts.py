@@ -208,12 +208,16 @@ class Transition:
     cleared: tuple[str, ...]  # keys no longer met at all
 
 
-def transition(met: Iterable[Condition], notified: Mapping[str, int]) -> Transition:
+def transition(met: Iterable[Condition], notified: Mapping[str, int],
+               settling: frozenset[str] = frozenset()) -> Transition:
     """Compare the conditions met now with the levels already notified.
 
     A condition is new when its level is above the one notified. A condition
     whose level fell keeps the lower level, so the higher one alerts again
-    when reached again; one no longer met at all is cleared.
+    when reached again; one no longer met at all is cleared. Conditions in
+    `settling` (notified moments ago) neither fall nor clear yet: a check that
+    saw an older state (another node lagging behind) must not make the next
+    check alert the same level again.
     """
     new: list[Condition] = []
     levels: dict[str, int] = {}
@@ -221,7 +225,10 @@ def transition(met: Iterable[Condition], notified: Mapping[str, int]) -> Transit
         before = notified.get(c.key)
         if before is None or c.level > before:
             new.append(c)
-        levels[c.key] = c.level
+        levels[c.key] = max(c.level, before) if before is not None and c.key in settling else c.level
+    for key in settling:
+        if key not in levels and key in notified:
+            levels[key] = notified[key]
     cleared = tuple(sorted(k for k in notified if k not in levels))
     return Transition(tuple(new), levels, cleared)
 

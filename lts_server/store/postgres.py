@@ -49,7 +49,6 @@ MIGRATE_LOCK = 0x6C7473_0001
 WRITE_LOCK = 0x6C7473_0002
 ROLLUP_LOCK = 0x6C7473_0003
 ALERT_LOCK = 0x6C7473_0004
-CONNECT_TRIES = 10
 CONNECT_PAUSE = 1.5
 
 
@@ -120,8 +119,9 @@ class PostgresStore(AlertOperations):
     shared = True  # other nodes may write the same database
     ALERT_LOCK = ALERT_LOCK
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, connect_seconds: float = 15.0) -> None:
         self.url = url
+        self.connect_seconds = connect_seconds
         self._pool: asyncpg.Pool | None = None
         self._writer: asyncpg.Connection | None = None
         self._write_lock = asyncio.Lock()
@@ -144,7 +144,10 @@ class PostgresStore(AlertOperations):
 
     async def open(self) -> None:
         last: Exception | None = None
-        for attempt in range(CONNECT_TRIES):
+        deadline = asyncio.get_running_loop().time() + self.connect_seconds
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4)
                 self._writer = await asyncpg.connect(self.url)
@@ -156,11 +159,12 @@ class PostgresStore(AlertOperations):
             except (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as e:
                 last = e
                 await self.close()
+                if asyncio.get_running_loop().time() + CONNECT_PAUSE > deadline:
+                    raise StoreUnavailable(f"database {self.where} is unreachable ({attempt} tries in "
+                                           f"{self.connect_seconds:g} s): {last}") from None
                 logs.event("store.connect_retry", logs.logging.WARNING, database=self.where, error=str(e),
-                           attempt=attempt + 1)
+                           attempt=attempt)
                 await asyncio.sleep(CONNECT_PAUSE)
-        else:
-            raise StoreUnavailable(f"database {self.where} is unreachable after {CONNECT_TRIES} tries: {last}")
         try:
             await self._migrate()
         except asyncpg.PostgresError as e:

@@ -35,6 +35,8 @@ DELIVERY_COLUMNS = (
     "d.id, d.alert_id, d.channel, d.target, d.webhook_id, d.state, d.attempts, d.next_ms, d.last_error, d.sent_ms,"
     " a.created_ms, a.subject, a.type, a.conditions"
 )
+# A level notified this recently is neither lowered nor cleared (see core.alerts.transition).
+SETTLE_MS = 60_000
 # Ids are INTEGER (32-bit in PostgreSQL): one past the largest is "no page bound" for ?before=.
 NO_BOUND = 2**31 - 1
 
@@ -68,11 +70,14 @@ def alert_settings() -> Procedure[AlertSettings]:
 
 
 def set_alert_recipients(recipients: str) -> Procedure[None]:
-    yield Exec("UPDATE alert_settings SET recipients = ? WHERE id = 1", (recipients,))
+    yield Exec("INSERT INTO alert_settings (id, recipients) VALUES (1, ?)"
+               " ON CONFLICT (id) DO UPDATE SET recipients = excluded.recipients", (recipients,))
 
 
 def set_disabled_alert_kinds(kinds: frozenset[str]) -> Procedure[None]:
-    yield Exec("UPDATE alert_settings SET disabled_kinds = ? WHERE id = 1", (json.dumps(sorted(kinds)),))
+    yield Exec("INSERT INTO alert_settings (id, disabled_kinds) VALUES (1, ?)"
+               " ON CONFLICT (id) DO UPDATE SET disabled_kinds = excluded.disabled_kinds",
+               (json.dumps(sorted(kinds)),))
 
 
 def add_webhook(url: str, secret: str, at_ms: int) -> Procedure[Webhook]:
@@ -98,10 +103,12 @@ def record_check(at_ms: int, met: tuple[rules.Condition, ...]) -> Procedure[Chec
     """Compare the conditions met now with the levels notified (read here, in the transaction), store the
     new levels, drop what cleared, and queue one notification for everything new."""
     previous = {r[0]: OpenCondition(*r) for r in (yield Query(f"SELECT {CONDITION_COLUMNS} FROM alert_conditions"))}
-    t = rules.transition(met, {k: c.level for k, c in previous.items()})
+    settling = frozenset(k for k, c in previous.items() if at_ms - c.notified_ms < SETTLE_MS)
+    t = rules.transition(met, {k: c.level for k, c in previous.items()}, settling)
     # Only rows that changed are written: a steady check holds the write lock briefly.
-    changed = [c for c in met if (before := previous.get(c.key)) is None
-               or (before.level, before.label, before.message, before.link) != (c.level, c.label, c.message, c.link)]
+    changed = [c for c in met if t.levels[c.key] == c.level and (
+        (before := previous.get(c.key)) is None
+        or (before.level, before.label, before.message, before.link) != (c.level, c.label, c.message, c.link))]
     for c in changed:
         before = previous.get(c.key)
         if before is None:

@@ -3,14 +3,16 @@
 -- the store (one more than the largest, inside the writing transaction), so
 -- the same SQL serves SQLite and PostgreSQL.
 
--- One row: e-mail recipients (separated by semicolons, as an admin types
--- them) and the kinds of condition switched off (a JSON array).
+-- At most one row (id 1, written at the first change; none means no
+-- recipient and every kind on): e-mail recipients (separated by semicolons,
+-- as an admin types them) and the kinds of condition switched off (a JSON
+-- array). No row is written here, so `lts-server migrate --to` finds the
+-- new database empty.
 CREATE TABLE alert_settings (
     id             INTEGER PRIMARY KEY,
     recipients     TEXT NOT NULL DEFAULT '',
     disabled_kinds TEXT NOT NULL DEFAULT '[]'
 );
-INSERT INTO alert_settings (id) VALUES (1);
 
 -- The secret signs each delivery (HMAC-SHA256), so it is kept as given.
 CREATE TABLE alert_webhooks (
@@ -43,10 +45,11 @@ CREATE TABLE alerts (
 );
 
 -- The outbox: one row per notification and recipient or webhook, written in
--- the same transaction as the notification, retried until sent.
+-- the same transaction as the notification, retried until sent. (alert_id
+-- names a row of alerts; no foreign key, so tables copy in any order.)
 CREATE TABLE alert_deliveries (
     id         INTEGER PRIMARY KEY,
-    alert_id   INTEGER NOT NULL REFERENCES alerts (id),
+    alert_id   INTEGER NOT NULL,
     channel    TEXT NOT NULL,
     target     TEXT NOT NULL,
     webhook_id INTEGER,
