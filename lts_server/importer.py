@@ -54,6 +54,8 @@ class Importer:
         self.last_scan_error: str | None = None
         # The trusted key ids of the last scan: when they change (SIGHUP, restart), rejected files are retried.
         self._keys_seen: frozenset[str] | None = None
+        # Told every recorded import's outcome (alerts check at once; metrics count results).
+        self.on_import: Callable[[ImportOutcome], None] | None = None
 
     async def scan(self, reason: str = "rescan") -> ScanReport:
         async with self._lock, self._turn():
@@ -109,6 +111,8 @@ class Importer:
                 logs.logging.WARNING if outcome.state == "rejected" else logs.logging.INFO,
                 path=path, sha256=sha256, license_id=outcome.license_id, reason=outcome.reason,
             )
+            if self.on_import is not None:
+                self.on_import(outcome)
         return outcome
 
     async def watch(self, stop: asyncio.Event, rescan_seconds: float, use_inotify: bool = True) -> None:

@@ -356,6 +356,11 @@ class Ledger:
         self._retry = retry + self._retry
         self._pipeline += 1
 
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting for the writer (for the metrics)."""
+        return self._queue.qsize()
+
     # -- the view the core reads ------------------------------------------
 
     def default_code(self, organization_id: str) -> str | None:

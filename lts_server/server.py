@@ -16,11 +16,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lts_server import identity, licensefile, logs
 from lts_server import config as config_mod
+from lts_server.alerts import Alerter
 from lts_server.config import Config
 from lts_server.core.times import to_ms, utcnow
 from lts_server.core.usage import MAX_LATE
 from lts_server.importer import Importer
-from lts_server.ledger import MAX_SWEEP, Ledger
+from lts_server.ledger import MAX_SWEEP, ImportOutcome, Ledger
+from lts_server.metrics import LiveState, Metrics
 from lts_server.signer import BatchSigner
 from lts_server.store import Store
 from lts_server.store.postgres import IMPORT_LOCK, PostgresStore
@@ -82,8 +84,11 @@ class Server:
     async def start(self) -> None:
         cfg = self.config
         self.trusted = self.load_vendor_keys()
+        metrics = Metrics()
         store = open_store(cfg)
         self._store = store
+        store.on_commit = lambda events, seconds: (metrics.commit_events.observe(events),
+                                                   metrics.commit_latency.observe(seconds))
         await store.open()
         if isinstance(store, PostgresStore):
             ident = await identity.for_cluster(store, cfg.state_dir)
@@ -93,10 +98,24 @@ class Server:
             ident = identity.load_or_create(cfg.state_dir)
         ledger = Ledger(store, ident.secret, self.clock)
         await ledger.start()
+        metrics.watch(LiveState(lambda: ledger.items, lambda: ledger.statuses, lambda: ledger.queue_depth,
+                                ledger.clock))
+        smtp = cfg.alerts.smtp
+        alerter = Alerter(cfg.alerts, cfg.path(smtp.password_file) if smtp.password_file else None, store, ledger,
+                          ident.server_uuid, metrics, cfg.path(smtp.ca_file) if smtp.ca_file else None)
+        await alerter.start()
         importer = Importer(ledger, cfg.import_dir, ident.server_uuid, lambda: self.trusted,
                             lambda: self.config.vendor.allow_unbound,
                             self._import_turn if isinstance(store, PostgresStore) else contextlib.nullcontext)
-        self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key))
+
+        def imported(outcome: ImportOutcome) -> None:
+            metrics.imports.labels(outcome.state).inc()
+            if outcome.state != "unchanged":
+                alerter.request_check()
+
+        importer.on_import = imported
+        self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key), alerter,
+                                 metrics)
         if self.leads:
             await importer.scan("start-up")
         separate_admin = cfg.admin.port is not None
@@ -125,6 +144,12 @@ class Server:
         self._tasks.append(asyncio.create_task(self._roller(), name="rollups"))
         if isinstance(store, PostgresStore):
             self._tasks.append(asyncio.create_task(self._follow(), name="follow"))
+        # A check at start-up, then every check_seconds and whenever asked (in any process: a check
+        # decides what is new inside its transaction, so two processes never raise the same alert).
+        alerter.request_check()
+        self._tasks.append(asyncio.create_task(alerter.run_checks(self.stopping), name="alert-checks"))
+        if self.leads:  # deliveries are claimed one at a time, but one sender per machine is plenty
+            self._tasks.append(asyncio.create_task(alerter.run_outbox(self.stopping), name="alert-outbox"))
         if cfg.server.standby_of:
             self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
             await self._standby_checked.wait()  # know the main's state before serving anyone
@@ -204,10 +229,11 @@ class Server:
         assert self.services is not None
         ledger, store = self.services.ledger, self.services.store
         async with self._rollup_lock:  # one roll-up at a time, so overuse is mirrored in order
-            return await self._roll_up_pages(ledger, store)
+            return await self._roll_up_pages(ledger, store, self.services.alerts.after_usage)
 
     @staticmethod
-    async def _roll_up_pages(ledger: Ledger, store: Store) -> int:
+    async def _roll_up_pages(ledger: Ledger, store: Store,
+                             on_overuse: Callable[[list[str]], None] | None = None) -> int:
         total = 0
         # Items present when the pass starts are the only ones its events can name.
         quantities = {i.item_id: (i.license_type.value, i.quantity) for i in ledger.items.values()}
@@ -216,6 +242,8 @@ class Server:
             total += result.processed
             if result.overuse:
                 await ledger.mirror_overuse(result.overuse)
+                if on_overuse is not None:
+                    on_overuse(list(result.overuse))
             if result.processed < ROLLUP_PAGE:
                 return total
             await asyncio.sleep(0)
@@ -291,6 +319,11 @@ class Server:
         self.stopping.set()
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.services is not None:
+            try:
+                await asyncio.wait_for(self.services.alerts.idle(), self.config.server.shutdown_timeout)
+            except TimeoutError:
+                logs.event("alerts.stop_cut_delivery", logs.logging.WARNING)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

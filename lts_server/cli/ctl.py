@@ -116,6 +116,62 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+async def _alerts(api: Api, args: argparse.Namespace) -> tuple[Any, str]:
+    base = "/api/v1/admin/alerts"
+    action = args.action
+    if action == "show":
+        out = await api.call("GET", base)
+        on = [k for k, v in out["conditions"].items() if v]
+        smtp = out["smtp"]
+        mail = (f"{smtp['host']}:{smtp['port']} from {smtp['from']}" if smtp["configured"]
+                else "not configured ([alerts.smtp] host)")
+        return out, "\n".join([
+            f"recipients   {out['recipients'] or '(none)'}",
+            f"webhooks     {', '.join(h['url'] for h in out['webhooks']) or '(none)'}",
+            f"conditions   {', '.join(on) or '(none)'}",
+            f"smtp         {mail}",
+            f"checks       every {out['checkSeconds']:g} s; failures over {out['failureWindow']['minutes']} min, "
+            f"from {out['failureWindow']['minRequests']} requests"])
+    if action == "recipients":
+        if args.addresses is None:
+            out = await api.call("GET", f"{base}/recipients")
+        else:
+            out = await api.call("PUT", f"{base}/recipients", {"recipients": args.addresses})
+        return out, "\n".join(out["addresses"]) or "(none)"
+    if action == "webhooks":
+        if args.webhook_action == "add":
+            body = {"url": args.url, **({"secret": args.secret} if args.secret else {})}
+            out = await api.call("POST", f"{base}/webhooks", body)
+            return out, f"webhook {out['id']} {out['url']}\nsecret {out['secret']}  (shown once: give it to the receiver)"
+        if args.webhook_action == "remove":
+            out = await api.call("DELETE", f"{base}/webhooks/{args.id}")
+            return out, f"removed webhook {args.id}"
+        out = (await api.call("GET", f"{base}/webhooks"))["webhooks"]
+        return out, table(out, ["id", "url", "createdAt"])
+    if action == "conditions":
+        changes = {k: True for k in _csv(args.on) or []} | {k: False for k in _csv(args.off) or []}
+        if changes:
+            out = (await api.call("PUT", f"{base}/conditions", changes))["conditions"]
+        else:
+            out = (await api.call("GET", f"{base}/conditions"))["conditions"]
+        return out, "\n".join(f"{k:10} {'on' if v else 'off'}" for k, v in out.items())
+    if action == "test":
+        out = await api.call("POST", f"{base}/test")
+        return out, f"test notification {out['alertId']} queued for " + (
+            ", ".join(d["target"] for d in out["deliveries"]) or "nobody: add recipients or webhooks first")
+    if action == "check":
+        out = await api.call("POST", f"{base}/check")
+        return out, (f"alert {out['alertId']}: " + ", ".join(out["new"])) if out["new"] else "nothing new"
+    if action == "open":
+        out = (await api.call("GET", f"{base}/open"))["alerts"]
+        return out, table(out, ["kind", "subject", "label", "since", "message"])
+    out = await api.call("GET", f"{base}/history?limit={args.limit}")
+    rows = [{"id": a["id"], "createdAt": a["createdAt"], "type": a["type"], "subject": a["subject"],
+             "deliveries": " ".join(f"{d['target']}={d['state']}" for d in a["deliveries"]) or "-"}
+            for a in out["alerts"]]
+    return out, table(rows, ["id", "createdAt", "type", "subject", "deliveries"])
+
+
 async def run(args: argparse.Namespace) -> int:
     server = args.server.rstrip("/")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=args.timeout)) as session:
@@ -161,8 +217,8 @@ async def run(args: argparse.Namespace) -> int:
             if args.action == "list":
                 out = (await api.call("GET", "/api/v1/admin/items"))["items"]
                 rows = [{**i, "usage": usage_text(i)} for i in out]
-                text = table(rows, ["itemId", "product", "deploymentType", "licenseType", "usage", "expiresAt",
-                                    "revoked"])
+                text = table(rows, ["itemId", "state", "product", "deploymentType", "licenseType", "usage",
+                                    "expiresAt", "stateDetail"])
             else:
                 out = await api.call("POST", f"/api/v1/admin/items/{args.id}/{args.action}")
                 text = f"item {args.id}: {'revoked' if out['revoked'] else 'active'}"
@@ -218,6 +274,8 @@ async def run(args: argparse.Namespace) -> int:
                 f"today: granted {s['today']['granted']:,} refused {s['today']['refused']:,}",
                 table([b for b in out["series"] if b["granted"] or b["refused"] or b["units"]],
                       ["start", "granted", "refused", "units", "devices"])])
+        elif cmd == "alerts":
+            out, text = await _alerts(api, args)
         elif cmd == "events":
             params = "&".join(f"{k}={v}" for k, v in (("from", args.since), ("to", args.until), ("code", args.code),
                                                       ("item", args.item), ("type", args.type)) if v)
@@ -279,6 +337,26 @@ def parser() -> argparse.ArgumentParser:
     stats.add_argument("code")
     stats.add_argument("--bucket", default="1d", choices=["3m", "2h", "1d"])
     stats.add_argument("--since", help="ISO date-time with zone")
+    al = sub.add_parser("alerts", help="usage alerts: recipients, webhooks, conditions, history").add_subparsers(
+        dest="action", required=True)
+    al.add_parser("show", help="recipients, webhooks, conditions and SMTP at a glance")
+    rcpt = al.add_parser("recipients", help="show, or set with ADDRESSES separated by semicolons")
+    rcpt.add_argument("addresses", nargs="?", help="e.g. 'ops@example.com; lead@example.com' ('' removes all)")
+    hooks = al.add_parser("webhooks", help="webhooks that get each alert as signed JSON").add_subparsers(
+        dest="webhook_action", required=True)
+    hooks.add_parser("list")
+    add = hooks.add_parser("add")
+    add.add_argument("url")
+    add.add_argument("--secret", help="signing secret (16+ characters); made up when not given")
+    hooks.add_parser("remove").add_argument("id")
+    cond = al.add_parser("conditions", help="show, or switch with --on/--off")
+    cond.add_argument("--on", help="comma-separated: seats,units,overuse,failures,expiry,import")
+    cond.add_argument("--off", help="comma-separated kinds to switch off")
+    al.add_parser("test", help="send a test notification to every recipient and webhook")
+    al.add_parser("check", help="check the conditions now")
+    al.add_parser("open", help="conditions met at the last check")
+    hist = al.add_parser("history", help="sent alerts with the state of each delivery")
+    hist.add_argument("--limit", type=int, default=20)
     ev = sub.add_parser("events", help="usage events").add_subparsers(dest="action", required=True)
     export = ev.add_parser("export", help="write events to stdout (NDJSON or CSV)")
     export.add_argument("--format", choices=["ndjson", "csv"], default="ndjson")

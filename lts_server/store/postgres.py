@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -40,6 +41,7 @@ from lts_server.store import (
     WriteBatch,
     sql,
 )
+from lts_server.store.sql_alerts import AlertOperations
 from lts_server.store.sqlite import migrations
 
 T = TypeVar("T")
@@ -47,7 +49,8 @@ T = TypeVar("T")
 MIGRATE_LOCK = 0x6C7473_0001
 WRITE_LOCK = 0x6C7473_0002
 ROLLUP_LOCK = 0x6C7473_0003
-IMPORT_LOCK = 0x6C7473_0004
+ALERT_LOCK = 0x6C7473_0004
+IMPORT_LOCK = 0x6C7473_0005
 CONNECT_PAUSE = 1.5
 # No statement waits longer than this for the database: a request fails with 503 instead of hanging.
 COMMAND_TIMEOUT = 10.0
@@ -121,8 +124,9 @@ class Changes:
     upto: int  # the feed has been read up to this event number
 
 
-class PostgresStore:
+class PostgresStore(AlertOperations):
     shared = True  # other nodes may write the same database
+    ALERT_LOCK = ALERT_LOCK
 
     def __init__(self, url: str, connect_seconds: float = 15.0) -> None:
         self.url = url
@@ -133,6 +137,8 @@ class PostgresStore:
         self._failed_pipeline: int | None = None
         # Event ranges (after, upto] this node wrote and its change feed has not passed yet.
         self._own: list[tuple[int, int]] = []
+        # Told (events, seconds) after each durable write: the metrics' hook.
+        self.on_commit: Callable[[int, float], None] | None = None
 
     @property
     def where(self) -> str:
@@ -239,6 +245,7 @@ class PostgresStore:
         """One transaction on the writer connection, in submission order; see SQLiteStore.write."""
         if not batch:
             return
+        started = time.perf_counter()
         async with self._write_lock:
             if pipeline is not None and pipeline == self._failed_pipeline:
                 raise StoreError("not written: an earlier write of the same batch pipeline failed")
@@ -263,6 +270,8 @@ class PostgresStore:
                 raise
             if after > before:
                 self._own.append((before, after))
+        if self.on_commit is not None:
+            self.on_commit(len(batch.events), time.perf_counter() - started)
 
     async def changes_since(self, after: int) -> Changes:
         """Events other nodes wrote after event `after` (this node's own are skipped)."""

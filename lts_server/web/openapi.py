@@ -8,7 +8,7 @@ import msgspec
 from aiohttp import web
 
 import lts_server
-from lts_server.web import schemas
+from lts_server.web import alerts, schemas
 
 REF = "#/components/schemas/{name}"
 ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
@@ -53,6 +53,23 @@ ROUTES: list[tuple[str, str, str, type | None, type | None, bool]] = [
     ("/api/v1/admin/stats/items/{item_id}", "get", "Statistics and status of an item", None, None, True),
     ("/api/v1/admin/events", "get", "Export the usage-event log (NDJSON, or CSV with Accept: text/csv)", None,
      None, True),
+    ("/api/v1/admin/alerts", "get", "Alert settings: recipients, webhooks, conditions, SMTP", None, None, True),
+    ("/api/v1/admin/alerts/recipients", "get", "E-mail recipients of alerts", None, None, True),
+    ("/api/v1/admin/alerts/recipients", "put", "Set the recipients (separated by semicolons)",
+     alerts.RecipientsBody, None, True),
+    ("/api/v1/admin/alerts/webhooks", "get", "Alert webhooks", None, None, True),
+    ("/api/v1/admin/alerts/webhooks", "post", "Add a webhook; its signing secret is in this answer only",
+     alerts.WebhookBody, None, True),
+    ("/api/v1/admin/alerts/webhooks/{webhook_id}", "delete", "Remove a webhook", None, None, True),
+    ("/api/v1/admin/alerts/conditions", "get", "Which conditions alert", None, None, True),
+    ("/api/v1/admin/alerts/conditions", "put", "Switch conditions on or off", None, None, True),
+    ("/api/v1/admin/alerts/test", "post", "Send a test notification to every recipient and webhook", None, None,
+     True),
+    ("/api/v1/admin/alerts/check", "post", "Check the alert conditions now", None, None, True),
+    ("/api/v1/admin/alerts/open", "get", "Conditions met at the last check", None, None, True),
+    ("/api/v1/admin/alerts/history", "get", "Sent alerts, newest first, with each delivery's state", None, None,
+     True),
+    ("/metrics", "get", "Prometheus metrics (text format)", None, None, False),
 ]
 
 
