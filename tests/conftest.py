@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from lts_server import licensefile
 from lts_server.cli.vendor import payload_from_spec
 from lts_server.reportkeys import MAC_HEADER, report_mac
 from lts_server.server import Server
+from lts_server.store.postgres import PostgresStore, numbered
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -155,6 +157,22 @@ class Running:
         assert self.server.services is not None
         return self.server.services.importer
 
+    async def sql(self, statement: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Rows of a query on the server's database, whichever the backend (`?` placeholders)."""
+        assert self.server.services is not None
+        store = self.server.services.store
+        if isinstance(store, PostgresStore):
+            return [tuple(r) for r in await store.pool.fetch(numbered(statement), *args)]
+        con = sqlite3.connect(self.server.config.database_path)
+        try:
+            return con.execute(statement, args).fetchall()
+        finally:
+            con.close()
+
+    async def sql_value(self, statement: str, *args: Any) -> Any:
+        """The first column of the first row of a query (see `sql`)."""
+        return (await self.sql(statement, *args))[0][0]
+
     async def drop(self, name: str, data: bytes) -> Path:
         path = self.folder / "import" / name
         path.write_bytes(data)
@@ -185,11 +203,32 @@ class Running:
             return resp.status, await resp.json()
 
 
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test on `backend` (the `running` server's included) runs on both stores, unless marked sqlite_only."""
+    if "backend" in metafunc.fixturenames:
+        backends = ["sqlite"] if metafunc.definition.get_closest_marker("sqlite_only") else list(BACKENDS)
+        metafunc.parametrize("backend", backends)
+
+
+async def storage_section(request: pytest.FixtureRequest, backend: str, folder: Path) -> dict[str, Any]:
+    """The [storage] settings of a test server on `backend`: PostgreSQL gets a fresh database."""
+    storage: dict[str, Any] = {"state_dir": str(folder / "state")}
+    if backend == "postgresql":
+        pg_server = request.getfixturevalue("pg_server")
+        storage.update(backend="postgresql", url=await pg_server.new_database(), follow_ms=50)
+    return storage
+
+
 @pytest.fixture
-async def running(tmp_path: Path, vendor: Vendor) -> AsyncIterator[Running]:
-    """An in-process server on a free port, with a clock the test controls."""
+async def running(request: pytest.FixtureRequest, backend: str, tmp_path: Path,
+                  vendor: Vendor) -> AsyncIterator[Running]:
+    """An in-process server on a free port, with a clock the test controls, on each backend."""
     clock = Clock()
-    cfg = config_mod.load(write_config(tmp_path, vendor), environ={})
+    storage = await storage_section(request, backend, tmp_path)
+    cfg = config_mod.load(write_config(tmp_path, vendor, storage=storage), environ={})
     server = Server(cfg, clock=clock)
     await server.start()
     url = server.urls[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import sqlite3
 from datetime import timedelta
 
 import pytest
@@ -14,10 +13,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from lts_server.core.codes import CodeFields
 from lts_server.store import StoreFull
 from tests.conftest import NOW, Running, item, license_spec
-
-
-def db(running: Running) -> sqlite3.Connection:
-    return sqlite3.connect(running.folder / "state" / "lts-server.sqlite3")
 
 
 @pytest.fixture
@@ -65,7 +60,7 @@ async def test_same_device_never_takes_a_second_seat(demo: Running) -> None:
     for _ in range(3):
         status, _body = await demo.handshake(handshakeCode="216998-L1", clientUuid="same")
         assert status == 200
-    assert db(demo).execute("SELECT COUNT(*) FROM seats").fetchone()[0] == 1
+    assert await demo.sql_value("SELECT COUNT(*) FROM seats") == 1
     assert demo.ledger.statuses["soon"].seats_used == 1
 
 
@@ -95,7 +90,7 @@ async def test_lapsed_seats_are_swept_and_recorded(demo: Running) -> None:
     demo.clock.advance(hours=25)
     assert await demo.ledger.sweep() == 1
     assert (await demo.handshake(handshakeCode="216998-D", product="daily", clientUuid="x"))[0] == 200
-    released = db(demo).execute("SELECT client_uuid, detail FROM events WHERE type = 'seat.released'").fetchall()
+    released = await demo.sql("SELECT client_uuid, detail FROM events WHERE type = 'seat.released'")
     assert released == [("device-1", '{"reason":"lapsed"}')]
 
 
@@ -157,16 +152,16 @@ async def test_organization_alone_uses_its_first_default_code(demo: Running) -> 
 async def test_every_handshake_is_an_event(demo: Running) -> None:
     await demo.handshake(handshakeCode="216998-L1", clientUuid="ok")
     await demo.handshake(handshakeCode="216998-nope", clientUuid="bad")
-    rows = db(demo).execute(
+    rows = await demo.sql(
         "SELECT code, item_id, client_uuid, product, deployment_type, result FROM events WHERE type = 'handshake'"
-        " ORDER BY seq").fetchall()
+        " ORDER BY seq")
     assert rows == [("216998-L1", "soon", "ok", "barcode-reader", "browser", 0),
                     ("216998-nope", None, "bad", "barcode-reader", "browser", 101)]
 
 
 async def test_session_passwords_are_stored_as_keyed_hashes(demo: Running) -> None:
     await demo.ledger.edit_code("216998-L1", CodeFields(password_hash=demo.ledger.hash_session_password("pw-123")))
-    stored = db(demo).execute("SELECT password_hash FROM handshake_codes WHERE name = '216998-L1'").fetchone()[0]
+    stored = await demo.sql_value("SELECT password_hash FROM handshake_codes WHERE name = '216998-L1'")
     assert stored.startswith("hmac-sha256$") and "pw-123" not in stored
 
 
@@ -222,7 +217,7 @@ async def test_a_failed_commit_grants_nothing_and_loses_no_seat(demo: Running, m
     monkeypatch.setattr(store, "write", real_write)
     status, body = await demo.handshake(handshakeCode="216998-L1", clientUuid="d1")
     assert status == 200 and body["authorization"]["seats"]["used"] == 1
-    assert db(demo).execute("SELECT seats_used FROM items WHERE item_id = 'soon'").fetchone()[0] == 1
+    assert await demo.sql_value("SELECT seats_used FROM items WHERE item_id = 'soon'") == 1
 
 
 async def test_concurrent_requests_share_commits_and_count_exactly(demo: Running) -> None:
@@ -231,5 +226,5 @@ async def test_concurrent_requests_share_commits_and_count_exactly(demo: Running
 
     statuses = await asyncio.gather(*(one(n) for n in range(60)))
     assert statuses.count(200) == 11 + 22  # soon: 10 + 1 grace, late: 20 + 2 grace
-    assert db(demo).execute("SELECT SUM(seats_used) FROM items").fetchone()[0] == 33
-    assert db(demo).execute("SELECT COUNT(*) FROM events WHERE type = 'handshake'").fetchone()[0] == 60
+    assert await demo.sql_value("SELECT SUM(seats_used) FROM items") == 33
+    assert await demo.sql_value("SELECT COUNT(*) FROM events WHERE type = 'handshake'") == 60

@@ -40,7 +40,7 @@ async def test_server_endpoint_publishes_the_signing_key(running: Running) -> No
     async with running.session.get(f"{running.url}/api/v1/server") as resp:
         assert resp.status == 200
         info = await resp.json()
-    ident = identity.load_or_create(running.folder / "state")
+    ident = running.server.services.identity  # from the state folder (SQLite) or the cluster's database
     assert info["serverUuid"] == ident.server_uuid
     assert info["keyId"] == ident.key_id
     raw = base64.b64decode(info["publicKey"])

@@ -9,16 +9,11 @@ from pathlib import Path
 import pytest
 
 from lts_server.core.codes import CodeFields
-from lts_server.identity import load_or_create
 from tests.conftest import Running, item, license_spec, make_vendor, wait_for, write_config
 
 
-def db(running: Running) -> sqlite3.Connection:
-    return sqlite3.connect(running.folder / "state" / "lts-server.sqlite3")
-
-
-def count(running: Running, sql: str) -> int:
-    return db(running).execute(sql).fetchone()[0]
+async def count(running: Running, sql: str) -> int:
+    return await running.sql_value(sql)
 
 
 async def imports(running: Running) -> dict[str, dict]:
@@ -32,11 +27,10 @@ async def test_import_creates_license_items_and_default_code(running: Running) -
         item("B", quantity=5, expires_at=item("x")["starts_at"].replace(year=item("x")["starts_at"].year + 2)),
     ])
     await running.drop("a.lic", running.vendor.issue(spec))
-    con = db(running)
-    assert con.execute("SELECT license_id, organization_id, revision FROM licenses").fetchall() == [
+    assert await running.sql("SELECT license_id, organization_id, revision FROM licenses") == [
         ("100028117", "216998", 1)]
-    assert [r[0] for r in con.execute("SELECT item_id FROM items ORDER BY item_id")] == ["A", "B"]
-    assert con.execute("SELECT name, is_default FROM handshake_codes").fetchall() == [("216998-100028117", 1)]
+    assert [r[0] for r in await running.sql("SELECT item_id FROM items ORDER BY item_id")] == ["A", "B"]
+    assert await running.sql("SELECT name, is_default FROM handshake_codes") == [("216998-100028117", 1)]
     assert running.ledger.ordered_items(running.ledger.codes["216998-100028117"]) == ["A", "B"]
     state = (await imports(running))["a.lic"]
     assert state["state"] == "imported" and state["licenseId"] == "100028117" and len(state["sha256"]) == 64
@@ -45,15 +39,15 @@ async def test_import_creates_license_items_and_default_code(running: Running) -
 async def test_same_file_again_changes_and_records_nothing(running: Running) -> None:
     data = running.vendor.issue(license_spec("L1"))
     await running.drop("a.lic", data)
-    events = count(running, "SELECT COUNT(*) FROM events")
+    events = await count(running, "SELECT COUNT(*) FROM events")
     report = await running.importer.scan("again")
     assert report.outcomes == {}
-    assert count(running, "SELECT COUNT(*) FROM events") == events
+    assert await count(running, "SELECT COUNT(*) FROM events") == events
     # The same bytes under a second name: recognised as the same license.
     outcome = await running.importer.import_bytes(str(running.folder / "import" / "copy.lic"), data)
     assert outcome is not None and outcome.state == "unchanged"
-    assert count(running, "SELECT COUNT(*) FROM events") == events
-    assert count(running, "SELECT COUNT(*) FROM licenses") == 1
+    assert await count(running, "SELECT COUNT(*) FROM events") == events
+    assert await count(running, "SELECT COUNT(*) FROM licenses") == 1
 
 
 async def test_same_file_dropped_twice_at_once(running: Running) -> None:
@@ -64,9 +58,9 @@ async def test_same_file_dropped_twice_at_once(running: Running) -> None:
         running.importer.import_bytes(str(folder / "two.lic"), data),
     )
     assert sorted(r.state for r in results if r) == ["imported", "unchanged"]
-    assert count(running, "SELECT COUNT(*) FROM items") == 2
-    assert count(running, "SELECT COUNT(*) FROM handshake_codes") == 1
-    assert count(running, "SELECT COUNT(*) FROM events WHERE type = 'import.imported'") == 1
+    assert await count(running, "SELECT COUNT(*) FROM items") == 2
+    assert await count(running, "SELECT COUNT(*) FROM handshake_codes") == 1
+    assert await count(running, "SELECT COUNT(*) FROM events WHERE type = 'import.imported'") == 1
 
 
 async def test_renewal_keeps_code_configuration_and_history(running: Running) -> None:
@@ -84,9 +78,9 @@ async def test_renewal_keeps_code_configuration_and_history(running: Running) ->
     assert c.domains == ("*.example.com",)
     assert c.custom_order and c.items == ("L1-2", "L1-1", "L1-3")
     assert running.ledger.items["L1-1"].quantity == 99
-    assert count(running, "SELECT revision FROM licenses WHERE license_id = 'L1'") == 2
-    assert count(running, "SELECT COUNT(*) FROM events WHERE type = 'handshake'") == 1
-    assert count(running, "SELECT COUNT(*) FROM seats") == 1
+    assert await count(running, "SELECT revision FROM licenses WHERE license_id = 'L1'") == 2
+    assert await count(running, "SELECT COUNT(*) FROM events WHERE type = 'handshake'") == 1
+    assert await count(running, "SELECT COUNT(*) FROM seats") == 1
 
 
 async def test_lower_or_equal_revision_with_different_content_is_rejected(running: Running) -> None:
@@ -111,7 +105,7 @@ async def test_lower_or_equal_revision_with_different_content_is_rejected(runnin
 async def test_rejections_store_nothing_but_the_rejection(running: Running, case: str, reason: str) -> None:
     v = running.vendor
     await running.drop("base.lic", v.issue(license_spec("BASE", items=[item("SHARED")])))
-    before = {t: count(running, f"SELECT COUNT(*) FROM {t}") for t in ("licenses", "items", "handshake_codes")}
+    before = {t: await count(running, f"SELECT COUNT(*) FROM {t}") for t in ("licenses", "items", "handshake_codes")}
     data = {
         "tampered": lambda: v.issue(license_spec("L1")).replace(b'"quantity": 10', b'"quantity": 11'),
         "unknown-key": lambda: make_vendor(running.folder / "x").issue(license_spec("L1")),
@@ -125,16 +119,17 @@ async def test_rejections_store_nothing_but_the_rejection(running: Running, case
     assert state["state"] == "rejected"
     assert state["reason"].startswith(reason)
     assert path.exists(), "a rejected file stays where it is"
-    after = {t: count(running, f"SELECT COUNT(*) FROM {t}") for t in before}
+    after = {t: await count(running, f"SELECT COUNT(*) FROM {t}") for t in before}
     assert after == before
-    assert count(running, "SELECT COUNT(*) FROM events WHERE type = 'import.rejected'") == 1
+    assert await count(running, "SELECT COUNT(*) FROM events WHERE type = 'import.rejected'") == 1
 
 
 async def test_unbound_rejected_when_not_allowed(running: Running) -> None:
     running.server.config.vendor.allow_unbound = False
     await running.drop("u.lic", running.vendor.issue(license_spec("L1")))
     assert (await imports(running))["u.lic"]["reason"].startswith("unbound")
-    uuid = load_or_create(running.folder / "state").server_uuid
+    async with running.session.get(f"{running.url}/api/v1/server") as resp:
+        uuid = (await resp.json())["serverUuid"]  # as the vendor learns it from the licensee
     await running.drop("b.lic", running.vendor.issue(license_spec("L2", server_uuid=uuid)))
     assert (await imports(running))["b.lic"]["state"] == "imported"
 

@@ -22,10 +22,6 @@ from lts_server.store.sqlite import SQLiteStore
 from tests.conftest import Running, item, license_spec
 
 
-def db(running: Running) -> sqlite3.Connection:
-    return sqlite3.connect(running.folder / "state" / "lts-server.sqlite3")
-
-
 def slot(running: Running, minutes_ago: int = 0) -> str:
     return iso(slice_start(running.clock() - timedelta(minutes=minutes_ago)))
 
@@ -61,8 +57,8 @@ async def test_report_counts_units_once_by_report_id(unit: Running) -> None:
         assert status == 200
     assert body == {"reportId": "r-1", "duplicate": True, "accepted": 0}
     assert unit.ledger.statuses["scan"].units_used == 10
-    assert db(unit).execute("SELECT units_used FROM items WHERE item_id = 'scan'").fetchone()[0] == 10
-    assert db(unit).execute("SELECT COUNT(*) FROM events WHERE type = 'usage.report'").fetchone()[0] == 1
+    assert await unit.sql_value("SELECT units_used FROM items WHERE item_id = 'scan'") == 10
+    assert await unit.sql_value("SELECT COUNT(*) FROM events WHERE type = 'usage.report'") == 1
 
 
 async def test_the_same_report_concurrently_counts_once(unit: Running) -> None:
@@ -150,8 +146,8 @@ async def test_concurrency_counted_per_slice_and_device(running: Running) -> Non
     await report(running, "c1", [rec(running)], client="c", code="216998-C")
     await running.server.roll_up()
     now_slot = to_ms(slice_start(running.clock()))
-    rows = dict(db(running).execute(
-        "SELECT bucket_ms, devices FROM rollups WHERE scope = 'item' AND key = 'conc' AND size = '3m'").fetchall())
+    rows = dict(await running.sql(
+        "SELECT bucket_ms, devices FROM rollups WHERE scope = 'item' AND key = 'conc' AND size = '3m'"))
     assert rows[now_slot] == 3 and rows[now_slot - 180_000] == 1
 
 
@@ -176,7 +172,7 @@ async def test_instance_overuse_tolerance_then_only_n_instances(running: Running
     assert status.overuse_used == 1000 and status.overused  # 1000 x N used up
     code, body = await running.handshake(handshakeCode="216998-I", clientUuid="s3", deploymentType="server")
     assert code == 403 and body["error"]["code"] == 120
-    assert db(running).execute("SELECT overused FROM items WHERE item_id = 'inst'").fetchone()[0] == 1
+    assert await running.sql_value("SELECT overused FROM items WHERE item_id = 'inst'") == 1
 
 
 async def test_statistics_do_not_change_when_items_leave_a_code(running: Running) -> None:
@@ -324,15 +320,14 @@ async def test_instances_count_when_handshake_and_report_fall_in_different_pages
 async def test_device_marks_are_pruned_after_the_lateness_window_and_totals_stay(unit: Running) -> None:
     await report(unit, "r", [rec(unit, 2)])
     await unit.server.roll_up()
-    con = db(unit)
-    marks = con.execute("SELECT COUNT(*) FROM rollup_devices").fetchone()[0]
+    marks = await unit.sql_value("SELECT COUNT(*) FROM rollup_devices")
     assert marks > 0
     assert await unit.server.prune_rollup_marks() == 0  # nothing is old yet
     unit.clock.advance(days=32)
     pruned = await unit.server.prune_rollup_marks()
-    kept = con.execute("SELECT size FROM rollup_devices").fetchall()
+    kept = await unit.sql("SELECT size FROM rollup_devices")
     assert pruned == marks - len(kept) and {k[0] for k in kept} == {"all"}
-    totals = con.execute("SELECT SUM(units) FROM rollups WHERE scope = 'item' AND size = '3m'").fetchone()[0]
+    totals = await unit.sql_value("SELECT SUM(units) FROM rollups WHERE scope = 'item' AND size = '3m'")
     assert totals == 2
 
 
@@ -353,7 +348,7 @@ async def test_concurrent_device_overuse_is_counted_and_shown(running: Running) 
     async with running.session.get(f"{running.url}/api/v1/admin/items") as resp:
         listed = {i["itemId"]: i for i in (await resp.json())["items"]}
     assert listed["conc"]["overuse"]["used"] == 2
-    assert db(running).execute("SELECT overuse_used FROM items WHERE item_id = 'conc'").fetchone()[0] == 2
+    assert await running.sql_value("SELECT overuse_used FROM items WHERE item_id = 'conc'") == 2
 
 
 async def test_concurrent_device_tolerance_then_only_n_devices(running: Running) -> None:
@@ -430,7 +425,7 @@ async def test_reports_need_the_mac_of_the_devices_own_report_key(unit: Running)
             assert resp.status == expected, answer
             assert MAC_HEADER in answer["error"]["message"]
     assert unit.ledger.statuses["scan"].units_used == 0
-    assert db(unit).execute("SELECT COUNT(*) FROM usage_reports").fetchone()[0] == 0
+    assert await unit.sql_value("SELECT COUNT(*) FROM usage_reports") == 0
     # The device's own key, over the same bytes: counted (the forged attempts did not burn the report id).
     status, answer = await unit.report(body)
     assert status == 200 and answer["accepted"] == 1
