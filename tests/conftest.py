@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +28,9 @@ from lts_server import licensefile
 from lts_server.cli.vendor import payload_from_spec
 from lts_server.reportkeys import MAC_HEADER, report_mac
 from lts_server.server import Server
+from lts_server.store import Store
 from lts_server.store.postgres import PostgresStore, numbered
+from lts_server.store.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -137,6 +139,20 @@ class Clock:
         self.now += timedelta(**kw)
 
 
+async def query(store: Store, statement: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Rows of a query on an open store's database, SQLite or PostgreSQL (`?` placeholders)."""
+    if isinstance(store, PostgresStore):
+        return [tuple(r) for r in await store.pool.fetch(numbered(statement), *args)]
+    assert isinstance(store, SQLiteStore)
+    con = sqlite3.connect(store.path)  # a connection of its own: sees what is committed
+    try:
+        rows = con.execute(statement, args).fetchall()
+        con.commit()
+        return rows
+    finally:
+        con.close()
+
+
 @dataclass
 class Running:
     server: Server
@@ -160,14 +176,7 @@ class Running:
     async def sql(self, statement: str, *args: Any) -> list[tuple[Any, ...]]:
         """Rows of a query on the server's database, whichever the backend (`?` placeholders)."""
         assert self.server.services is not None
-        store = self.server.services.store
-        if isinstance(store, PostgresStore):
-            return [tuple(r) for r in await store.pool.fetch(numbered(statement), *args)]
-        con = sqlite3.connect(self.server.config.database_path)
-        try:
-            return con.execute(statement, args).fetchall()
-        finally:
-            con.close()
+        return await query(self.server.services.store, statement, *args)
 
     async def sql_value(self, statement: str, *args: Any) -> Any:
         """The first column of the first row of a query (see `sql`)."""
@@ -220,6 +229,20 @@ async def storage_section(request: pytest.FixtureRequest, backend: str, folder: 
         pg_server = request.getfixturevalue("pg_server")
         storage.update(backend="postgresql", url=await pg_server.new_database(), follow_ms=50)
     return storage
+
+
+@pytest.fixture
+def new_store(request: pytest.FixtureRequest, backend: str,
+              tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Awaitable[Store]]:
+    """Makes an unopened store on `backend` over a new empty database, as often as a test asks."""
+    pg_server = request.getfixturevalue("pg_server") if backend == "postgresql" else None
+
+    async def make() -> Store:
+        if pg_server is not None:
+            return PostgresStore(await pg_server.new_database())
+        return SQLiteStore(tmp_path_factory.mktemp("store") / "db.sqlite3")
+
+    return make
 
 
 @pytest.fixture

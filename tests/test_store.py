@@ -1,46 +1,56 @@
-"""The SQLite store: migrations, durability settings, and clear errors when locked or full."""
+"""The stores: migrations on both backends; SQLite's durability settings and clear errors when locked or full."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from lts_server.store import Event, SchemaTooNew, StoreFull, StoreUnavailable, WriteBatch
+from lts_server.store import Event, SchemaTooNew, Store, StoreFull, StoreUnavailable, WriteBatch
 from lts_server.store.sqlite import SQLiteStore, migrations
+from tests.conftest import query
+
+NewStore = Callable[[], Awaitable[Store]]
 
 AT = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
 
-async def test_migrates_an_empty_database(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "db.sqlite3")
+async def test_migrates_an_empty_database(new_store: NewStore) -> None:
+    store = await new_store()
     await store.open()
     try:
         assert await store.schema_version() == len(migrations())
         assert await store.ready()
+        for table in ("licenses", "items", "handshake_codes", "code_items", "seats", "events", "schema_version"):
+            assert await query(store, f"SELECT COUNT(*) FROM {table}") == [(len(migrations()),)
+                                                                          if table == "schema_version" else (0,)]
     finally:
         await store.close()
+
+
+@pytest.mark.sqlite_only
+async def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    await store.close()
     con = sqlite3.connect(tmp_path / "db.sqlite3")
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"licenses", "items", "handshake_codes", "code_items", "seats", "events", "schema_version"} <= tables
 
 
-async def test_reopening_keeps_data_and_applies_nothing_twice(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "db.sqlite3")
+async def test_reopening_keeps_data_and_applies_nothing_twice(new_store: NewStore) -> None:
+    store = await new_store()
     await store.open()
     await store.write(WriteBatch(events=[Event(at=AT, type="test")], at=AT))
     await store.close()
-    store = SQLiteStore(tmp_path / "db.sqlite3")
     await store.open()
     try:
         events = [e async for e in store.events(_all())]
         assert [e.event.type for e in events] == ["test"]
-        con = sqlite3.connect(tmp_path / "db.sqlite3")
-        assert con.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == len(migrations())
+        assert await query(store, "SELECT COUNT(*) FROM schema_version") == [(len(migrations()),)]
     finally:
         await store.close()
 
@@ -51,19 +61,16 @@ def _all():  # noqa: ANN202
     return EventQuery()
 
 
-async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "db.sqlite3")
+async def test_refuses_a_newer_schema(new_store: NewStore) -> None:
+    store = await new_store()
     await store.open()
+    await query(store, "INSERT INTO schema_version (version) VALUES (999)")
     await store.close()
-    con = sqlite3.connect(tmp_path / "db.sqlite3")
-    con.execute("INSERT INTO schema_version (version) VALUES (999)")
-    con.commit()
-    con.close()
-    store = SQLiteStore(tmp_path / "db.sqlite3")
     with pytest.raises(SchemaTooNew, match="schema version 999.*knows versions up to"):
         await store.open()
 
 
+@pytest.mark.sqlite_only
 async def test_locked_database_fails_fast_with_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     store = SQLiteStore(path, busy_timeout_ms=300)
@@ -84,6 +91,7 @@ async def test_locked_database_fails_fast_with_a_clear_error(tmp_path: Path) -> 
     await store.close()
 
 
+@pytest.mark.sqlite_only
 async def test_opening_a_locked_database_fails_fast(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     other = sqlite3.connect(path, isolation_level=None)
@@ -98,6 +106,7 @@ async def test_opening_a_locked_database_fails_fast(tmp_path: Path) -> None:
         other.close()
 
 
+@pytest.mark.sqlite_only
 async def test_full_disk_is_a_clear_error_and_loses_nothing_committed(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     store = SQLiteStore(path)

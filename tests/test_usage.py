@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import sqlite3
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -17,9 +17,12 @@ from lts_server.core.codes import CodeFields
 from lts_server.core.times import iso, slice_start, to_ms
 from lts_server.core.usage import BUCKETS, SIZES
 from lts_server.reportkeys import MAC_HEADER, report_mac
-from lts_server.store import Event, WriteBatch
-from lts_server.store.sqlite import SQLiteStore
-from tests.conftest import Running, item, license_spec
+from lts_server.store import Event, Store, WriteBatch
+from lts_server.store.postgres import PostgresStore
+from tests.conftest import Running, item, license_spec, query
+from tests.pg import PgServer
+
+NewStore = Callable[[], Awaitable[Store]]
 
 
 def slot(running: Running, minutes_ago: int = 0) -> str:
@@ -271,23 +274,24 @@ def brute_force(events: list[Event]) -> dict[tuple, tuple[int, int, int, int]]:
     return {k: (granted[k], refused[k], units[k], len(devices[k])) for k in keys}
 
 
+ROLLUP_COLUMNS = "SELECT scope, key, size, bucket_ms, granted, refused, units, devices FROM rollups"
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batches=st.lists(st.lists(event_strategy, max_size=30), min_size=1, max_size=6),
        page=st.integers(1, 40))
-def test_rollups_equal_a_recount_of_raw_events(tmp_path_factory, batches: list[list[Event]], page: int) -> None:
+def test_rollups_equal_a_recount_of_raw_events(new_store: NewStore, batches: list[list[Event]], page: int) -> None:
     async def run() -> None:
-        path = tmp_path_factory.mktemp("roll") / "db.sqlite3"
-        store = SQLiteStore(path)
+        store = await new_store()
         await store.open()
         try:
             for batch in batches:
                 await store.write(WriteBatch(events=batch, at=BASE))
                 while (await store.roll_up({}, page)).processed == page:
                     pass
+            rows = await query(store, ROLLUP_COLUMNS)
         finally:
             await store.close()
-        rows = sqlite3.connect(path).execute(
-            "SELECT scope, key, size, bucket_ms, granted, refused, units, devices FROM rollups").fetchall()
         got = {tuple(r[:4]): tuple(r[4:]) for r in rows if any(r[4:])}
         expected = {k: v for k, v in brute_force([e for b in batches for e in b]).items() if any(v)}
         assert got == expected
@@ -295,8 +299,8 @@ def test_rollups_equal_a_recount_of_raw_events(tmp_path_factory, batches: list[l
     asyncio.run(run())
 
 
-async def test_instances_count_when_handshake_and_report_fall_in_different_pages(tmp_path) -> None:
-    store = SQLiteStore(tmp_path / "db.sqlite3")
+async def test_instances_count_when_handshake_and_report_fall_in_different_pages(new_store: NewStore) -> None:
+    store = await new_store()
     await store.open()
     try:
         slot_at = BASE
@@ -378,13 +382,22 @@ concurrency_event = st.builds(
 )
 
 
+def overuse_recount(events: list[Event], quantity: int) -> int:
+    """Device-slices beyond `quantity` on the concurrent item: the devices active in each slice, counted anew."""
+    active: dict[datetime, set[str]] = defaultdict(set)
+    for e in events:
+        if e.item_id == "conc":
+            active[e.at].add(e.client_uuid)
+    return sum(max(0, len(devices) - quantity) for devices in active.values())
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batches=st.lists(st.lists(concurrency_event, max_size=25), min_size=1, max_size=5),
        page=st.integers(1, 30), quantity=st.integers(1, 4))
-def test_concurrent_device_overuse_equals_a_recount(tmp_path_factory, batches: list[list[Event]], page: int,
+def test_concurrent_device_overuse_equals_a_recount(new_store: NewStore, batches: list[list[Event]], page: int,
                                                     quantity: int) -> None:
     async def run() -> int:
-        store = SQLiteStore(tmp_path_factory.mktemp("conc") / "db.sqlite3")
+        store = await new_store()
         await store.open()
         try:
             total = 0
@@ -399,10 +412,44 @@ def test_concurrent_device_overuse_equals_a_recount(tmp_path_factory, batches: l
         finally:
             await store.close()
 
-    active: dict[datetime, set[str]] = defaultdict(set)
-    for e in (e for b in batches for e in b):
-        active[e.at].add(e.client_uuid)
-    assert asyncio.run(run()) == sum(max(0, len(devices) - quantity) for devices in active.values())
+    assert asyncio.run(run()) == overuse_recount([e for b in batches for e in b], quantity)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(st.tuples(st.integers(0, 1), st.lists(event_strategy | concurrency_event, max_size=20)),
+                        min_size=1, max_size=8),
+       page=st.integers(1, 30), quantity=st.integers(1, 4))
+def test_two_nodes_on_one_database_count_rollups_and_overuse_once(
+        pg_server: PgServer, batches: list[tuple[int, list[Event]]], page: int, quantity: int) -> None:
+    """Two nodes write events and roll up at the same time: every event is folded exactly once."""
+    quantities = {"conc": ("per-concurrent-device", quantity)}
+
+    async def node(store: PostgresStore, me: int) -> int:
+        overuse = 0
+        for writer, batch in batches:
+            if writer == me:
+                await store.write(WriteBatch(events=batch, at=BASE))
+            result = await store.roll_up(quantities, page)  # the other node may be writing meanwhile
+            overuse += sum(result.overuse.values())
+        while (result := await store.roll_up(quantities, page)).processed:
+            overuse += sum(result.overuse.values())
+        return overuse
+
+    async def run() -> tuple[int, list[tuple]]:
+        url = await pg_server.new_database()
+        nodes = [PostgresStore(url), PostgresStore(url)]
+        await asyncio.gather(*(n.open() for n in nodes))
+        try:
+            overuse = sum(await asyncio.gather(node(nodes[0], 0), node(nodes[1], 1)))
+            return overuse, await query(nodes[0], ROLLUP_COLUMNS)
+        finally:
+            await asyncio.gather(*(n.close() for n in nodes))
+
+    overuse, rows = asyncio.run(run())
+    events = [e for _, batch in batches for e in batch]
+    got = {tuple(r[:4]): tuple(r[4:]) for r in rows if any(r[4:])}
+    assert got == {k: v for k, v in brute_force(events).items() if any(v)}
+    assert overuse == overuse_recount(events, quantity)
 
 
 # -- usage reports bound to their device --------------------------------------------------------

@@ -384,9 +384,12 @@ def rollup_series(scope: str, key: str, size: str, start_ms: int, end_ms: int) -
 def roll_up(quantities: dict[str, tuple[str, int]], limit: int) -> Procedure[RollupResult]:
     """Fold the next events of the log into the rollups."""
     last = (yield Query("SELECT last_seq FROM rollup_state WHERE id = 1"))[0][0]
-    rows = yield Query("SELECT seq, at_ms, type, code, item_id, client_uuid, result, units, instances FROM events"
-                       " WHERE seq > ? AND type IN ('handshake', 'usage.record') ORDER BY seq LIMIT ?", (last, limit))
+    # The end first, then the events up to it: on PostgreSQL each statement sees what is committed when it
+    # starts, so an end read after the events could pass events committed in between, never to be folded.
     end = (yield Query("SELECT COALESCE(MAX(seq), 0) FROM events"))[0][0]
+    rows = yield Query("SELECT seq, at_ms, type, code, item_id, client_uuid, result, units, instances FROM events"
+                       " WHERE seq > ? AND seq <= ? AND type IN ('handshake', 'usage.record') ORDER BY seq LIMIT ?",
+                       (last, end, limit))
     if len(rows) == limit:
         end = rows[-1][0]
     result = yield from _apply_rollup([EventFacts(*r) for r in rows], quantities, end)
