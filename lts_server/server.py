@@ -115,7 +115,7 @@ class Server:
 
         importer.on_import = imported
         self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key), alerter,
-                                 metrics)
+                                 metrics, catch_up=self.catch_up if isinstance(store, PostgresStore) else None)
         if self.leads:
             await importer.scan("start-up")
         separate_admin = cfg.admin.port is not None

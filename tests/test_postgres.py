@@ -9,7 +9,9 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,16 @@ import asyncpg
 import pytest
 
 from lts_server import config as config_mod
+from lts_server.client import LtsClient
 from lts_server.reportkeys import MAC_HEADER, report_mac
 from lts_server.server import Server
 from lts_server.store.postgres import PostgresStore
 from lts_server.store.sqlite import migrations
 from tests.conftest import (
     ADMIN_PASSWORD,
+    NOW,
     Clock,
+    Daemon,
     Vendor,
     admin_login,
     free_port,
@@ -59,8 +64,10 @@ class Node:
             return resp.status, await resp.json()
 
 
-async def start_node(folder: Path, vendor: Vendor, url: str, clock: Clock | None = None) -> Node:
-    server = Server(config_mod.load(pg_config(folder, vendor, url), environ={}), clock=clock or Clock())
+async def start_node(folder: Path, vendor: Vendor, url: str, clock: Clock | None = None,
+                     follow_ms: int = 50) -> Node:
+    cfg = pg_config(folder, vendor, url, storage={"follow_ms": follow_ms})
+    server = Server(config_mod.load(cfg, environ={}), clock=clock or Clock())
     await server.start()
     return Node(server, aiohttp.ClientSession())
 
@@ -162,6 +169,36 @@ async def test_a_report_on_one_node_for_a_grant_of_the_other(cluster: tuple[Node
     async with a.session.post(f"{a.url}/api/v1/usage", data=body,
                               headers={"Content-Type": "application/json", MAC_HEADER: mac}) as resp:
         assert (await resp.json())["duplicate"] is True
+
+
+async def test_a_report_right_after_a_grant_at_another_node_is_counted(tmp_path: Path, vendor: Vendor,
+                                                                       pg_url: str) -> None:
+    """A device may report to a node that has not followed the grant (a new report key) yet: it catches up."""
+    (tmp_path / "a" / "import").mkdir(parents=True)
+    (tmp_path / "a" / "import" / "s.lic").write_bytes(vendor.issue(license_spec("S", items=[
+        item("scan", "per-scan", quantity=100)])))
+    a = await start_node(tmp_path / "a", vendor, pg_url)
+    b = await start_node(tmp_path / "b", vendor, pg_url, follow_ms=60_000)  # follows by itself once a minute
+    try:
+        for n in range(2):  # the first grant, then a new one (a new report key) for the same device
+            status, granted = await a.handshake("scanner", code="216998-S")
+            assert status == 200
+            body = json.dumps({"reportId": f"r-{n}", "clientUuid": "scanner", "handshakeCode": "216998-S",
+                               "records": [{"slot": _slot(), "product": "barcode-reader", "operation": "scan",
+                                            "count": 3}]})
+            mac = report_mac(base64.b64decode(granted["reportKey"]), body.encode())
+            async with b.session.post(f"{b.url}/api/v1/usage", data=body,
+                                      headers={"Content-Type": "application/json", MAC_HEADER: mac}) as resp:
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["accepted"] == 1
+        assert b.ledger.statuses["scan"].units_used == 6
+        # A MAC that is wrong after catching up is still refused.
+        async with b.session.post(f"{b.url}/api/v1/usage", data=body.replace("r-1", "r-2"),
+                                  headers={"Content-Type": "application/json", MAC_HEADER: mac}) as resp:
+            assert resp.status == 403
+    finally:
+        for node in (a, b):
+            await stop_node(node)
 
 
 async def test_admin_changes_on_one_node_reach_the_other(cluster: tuple[Node, Node]) -> None:
@@ -300,10 +337,6 @@ def test_migrate_moves_a_sqlite_deployment_and_the_daemon_starts_on_it(tmp_path:
 @pytest.fixture
 async def three(tmp_path: Path, vendor: Vendor, pg_url: str) -> AsyncIterator[list[Node]]:
     """Three nodes; node 0 imported license Q: code 216998-Q over q1 (100 seats, expires first) and q2 (100)."""
-    from datetime import timedelta
-
-    from tests.conftest import NOW
-
     (tmp_path / "n0" / "import").mkdir(parents=True)
     (tmp_path / "n0" / "import" / "q.lic").write_bytes(vendor.issue(license_spec("Q", items=[
         item("q1", quantity=100, expires_at=NOW + timedelta(days=100)), item("q2", quantity=100)])))
@@ -458,3 +491,92 @@ async def test_the_database_goes_away_and_comes_back(tmp_path: Path, vendor: Ven
         assert held == {"before", "after"}  # what was refused left nothing behind
     finally:
         await stop_node(node)
+
+
+@dataclass
+class Answer:
+    """What one device got from the cluster: a grant or an accepted usage report, and when."""
+
+    device: str
+    at: float
+    server: str
+    item_id: str | None = None
+    report_id: str | None = None
+
+
+async def test_kill_9_one_of_three_nodes_under_load_keeps_every_seat_and_answer(
+        tmp_path: Path, vendor: Vendor, pg_url: str, daemon_factory: Callable[..., Daemon]) -> None:
+    """Devices on the client library with the three nodes' list carry on through a kill -9 and a restart."""
+    (tmp_path / "n0" / "import").mkdir(parents=True)
+    (tmp_path / "n0" / "import" / "f.lic").write_bytes(vendor.issue(license_spec("F", items=[
+        item("f1", quantity=4, expires_at=NOW + timedelta(days=100)), item("f2", quantity=100)])))
+    ports = [free_port() for _ in range(3)]
+    configs = [pg_config(tmp_path / f"n{k}", vendor, pg_url) for k in range(3)]
+    nodes = [daemon_factory(configs[k], port=ports[k]) for k in range(3)]
+    urls = [node.url for node in nodes]
+    devices = [f"dev-{k}" for k in range(9)]
+    answers: list[Answer] = []
+    stop = asyncio.Event()
+
+    async def device(k: int) -> None:
+        # Each device lists the nodes from a different first one, as a fleet configured in thirds would.
+        async with LtsClient(urls[k % 3:] + urls[:k % 3], timeout=10) as client:
+            n = 0
+            while not stop.is_set():
+                auth = await client.handshake(handshake_code="216998-F", client_uuid=devices[k],
+                                              product="barcode-reader", deployment_type="browser")
+                answers.append(Answer(devices[k], time.monotonic(), auth.server, item_id=auth.fields["itemId"]))
+                n += 1
+                report_id = f"{devices[k]}-r{n}"
+                result = await client.report_usage({
+                    "reportId": report_id, "clientUuid": devices[k], "handshakeCode": "216998-F",
+                    "records": [{"slot": _slot(), "product": "barcode-reader", "operation": "scan", "count": 1}]})
+                assert result["reportId"] == report_id and result["accepted"] in (0, 1)
+                answers.append(Answer(devices[k], time.monotonic(), "", report_id=report_id))
+                await asyncio.sleep(0.02)
+
+    load = asyncio.gather(*(device(k) for k in range(len(devices))))
+    try:
+        await asyncio.sleep(2)
+        nodes[0].proc.kill()  # kill -9: no goodbye, requests in flight are cut
+        killed_at = time.monotonic()
+        await asyncio.sleep(3)
+        nodes[0] = await asyncio.to_thread(daemon_factory, configs[0], port=ports[0])
+        back_at = time.monotonic()
+        await asyncio.sleep(3)
+    finally:
+        stop.set()
+        await load  # a device that could not carry on fails the test here, with its error
+    grants = [a for a in answers if a.item_id is not None]
+    reports = [a.report_id for a in answers if a.report_id is not None]
+    # Every device carried on after the kill, against the other nodes, and the restarted node serves again.
+    assert {a.device for a in grants if a.at > killed_at + 0.5 and a.at < back_at} == set(devices)
+    assert not [a for a in grants if killed_at + 0.5 < a.at < back_at and a.server == urls[0]]
+    assert {a.device for a in grants if a.at > back_at + 0.5 and a.server == urls[0]} == set(devices[::3])
+    # Seats intact: each device always got the same item; f1 (4 seats + grace) filled first, nobody twice.
+    held = {}
+    for a in grants:
+        assert held.setdefault(a.device, a.item_id) == a.item_id, a
+    conn = await asyncpg.connect(pg_url)
+    try:
+        seats = {r[0]: r[1] for r in await conn.fetch("SELECT client_uuid, item_id FROM seats")}
+        used = dict(await conn.fetch("SELECT item_id, seats_used FROM items"))
+        granted = dict(await conn.fetch("SELECT client_uuid, COUNT(*) FROM events WHERE type = 'handshake'"
+                                        " AND result = 0 GROUP BY client_uuid"))
+        stored_reports = {r[0] for r in await conn.fetch("SELECT report_id FROM usage_reports")}
+        report_events = await conn.fetchval("SELECT COUNT(*) FROM events WHERE type = 'usage.report'")
+        authorized = dict(await conn.fetch("SELECT client_uuid, item_id FROM authorizations"))
+    finally:
+        await conn.close()
+    assert seats == held == authorized
+    assert list(held.values()).count("f1") == 4 and used == {"f1": 4, "f2": len(devices) - 4}
+    # Every answer a device got is in the database: its grants (a request cut by the kill may have been
+    # recorded without an answer, never the reverse) and each accepted report, counted once.
+    for name in devices:
+        assert granted[name] >= sum(1 for a in grants if a.device == name)
+    assert set(reports) <= stored_reports and report_events == len(stored_reports)
+    # The restarted node knows the seats the others granted while it was down.
+    async with LtsClient([urls[0]]) as client:
+        auth = await client.handshake(handshake_code="216998-F", client_uuid=devices[1], product="barcode-reader",
+                                      deployment_type="browser")
+    assert auth.fields["itemId"] == held[devices[1]] and auth.fields["seats"]["used"] == used[held[devices[1]]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -30,6 +31,8 @@ class Services:
     started: float = field(default_factory=time.monotonic)
     # A standby whose main server is up does not serve devices.
     main_is_up: bool = False
+    # On a cluster (PostgreSQL): take in what the other nodes committed; True once nothing is left.
+    catch_up: Callable[[], Awaitable[bool]] | None = None
 
 
 SERVICES = web.AppKey("services", Services)
