@@ -596,9 +596,11 @@ class Ledger:
         for holders in self.seats.values():
             for client in clients:
                 holders.pop(client, None)
+        held: dict[tuple[str, str], AuthorizationRecord] = {}
         for code in self.codes:
             for client in clients:
-                self.authorizations.pop((code, client), None)
+                if (mine := self.authorizations.pop((code, client), None)) is not None:
+                    held[(code, client)] = mine
         for grants in self._concurrent_grants.values():
             for client in clients:
                 grants.pop(client, None)
@@ -606,6 +608,9 @@ class Ledger:
             self.seats.setdefault(seat.item_id, {})[seat.client_uuid] = seat
             heapq.heappush(self._expiries, (seat.expires_at, seat.item_id, seat.client_uuid))
         for auth in reloaded.authorizations:
+            mine = held.get((auth.code, auth.client_uuid))
+            if mine is not None and to_ms(mine.granted_at) > to_ms(auth.granted_at):
+                auth = mine  # granted after the rows were read: the newest grant's report key is the device's
             self.authorizations[(auth.code, auth.client_uuid)] = auth
             item = self.items.get(auth.item_id)
             if item is not None and item.rules.per_slice:
