@@ -201,6 +201,47 @@ async def test_a_report_right_after_a_grant_at_another_node_is_counted(tmp_path:
             await stop_node(node)
 
 
+async def test_a_standby_node_on_the_same_database_serves_when_the_main_is_down_with_the_seats_kept(
+        tmp_path: Path, vendor: Vendor, pg_url: str) -> None:
+    """server.standby_of on PostgreSQL: error 100 while the main is up; once it is down, the standby serves
+    the devices with the seats the main granted (they share the database)."""
+    (tmp_path / "main" / "import").mkdir(parents=True)
+    (tmp_path / "main" / "import" / "p.lic").write_bytes(vendor.issue(license_spec("P", items=[
+        item("p1", quantity=2, expires_at=NOW + timedelta(days=100)), item("p2", quantity=10)])))
+    main = await start_node(tmp_path / "main", vendor, pg_url)
+    cfg = pg_config(tmp_path / "standby", vendor, pg_url,
+                    server={"standby_of": main.url, "standby_check_seconds": 0.2})
+    standby_server = Server(config_mod.load(cfg, environ={}), clock=Clock())
+    await standby_server.start()
+    standby = Node(standby_server, aiohttp.ClientSession())
+    try:
+        status, body = await standby.handshake("d1")
+        assert status == 503 and body["error"]["code"] == 100
+        grants = {}
+        async with LtsClient([standby.url, main.url]) as client:
+            for device in ("d1", "d2"):  # p1's two seats (no grace on 2)
+                auth = await client.handshake(handshake_code="216998-P", client_uuid=device,
+                                              product="barcode-reader", deployment_type="browser")
+                assert auth.server == main.url
+                grants[device] = auth.fields["itemId"]
+        await stop_node(main)
+        await wait_for(lambda: standby.server.services.main_is_up is False)
+        async with LtsClient([main.url, standby.url]) as client:
+            for device in ("d1", "d2", "d3"):
+                auth = await client.handshake(handshake_code="216998-P", client_uuid=device,
+                                              product="barcode-reader", deployment_type="browser")
+                assert auth.server == standby.url
+                assert grants.setdefault(device, auth.fields["itemId"]) == auth.fields["itemId"]
+        assert grants == {"d1": "p1", "d2": "p1", "d3": "p2"}  # p1 still full: d3 went on to p2
+        conn = await asyncpg.connect(pg_url)
+        try:
+            assert dict(await conn.fetch("SELECT item_id, seats_used FROM items")) == {"p1": 2, "p2": 1}
+        finally:
+            await conn.close()
+    finally:
+        await stop_node(standby)
+
+
 async def test_admin_changes_on_one_node_reach_the_other(cluster: tuple[Node, Node]) -> None:
     a, b = cluster
     token = await admin_login(a.url)
