@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -144,7 +145,18 @@ async def query(store: Store, statement: str, *args: Any) -> list[tuple[Any, ...
     if isinstance(store, PostgresStore):
         return [tuple(r) for r in await store.pool.fetch(numbered(statement), *args)]
     assert isinstance(store, SQLiteStore)
-    con = sqlite3.connect(store.path)  # a connection of its own: sees what is committed
+    return await query_database(store.path, statement, *args)
+
+
+async def query_database(database: Path | str, statement: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Rows of a query on a SQLite file or a PostgreSQL URL (`?` placeholders), on a connection of its own."""
+    if isinstance(database, str):
+        conn = await asyncpg.connect(database)
+        try:
+            return [tuple(r) for r in await conn.fetch(numbered(statement), *args)]
+        finally:
+            await conn.close()
+    con = sqlite3.connect(database)
     try:
         rows = con.execute(statement, args).fetchall()
         con.commit()
@@ -286,6 +298,8 @@ class Daemon:
     url: str
     folder: Path
     log_path: Path
+    # The SQLite file or the PostgreSQL URL it serves from (set by fixtures that know it).
+    database: Path | str | None = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,15 +12,29 @@ import aiohttp
 import pytest
 
 from lts_server.client import BadSignature, LicenseRefused, LtsClient, ServerUnavailable, verify
-from tests.conftest import Daemon, Vendor, free_port, item, license_spec, start_daemon, stop_daemon, write_config
+from tests.conftest import (
+    Daemon,
+    Vendor,
+    free_port,
+    item,
+    license_spec,
+    query_database,
+    start_daemon,
+    stop_daemon,
+    storage_section,
+    write_config,
+)
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, vendor: Vendor):  # noqa: ANN201
+async def daemon(request: pytest.FixtureRequest, backend: str, tmp_path: Path, vendor: Vendor) -> AsyncIterator[Daemon]:
+    """The daemon as a process, on each backend."""
     (tmp_path / "import").mkdir()
     (tmp_path / "import" / "a.lic").write_bytes(vendor.issue(license_spec("L1", items=[item("L1-1", quantity=100)])))
     (tmp_path / "import" / "b.lic").write_bytes(vendor.issue(license_spec("L2", items=[item("L2-1", "per-scan")])))
-    d = start_daemon(write_config(tmp_path, vendor), tmp_path)
+    storage = await storage_section(request, backend, tmp_path)
+    d = start_daemon(write_config(tmp_path, vendor, storage=storage), tmp_path)
+    d.database = storage.get("url") or tmp_path / "state" / "lts-server.sqlite3"
     yield d
     assert stop_daemon(d) == 0
 
@@ -40,10 +54,9 @@ async def test_500_concurrent_devices_get_exactly_110_seats(daemon: Daemon, tmp_
         statuses = await asyncio.gather(*(one(n) for n in range(500)))
     assert statuses.count(200) == 110
     assert statuses.count(403) == 390
-    con = sqlite3.connect(tmp_path / "state" / "lts-server.sqlite3")
-    assert con.execute("SELECT COUNT(*) FROM seats").fetchone()[0] == 110
-    assert con.execute("SELECT seats_used FROM items WHERE item_id = 'L1-1'").fetchone()[0] == 110
-    assert con.execute("SELECT COUNT(*) FROM events WHERE type = 'handshake'").fetchone()[0] == 500
+    assert await query_database(daemon.database, "SELECT COUNT(*) FROM seats") == [(110,)]
+    assert await query_database(daemon.database, "SELECT seats_used FROM items WHERE item_id = 'L1-1'") == [(110,)]
+    assert await query_database(daemon.database, "SELECT COUNT(*) FROM events WHERE type = 'handshake'") == [(500,)]
 
 
 async def test_client_fails_over_verifies_and_caches(daemon: Daemon, tmp_path: Path) -> None:
@@ -61,8 +74,7 @@ async def test_client_fails_over_verifies_and_caches(daemon: Daemon, tmp_path: P
         fresh = await client.handshake(handshake_code="216998-L1", client_uuid="dev-a", product="barcode-reader",
                                        deployment_type="browser", now=later)
         assert fresh.raw != auth.raw  # the cached one lapsed: asked again
-    con = sqlite3.connect(tmp_path / "state" / "lts-server.sqlite3")
-    assert con.execute("SELECT COUNT(*) FROM events WHERE type = 'handshake'").fetchone()[0] == 2
+    assert await query_database(daemon.database, "SELECT COUNT(*) FROM events WHERE type = 'handshake'") == [(2,)]
     # A cache edited by hand is not trusted.
     cached = next(cache.glob("auth-*.json"))
     data = json.loads(cached.read_text())

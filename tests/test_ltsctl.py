@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ADMIN_PASSWORD, Daemon, Vendor, item, license_spec, start_daemon, stop_daemon, write_config
+from tests.conftest import (
+    ADMIN_PASSWORD,
+    Daemon,
+    Vendor,
+    item,
+    license_spec,
+    start_daemon,
+    stop_daemon,
+    storage_section,
+    write_config,
+)
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, vendor: Vendor):  # noqa: ANN201
+def daemon(request: pytest.FixtureRequest, backend: str, tmp_path: Path, vendor: Vendor) -> Iterator[Daemon]:
+    """The daemon as a process, on each backend."""
     (tmp_path / "import").mkdir()
     (tmp_path / "import" / "a.lic").write_bytes(vendor.issue(license_spec("L1", items=[item("L1-1"), item("L1-2")])))
-    d = start_daemon(write_config(tmp_path, vendor), tmp_path)
+    storage = asyncio.run(storage_section(request, backend, tmp_path))
+    d = start_daemon(write_config(tmp_path, vendor, storage=storage), tmp_path)
     yield d
     assert stop_daemon(d) == 0
 
