@@ -10,7 +10,7 @@ import pytest
 
 from lts_server.web.auth import THROTTLE
 from lts_server.web.openapi import ROUTES
-from tests.conftest import ADMIN_PASSWORD, Running, admin_login, item, license_spec, write_config
+from tests.conftest import ADMIN_PASSWORD, Running, admin_login, item, license_spec, storage_section, write_config
 
 ADMIN_ROUTES = [(m.upper(), p) for p, m, _, _, _, admin in ROUTES if admin]
 
@@ -19,11 +19,12 @@ def concrete(path: str) -> str:
     return re.sub(r"\{[^}]+\}", "x", path)
 
 
-async def test_before_setup_every_admin_endpoint_answers_403(tmp_path, vendor) -> None:
+async def test_before_setup_every_admin_endpoint_answers_403(request, backend: str, tmp_path, vendor) -> None:
     from lts_server import config as config_mod
     from lts_server.server import Server
 
-    server = Server(config_mod.load(write_config(tmp_path, vendor), environ={}))
+    storage = await storage_section(request, backend, tmp_path)
+    server = Server(config_mod.load(write_config(tmp_path, vendor, storage=storage), environ={}))
     await server.start()
     try:
         async with aiohttp.ClientSession() as s:

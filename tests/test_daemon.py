@@ -79,6 +79,7 @@ def test_sd_notify_ready_watchdog_stopping(tmp_path: Path, vendor: Vendor) -> No
             d.proc.kill()
 
 
+@pytest.mark.sqlite_only  # the SQLite file, its lock or the key files in the state folder
 def test_sigterm_lets_an_in_flight_request_finish(tmp_path: Path, vendor: Vendor) -> None:
     (tmp_path / "import").mkdir()
     (tmp_path / "import" / "a.lic").write_bytes(vendor.issue(license_spec("L1", items=[item("L1-1")])))
@@ -154,6 +155,7 @@ def test_sighup_rereads_the_trusted_keys_from_the_config_and_retries_rejected_fi
         assert stop_daemon(d) == 0
 
 
+@pytest.mark.sqlite_only  # the SQLite file, its lock or the key files in the state folder
 def test_log_lines_are_json_and_carry_no_secrets(tmp_path: Path, vendor: Vendor) -> None:
     (tmp_path / "import" ).mkdir()
     (tmp_path / "import" / "a.lic").write_bytes(vendor.issue(license_spec("L1")))
@@ -168,6 +170,7 @@ def test_log_lines_are_json_and_carry_no_secrets(tmp_path: Path, vendor: Vendor)
     assert secret.hex() not in text
 
 
+@pytest.mark.sqlite_only  # the SQLite file, its lock or the key files in the state folder
 def test_unusable_state_folder_is_a_clear_start_error(tmp_path: Path, vendor: Vendor) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from lts_server.core.codes import CodeFields
-from tests.conftest import Running, item, license_spec, make_vendor, wait_for, write_config
+from tests.conftest import Running, item, license_spec, make_vendor, query, storage_section, wait_for, write_config
 
 
 async def count(running: Running, sql: str) -> int:
@@ -173,26 +172,28 @@ async def test_watcher_imports_a_dropped_file(tmp_path: Path, vendor) -> None:
         await server.stop()
 
 
-async def test_rejected_files_are_retried_at_start_up_once_their_key_is_trusted(tmp_path, vendor) -> None:
+async def test_rejected_files_are_retried_at_start_up_once_their_key_is_trusted(request, backend: str, tmp_path,
+                                                                                vendor) -> None:
     from lts_server import config as config_mod
     from lts_server.server import Server
 
     second = make_vendor(tmp_path / "second-vendor")
-    config = write_config(tmp_path, vendor)
+    storage = await storage_section(request, backend, tmp_path)
+    config = write_config(tmp_path, vendor, storage=storage)
     (tmp_path / "import" / "k2.lic").write_bytes(second.issue(license_spec("K2")))
     server = Server(config_mod.load(config, environ={}))
     await server.start()
     try:
         assert server.services.ledger.imports[str(tmp_path / "import" / "k2.lic")].state == "rejected"
-        events = sqlite3.connect(tmp_path / "state" / "lts-server.sqlite3").execute
         rejections = "SELECT COUNT(*) FROM events WHERE type = 'import.rejected'"
         await server.services.importer.scan("timer")  # same keys: not tried again, nothing recorded
-        assert events(rejections).fetchone()[0] == 1
+        assert await query(server.services.store, rejections) == [(1,)]
         await server.reload()  # same keys after a reload: tried again, same reason, nothing new recorded
-        assert events(rejections).fetchone()[0] == 1
+        assert await query(server.services.store, rejections) == [(1,)]
     finally:
         await server.stop()
-    write_config(tmp_path, vendor, vendor={"public_keys": [str(vendor.pub_path), str(second.pub_path)]})
+    write_config(tmp_path, vendor, storage=storage,
+                 vendor={"public_keys": [str(vendor.pub_path), str(second.pub_path)]})
     server = Server(config_mod.load(config, environ={}))
     await server.start()
     try:
