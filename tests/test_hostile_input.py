@@ -1,0 +1,55 @@
+"""Hostile or malformed requests get a 4xx naming the problem, change nothing and log no traceback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from tests.conftest import Running
+
+JSON_ENDPOINTS = ["/api/v1/handshake", "/api/v1/usage", "/api/v1/admin/login", "/api/v1/admin/setup",
+                  "/api/v1/admin/password", "/api/v1/admin/handshake-codes"]
+
+
+async def _post(running: Running, path: str, body: bytes, content_type: str = "application/json"):
+    async with running.session.post(f"{running.url}{path}", data=body,
+                                    headers={"Content-Type": content_type}) as resp:
+        return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize("path", JSON_ENDPOINTS)
+async def test_invalid_utf8_in_a_json_body_is_a_400_without_traceback(running: Running, path: str,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    body = b'{"clientUuid":"a","product":"\xff","deploymentType":"browser"}'
+    with caplog.at_level(logging.INFO, logger="lts_server"):
+        status, answer = await _post(running, path, body)
+    assert status == 400, answer
+    assert "UTF-8" in answer["error"]["message"]
+    assert not [r for r in caplog.records if r.exc_info], "a malformed body must not log a traceback"
+
+
+@pytest.mark.parametrize("path", JSON_ENDPOINTS)
+async def test_a_json_key_given_twice_is_refused(running: Running, path: str) -> None:
+    body = b'{"password":"x","password":"correct horse battery staple"}'
+    status, answer = await _post(running, path, body)
+    assert status == 400, answer
+    assert answer["error"]["field"] == "password"
+    assert "twice" in answer["error"]["message"]
+
+
+async def test_a_non_utf8_charset_is_refused_instead_of_guessed(running: Running) -> None:
+    body = '{"clientUuid":"a","product":"caf\u00e9","deploymentType":"browser"}'.encode("latin-1")
+    status, answer = await _post(running, "/api/v1/handshake", body, "application/json; charset=latin-1")
+    assert status == 400, answer
+    assert "charset" in answer["error"]["message"]
+    status, answer = await _post(running, "/api/v1/handshake", b'{"clientUuid":"a","product":"p",'
+                                 b'"deploymentType":"browser","handshakeCode":"1-x"}', "application/json; charset=UTF-8")
+    assert status == 403, answer  # utf-8, spelled either way, is fine
+
+
+async def test_a_refused_body_records_no_event(running: Running) -> None:
+    await _post(running, "/api/v1/handshake", b'{"clientUuid":"a","clientUuid":"b","product":"p",'
+                b'"deploymentType":"browser","handshakeCode":"216998-x"}')
+    async with running.session.get(f"{running.url}/api/v1/admin/events") as resp:
+        assert (await resp.read()) == b""
