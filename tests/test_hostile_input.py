@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from tests.conftest import Running
+from tests.conftest import Running, license_spec
+from tests.test_portal import portal_session
 
 JSON_ENDPOINTS = ["/api/v1/handshake", "/api/v1/usage", "/api/v1/admin/login", "/api/v1/admin/setup",
                   "/api/v1/admin/password", "/api/v1/admin/handshake-codes"]
@@ -53,3 +54,41 @@ async def test_a_refused_body_records_no_event(running: Running) -> None:
                 b'"deploymentType":"browser","handshakeCode":"216998-x"}')
     async with running.session.get(f"{running.url}/api/v1/admin/events") as resp:
         assert (await resp.read()) == b""
+
+
+@pytest.mark.parametrize("query", ["to=0001-01-01T00:00:00Z", "from=0001-01-01T00:00:00Z",
+                                   "to=9999-12-31T23:59:59-01:00", "to=9999-12-31T23:59:59Z&bucket=1d"])
+async def test_statistics_dates_out_of_range_are_a_400(running: Running, query: str) -> None:
+    await running.drop("a.lic", running.vendor.issue(license_spec()))
+    async with running.session.get(f"{running.url}/api/v1/admin/stats/codes/216998-L1?{query}") as resp:
+        assert resp.status == 400, await resp.text()
+        assert "out of range" in (await resp.json())["error"]["message"]
+
+
+@pytest.mark.parametrize("query", ["to=9999-12-31T23:59:59-01:00", "from=0001-01-01T00:00:00Z"])
+async def test_event_export_dates_out_of_range_are_a_400(running: Running, query: str) -> None:
+    async with running.session.get(f"{running.url}/api/v1/admin/events?{query}") as resp:
+        assert resp.status == 400, await resp.text()
+
+
+@pytest.mark.parametrize("query", ["day=9999-12-31", "day=0001-01-01", "to=9999-12-31", "from=0001-01-01"])
+async def test_portal_statistics_dates_out_of_range_are_a_400(running: Running, query: str) -> None:
+    await running.drop("a.lic", running.vendor.issue(license_spec()))
+    s = await portal_session(running)
+    async with s:
+        async with s.get(f"{running.url}/portal/stats/code/216998-L1?{query}", allow_redirects=False) as resp:
+            assert resp.status == 400, await resp.text()
+
+
+async def test_portal_statistics_range_is_limited_like_the_api(running: Running) -> None:
+    await running.drop("a.lic", running.vendor.issue(license_spec()))
+    s = await portal_session(running)
+    async with s:
+        url = f"{running.url}/portal/stats/code/216998-L1?from=1970-01-01&to=8999-12-31"
+        async with s.get(url, allow_redirects=False) as resp:
+            assert resp.status == 303, resp.status
+            assert resp.headers["Location"] == "/portal/stats/code/216998-L1"
+        async with s.get(url) as resp:  # the redirect shows the default period and says why
+            page = await resp.text()
+            assert resp.status == 200 and len(page) < 500_000
+            assert "at most 10,000 days" in page

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
@@ -17,19 +17,41 @@ from lts_server.web.errors import ApiError
 from lts_server.web.services import SERVICES, Services
 
 MAX_BUCKETS = 10_000
+# Query dates are kept well inside what datetime can represent, so a default span or a day added
+# to them never overflows.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 DEFAULT_SPAN = {"3m": timedelta(days=1), "2h": timedelta(days=7), "1d": timedelta(days=30)}
 EVENT_COLUMNS = ("seq", "at", "type", "code", "itemId", "clientUuid", "product", "deploymentType", "result",
                  "units", "instances", "detail")
+
+
+def query_time(name: str, value: str) -> datetime:
+    """A date-time from a query parameter, within the years the statistics can do arithmetic with."""
+    try:
+        t = parse_iso(value)
+    except ValueError as e:
+        problem = "is out of range" if "out of range" in str(e) else "is not an ISO 8601 date-time with a time zone"
+        raise ApiError(400, f"{name}: {value!r} {problem}; give one between {iso(EARLIEST)} and {iso(LATEST)}",
+                       name) from None
+    if not EARLIEST <= t <= LATEST:
+        raise ApiError(400, f"{name}: {value!r} is out of range; give one between {iso(EARLIEST)} and {iso(LATEST)}",
+                       name)
+    return t
 
 
 def _time(request: web.Request, name: str) -> datetime | None:
     value = request.query.get(name)
     if value is None or value == "":
         return None
-    try:
-        return parse_iso(value)
-    except ValueError:
-        raise ApiError(400, f"{name}: expected an ISO 8601 date-time with a time zone, got {value!r}", name) from None
+    return query_time(name, value)
+
+
+def check_span(bucket: str, start: datetime, end: datetime) -> None:
+    """Refuse a range of more than MAX_BUCKETS buckets: the answer holds one entry per bucket."""
+    if (to_ms(end) - bucket_start(to_ms(start), bucket)) / BUCKETS[bucket] > MAX_BUCKETS:
+        raise ApiError(400, f"bucket: more than {MAX_BUCKETS} {bucket} buckets; choose a wider bucket or a shorter range",
+                       "bucket")
 
 
 def _range(request: web.Request, services: Services) -> tuple[str, datetime, datetime]:
@@ -40,9 +62,7 @@ def _range(request: web.Request, services: Services) -> tuple[str, datetime, dat
     start = _time(request, "from") or end - DEFAULT_SPAN[bucket]
     if start >= end:
         raise ApiError(400, "from: must be before to", "from")
-    if (to_ms(end) - bucket_start(to_ms(start), bucket)) / BUCKETS[bucket] > MAX_BUCKETS:
-        raise ApiError(400, f"bucket: more than {MAX_BUCKETS} {bucket} buckets; choose a wider bucket or a shorter range",
-                       "bucket")
+    check_span(bucket, start, end)
     return bucket, start, end
 
 

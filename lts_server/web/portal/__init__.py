@@ -20,7 +20,7 @@ import jinja2
 from aiohttp import web
 
 from lts_server.core.codes import CodeError, CodeFields
-from lts_server.core.times import iso, parse_iso
+from lts_server.core.times import iso
 from lts_server.ledger import NotFound
 from lts_server.licensefile import MAX_FILE_BYTES
 from lts_server.web import auth
@@ -28,7 +28,16 @@ from lts_server.web.admin import code_json, requests_today, status_json
 from lts_server.web.errors import ApiError
 from lts_server.web.portal.charts import GRANTED, REFUSED, Slice, donut, trend
 from lts_server.web.services import SERVICES, Services
-from lts_server.web.stats import compute_stats, item_status, usage_text
+from lts_server.web.stats import (
+    EARLIEST,
+    LATEST,
+    MAX_BUCKETS,
+    check_span,
+    compute_stats,
+    item_status,
+    query_time,
+    usage_text,
+)
 
 HERE = Path(__file__).parent
 SESSION = "lts_session"
@@ -378,13 +387,14 @@ async def order_submit(request: web.Request) -> web.Response:
 
 # -- statistics ----------------------------------------------------------------------------
 
-def _day(value: str | None) -> datetime | None:
+def _day(name: str, value: str | None) -> datetime | None:
     if not value:
         return None
     try:
-        return parse_iso(value + "T00:00:00Z")
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"not a date: {value!r}") from None
+        return query_time(name, value + "T00:00:00Z")
+    except ApiError:
+        raise web.HTTPBadRequest(text=f"{name}: not a date between {iso(EARLIEST)[:10]} and {iso(LATEST)[:10]}: "
+                                      f"{value!r}") from None
 
 
 async def _stats_page(request: web.Request, scope: str, key: str, subject: str,
@@ -392,15 +402,20 @@ async def _stats_page(request: web.Request, scope: str, key: str, subject: str,
     page = await _logged_in(request)
     services = request.app[SERVICES]
     now = services.ledger.clock()
-    day = _day(request.query.get("day"))
+    day = _day("day", request.query.get("day"))
     if day is not None:
         start, end, bucket = day, day + timedelta(days=1), "3m"
     else:
-        end = (_day(request.query.get("to")) or now.replace(hour=0, minute=0, second=0, microsecond=0)) + timedelta(days=1)
-        start = _day(request.query.get("from")) or end - timedelta(days=7)
+        end = (_day("to", request.query.get("to")) or now.replace(hour=0, minute=0, second=0, microsecond=0)
+               ) + timedelta(days=1)
+        start = _day("from", request.query.get("from")) or end - timedelta(days=7)
         bucket = "2h" if end - start <= timedelta(days=31) else "1d"
         if start >= end:
             raise _redirect(request.path, ("error", "The start of the period must be before its end."))
+        try:
+            check_span(bucket, start, end)
+        except ApiError:
+            raise _redirect(request.path, ("error", f"Choose a period of at most {MAX_BUCKETS:,} days.")) from None
     body = await compute_stats(services, scope, key, bucket, start, min(end, now + timedelta(minutes=3)) if day else end)
     summary = body["summary"]
     donuts = [{"label": label, "svg": donut([Slice("granted", s["granted"], GRANTED),
