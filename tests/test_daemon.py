@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import time
 import urllib.request
@@ -156,3 +158,49 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
                     "ConfigurationDirectory=lts-server", "ProtectSystem=strict", "NoNewPrivileges=yes",
                     "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure"):
         assert setting in unit
+
+
+def test_state_folder_is_0700_and_database_files_0600_whatever_the_umask(tmp_path: Path, vendor: Vendor) -> None:
+    cfg = write_config(tmp_path, vendor, storage={"state_dir": str(tmp_path / "deep" / "state")})
+    old = os.umask(0o000)  # the most permissive umask: nothing may come out group- or world-readable
+    try:
+        d = start_daemon(cfg, tmp_path)
+    finally:
+        os.umask(old)
+    try:
+        assert get(f"{d.url}/readyz")[0] == 200
+        state = tmp_path / "deep" / "state"
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        files = sorted(p.name for p in state.iterdir())
+        assert "lts-server.sqlite3" in files and "lts-server.sqlite3-wal" in files
+        for name in files:
+            assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+    finally:
+        assert stop_daemon(d) == 0
+
+
+def _make_read_only(path: Path) -> None:
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        return
+    # root writes through permission bits: mark the file immutable instead.
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot make {path} read-only as root: {done.stderr}")
+        pytest.skip(f"cannot make {path} read-only as root (chattr: {done.stderr.strip()})")
+
+
+def test_a_read_only_database_refuses_to_start_and_says_why(tmp_path: Path, vendor: Vendor) -> None:
+    cfg = write_config(tmp_path, vendor)
+    assert stop_daemon(start_daemon(cfg, tmp_path)) == 0
+    db_path = tmp_path / "state" / "lts-server.sqlite3"
+    _make_read_only(db_path)
+    try:
+        d = start_daemon(cfg, tmp_path, wait=False)
+        assert d.proc.wait(20) == 1
+        log = d.log()
+        assert "cannot start" in log and "cannot be written" in log and "Traceback" not in log
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(db_path)], check=False)

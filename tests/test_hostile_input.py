@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import csv
+import io
+import json
 import logging
 
 import pytest
 
+from lts_server.store import StoreUnavailable
 from tests.conftest import Running, license_spec
 from tests.test_portal import portal_session
 
@@ -92,3 +97,52 @@ async def test_portal_statistics_range_is_limited_like_the_api(running: Running)
             page = await resp.text()
             assert resp.status == 200 and len(page) < 500_000
             assert "at most 10,000 days" in page
+
+
+async def test_a_client_dropping_mid_body_is_not_an_internal_error(running: Running,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    host, port = running.url.removeprefix("http://").split(":")
+    with caplog.at_level(logging.INFO, logger="lts_server"):
+        for path in ("/api/v1/handshake", "/api/v1/admin/licenses"):
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Authorization: {running.session.headers['Authorization']}\r\n"
+                         "Content-Length: 100\r\n\r\n{\"clientUuid\"".encode())
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.close()
+        await asyncio.sleep(0.3)
+    assert not [r for r in caplog.records if r.exc_info or r.getMessage() == "http.internal_error"], caplog.text
+    assert [r for r in caplog.records if r.getMessage() == "http.client_gone"], caplog.text
+
+
+async def test_a_503_does_not_tell_clients_the_database_path(running: Running, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    await running.drop("a.lic", running.vendor.issue(license_spec()))
+    store = running.server.services.store
+
+    async def locked(batch, pipeline=None):  # noqa: ANN001, ANN202
+        raise StoreUnavailable(f"database {store.path} is locked by another process: database is locked")
+
+    monkeypatch.setattr(store, "write", locked)
+    with caplog.at_level(logging.INFO, logger="lts_server"):
+        status, body = await running.handshake(handshakeCode="216998-L1")
+    assert status == 503, body
+    assert str(store.path) not in json.dumps(body) and str(running.folder) not in json.dumps(body)
+    assert "storage unavailable" in body["error"]["message"]
+    logged = [r.fields for r in caplog.records if r.getMessage() == "http.store_unavailable"]
+    assert str(store.path) in logged[0]["error"]  # the operator still learns which file
+
+
+async def test_csv_export_escapes_cells_a_spreadsheet_would_run_as_formulas(running: Running) -> None:
+    await running.drop("a.lic", running.vendor.issue(license_spec()))
+    for client, product in (("-dev1", '=HYPERLINK("http://x")'), ("dev2", "@SUM(A1)"), ("dev3", "+1")):
+        status, body = await running.handshake(handshakeCode="216998-L1", clientUuid=client, product=product)
+        assert status == 403, body  # refused (wrong product), and recorded as an event
+    async with running.session.get(f"{running.url}/api/v1/admin/events", headers={"Accept": "text/csv"}) as resp:
+        rows = list(csv.reader(io.StringIO(await resp.text())))
+    cells = [cell for row in rows[1:] for cell in row]
+    assert "'=HYPERLINK(\"http://x\")" in cells and "'-dev1" in cells and "'@SUM(A1)" in cells and "'+1" in cells
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], cells
+    async with running.session.get(f"{running.url}/api/v1/admin/events") as resp:  # NDJSON keeps the data as it is
+        assert b'"clientUuid":"-dev1"' in await resp.read()

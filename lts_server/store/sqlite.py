@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
@@ -65,6 +66,9 @@ def _translate(e: sqlite3.Error, path: Path) -> StoreError:
         return StoreUnavailable(f"database {path} is locked by another process: {text}")
     if "full" in text:
         return StoreFull(f"database {path}: {text}; free disk space, then retry")
+    if "readonly" in text:
+        return StoreError(f"database {path} cannot be written ({text}): make the file, its -wal and -shm files "
+                          "and its folder writable by the service user")
     return StoreError(f"database {path}: {text}")
 
 
@@ -83,9 +87,15 @@ class SQLiteStore:
 
     async def open(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Created for the service user only, whatever the umask; SQLite gives -wal and -shm the same mode.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
+        except FileExistsError:
+            pass
         except OSError as e:
-            raise StoreError(f"cannot create the folder for {self.path}: {e.strerror}") from None
+            raise StoreError(f"cannot create {self.path} or its folder: {e.strerror}") from None
         try:
             self._db = await aiosqlite.connect(
                 self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None
@@ -98,6 +108,7 @@ class SQLiteStore:
             await self._db.execute("PRAGMA synchronous = FULL")
             await self._db.execute("PRAGMA foreign_keys = ON")
             await self._migrate()
+            await self._check_writable()
         except sqlite3.Error as e:
             await self.close()
             raise _translate(e, self.path) from None
@@ -125,6 +136,14 @@ class SQLiteStore:
                 if db.in_transaction:
                     await db.rollback()
                 raise
+
+    async def _check_writable(self) -> None:
+        """Fail at start-up, not at the first handshake, when SQLite opened the file read-only."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.execute("DELETE FROM schema_version WHERE 0")
+        finally:
+            await self.db.execute("ROLLBACK")
 
     async def schema_version(self) -> int:
         async with self.db.execute("SELECT MAX(version) FROM schema_version") as cur:

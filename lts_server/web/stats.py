@@ -172,6 +172,21 @@ async def item_stats(request: web.Request) -> web.Response:
     return web.json_response({"itemId": item_id, "status": item_status(services, item_id), **body})
 
 
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """A CSV cell: text that a spreadsheet would run as a formula gets a leading ' (OWASP), numbers stay numbers."""
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        value = json.dumps(value, separators=(",", ":"))
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 async def export_events(request: web.Request) -> web.StreamResponse:
     """Stream the event log as NDJSON (or CSV with Accept: text/csv), a page at a time."""
     services = request.app[SERVICES]
@@ -193,8 +208,7 @@ async def export_events(request: web.Request) -> web.StreamResponse:
         values = (stored.seq, iso(e.at), e.type, e.code, e.item_id, e.client_uuid, e.product, e.deployment_type,
                   e.result, e.units, e.instances, e.detail)
         if as_csv:
-            writer.writerow([json.dumps(v, separators=(",", ":")) if isinstance(v, dict) else ("" if v is None else v)
-                             for v in values])
+            writer.writerow([csv_cell(v) for v in values])
         else:
             buffer.write(json.dumps(dict(zip(EVENT_COLUMNS, values)), separators=(",", ":")) + "\n")
         pending += 1
