@@ -6,6 +6,7 @@ config is one precise line instead of a traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -41,6 +42,9 @@ class ServerSection(_Section):
     # /healthz, device requests here get 503 with error 100.
     standby_of: str | None = None
     standby_check_seconds: Positive = 5.0
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For names the real client, which the
+    # login throttle then keys on. Empty: the header is ignored, the peer address is the client.
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
 
 
 class StorageSection(_Section):
@@ -206,6 +210,12 @@ def _choices(key: str) -> tuple[str, ...]:
 
 def _check(config: Config, path: Path) -> None:
     server = config.server
+    for i, proxy in enumerate(server.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"{path}: key 'server.trusted_proxies[{i}]': expected an IP address or network "
+                              f"such as 127.0.0.1 or 10.0.0.0/8, got {proxy!r}") from None
     if bool(server.tls_cert) != bool(server.tls_key):
         raise ConfigError(f"{path}: key 'server.tls_cert': tls_cert and tls_key must be set together")
     for key in ("tls_cert", "tls_key"):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import timedelta
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from lts_server import config as config_mod
+from lts_server.server import Server
 from lts_server.web.auth import THROTTLE
 from lts_server.web.openapi import ROUTES
-from tests.conftest import ADMIN_PASSWORD, Running, admin_login, item, license_spec, write_config
+from tests.conftest import ADMIN_PASSWORD, Running, Vendor, admin_login, item, license_spec, write_config
 
 ADMIN_ROUTES = [(m.upper(), p) for p, m, _, _, _, admin in ROUTES if admin]
 
@@ -242,5 +246,61 @@ async def test_admin_api_on_its_own_port(tmp_path, vendor) -> None:
                 assert r.status == 201
             async with s.get(server.urls[0] + "/api/v1/server") as resp:
                 assert resp.status == 200
+    finally:
+        await server.stop()
+
+
+async def test_concurrent_wrong_logins_are_counted_before_they_are_checked(running: Running) -> None:
+    running.server.runner.app[THROTTLE].base_delay = 0.0
+    async with aiohttp.ClientSession() as s:
+        async def attempt() -> int:
+            async with s.post(running.url + "/api/v1/admin/login", json={"password": "wrong password!"}) as resp:
+                return resp.status
+
+        statuses = await asyncio.gather(*(attempt() for _ in range(200)))
+    assert statuses.count(401) == 10 and statuses.count(429) == 190
+
+
+async def test_password_change_is_throttled_like_login(running: Running) -> None:
+    running.server.runner.app[THROTTLE].base_delay = 0.0
+    statuses = []
+    for _ in range(11):
+        async with running.session.post(running.url + "/api/v1/admin/password", json={
+                "currentPassword": "a wrong guess!", "newPassword": "a brand new passphrase"}) as resp:
+            statuses.append(resp.status)
+    assert statuses == [400] * 10 + [429]
+    async with running.session.post(running.url + "/api/v1/admin/password", json={
+            "currentPassword": ADMIN_PASSWORD, "newPassword": "a brand new passphrase"}) as resp:
+        assert resp.status == 429
+
+
+async def _logins(url: str, password: str, forwarded_for: str, n: int) -> list[int]:
+    statuses = []
+    async with aiohttp.ClientSession(headers={"X-Forwarded-For": forwarded_for}) as s:
+        for _ in range(n):
+            async with s.post(url + "/api/v1/admin/login", json={"password": password}) as resp:
+                statuses.append(resp.status)
+    return statuses
+
+
+async def test_forwarded_for_is_ignored_unless_the_proxy_is_trusted(running: Running) -> None:
+    running.server.runner.app[THROTTLE].base_delay = 0.0
+    # An attacker cannot dodge the throttle by inventing a new address per request.
+    statuses = [(await _logins(running.url, "wrong password!", f"10.0.0.{n}", 1))[0] for n in range(11)]
+    assert statuses == [401] * 10 + [429]
+
+
+async def test_behind_a_trusted_proxy_a_lockout_does_not_block_another_client(tmp_path: Path, vendor: Vendor) -> None:
+    server = Server(config_mod.load(write_config(tmp_path, vendor, server={
+        "host": "127.0.0.1", "port": 0, "trusted_proxies": ["127.0.0.1/32", "::1"]}), environ={}))
+    await server.start()
+    try:
+        server.runner.app[THROTTLE].base_delay = 0.0
+        url = server.urls[0]
+        await admin_login(url)
+        attacker = await _logins(url, "wrong password!", "203.0.113.9, 127.0.0.1", 12)
+        assert attacker == [401] * 10 + [429] * 2
+        assert await _logins(url, ADMIN_PASSWORD, "203.0.113.9", 1) == [429]  # locked: the attacker's address
+        assert await _logins(url, ADMIN_PASSWORD, "198.51.100.7", 1) == [200]  # the admin elsewhere: not blocked
     finally:
         await server.stop()

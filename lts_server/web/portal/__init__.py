@@ -196,7 +196,7 @@ async def login_submit(request: web.Request) -> web.Response:
     form = await request.post()
     _require_csrf(request.cookies.get(PRE_CSRF, ""), form)
     try:
-        token = (await auth.log_in(request.app, request.remote or "?", str(form.get("password", ""))))["token"]
+        token = (await auth.log_in(request.app, auth.client_address(request), str(form.get("password", ""))))["token"]
     except ApiError as e:
         raise _redirect("/portal/login", _flash_refusal(e)) from None
     response = _redirect("/portal/")
@@ -222,7 +222,8 @@ async def security_page(request: web.Request) -> web.Response:
 async def security_submit(request: web.Request) -> web.Response:
     _, form = await _form(request)
     try:
-        token = (await auth.change(request.app[SERVICES], str(form.get("current", "")), str(form.get("new", ""))))["token"]
+        token = (await auth.change(request.app, auth.client_address(request), str(form.get("current", "")),
+                                   str(form.get("new", ""))))["token"]
     except ApiError as e:
         raise _redirect("/portal/security", _flash_refusal(e)) from None
     response = _redirect("/portal/security", ("ok", "Password changed; other sessions were logged out."))
