@@ -42,6 +42,14 @@ class ServerSection(_Section):
     # /healthz, device requests here get 503 with error 100.
     standby_of: str | None = None
     standby_check_seconds: Positive = 5.0
+    # Slow or idle clients: seconds to send a request head, to send its body once the head is
+    # in, and between two requests on a keep-alive connection. Past them the connection is closed.
+    header_timeout: Positive = 10.0
+    body_timeout: Positive = 30.0
+    idle_timeout: Positive = 30.0
+    # Open connections at most (lowered to fit the file descriptor limit). At the cap a new
+    # connection replaces the longest-waiting idle one, or gets 503 when none is idle.
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 4096
     # Reverse proxies (addresses or networks) whose X-Forwarded-For names the real client, which the
     # login throttle then keys on. Empty: the header is ignored, the peer address is the client.
     trusted_proxies: list[str] = msgspec.field(default_factory=list)

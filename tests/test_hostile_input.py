@@ -10,6 +10,7 @@ import logging
 
 import pytest
 
+from lts_server import logs
 from lts_server.store import StoreUnavailable
 from tests.conftest import Running, license_spec
 from tests.test_portal import portal_session
@@ -100,7 +101,9 @@ async def test_portal_statistics_range_is_limited_like_the_api(running: Running)
 
 
 async def test_a_client_dropping_mid_body_is_not_an_internal_error(running: Running,
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
+                                                                   caplog: pytest.LogCaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logs, "_last_logged", {})  # rate-limited: start from a clean slate
     host, port = running.url.removeprefix("http://").split(":")
     with caplog.at_level(logging.INFO, logger="lts_server"):
         for path in ("/api/v1/handshake", "/api/v1/admin/licenses"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import resource
 import signal
 import sys
 
@@ -17,6 +18,7 @@ from lts_server.store import StoreError
 
 EXIT_CONFIG = 2
 EXIT_START = 1
+MAX_OPEN_FILES = 1 << 20
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,12 +55,31 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_START
         return 0
     logs.setup(cfg.log.level, cfg.log.format)
+    raise_open_files_limit()
     return asyncio.run(run(cfg))
+
+
+def raise_open_files_limit() -> None:
+    """Use the hard limit on open files, not the soft one (often 1024): each connection takes one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as e:
+            logs.event("server.open_files_limit", logs.logging.WARNING, soft=soft, hard=hard, error=str(e))
 
 
 async def run(cfg: config_mod.Config) -> int:
     notifier = Notifier()
     server = Server(cfg)
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(logs.loop_exception_handler)
+    # Handlers first: a SIGTERM that arrives while the server starts (it listens before it is
+    # done) stops it cleanly once started, instead of killing it.
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
     try:
         await server.start()
     except (StoreError, OSError, ValueError) as e:
@@ -81,8 +102,6 @@ async def run(cfg: config_mod.Config) -> int:
     print(f"lts-server {lts_server.__version__} listening on {', '.join(server.urls)}{admin}", flush=True)
     notifier.notify("READY=1", f"STATUS=listening on {', '.join(server.urls)}")
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hup() -> None:
@@ -91,8 +110,6 @@ async def run(cfg: config_mod.Config) -> int:
         reloads.add(task)
         task.add_done_callback(lambda t: (reloads.discard(t), notifier.notify("READY=1")))
 
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     watchdog = loop.create_task(_watchdog(notifier, stop)) if notifier.watchdog_interval else None
 

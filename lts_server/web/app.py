@@ -6,7 +6,7 @@ import msgspec
 from aiohttp import web
 
 import lts_server
-from lts_server.web import admin, auth, device, openapi, portal, stats, usage
+from lts_server.web import admin, auth, connections, device, openapi, portal, stats, usage
 from lts_server.web.errors import errors_middleware
 from lts_server.web.schemas import ServerInfo
 from lts_server.web.services import SERVICES, Services
@@ -42,7 +42,7 @@ async def servers(request: web.Request) -> web.Response:
 
 def create_app(services: Services, admin_port: int | None = None) -> web.Application:
     """The application; with admin_port set, admin paths answer only on that port."""
-    middlewares = [portal.security_headers, errors_middleware]
+    middlewares = [connections.track_requests, portal.security_headers, errors_middleware]
     if admin_port is not None:
         middlewares.append(_admin_only_on(admin_port))
     middlewares.append(auth.auth_middleware)

@@ -92,7 +92,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception as e:  # the client gets a line, the log gets the traceback
         if isinstance(e, ConnectionError) and (request.transport is None or request.transport.is_closing()):
             # The client went away mid-request (say, mid-body): its business, not a fault of ours.
-            logs.event("http.client_gone", path=request.path, error=str(e))
+            logs.event_limited("http.client_gone", path=request.path, error=str(e))
             return error_response(400, "the connection was closed before the request was complete")
         logs.log.exception("http.internal_error", extra={"fields": {"path": request.path}})
         return error_response(500, f"internal error ({type(e).__name__}); see the server log")
