@@ -16,7 +16,7 @@ from lts_server.web.auth import THROTTLE
 from lts_server.web.openapi import ROUTES
 from tests.conftest import ADMIN_PASSWORD, Running, Vendor, admin_login, item, license_spec, write_config
 
-ADMIN_ROUTES = [(m.upper(), p) for p, m, _, _, _, admin in ROUTES if admin]
+ADMIN_ROUTES = [(r.method.upper(), r.path) for r in ROUTES if r.admin]
 
 
 def concrete(path: str) -> str:
@@ -222,11 +222,11 @@ async def test_status_and_openapi(admin: Running) -> None:
         async with s.get(admin.url + "/api/v1/openapi.json") as resp:
             doc = await resp.json()
     assert doc["openapi"].startswith("3.")
-    for path, method, *_ in ROUTES:
+    for path, method in ((r.path, r.method) for r in ROUTES):
         assert method in doc["paths"][path]
     routes = {(r.method, r.resource.canonical) for r in admin.server.runner.app.router.routes()
               if r.method != "HEAD" and not r.resource.canonical.startswith("/portal")}
-    documented = {(m.upper(), p) for p, m, *_ in ROUTES}
+    documented = {(r.method.upper(), r.path) for r in ROUTES}
     assert routes <= documented | {("GET", "/api/v1/openapi.json")}
     assert "HandshakeBody" in doc["components"]["schemas"]
 

@@ -19,12 +19,11 @@ from lts_server import logs
 from lts_server.core.times import from_ms, iso, to_ms
 from lts_server.web.device import read_json_body
 from lts_server.web.errors import ApiError, decode_json
-from lts_server.web.schemas import LoginBody, PasswordChangeBody, SetupBody
+from lts_server.web.schemas import MIN_PASSWORD, LoginBody, PasswordChangeBody, SetupBody
 from lts_server.web.services import SERVICES, Services
 
 ADMIN_PREFIX = "/api/v1/admin/"
 OPEN_PATHS = {"/api/v1/admin/setup", "/api/v1/admin/login"}
-MIN_PASSWORD = 12
 # Failed logins per address within the window: slowed after SLOW_AFTER, refused after LOCK_AFTER.
 WINDOW_SECONDS = 15 * 60
 SLOW_AFTER = 3
