@@ -304,3 +304,21 @@ async def test_behind_a_trusted_proxy_a_lockout_does_not_block_another_client(tm
         assert await _logins(url, ADMIN_PASSWORD, "198.51.100.7", 1) == [200]  # the admin elsewhere: not blocked
     finally:
         await server.stop()
+
+
+async def test_deleting_a_default_code_is_refused_unless_confirmed_and_can_be_restored(admin: Running) -> None:
+    status, body = await call(admin, "DELETE", "/api/v1/admin/handshake-codes/216998-L1")
+    assert status == 409 and "confirm=default" in body["error"]["message"]
+    assert "/api/v1/admin/licenses/L1/default-code" in body["error"]["message"]
+    assert (await admin.handshake(organizationId="216998"))[0] == 200
+    status, _ = await call(admin, "DELETE", "/api/v1/admin/handshake-codes/216998-L1?confirm=default")
+    assert status == 200
+    status, body = await admin.handshake(organizationId="216998")
+    assert status == 403 and body["error"]["code"] != 0  # no default code for the organization any more
+    status, body = await call(admin, "POST", "/api/v1/admin/licenses/L1/default-code")
+    assert status == 201 and body["default"] and body["items"] == ["soon", "late"]
+    assert (await admin.handshake(organizationId="216998"))[0] == 200
+    status, _ = await call(admin, "POST", "/api/v1/admin/licenses/L1/default-code")
+    assert status == 409
+    status, _ = await call(admin, "POST", "/api/v1/admin/licenses/nope/default-code")
+    assert status == 404

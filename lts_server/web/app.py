@@ -70,6 +70,7 @@ def create_app(services: Services, admin_port: int | None = None) -> web.Applica
     app.router.add_get("/api/v1/admin/licenses", admin.list_licenses)
     app.router.add_post("/api/v1/admin/licenses", admin.upload_license)
     app.router.add_get("/api/v1/admin/licenses/{license_id}", admin.get_license)
+    app.router.add_post("/api/v1/admin/licenses/{license_id}/default-code", admin.restore_default_code)
     app.router.add_get("/api/v1/admin/items", admin.list_items)
     app.router.add_post("/api/v1/admin/items/{item_id}/revoke", admin.revoke_item)
     app.router.add_post("/api/v1/admin/items/{item_id}/restore", admin.restore_item)

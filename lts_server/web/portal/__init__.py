@@ -24,7 +24,7 @@ from lts_server.core.times import iso
 from lts_server.ledger import NotFound
 from lts_server.licensefile import MAX_FILE_BYTES
 from lts_server.web import auth
-from lts_server.web.admin import code_json, requests_today, status_json
+from lts_server.web.admin import code_json, default_code_refusal, requests_today, status_json
 from lts_server.web.errors import ApiError
 from lts_server.web.portal.charts import GRANTED, REFUSED, Slice, donut, trend
 from lts_server.web.services import SERVICES, Services
@@ -345,13 +345,17 @@ async def code_edit_submit(request: web.Request) -> web.Response:
 
 
 async def code_delete(request: web.Request) -> web.Response:
-    _, _ = await _form(request)
+    _, form = await _form(request)
     name = request.match_info["name"]
-    try:
-        await request.app[SERVICES].ledger.delete_code(name)
-    except NotFound:
-        raise _redirect("/portal/codes", ("error", f"No handshake code {name}.")) from None
-    raise _redirect("/portal/codes", ("ok", f"Handshake code {name} deleted; its statistics stay."))
+    code = request.app[SERVICES].ledger.codes.get(name)
+    if code is None:
+        raise _redirect("/portal/codes", ("error", f"No handshake code {name}."))
+    if code.is_default and form.get("confirm") != "default":
+        raise _redirect("/portal/codes", ("error", default_code_refusal(code)))
+    await request.app[SERVICES].ledger.delete_code(name)
+    restore = (f" Restore it with `ltsctl codes restore-default {code.source_license_id}`."
+               if code.is_default else "")
+    raise _redirect("/portal/codes", ("ok", f"Handshake code {name} deleted; its statistics stay.{restore}"))
 
 
 async def order_page(request: web.Request) -> web.Response:
