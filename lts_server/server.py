@@ -95,6 +95,10 @@ class Server:
         await store.open()
         ledger = Ledger(store, ident.secret, self.clock)
         await ledger.start()
+        try:  # the folder operators drop files into: there from the first start, so watching works
+            cfg.import_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as e:
+            logs.event("import.folder_not_created", logs.logging.WARNING, path=str(cfg.import_dir), error=e.strerror)
         importer = Importer(ledger, cfg.import_dir, ident.server_uuid, lambda: self.trusted,
                             lambda: self.config.vendor.allow_unbound)
         self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key))

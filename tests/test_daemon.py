@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import stat
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -204,3 +205,47 @@ def test_a_read_only_database_refuses_to_start_and_says_why(tmp_path: Path, vend
     finally:
         if os.geteuid() == 0:
             subprocess.run(["chattr", "-i", str(db_path)], check=False)
+
+
+def test_the_daemon_creates_its_import_folder(tmp_path: Path, vendor: Vendor) -> None:
+    folder = tmp_path / "var" / "import"
+    cfg = write_config(tmp_path, vendor, **{"import": {"directory": str(folder), "watch": True}})
+    d = start_daemon(cfg, tmp_path)
+    try:
+        assert folder.is_dir()
+        assert "import.scan_failed" not in d.log() and "import.folder_not_created" not in d.log()
+    finally:
+        assert stop_daemon(d) == 0
+
+
+def test_check_config_warns_about_no_vendor_key_and_a_missing_import_folder(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, None, **{"import": {"directory": str(tmp_path / "nowhere" / "import")}})
+    (tmp_path / "import").rmdir()
+    proc = subprocess.run([sys.executable, "-m", "lts_server", "--config", str(cfg), "--check-config"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and "ok (2 warnings)" in proc.stdout
+    assert "vendor.public_keys" in proc.stderr and "every license file will be rejected" in proc.stderr
+    assert "import.directory" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_print_uuid_without_config_says_what_to_do(tmp_path: Path) -> None:
+    if Path("/etc/lts-server/lts-server.toml").exists():
+        pytest.skip("this machine has an installed /etc/lts-server/lts-server.toml")
+    proc = subprocess.run([sys.executable, "-m", "lts_server", "--print-uuid"], capture_output=True, text=True,
+                          timeout=30, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--config PATH" in proc.stderr and "config/demo.toml" in proc.stderr
+
+
+def test_systemd_documentation_points_at_files_the_package_installs() -> None:
+    import tomllib
+
+    unit = (ROOT / "systemd" / "lts-server.service").read_text()
+    docs = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("Documentation=")]
+    installed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    files = [d.removeprefix("file:///opt/lts-server/") for d in docs if d.startswith("file:")]
+    assert files and "placeholder" not in unit and "github.com/lts-server" not in unit
+    for f in files:
+        folder, name = f.rsplit("/", 1)
+        sources = installed[folder]
+        assert any(Path(src).name == name and (ROOT / src).is_file() for src in sources), f

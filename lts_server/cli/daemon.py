@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import resource
 import signal
 import sys
@@ -30,12 +31,33 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_warnings(cfg: config_mod.Config) -> list[str]:
+    """What is valid but will not work as the operator probably expects."""
+    warnings = []
+    if not cfg.vendor.public_keys:
+        warnings.append("key 'vendor.public_keys' is empty: no vendor key is trusted, so every license file will be "
+                        "rejected; name your vendor's public key file")
+    directory = cfg.import_dir
+    if not directory.is_dir():
+        parent = next((p for p in directory.parents if p.exists()), None)
+        if parent is not None and not os.access(parent, os.W_OK):
+            warnings.append(f"key 'import.directory': {directory} does not exist and cannot be created by this user; "
+                            "create it (writable by the service user)")
+        else:
+            warnings.append(f"key 'import.directory': {directory} does not exist yet; the daemon creates it at start")
+    return warnings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as e:
         print(f"lts-server: config error: {e}", file=sys.stderr)
+        if args.config == str(config_mod.DEFAULT_PATH) and not config_mod.DEFAULT_PATH.exists():
+            print(f"lts-server: give the config file with --config PATH (the default {config_mod.DEFAULT_PATH} does "
+                  "not exist): e.g. --config config/demo.toml in a checkout, or install config/lts-server.toml "
+                  f"as {config_mod.DEFAULT_PATH} (see the README, 'Install as a service')", file=sys.stderr)
         return EXIT_CONFIG
     for i, path in enumerate(cfg.public_key_paths):
         try:
@@ -45,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"public key in PEM form: {e}", file=sys.stderr)
             return EXIT_CONFIG
     if args.check_config:
-        print(f"{args.config}: ok")
+        warnings = config_warnings(cfg)
+        for warning in warnings:
+            print(f"lts-server: warning: {args.config}: {warning}", file=sys.stderr)
+        print(f"{args.config}: ok" + (f" ({len(warnings)} warning{'s' if len(warnings) > 1 else ''})"
+                                      if warnings else ""))
         return 0
     if args.print_uuid:
         try:
