@@ -322,3 +322,25 @@ async def test_deleting_a_default_code_is_refused_unless_confirmed_and_can_be_re
     assert status == 409
     status, _ = await call(admin, "POST", "/api/v1/admin/licenses/nope/default-code")
     assert status == 404
+
+
+async def test_a_deleted_code_without_traffic_keeps_its_statistics(admin: Running) -> None:
+    status, _ = await call(admin, "POST", "/api/v1/admin/handshake-codes",
+                           json={"organizationId": "216998", "custom": "quiet", "items": ["late"]})
+    assert status == 201
+    status, _ = await call(admin, "DELETE", "/api/v1/admin/handshake-codes/216998-quiet")
+    assert status == 200
+    status, body = await call(admin, "GET", "/api/v1/admin/stats/codes/216998-quiet")
+    assert status == 200 and body["exists"] is False and body["summary"]["all"]["granted"] == 0
+    status, _ = await call(admin, "GET", "/api/v1/admin/stats/codes/216998-never")
+    assert status == 404
+
+
+async def test_item_status_names_units_like_the_authorization(running: Running) -> None:
+    await running.drop("a.lic", running.vendor.issue(license_spec("L1", items=[item("L1-1", "per-scan",
+                                                                                   quantity=100)])))
+    status, body = await running.handshake(handshakeCode="216998-L1")
+    assert status == 200
+    authorization_keys = set(body["authorization"]["units"]) - {"left"}
+    status, items = await call(running, "GET", "/api/v1/admin/items")
+    assert set(items["items"][0]["units"]) == authorization_keys == {"used", "quantity", "limit"}

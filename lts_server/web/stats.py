@@ -126,7 +126,7 @@ def item_status(services: Services, item_id: str) -> dict:
         out["seats"] = {"used": status.seats_used, "quantity": item.quantity,
                         "limit": hard_limit(item.license_type, item.quantity)}
     elif counts is Counts.UNITS:
-        out["units"] = {"used": status.units_used, "quota": item.quantity,
+        out["units"] = {"used": status.units_used, "quantity": item.quantity,
                         "limit": hard_limit(item.license_type, item.quantity)}
     elif counts in (Counts.CONCURRENCY, Counts.INSTANCES):
         out["overuse"] = {"used": status.overuse_used, "tolerance": tolerance(item.quantity),
@@ -142,7 +142,7 @@ def usage_text(status: dict) -> str:
     if "seats" in status:
         return f"{status['seats']['used']:,} / {status['seats']['quantity']:,} seats"
     if "units" in status:
-        return f"{status['units']['used']:,} / {status['units']['quota']:,} units"
+        return f"{status['units']['used']:,} / {status['units']['quantity']:,} units"
     if "overuse" in status:
         return f"overuse {status['overuse']['used']:,} / {status['overuse']['tolerance']:,}"
     return "unlimited"
@@ -154,12 +154,20 @@ async def code_stats(request: web.Request) -> web.Response:
     bucket, start, end = _range(request, services)
     code = services.ledger.codes.get(name)
     body = await compute_stats(services, "code", name, bucket, start, end)
-    if code is None and not body["summary"]["all"]["granted"] and not body["summary"]["all"]["refused"]:
+    if code is None and not body["summary"]["all"]["granted"] and not body["summary"]["all"]["refused"] \
+            and not await _ever_existed(services, name):
         raise ApiError(404, f"no such handshake code {name}")
     body = {"code": name, "exists": code is not None,
             "items": [item_status(services, i) for i in services.ledger.ordered_items(code) if i in services.ledger.items]
             if code else [], **body}
     return web.json_response(body)
+
+
+async def _ever_existed(services: Services, name: str) -> bool:
+    """A deleted code keeps its statistics, also when they are all zero: its creation is in the event log."""
+    async for _ in services.store.events(EventQuery(code=name, type="code.created")):
+        return True
+    return False
 
 
 async def item_stats(request: web.Request) -> web.Response:

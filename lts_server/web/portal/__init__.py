@@ -146,8 +146,8 @@ async def index(request: web.Request) -> web.Response:
         elif days < 0:
             warnings.append(f"Item {item_id} ({s['product']}) expired on {s['expiresAt'][:10]}.")
         for key in ("seats", "units"):
-            if key in s and s[key]["used"] >= 0.8 * s[key][("quantity" if key == "seats" else "quota")]:
-                quota = s[key]["quantity" if key == "seats" else "quota"]
+            if key in s and s[key]["used"] >= 0.8 * s[key]["quantity"]:
+                quota = s[key]["quantity"]
                 warnings.append(f"Item {item_id} has used {s[key]['used']:,} of {quota:,} {key} "
                                 f"({100 * s[key]['used'] // max(1, quota)}%).")
         if s.get("overuse", {}).get("overused"):
