@@ -7,7 +7,9 @@ import csv
 import io
 import json
 import logging
+import re
 
+import aiohttp
 import pytest
 
 from lts_server import logs
@@ -149,3 +151,17 @@ async def test_csv_export_escapes_cells_a_spreadsheet_would_run_as_formulas(runn
     assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], cells
     async with running.session.get(f"{running.url}/api/v1/admin/events") as resp:  # NDJSON keeps the data as it is
         assert b'"clientUuid":"-dev1"' in await resp.read()
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded",
+                                          "application/x-www-form-urlencoded; charset=no-such-charset"])
+async def test_a_portal_form_that_is_not_text_is_a_400(running: Running, content_type: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
+        async with s.get(f"{running.url}/portal/login") as resp:
+            token = re.search(r'name="csrf" value="([^"]+)"', await resp.text()).group(1)
+        with caplog.at_level(logging.INFO, logger="lts_server"):
+            async with s.post(f"{running.url}/portal/login", data=f"csrf={token}&password=".encode() + b"\xff\xfe",
+                              headers={"Content-Type": content_type}, allow_redirects=False) as resp:
+                assert resp.status == 400, await resp.text()
+    assert not [r for r in caplog.records if r.exc_info]

@@ -123,9 +123,17 @@ async def _logged_in(request: web.Request) -> dict[str, Any]:
     raise _redirect("/portal/setup" if await services.store.admin_password_hash() is None else "/portal/login")
 
 
+async def _post(request: web.Request) -> Any:
+    """The submitted form; bytes that are not text in the form's charset are a 400, not a 500."""
+    try:
+        return await request.post()
+    except (UnicodeDecodeError, LookupError):
+        raise ApiError(400, "the form is not valid text in its charset (UTF-8 expected)") from None
+
+
 async def _form(request: web.Request) -> tuple[dict[str, Any], Any]:
     page = await _logged_in(request)
-    form = await request.post()
+    form = await _post(request)
     _require_csrf(page["csrf"], form)
     return page, form
 
@@ -169,7 +177,7 @@ async def setup_page(request: web.Request) -> web.Response:
 
 
 async def setup_submit(request: web.Request) -> web.Response:
-    form = await request.post()
+    form = await _post(request)
     _require_csrf(request.cookies.get(PRE_CSRF, ""), form)
     password = str(form.get("password", ""))
     if password != str(form.get("confirm", "")):
@@ -193,7 +201,7 @@ async def login_page(request: web.Request) -> web.Response:
 
 async def login_submit(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    form = await request.post()
+    form = await _post(request)
     _require_csrf(request.cookies.get(PRE_CSRF, ""), form)
     try:
         token = (await auth.log_in(request.app, auth.client_address(request), str(form.get("password", ""))))["token"]
