@@ -197,3 +197,10 @@ def test_deleting_a_default_code_needs_confirmation_and_can_be_undone(daemon: Da
     assert shown["default"] and shown["items"] == ["L1-1", "L1-2"]
     again = ctl(daemon, "codes", "restore-default", "L1")
     assert again.returncode == 1 and "409" in again.stderr
+
+
+def test_dates_with_a_plus_offset_reach_the_server_intact(daemon: Daemon) -> None:
+    assert ctl(daemon, "login", "--setup").returncode == 0
+    assert "216998-L1" in ok(daemon, "stats", "216998-L1", "--since", "2026-01-01T00:00:00+01:00")
+    out = ok(daemon, "events", "export", "--since", "2026-01-01T00:00:00+01:00", "--type", "code.created")
+    assert [json.loads(line)["code"] for line in out.splitlines()] == ["216998-L1"]

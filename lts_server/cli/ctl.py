@@ -13,6 +13,7 @@ import getpass
 import json
 import os
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -279,8 +280,8 @@ async def run(args: argparse.Namespace) -> int:
                 out = await api.call("DELETE", f"/api/v1/admin/items/{args.item}/devices/{args.client}")
                 text = f"released {args.client} from {args.item}"
         elif cmd == "stats":
-            query = f"?bucket={args.bucket}" + (f"&from={args.since}" if args.since else "")
-            out = await api.call("GET", f"/api/v1/admin/stats/codes/{args.code}{query}")
+            query = urllib.parse.urlencode({"bucket": args.bucket, **({"from": args.since} if args.since else {})})
+            out = await api.call("GET", f"/api/v1/admin/stats/codes/{args.code}?{query}")
             s = out["summary"]
             text = "\n".join([
                 f"{args.code}: all granted {s['all']['granted']:,} refused {s['all']['refused']:,} "
@@ -289,8 +290,10 @@ async def run(args: argparse.Namespace) -> int:
                 table([b for b in out["series"] if b["granted"] or b["refused"] or b["units"]],
                       ["start", "granted", "refused", "units", "devices"])])
         elif cmd == "events":
-            params = "&".join(f"{k}={v}" for k, v in (("from", args.since), ("to", args.until), ("code", args.code),
-                                                      ("item", args.item), ("type", args.type)) if v)
+            # urlencode: a '+' in a time zone offset must not arrive as a space.
+            params = urllib.parse.urlencode([(k, v) for k, v in (
+                ("from", args.since), ("to", args.until), ("code", args.code), ("item", args.item),
+                ("type", args.type)) if v])
             headers = {"Accept": "text/csv"} if args.format == "csv" else {}
             data = await api.call("GET", f"/api/v1/admin/events?{params}", headers=headers, raw=True)
             sys.stdout.buffer.write(data)
@@ -396,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.code
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # e.g. the token file cannot be written: one line, not a traceback
+        print(f"ltsctl: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":
