@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,8 @@ CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.cont
           checks.response_schema_conformance]
 # Operations that end the fuzzer's own session would turn the rest of the run into 401s.
 ENDS_SESSION = {"/api/v1/admin/logout"}
-EXAMPLES = 25
+# Per operation and run, the same cases each run; LTS_FUZZ_EXAMPLES=500 searches deeper, with random cases.
+EXAMPLES = int(os.environ.get("LTS_FUZZ_EXAMPLES", "25"))
 _addresses = itertools.count(1)
 
 
@@ -64,7 +66,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, str
 # The document is static, so the schema is built at import (schemathesis' fixture-based loader
 # does not work with pytest 9.2); the live server's URL is given per call.
 schema = schemathesis.openapi.from_dict(document())
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="LTS_FUZZ_EXAMPLES" not in os.environ,
                 suppress_health_check=list(HealthCheck))
 
 

@@ -74,16 +74,17 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         message = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
         return error_response(e.status, message or e.reason, headers={k: v for k, v in e.headers.items()
                                                                          if k.lower() == "allow"})
-    # The store's messages name the database file: the log gets them, clients a plain reason.
+    # The store's messages name the database file: the log gets them, clients a plain reason. A locked
+    # or full database fails every request alike: one line per interval says so.
     except StoreUnavailable as e:
-        logs.event("http.store_unavailable", logs.logging.ERROR, path=request.path, error=str(e))
+        logs.event_limited("http.store_unavailable", logs.logging.ERROR, path=request.path, error=str(e))
         return error_response(503, "storage unavailable (the database is locked or busy), nothing was recorded; "
                                    "retry later", headers={"Retry-After": "5"})
     except StoreFull as e:
-        logs.event("http.store_error", logs.logging.ERROR, path=request.path, error=str(e))
+        logs.event_limited("http.store_error", logs.logging.ERROR, path=request.path, error=str(e))
         return error_response(503, "storage full, nothing was recorded; retry later", headers={"Retry-After": "30"})
     except StoreError as e:
-        logs.event("http.store_error", logs.logging.ERROR, path=request.path, error=str(e))
+        logs.event_limited("http.store_error", logs.logging.ERROR, path=request.path, error=str(e))
         return error_response(503, "storage error, nothing was recorded; retry later", headers={"Retry-After": "30"})
     except LedgerClosed as e:
         return error_response(503, str(e), headers={"Retry-After": "5"})
