@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean help
+.PHONY: run test bench clean help packages
 
 help:
 	@echo "make run    start the daemon on config/demo.toml (http://127.0.0.1:48080)"
@@ -22,13 +22,18 @@ run: $(STAMP)
 	@echo "the commands (lts-server, ltsctl, lts-license) are in $(BIN)/: export PATH=\"$$PWD/$(BIN):\$$PATH\""
 	$(BIN)/lts-server --config config/demo.toml
 
-test: $(STAMP)
+test: packages $(STAMP)
 	$(BIN)/python -m pytest
+
+# Debian packages the tests use (python3-venv, chromium, postgresql), installed when missing.
+packages:
+	@bash .ci/packages
 
 bench: $(STAMP)
 	$(BIN)/python bench/import_files.py
 	$(BIN)/python bench/handshake/run.py
 	$(BIN)/python bench/stats_query.py
+	$(BIN)/python bench/churn.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -27,6 +27,8 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from lts_server.reportkeys import MAC_HEADER, report_mac
+
 
 class LicenseRefused(Exception):
     """The server answered with a licensing error (101, 120, ...)."""
@@ -51,6 +53,7 @@ class _Envelope(msgspec.Struct):
     authorization: msgspec.Raw
     signature: str
     keyId: str
+    reportKey: str
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,12 @@ class Authorization:
     signature: str
     key_id: str
     server: str
+    # The key this device MACs its usage reports with (base64); only the device and the server know it.
+    report_key: str
+
+    @property
+    def authorization_id(self) -> str:
+        return self.fields["authorizationId"]
 
     @property
     def expires_at(self) -> datetime:
@@ -94,6 +103,8 @@ class LtsClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._session = session
         self._own_session = session is None
+        # (handshake code, client uuid) -> the newest authorization, whose report key signs usage reports.
+        self._latest: dict[tuple[str, str], Authorization] = {}
         if cache_dir is not None:
             self.public_keys = {**self._load_json(cache_dir / "keys.json"), **self.public_keys}
 
@@ -125,6 +136,7 @@ class LtsClient:
         if use_cache and cache_file is not None:
             cached = self._read_cached(cache_file)
             if cached is not None and cached.valid_at(now):
+                self._latest[(cached.fields["handshakeCode"], client_uuid)] = cached
                 return cached
         errors: list[str] = []
         for url in self.servers:
@@ -140,6 +152,7 @@ class LtsClient:
                 continue
             if cache_file is not None:
                 self._write_cached(cache_file, auth)
+            self._latest[(auth.fields["handshakeCode"], client_uuid)] = auth
             return auth
         raise ServerUnavailable("; ".join(errors))
 
@@ -151,7 +164,8 @@ class LtsClient:
                 key = await self._public_key(url, envelope.keyId)
                 raw = bytes(envelope.authorization)
                 verify(raw, envelope.signature, key)
-                return Authorization(json.loads(raw), raw, envelope.signature, envelope.keyId, url)
+                return Authorization(json.loads(raw), raw, envelope.signature, envelope.keyId, url,
+                                     envelope.reportKey)
             if resp.status >= 500 and resp.status != 503:
                 raise ServerUnavailable(f"HTTP {resp.status}")
             error = _error(data)
@@ -173,12 +187,20 @@ class LtsClient:
             self._write_json(self.cache_dir / "keys.json", self.public_keys)
         return info["publicKey"]
 
-    async def report_usage(self, report: dict[str, Any]) -> dict[str, Any]:
-        """Send one usage report (see docs/api.md); tries each server in turn."""
+    async def report_usage(self, report: dict[str, Any], authorization: Authorization | None = None) -> dict[str, Any]:
+        """Send one usage report (see docs/api.md), MACed with the report key of the device's newest
+        authorization for the report's code (or of `authorization`); tries each server in turn."""
+        auth = authorization or self._latest.get((report["handshakeCode"], report["clientUuid"]))
+        if auth is None:
+            raise ValueError(f"no authorization of device {report['clientUuid']} for {report['handshakeCode']}: "
+                             "handshake first; a usage report is signed with its report key")
+        body = json.dumps(report, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json",
+                   MAC_HEADER: report_mac(base64.b64decode(auth.report_key), body)}
         errors = []
         for url in self.servers:
             try:
-                async with self.session.post(f"{url}/api/v1/usage", json=report) as resp:
+                async with self.session.post(f"{url}/api/v1/usage", data=body, headers=headers) as resp:
                     data = await resp.read()
                     if resp.status == 200:
                         return json.loads(data)
@@ -210,13 +232,14 @@ class LtsClient:
             if key is None:
                 return None
             verify(raw, data["signature"], key)  # a cache file edited by hand is worthless
-            return Authorization(json.loads(raw), raw, data["signature"], data["keyId"], data["server"])
+            return Authorization(json.loads(raw), raw, data["signature"], data["keyId"], data["server"],
+                                 data["reportKey"])
         except (KeyError, ValueError, BadSignature):
             return None
 
     def _write_cached(self, path: Path, auth: Authorization) -> None:
         self._write_json(path, {"raw": base64.b64encode(auth.raw).decode(), "signature": auth.signature,
-                                "keyId": auth.key_id, "server": auth.server})
+                                "keyId": auth.key_id, "server": auth.server, "reportKey": auth.report_key})
 
     @staticmethod
     def _load_json(path: Path) -> dict[str, Any]:
@@ -229,7 +252,10 @@ class LtsClient:
     def _write_json(path: Path, data: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
+        # Owner-only: a cached authorization holds the device's report key.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data))
         tmp.replace(path)
 
 

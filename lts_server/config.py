@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, get_args, get_origin
@@ -53,11 +54,24 @@ class ServerSection(_Section):
     # Reverse proxies (addresses or networks) whose X-Forwarded-For names the real client, which the
     # login throttle then keys on. Empty: the header is ignored, the peer address is the client.
     trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    # Processes serving the port together (SO_REUSEPORT), each a node of the
+    # cluster: more than 1 needs storage.backend = "postgresql".
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
 
 
 class StorageSection(_Section):
     state_dir: str
+    # "sqlite": one node, the database file in state_dir (or `database`).
+    # "postgresql": any number of nodes on the database at `url`.
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
     database: str | None = None
+    # libpq URL, postgresql://user@host:port/dbname; the password may come from
+    # PGPASSWORD or ~/.pgpass instead of the URL.
+    url: str | None = None
+    # How often a node reads what the other nodes of a PostgreSQL cluster changed.
+    follow_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200
+    # How long start-up keeps trying to reach PostgreSQL before it gives up (exit 1).
+    connect_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 15.0
     # How long a write waits for a lock held by another process before it
     # fails with a clear error instead of hanging.
     busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 5000
@@ -224,6 +238,19 @@ def _check(config: Config, path: Path) -> None:
         except ValueError:
             raise ConfigError(f"{path}: key 'server.trusted_proxies[{i}]': expected an IP address or network "
                               f"such as 127.0.0.1 or 10.0.0.0/8, got {proxy!r}") from None
+    storage = config.storage
+    if storage.backend == "postgresql":
+        if not storage.url:
+            raise ConfigError(f"{path}: key 'storage.url': required with backend = \"postgresql\" "
+                              "(postgresql://user@host:port/dbname)")
+        problem = url_problem(storage.url)
+        if problem:
+            raise ConfigError(f"{path}: key 'storage.url': {problem}")
+    elif server.workers > 1:
+        raise ConfigError(f"{path}: key 'server.workers': {server.workers} worker processes need "
+                          "storage.backend = \"postgresql\"; SQLite has one writer, so use workers = 1")
+    if server.workers > 1 and server.port == 0:
+        raise ConfigError(f"{path}: key 'server.port': several workers share one port; name it (not 0)")
     if bool(server.tls_cert) != bool(server.tls_key):
         raise ConfigError(f"{path}: key 'server.tls_cert': tls_cert and tls_key must be set together")
     for key in ("tls_cert", "tls_key"):
@@ -233,3 +260,17 @@ def _check(config: Config, path: Path) -> None:
     for i, key_path in enumerate(config.public_key_paths):
         if not os.access(key_path, os.R_OK):
             raise ConfigError(f"{path}: key 'vendor.public_keys[{i}]': cannot read {key_path}")
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with a PostgreSQL URL, or None."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        return f"expected a postgresql:// URL, not {parts.scheme or 'no scheme'}:// "
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return "the port in the URL is not a number"
+    if not parts.path.strip("/") and "dbname=" not in parts.query:
+        return "the URL names no database (postgresql://user@host:port/dbname)"
+    return None

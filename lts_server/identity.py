@@ -14,9 +14,15 @@ import uuid
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from lts_server.store.sql import IdentityRow
+
+if TYPE_CHECKING:
+    from lts_server.store.postgres import PostgresStore
 
 UUID_FILE = "server-uuid"
 KEY_FILE = "server-key.pem"
@@ -62,6 +68,36 @@ def make_state_dir(state_dir: Path) -> None:
         os.chmod(state_dir, 0o700)
 
 
+def generate() -> Identity:
+    return Identity(str(uuid.uuid4()), Ed25519PrivateKey.generate(), secrets.token_bytes(32))
+
+
+def to_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def from_pem(pem: bytes, where: str) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{where} does not hold an Ed25519 private key")
+    return key
+
+
+async def for_cluster(store: PostgresStore, state_dir: Path) -> Identity:
+    """The identity every node of a PostgreSQL cluster shares, kept in the database.
+
+    The first node to start stores its own (the one in its state folder, if it
+    has one, so a single server moved to PostgreSQL keeps its UUID; else a new
+    one); every later node takes the stored one.
+    """
+    local = load_or_create(state_dir) if (state_dir / UUID_FILE).exists() else generate()
+    row = await store.cluster_identity(IdentityRow(local.server_uuid, to_pem(local.signing_key).decode(),
+                                                   local.secret.hex()))
+    key = from_pem(row.signing_key_pem.encode(), "the cluster_identity table")
+    return Identity(str(uuid.UUID(row.server_uuid)), key, bytes.fromhex(row.secret_hex))
+
+
 def load_or_create(state_dir: Path) -> Identity:
     make_state_dir(state_dir)
     uuid_path = state_dir / UUID_FILE
@@ -71,13 +107,8 @@ def load_or_create(state_dir: Path) -> Identity:
 
     key_path = state_dir / KEY_FILE
     if not key_path.exists():
-        pem = Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        _write_new(key_path, pem, mode=0o600)
-    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{key_path} does not hold an Ed25519 private key")
+        _write_new(key_path, to_pem(Ed25519PrivateKey.generate()), mode=0o600)
+    key = from_pem(key_path.read_bytes(), str(key_path))
 
     secret_path = state_dir / SECRET_FILE
     if not secret_path.exists():

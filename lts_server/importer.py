@@ -2,7 +2,9 @@
 
 Runs at start-up, on every change the watcher sees, every rescan_seconds, on
 SIGHUP, and for uploads. Scans never overlap; a file whose bytes did not
-change since it was last seen is skipped, so a rescan records nothing new.
+change since it was last seen is skipped, so a rescan records nothing new -
+except that rejected files are tried again whenever the trusted vendor keys
+differ from the last scan's (at start-up and after SIGHUP).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class Importer:
         self._allow_unbound = allow_unbound
         self._lock = asyncio.Lock()
         self.last_scan_error: str | None = None
+        # The trusted key ids of the last scan: when they change (SIGHUP, restart), rejected files are retried.
+        self._keys_seen: frozenset[str] | None = None
 
     async def scan(self, reason: str = "rescan") -> ScanReport:
         async with self._lock:
@@ -55,26 +59,31 @@ class Importer:
                            error=self.last_scan_error)
                 return ScanReport(0, {})
             self.last_scan_error = None
+            keys = frozenset(self._trusted())
+            retry_rejected = keys != self._keys_seen
             outcomes = {}
             for path in paths:
+                known = self.ledger.imports.get(str(path))
+                if known is not None and known.state == "rejected" and retry_rejected:
+                    known = None
                 try:
                     data = await asyncio.to_thread(path.read_bytes)
                 except OSError as e:
                     logs.event("import.unreadable", logs.logging.WARNING, path=str(path), error=e.strerror)
                     continue
-                outcome = await self.import_bytes(str(path), data, skip_known=True)
-                if outcome is not None:
+                if known is not None and known.sha256 == hashlib.sha256(data).hexdigest():
+                    continue
+                outcome = await self.import_bytes(str(path), data)
+                if outcome.recorded:
                     outcomes[str(path)] = outcome
+            self._keys_seen = keys
             if outcomes:
                 logs.event("import.scan", reason=reason, files=len(paths), changed=len(outcomes))
             return ScanReport(len(paths), outcomes)
 
-    async def import_bytes(self, path: str, data: bytes, skip_known: bool = False) -> ImportOutcome | None:
-        """Verify and import one file's bytes; None when skip_known and already seen as-is."""
+    async def import_bytes(self, path: str, data: bytes) -> ImportOutcome:
+        """Verify and import one file's bytes."""
         sha256 = hashlib.sha256(data).hexdigest()
-        known = self.ledger.imports.get(path)
-        if skip_known and known is not None and known.sha256 == sha256:
-            return None
         try:
             verified = licensefile.verify(data, self._trusted())
             licensefile.check_binding(verified.license, self.server_uuid, self._allow_unbound())
@@ -84,11 +93,12 @@ class Importer:
             outcome = await self.ledger.record_import(
                 path, sha256, verified.license, verified.key_id, verified.text, None
             )
-        logs.event(
-            f"import.{outcome.state}",
-            logs.logging.WARNING if outcome.state == "rejected" else logs.logging.INFO,
-            path=path, sha256=sha256, license_id=outcome.license_id, reason=outcome.reason,
-        )
+        if outcome.recorded:
+            logs.event(
+                f"import.{outcome.state}",
+                logs.logging.WARNING if outcome.state == "rejected" else logs.logging.INFO,
+                path=path, sha256=sha256, license_id=outcome.license_id, reason=outcome.reason,
+            )
         return outcome
 
     async def watch(self, stop: asyncio.Event, rescan_seconds: float, use_inotify: bool = True) -> None:

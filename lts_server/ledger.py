@@ -20,25 +20,27 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from lts_server import logs
+from lts_server import logs, reportkeys
 from lts_server.core import codes as code_rules
 from lts_server.core import handshake as hs
 from lts_server.core.codes import CodeError, CodeFields
 from lts_server.core.model import Counts, HandshakeCode, Item, ItemStatus, License
 from lts_server.core.ordering import usage_order
-from lts_server.core.times import utcnow
+from lts_server.core.times import to_ms, utcnow
 from lts_server.core.usage import tolerance
 from lts_server.errors import Code, Refusal
 from lts_server.passwords import session_hash, session_matches
 from lts_server.store import (
     AuthorizationRecord,
+    Conflict,
     Event,
     ImportRecord,
     LicenseRecord,
+    Reloaded,
     Seat,
-    SeatClaim,
     Snapshot,
     Store,
+    StoredEvent,
     StoreError,
     UsageReportRecord,
     WriteBatch,
@@ -48,6 +50,8 @@ T = TypeVar("T")
 K = TypeVar("K")
 V = TypeVar("V")
 MAX_BATCH = 512
+# How often a job is decided again after conflicts on a shared store.
+SHARED_RETRIES = 8
 MAX_IN_FLIGHT = 4
 # Seats one sweep frees at most, so a mass expiry never stalls handshakes.
 MAX_SWEEP = 5000
@@ -96,6 +100,9 @@ class NotFound(Exception):
         self.what = what
 
 
+# Events after which another node's ledger reads licenses, items and codes again.
+CATALOG_EVENTS = ("import.", "code.", "item.")
+
 # Refusals a job raises before it changes anything: they fail that job alone.
 JOB_REFUSALS: tuple[type[Exception], ...] = (CodeError, NotFound, UsageError)
 
@@ -104,6 +111,7 @@ JOB_REFUSALS: tuple[type[Exception], ...] = (CodeError, NotFound, UsageError)
 class _Job(Generic[T]):
     run: Callable[[datetime, WriteBatch, Undo], T]
     future: asyncio.Future[T]
+    retries: int = 0
 
 
 @dataclass
@@ -114,6 +122,16 @@ class _Flight:
     results: list[Any]
     undo: Undo
     write: asyncio.Future[None]
+    batch: WriteBatch
+
+
+@dataclass(frozen=True)
+class HandshakeOutcome:
+    decision: hs.Decision
+    status: ItemStatus | None = None
+    # Granted only: the authorization's id and the key its device MACs usage reports with.
+    authorization_id: str | None = None
+    report_key: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +165,8 @@ class ImportOutcome:
     state: str  # imported | renewed | unchanged | rejected
     license_id: str | None
     reason: str | None = None
+    # False when the file was already rejected as-is for the same reason: nothing new was recorded.
+    recorded: bool = True
 
 
 class Ledger:
@@ -158,6 +178,9 @@ class Ledger:
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._pipeline = 0
+        self._retry: list[_Job[Any]] = []
+        # Counts the re-reads after conflicts, so the follower never applies rows read before one.
+        self._rereads = 0
         self.licenses: dict[str, LicenseRecord] = {}
         self.items: dict[str, Item] = {}
         self.statuses: dict[str, ItemStatus] = {}
@@ -168,8 +191,8 @@ class Ledger:
         self._expiries: list[tuple[datetime, str, str]] = []
         self.imports: dict[str, ImportRecord] = {}
         self.authorizations: dict[tuple[str, str], AuthorizationRecord] = {}
-        # item -> server -> authorization, for per-concurrent-instance items
-        self._instance_grants: dict[str, dict[str, AuthorizationRecord]] = {}
+        # item -> client -> authorization, for items counted per slice (concurrent devices, instances)
+        self._concurrent_grants: dict[str, dict[str, AuthorizationRecord]] = {}
         # Report ids counted lately; older ones are found in the database.
         self._recent_reports: dict[str, datetime] = {}
 
@@ -193,8 +216,8 @@ class Ledger:
         self.authorizations = snap.authorizations
         for auth in snap.authorizations.values():
             item = snap.items.get(auth.item_id)
-            if item is not None and item.rules.counts is Counts.INSTANCES:
-                self._instance_grants.setdefault(auth.item_id, {})[auth.client_uuid] = auth
+            if item is not None and item.rules.per_slice:
+                self._concurrent_grants.setdefault(auth.item_id, {})[auth.client_uuid] = auth
 
     async def close(self) -> None:
         """Finish every queued job, then stop the writer."""
@@ -225,7 +248,8 @@ class Ledger:
         in order). Answers go out only when a batch's commit is done. If a
         commit fails, every later batch is refused by the store too (same
         pipeline id); all of them are undone in memory, newest first, and
-        their jobs fail.
+        their jobs fail - except after a conflict, where only the job that
+        conflicted fails and the others are decided again.
         """
         flights: deque[_Flight] = deque()
         getter: asyncio.Task[_Job[Any]] | None = None
@@ -244,11 +268,14 @@ class Ledger:
                         flights.clear()
                     else:
                         self._settle(flight)
+                # Jobs to decide again go first: they were queued before anything still waiting.
+                jobs, self._retry = self._retry, []
                 if getter is not None and getter.done():
-                    jobs = [getter.result()]
+                    jobs.append(getter.result())
                     getter = None
                     while len(jobs) < MAX_BATCH and not self._queue.empty():
                         jobs.append(self._queue.get_nowait())
+                if jobs:
                     flight = self._start(jobs)
                     if flight is not None:
                         flights.append(flight)
@@ -260,7 +287,8 @@ class Ledger:
         batch = WriteBatch(at=self.clock())
         undo: Undo = []
         results: list[Any] = []
-        for job in jobs:
+        for index, job in enumerate(jobs):
+            batch.job = index
             try:
                 results.append(job.run(self.clock(), batch, undo))
             except JOB_REFUSALS as refusal:
@@ -277,7 +305,7 @@ class Ledger:
                     self._queue.task_done()
                 return None
         write = asyncio.ensure_future(self.store.write(batch, self._pipeline))
-        return _Flight(jobs, results, undo, write)
+        return _Flight(jobs, results, undo, write, batch)
 
     def _settle(self, flight: _Flight) -> None:
         for job, result in zip(flight.jobs, flight.results):
@@ -290,16 +318,36 @@ class Ledger:
         first = flights[0].write
         error = first.exception() if not first.cancelled() else None
         failure = error if isinstance(error, StoreError) else StoreError(f"commit failed: {error!r}")
-        logs.event("ledger.commit_failed", logs.logging.ERROR, error=str(failure),
-                   jobs=sum(len(f.jobs) for f in flights))
         for flight in reversed(flights):
             for fn in reversed(flight.undo):
                 fn()
+        if self.store.shared:
+            # Other nodes may have changed what these batches touched: read it again before deciding anew.
+            await self._reread([f.batch for f in flights])
+        # A conflict is one job's change that the database refused: on a store
+        # only this ledger writes, that job fails (its change contradicts what
+        # the database holds); on a shared store it is decided again too, on
+        # the rows just read. Every other job is decided again (once) on the
+        # state as it now is. Any other failure (disk full, lock) fails them all.
+        culprit = None
+        if isinstance(error, Conflict) and error.job is not None and error.job < len(flights[0].jobs):
+            culprit = flights[0].jobs[error.job]
+        # Nodes racing for an item's last seats can conflict again; each round settles at least one claim.
+        retries = SHARED_RETRIES if self.store.shared else 1
+        retry: list[_Job[Any]] = []
         for flight in flights:
             for job in flight.jobs:
-                if not job.future.done():
+                if job.future.done():  # refused before it changed anything
+                    self._queue.task_done()
+                elif culprit is not None and (job is not culprit or self.store.shared) and job.retries < retries:
+                    job.retries += 1
+                    retry.append(job)
+                else:
                     job.future.set_exception(failure)
-                self._queue.task_done()
+                    self._queue.task_done()
+        logs.event("ledger.commit_failed", logs.logging.ERROR, error=str(failure),
+                   jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
+        self._retry = retry + self._retry
         self._pipeline += 1
 
     # -- the view the core reads ------------------------------------------
@@ -319,6 +367,12 @@ class Ledger:
                 return name
         return None
 
+    def open_rejections(self) -> list[ImportRecord]:
+        """Rejected files, by path, except those whose exact bytes were imported since (by any path)."""
+        imported = {r.sha256 for r in self.imports.values() if r.state != "rejected"}
+        return sorted((r for r in self.imports.values() if r.state == "rejected" and r.sha256 not in imported),
+                      key=lambda r: r.path)
+
     def organization_known(self, organization_id: str) -> bool:
         return any(c.organization_id == organization_id for c in self.codes.values())
 
@@ -330,8 +384,16 @@ class Ledger:
         return seat.expires_at if seat else None
 
     def instances_elsewhere(self, item_id: str, client_uuid: str, now: datetime) -> int:
-        return sum(a.instances for c, a in self._instance_grants.get(item_id, {}).items()
+        return sum(a.instances for c, a in self._concurrent_grants.get(item_id, {}).items()
                    if c != client_uuid and a.expires_at > now)
+
+    def authorization_id(self, auth: AuthorizationRecord) -> str:
+        return reportkeys.authorization_id(self._secret, auth.code, auth.client_uuid, to_ms(auth.granted_at))
+
+    def report_key(self, code: str, client_uuid: str) -> bytes | None:
+        """The key of the device's current authorization on the code, which its usage reports are MACed with."""
+        auth = self.authorizations.get((code, client_uuid))
+        return reportkeys.report_key(self._secret, self.authorization_id(auth)) if auth else None
 
     def password_matches(self, code: HandshakeCode, given: str | None) -> bool:
         return code.password_hash is not None and session_matches(self._secret, code.password_hash, given)
@@ -344,13 +406,13 @@ class Ledger:
 
     # -- jobs ----------------------------------------------------------------
 
-    async def handshake(self, req: hs.Request) -> tuple[hs.Decision, ItemStatus | None]:
-        def run(now: datetime, batch: WriteBatch, undo: Undo) -> tuple[hs.Decision, ItemStatus | None]:
+    async def handshake(self, req: hs.Request) -> HandshakeOutcome:
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> HandshakeOutcome:
             decision = hs.decide(req, self, now, self.password_matches)
             if isinstance(decision, hs.Refused):
                 batch.events.append(_handshake_event(req, now, decision.code_name, decision.item_id,
                                                      int(decision.refusal.code)))
-                return decision, None
+                return HandshakeOutcome(decision)
             fit = decision.fit
             item_id = fit.item.item_id
             if fit.seat is hs.SeatAction.CLAIM:
@@ -359,23 +421,29 @@ class Ledger:
                 heapq.heappush(self._expiries, (seat.expires_at, item_id, req.client_uuid))
                 status = self.status(item_id)
                 _set(self.statuses, item_id, dataclasses.replace(status, seats_used=status.seats_used + 1), undo)
-                batch.seat_claims.append(SeatClaim(seat, fit.limit))
+                # A seat on another item of the code that this node does not know of (taken through
+                # another node) makes the claim conflict; seats it knows did not cover the request.
+                unknown = tuple(i for i in decision.code.items
+                                if i != item_id and self.seat_expiry(i, req.client_uuid) is None)
+                batch.claim(seat, fit.limit, unknown)
                 batch.events.append(_seat_event("seat.granted", seat, decision.code.name, now))
             elif fit.seat is hs.SeatAction.REFRESH:
                 old = self.seats[item_id][req.client_uuid]
                 seat = dataclasses.replace(old, refreshed_at=now, expires_at=max(old.expires_at, fit.expires_at))
                 _set(self.seats[item_id], req.client_uuid, seat, undo)
                 heapq.heappush(self._expiries, (seat.expires_at, item_id, req.client_uuid))
-                batch.seat_refreshes.append(seat)
+                batch.refresh(seat)
                 batch.events.append(_seat_event("seat.refreshed", seat, decision.code.name, now))
             auth = AuthorizationRecord(decision.code.name, req.client_uuid, item_id, fit.instances, now,
                                        fit.expires_at)
             _set(self.authorizations, (auth.code, auth.client_uuid), auth, undo)
-            if fit.item.rules.counts is Counts.INSTANCES:
-                _set(self._instance_grants.setdefault(item_id, {}), req.client_uuid, auth, undo)
+            if fit.item.rules.per_slice:
+                _set(self._concurrent_grants.setdefault(item_id, {}), req.client_uuid, auth, undo)
             batch.authorizations.append(auth)
             batch.events.append(_handshake_event(req, now, decision.code.name, item_id, 0))
-            return decision, self.status(item_id)
+            authorization_id = self.authorization_id(auth)
+            return HandshakeOutcome(decision, self.status(item_id), authorization_id,
+                                    reportkeys.report_key(self._secret, authorization_id))
 
         return await self.submit(run)
 
@@ -416,7 +484,7 @@ class Ledger:
                 _set(self.statuses, item_id, dataclasses.replace(status, units_used=status.units_used + units), undo)
                 batch.unit_charges[item_id] = batch.unit_charges.get(item_id, 0) + units
             refreshed = self._refresh_seat(auth.item_id, report.client_uuid, now, batch, undo)
-            batch.usage_reports.append(UsageReportRecord(report.report_id, report.client_uuid, code.name, now))
+            batch.count_report(UsageReportRecord(report.report_id, report.client_uuid, code.name, now))
             batch.events.append(Event(at=now, type="usage.report", code=code.name, item_id=auth.item_id,
                                       client_uuid=report.client_uuid,
                                       detail={"reportId": report.report_id, "records": len(report.records)}))
@@ -434,7 +502,7 @@ class Ledger:
                                   expires_at=max(seat.expires_at, hs.authorization_end(item, now)))
         _set(self.seats[item_id], client_uuid, new, undo)
         heapq.heappush(self._expiries, (new.expires_at, item_id, client_uuid))
-        batch.seat_refreshes.append(new)
+        batch.refresh(new)
         batch.events.append(_seat_event("seat.refreshed", new, None, now))
         return True
 
@@ -446,6 +514,92 @@ class Ledger:
                 break
             del self._recent_reports[oldest]
         _set(self._recent_reports, report_id, now, undo)
+
+    # -- other nodes (a shared store) ------------------------------------------------
+
+    async def follow(self, events: list[StoredEvent]) -> bool:
+        """Take in what other nodes committed: their events name what changed, the rows are read again.
+
+        False when the rows read turned out older than what the ledger holds: call again."""
+        items: set[str] = set()
+        clients: set[str] = set()
+        reports: list[str] = []
+        catalog = False
+        for stored in events:
+            e = stored.event
+            catalog = catalog or e.type.startswith(CATALOG_EVENTS)
+            if e.item_id:
+                items.add(e.item_id)
+            if e.client_uuid:
+                clients.add(e.client_uuid)
+            if e.type == "usage.report" and e.detail:
+                reports.append(e.detail["reportId"])
+        if not (items or clients or catalog):
+            return True
+        rereads = self._rereads
+        fresh = await self.store.load_catalog() if catalog else None
+        reloaded = await self.store.reload(items | self._items_held_by(clients), clients)
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> bool:
+            if self._rereads != rereads:
+                return False  # a conflict re-read newer rows meanwhile: these may be older, read again
+            # Committed elsewhere: applied without an undo.
+            if fresh is not None:
+                self._apply_catalog(fresh)
+            self._apply_reloaded(reloaded, clients)
+            for report_id in reports:
+                self._recent_reports[report_id] = now
+            return True
+
+        return await self.submit(run)
+
+    async def _reread(self, batches: list[WriteBatch]) -> None:
+        items: set[str] = set()
+        clients: set[str] = set()
+        for b in batches:
+            for change in b.seat_changes:
+                items.add(change.seat.item_id)
+                clients.add(change.seat.client_uuid)
+            for auth in b.authorizations:
+                items.add(auth.item_id)
+                clients.add(auth.client_uuid)
+            for _, report in b.usage_reports:
+                clients.add(report.client_uuid)
+                if await self.store.report_seen(report.report_id):
+                    self._recent_reports[report.report_id] = b.at or self.clock()
+        self._apply_reloaded(await self.store.reload(items | self._items_held_by(clients), clients), clients)
+        self._rereads += 1
+
+    def _items_held_by(self, clients: set[str]) -> set[str]:
+        return {item_id for item_id, holders in self.seats.items() if any(c in holders for c in clients)}
+
+    def _apply_catalog(self, snap: Snapshot) -> None:
+        self.licenses = snap.licenses
+        self.items = snap.items
+        self.statuses = snap.statuses
+        self.codes = snap.codes
+        self.organization_defaults = snap.organization_defaults
+        self.imports = snap.imports
+
+    def _apply_reloaded(self, reloaded: Reloaded, clients: set[str]) -> None:
+        for holders in self.seats.values():
+            for client in clients:
+                holders.pop(client, None)
+        for code in self.codes:
+            for client in clients:
+                self.authorizations.pop((code, client), None)
+        for grants in self._concurrent_grants.values():
+            for client in clients:
+                grants.pop(client, None)
+        for seat in reloaded.seats:
+            self.seats.setdefault(seat.item_id, {})[seat.client_uuid] = seat
+            heapq.heappush(self._expiries, (seat.expires_at, seat.item_id, seat.client_uuid))
+        for auth in reloaded.authorizations:
+            self.authorizations[(auth.code, auth.client_uuid)] = auth
+            item = self.items.get(auth.item_id)
+            if item is not None and item.rules.per_slice:
+                self._concurrent_grants.setdefault(auth.item_id, {})[auth.client_uuid] = auth
+        self.statuses.update(reloaded.statuses)
 
     async def mirror_overuse(self, deltas: dict[str, int]) -> None:
         """Reflect overuse the rollup job committed; record items that became overused."""
@@ -474,7 +628,10 @@ class Ledger:
             # Entries go stale when a seat is refreshed or released; the seat
             # itself is the truth, so a popped entry only counts if it still matches.
             while heap and heap[0][0] <= now and freed < MAX_SWEEP:
-                expires_at, item_id, client = heapq.heappop(heap)
+                entry = heapq.heappop(heap)
+                # Back on the heap if the commit fails, so the next sweep tries again.
+                undo.append(lambda entry=entry: heapq.heappush(heap, entry))
+                expires_at, item_id, client = entry
                 seat = self.seats.get(item_id, {}).get(client)
                 if seat is not None and seat.expires_at == expires_at:
                     self._release(seat, "lapsed", None, now, batch, undo)
@@ -487,7 +644,7 @@ class Ledger:
         _pop(self.seats[seat.item_id], seat.client_uuid, undo)
         status = self.status(seat.item_id)
         _set(self.statuses, seat.item_id, dataclasses.replace(status, seats_used=max(0, status.seats_used - 1)), undo)
-        batch.seat_releases.append(seat)
+        batch.release(seat)
         batch.events.append(
             Event(at=now, type="seat.released", code=code, item_id=seat.item_id, client_uuid=seat.client_uuid,
                   detail={"reason": reason})
@@ -504,6 +661,9 @@ class Ledger:
                 assert verified_license is not None
                 reason = self._import_conflict(verified_license)
             if reason is not None:
+                known = self.imports.get(path)
+                if known is not None and (known.state, known.sha256, known.reason) == ("rejected", sha256, reason):
+                    return ImportOutcome("rejected", known.license_id, reason, recorded=False)
                 record = ImportRecord(path, sha256, "rejected", now, reason,
                                       verified_license.license_id if verified_license else None,
                                       verified_license.revision if verified_license else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 
@@ -29,3 +30,14 @@ class Notifier:
             except OSError:
                 return False
         return True
+
+
+async def watchdog(notifier: Notifier, stop: asyncio.Event) -> None:
+    """WATCHDOG=1 at half the interval systemd asked for, until stop is set."""
+    assert notifier.watchdog_interval is not None
+    while not stop.is_set():
+        notifier.notify("WATCHDOG=1")
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=notifier.watchdog_interval)
+        except TimeoutError:
+            pass

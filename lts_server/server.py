@@ -15,18 +15,22 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lts_server import identity, licensefile, logs
+from lts_server import config as config_mod
 from lts_server.config import Config
 from lts_server.core.times import to_ms, utcnow
 from lts_server.core.usage import MAX_LATE
 from lts_server.importer import Importer
 from lts_server.ledger import MAX_SWEEP, Ledger
 from lts_server.signer import BatchSigner
+from lts_server.store import Store
+from lts_server.store.postgres import PostgresStore
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
 from lts_server.web.connections import GUARD, ConnectionGuard, Limits
 from lts_server.web.services import Services
 
 SWEEP_SECONDS = 60.0
+SWEEP_RETRY_SECONDS = 5.0
 # Rollups trail the event log by about this much.
 ROLLUP_SECONDS = 1.0
 # Events per rollup transaction: small, so device commits queued behind it on
@@ -68,10 +72,19 @@ def connection_limits(cfg: Config) -> Limits:
     return Limits(most, server.header_timeout, server.body_timeout, server.idle_timeout)
 
 
+def open_store(cfg: Config) -> Store:
+    if cfg.storage.backend == "postgresql":
+        assert cfg.storage.url is not None
+        return PostgresStore(cfg.storage.url, cfg.storage.connect_seconds)
+    return SQLiteStore(cfg.database_path, cfg.storage.busy_timeout_ms)
+
+
 class Server:
-    def __init__(self, config: Config, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, config: Config, clock: Callable[[], datetime] = utcnow, worker: int = 0) -> None:
         self.config = config
         self.clock = clock
+        # 0: the only process; 1..N: one of server.workers processes sharing the port.
+        self.worker = worker
         self.trusted: dict[str, Ed25519PublicKey] = {}
         self.runner: web.AppRunner | None = None
         self.services: Services | None = None
@@ -80,19 +93,26 @@ class Server:
         self.urls: list[str] = []
         self.admin_url = ""
         self._rollup_lock = asyncio.Lock()
+        self._store: Store | None = None
         self._standby_checked = asyncio.Event()
         self.guard: ConnectionGuard | None = None
         self._listeners: list[asyncio.Server] = []
 
-    def load_vendor_keys(self) -> dict[str, Ed25519PublicKey]:
-        return licensefile.load_trusted(self.config.public_key_paths)
+    def load_vendor_keys(self, cfg: Config | None = None) -> dict[str, Ed25519PublicKey]:
+        return licensefile.load_trusted((cfg or self.config).public_key_paths)
 
     async def start(self) -> None:
         cfg = self.config
         self.trusted = self.load_vendor_keys()
-        ident = identity.load_or_create(cfg.state_dir)
-        store = SQLiteStore(cfg.database_path, cfg.storage.busy_timeout_ms)
+        store = open_store(cfg)
+        self._store = store
         await store.open()
+        if isinstance(store, PostgresStore):
+            ident = await identity.for_cluster(store, cfg.state_dir)
+            # Read before the snapshot: what lands in between is taken in twice, harmlessly.
+            follow_from = await store.last_event()
+        else:
+            ident = identity.load_or_create(cfg.state_dir)
         ledger = Ledger(store, ident.secret, self.clock)
         await ledger.start()
         try:  # the folder operators drop files into: there from the first start, so watching works
@@ -102,7 +122,8 @@ class Server:
         importer = Importer(ledger, cfg.import_dir, ident.server_uuid, lambda: self.trusted,
                             lambda: self.config.vendor.allow_unbound)
         self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key))
-        await importer.scan("start-up")
+        if self.leads:
+            await importer.scan("start-up")
         separate_admin = cfg.admin.port is not None
         admin_port = cfg.admin.port if separate_admin else None
         if admin_port == 0:
@@ -124,10 +145,13 @@ class Server:
         else:
             self.admin_url = self.urls[0]
         self._tasks.append(asyncio.create_task(self.guard.run(self.stopping), name="connection-guard"))
-        self._tasks.append(asyncio.create_task(
-            importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
-        self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
+        if self.leads:
+            self._tasks.append(asyncio.create_task(
+                importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
+            self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
         self._tasks.append(asyncio.create_task(self._roller(), name="rollups"))
+        if isinstance(store, PostgresStore):
+            self._tasks.append(asyncio.create_task(self._follow(store, follow_from), name="follow"))
         if cfg.server.standby_of:
             self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
             await self._standby_checked.wait()  # know the main's state before serving anyone
@@ -138,9 +162,36 @@ class Server:
         """Listen with the connection guard in front of aiohttp's protocol."""
         assert self.guard is not None
         listener = await asyncio.get_running_loop().create_server(self.guard, host, port, ssl=self._ssl(),
-                                                                  reuse_address=True, backlog=BACKLOG)
+                                                                  reuse_address=True, reuse_port=self.worker > 0,
+                                                                  backlog=BACKLOG)
         self._listeners.append(listener)
         return listener
+
+    @property
+    def leads(self) -> bool:
+        """Whether this process watches the import folder and sweeps lapsed seats: the first worker
+        of a machine does it for the others (they learn of it through the database)."""
+        return self.worker <= 1
+
+    async def _follow(self, store: PostgresStore, after: int) -> None:
+        """Take in what the other nodes commit, every storage.follow_ms."""
+        assert self.services is not None
+        pause = self.config.storage.follow_ms / 1000
+        while not self.stopping.is_set():
+            try:
+                changes = await store.changes_since(after)
+                if changes.events and not await self.services.ledger.follow(changes.events):
+                    continue  # read again: a conflict re-read newer rows meanwhile
+                caught_up = changes.upto == after
+                after = changes.upto
+            except Exception as e:  # the database is away: try again, the feed resumes where it stopped
+                logs.event("follow.failed", logs.logging.ERROR, error=str(e))
+                caught_up = True
+            if caught_up:
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), timeout=pause)
+                except TimeoutError:
+                    pass
 
     def _ssl(self) -> ssl.SSLContext | None:
         server = self.config.server
@@ -152,18 +203,21 @@ class Server:
 
     async def _sweeper(self) -> None:
         assert self.services is not None
+        wait = SWEEP_SECONDS
         while not self.stopping.is_set():
             try:
-                await asyncio.wait_for(self.stopping.wait(), timeout=SWEEP_SECONDS)
+                await asyncio.wait_for(self.stopping.wait(), timeout=wait)
             except TimeoutError:
                 try:
                     freed = total = await self.services.ledger.sweep()
                     while freed == MAX_SWEEP:  # a mass expiry: go on in slices
                         freed = await self.services.ledger.sweep()
                         total += freed
-                except Exception as e:  # a failed sweep is retried at the next tick
-                    logs.event("seats.sweep_failed", logs.logging.ERROR, error=str(e))
+                except Exception as e:  # the sweep was undone, lapsed seats are still due: try again soon
+                    logs.event("seats.sweep_failed", logs.logging.ERROR, error=str(e), retry_seconds=SWEEP_RETRY_SECONDS)
+                    wait = SWEEP_RETRY_SECONDS
                 else:
+                    wait = SWEEP_SECONDS
                     if total:
                         logs.event("seats.swept", freed=total)
 
@@ -175,7 +229,7 @@ class Server:
             return await self._roll_up_pages(ledger, store)
 
     @staticmethod
-    async def _roll_up_pages(ledger: Ledger, store: SQLiteStore) -> int:
+    async def _roll_up_pages(ledger: Ledger, store: Store) -> int:
         total = 0
         # Items present when the pass starts are the only ones its events can name.
         quantities = {i.item_id: (i.license_type.value, i.quantity) for i in ledger.items.values()}
@@ -234,17 +288,23 @@ class Server:
                     await self._check_main(session)
 
     async def reload(self) -> None:
-        """SIGHUP: re-read the vendor keys, then rescan the import directory."""
+        """SIGHUP: re-read the config file's [vendor] section and its key files, then rescan.
+
+        A change of trusted keys makes the rescan try every rejected file again.
+        Other sections take effect at the next restart.
+        """
         try:
-            keys = self.load_vendor_keys()
-        except (OSError, ValueError) as e:
+            fresh = config_mod.load(self.config.source) if self.config.source else self.config
+            keys = self.load_vendor_keys(fresh)
+        except (config_mod.ConfigError, OSError, ValueError) as e:
             logs.event("reload.keys_failed", logs.logging.ERROR, error=str(e), kept=sorted(self.trusted))
         else:
             if set(keys) != set(self.trusted):
                 logs.event("reload.keys_changed", added=sorted(set(keys) - set(self.trusted)),
                            removed=sorted(set(self.trusted) - set(keys)))
+            self.config.vendor = fresh.vendor
             self.trusted = keys
-        if self.services is not None:
+        if self.services is not None and self.leads:
             report = await self.services.importer.scan("reload")
             logs.event("reload.done", files=report.seen, changed=len(report.outcomes))
 
@@ -260,5 +320,6 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.services is not None:
             await self.services.ledger.close()
-            await self.services.store.close()
+        if self._store is not None:
+            await self._store.close()
         logs.event("server.stopped")

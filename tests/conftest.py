@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import resource
 import signal
@@ -24,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from lts_server import config as config_mod
 from lts_server import licensefile
 from lts_server.cli.vendor import payload_from_spec
+from lts_server.reportkeys import MAC_HEADER, report_mac
 from lts_server.server import Server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,13 +91,13 @@ def license_spec(license_id: str = "L1", org: str = "216998", items: list[dict[s
     return spec
 
 
-def write_config(folder: Path, vendor: Vendor | None, **sections: dict[str, Any]) -> Path:
-    """A config for a server living in `folder`; sections override the defaults."""
+def write_config(folder: Path, trusted: Vendor | None, /, **sections: dict[str, Any]) -> Path:
+    """A config for a server living in `folder`, trusting `trusted`'s key; sections override the defaults."""
     base: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout": 5.0},
         "storage": {"state_dir": str(folder / "state")},
         "import": {"directory": str(folder / "import"), "rescan_seconds": 3600, "watch": False},
-        "vendor": {"public_keys": [str(vendor.pub_path)] if vendor else [], "allow_unbound": True},
+        "vendor": {"public_keys": [str(trusted.pub_path)] if trusted else [], "allow_unbound": True},
         "log": {"level": "warning", "format": "json"},
     }
     for name, values in sections.items():
@@ -141,6 +144,7 @@ class Running:
     vendor: Vendor
     session: aiohttp.ClientSession
     clock: Clock = field(default_factory=Clock)
+    report_keys: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def ledger(self):  # noqa: ANN201
@@ -159,10 +163,26 @@ class Running:
         return path
 
     async def handshake(self, **body: Any) -> tuple[int, dict[str, Any]]:
+        """POST a handshake; a granted one's report key is kept for usage reports, as a device would."""
         body.setdefault("clientUuid", "device-1")
         body.setdefault("product", "barcode-reader")
         body.setdefault("deploymentType", "browser")
         async with self.session.post(f"{self.url}/api/v1/handshake", json=body) as resp:
+            answer = await resp.json()
+        if resp.status == 200:
+            self.report_keys[(answer["authorization"]["handshakeCode"], body["clientUuid"])] = answer["reportKey"]
+        return resp.status, answer
+
+    async def report(self, body: dict[str, Any], mac: str | None = None) -> tuple[int, dict[str, Any]]:
+        """POST a usage report, MACed with the device's report key unless `mac` is given."""
+        data = json.dumps(body).encode()
+        key = self.report_keys.get((body.get("handshakeCode"), body.get("clientUuid")))
+        headers = {"Content-Type": "application/json"}
+        if mac is not None:
+            headers[MAC_HEADER] = mac
+        elif key is not None:
+            headers[MAC_HEADER] = report_mac(base64.b64decode(key), data)
+        async with self.session.post(f"{self.url}/api/v1/usage", data=data, headers=headers) as resp:
             return resp.status, await resp.json()
 
 
@@ -211,11 +231,11 @@ class Daemon:
 
 
 def start_daemon(config_path: Path, folder: Path, env: dict[str, str] | None = None,
-                 wait: bool = True, open_files: int | None = None) -> Daemon:
+                 wait: bool = True, port: int | None = None, open_files: int | None = None) -> Daemon:
     """Start `python -m lts_server` as a real process and wait until it listens.
 
     open_files: the daemon's limit on open files (soft and hard), to test behaviour at the limit."""
-    port = free_port()
+    port = port or free_port()
     full_env = {**os.environ, "LTS_SERVER__PORT": str(port), **(env or {})}
     log_path = folder / f"daemon-{port}.log"
 
@@ -279,3 +299,18 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
             return result
         await asyncio.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One PostgreSQL server for the whole run (see tests/pg.py); each test takes a new database."""
+    from tests import pg
+
+    server = pg.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def pg_url(pg_server: Any) -> str:
+    return await pg_server.new_database()

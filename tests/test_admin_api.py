@@ -344,3 +344,18 @@ async def test_item_status_names_units_like_the_authorization(running: Running) 
     authorization_keys = set(body["authorization"]["units"]) - {"left"}
     status, items = await call(running, "GET", "/api/v1/admin/items")
     assert set(items["items"][0]["units"]) == authorization_keys == {"used", "quantity", "limit"}
+
+
+async def test_a_code_draws_only_on_its_own_organizations_items(admin: Running) -> None:
+    await admin.drop("other.lic", admin.vendor.issue(license_spec("X1", org="777", items=[item("foreign")])))
+    status, body = await call(admin, "POST", "/api/v1/admin/handshake-codes",
+                              json={"organizationId": "216998", "custom": "mixed", "items": ["soon", "foreign"]})
+    assert status == 400 and body["error"]["field"] == "items[1]"
+    assert "organization 777" in body["error"]["message"]
+    status, body = await call(admin, "PATCH", "/api/v1/admin/handshake-codes/216998-L1",
+                              json={"items": ["foreign"]})
+    assert status == 400 and body["error"]["field"] == "items[0]"
+    assert admin.ledger.codes["216998-L1"].items != ("foreign",)
+    status, body = await admin.handshake(handshakeCode="216998-L1", clientUuid="d-x")
+    assert status == 200 and body["authorization"]["organizationId"] == "216998"
+    assert body["authorization"]["itemId"] != "foreign"

@@ -18,7 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Vendor, admin_login, item, license_spec, start_daemon, stop_daemon, write_config
+from tests.conftest import (
+    ROOT,
+    Vendor,
+    admin_login,
+    item,
+    license_spec,
+    make_vendor,
+    start_daemon,
+    stop_daemon,
+    write_config,
+)
 
 
 def get(url: str, token: str | None = None) -> tuple[int, dict]:
@@ -119,6 +129,30 @@ def test_sighup_rescans_the_import_directory(tmp_path: Path, vendor: Vendor) -> 
             time.sleep(0.1)
         assert [(Path(f["path"]).name, f["state"]) for f in files] == [("new.lic", "imported")]
         assert '"event": "reload.done"' in d.log()
+    finally:
+        assert stop_daemon(d) == 0
+
+
+def test_sighup_rereads_the_trusted_keys_from_the_config_and_retries_rejected_files(
+        tmp_path: Path, vendor: Vendor) -> None:
+    second = make_vendor(tmp_path / "second-vendor")
+    (tmp_path / "import").mkdir(exist_ok=True)
+    (tmp_path / "import" / "k2.lic").write_bytes(second.issue(license_spec("K2")))
+    config = write_config(tmp_path, vendor)
+    d = start_daemon(config, tmp_path)
+    token = asyncio.run(admin_login(d.url))
+    try:
+        files = get(f"{d.url}/api/v1/admin/imports", token)[1]["files"]
+        assert [(f["state"], f["reason"].split(":")[0]) for f in files] == [("rejected", "unknown-key")]
+        assert get(f"{d.url}/api/v1/admin/status", token)[1]["importDirectory"]["rejected"] == 1
+        write_config(tmp_path, vendor, vendor={"public_keys": [str(vendor.pub_path), str(second.pub_path)]})
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and files[0]["state"] == "rejected":
+            time.sleep(0.1)
+            files = get(f"{d.url}/api/v1/admin/imports", token)[1]["files"]
+        assert files[0]["state"] == "imported" and files[0]["licenseId"] == "K2"
+        assert get(f"{d.url}/api/v1/admin/status", token)[1]["importDirectory"]["rejected"] == 0
     finally:
         assert stop_daemon(d) == 0
 

@@ -10,7 +10,7 @@ import pytest
 
 from lts_server.core.codes import CodeFields
 from lts_server.identity import load_or_create
-from tests.conftest import Running, item, license_spec, make_vendor, wait_for
+from tests.conftest import Running, item, license_spec, make_vendor, wait_for, write_config
 
 
 def db(running: Running) -> sqlite3.Connection:
@@ -176,3 +176,48 @@ async def test_watcher_imports_a_dropped_file(tmp_path: Path, vendor) -> None:
         await wait_for(lambda: "W1" in server.services.ledger.licenses, timeout=10)
     finally:
         await server.stop()
+
+
+async def test_rejected_files_are_retried_at_start_up_once_their_key_is_trusted(tmp_path, vendor) -> None:
+    from lts_server import config as config_mod
+    from lts_server.server import Server
+
+    second = make_vendor(tmp_path / "second-vendor")
+    config = write_config(tmp_path, vendor)
+    (tmp_path / "import" / "k2.lic").write_bytes(second.issue(license_spec("K2")))
+    server = Server(config_mod.load(config, environ={}))
+    await server.start()
+    try:
+        assert server.services.ledger.imports[str(tmp_path / "import" / "k2.lic")].state == "rejected"
+        events = sqlite3.connect(tmp_path / "state" / "lts-server.sqlite3").execute
+        rejections = "SELECT COUNT(*) FROM events WHERE type = 'import.rejected'"
+        await server.services.importer.scan("timer")  # same keys: not tried again, nothing recorded
+        assert events(rejections).fetchone()[0] == 1
+        await server.reload()  # same keys after a reload: tried again, same reason, nothing new recorded
+        assert events(rejections).fetchone()[0] == 1
+    finally:
+        await server.stop()
+    write_config(tmp_path, vendor, vendor={"public_keys": [str(vendor.pub_path), str(second.pub_path)]})
+    server = Server(config_mod.load(config, environ={}))
+    await server.start()
+    try:
+        ledger = server.services.ledger
+        assert ledger.imports[str(tmp_path / "import" / "k2.lic")].state == "imported"
+        assert "K2" in ledger.licenses and ledger.open_rejections() == []
+    finally:
+        await server.stop()
+
+
+async def test_an_upload_rejection_no_longer_warns_once_the_same_file_is_imported(running: Running) -> None:
+    second = make_vendor(running.folder / "second-vendor")
+    data = second.issue(license_spec("K3"))
+    async with running.session.post(f"{running.url}/api/v1/admin/licenses?name=k3.lic", data=data) as resp:
+        assert resp.status == 422
+    assert [r.path for r in running.ledger.open_rejections()] == ["upload:k3.lic"]
+    write_config(running.folder, running.vendor,
+                 vendor={"public_keys": [str(running.vendor.pub_path), str(second.pub_path)]})
+    await running.server.reload()
+    await running.drop("k3.lic", data)
+    assert running.ledger.open_rejections() == []
+    async with running.session.get(f"{running.url}/api/v1/admin/status") as resp:
+        assert (await resp.json())["importDirectory"]["rejected"] == 0

@@ -104,7 +104,8 @@ async def test_full_disk_is_a_clear_error_and_loses_nothing_committed(tmp_path: 
     await store.open()
     await store.write(WriteBatch(events=[Event(at=AT, type="kept")], at=AT))
     # Cap the file at its current size: the next growth is SQLITE_FULL, as on a full disk.
-    pages = (await store._all("PRAGMA page_count"))[0][0]
+    async with store.db.execute("PRAGMA page_count") as cur:
+        pages = (await cur.fetchone())[0]
     await store.db.execute(f"PRAGMA max_page_count = {pages}")
     big = [Event(at=AT, type="big", detail={"pad": "x" * 4000}) for _ in range(50)]
     with pytest.raises(StoreFull, match="full"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sqlite3
 from collections import defaultdict
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from lts_server.core.codes import CodeFields
 from lts_server.core.times import iso, slice_start, to_ms
 from lts_server.core.usage import BUCKETS, SIZES
+from lts_server.reportkeys import MAC_HEADER, report_mac
 from lts_server.store import Event, WriteBatch
 from lts_server.store.sqlite import SQLiteStore
 from tests.conftest import Running, item, license_spec
@@ -30,9 +32,8 @@ def slot(running: Running, minutes_ago: int = 0) -> str:
 
 async def report(running: Running, report_id: str, records: list[dict], client: str = "device-1",
                  code: str = "216998-U") -> tuple[int, dict]:
-    async with running.session.post(f"{running.url}/api/v1/usage", json={
-            "reportId": report_id, "clientUuid": client, "handshakeCode": code, "records": records}) as resp:
-        return resp.status, await resp.json()
+    return await running.report({"reportId": report_id, "clientUuid": client, "handshakeCode": code,
+                                 "records": records})
 
 
 def rec(running: Running, count: int = 1, minutes_ago: int = 0, **kw) -> dict:
@@ -279,16 +280,18 @@ def brute_force(events: list[Event]) -> dict[tuple, tuple[int, int, int, int]]:
        page=st.integers(1, 40))
 def test_rollups_equal_a_recount_of_raw_events(tmp_path_factory, batches: list[list[Event]], page: int) -> None:
     async def run() -> None:
-        store = SQLiteStore(tmp_path_factory.mktemp("roll") / "db.sqlite3")
+        path = tmp_path_factory.mktemp("roll") / "db.sqlite3"
+        store = SQLiteStore(path)
         await store.open()
         try:
             for batch in batches:
                 await store.write(WriteBatch(events=batch, at=BASE))
                 while (await store.roll_up({}, page)).processed == page:
                     pass
-            rows = await store._all("SELECT scope, key, size, bucket_ms, granted, refused, units, devices FROM rollups")
         finally:
             await store.close()
+        rows = sqlite3.connect(path).execute(
+            "SELECT scope, key, size, bucket_ms, granted, refused, units, devices FROM rollups").fetchall()
         got = {tuple(r[:4]): tuple(r[4:]) for r in rows if any(r[4:])}
         expected = {k: v for k, v in brute_force([e for b in batches for e in b]).items() if any(v)}
         assert got == expected
@@ -331,3 +334,114 @@ async def test_device_marks_are_pruned_after_the_lateness_window_and_totals_stay
     assert pruned == marks - len(kept) and {k[0] for k in kept} == {"all"}
     totals = con.execute("SELECT SUM(units) FROM rollups WHERE scope = 'item' AND size = '3m'").fetchone()[0]
     assert totals == 2
+
+
+# -- concurrent-device overuse ---------------------------------------------------------------
+
+
+async def test_concurrent_device_overuse_is_counted_and_shown(running: Running) -> None:
+    await running.drop("c.lic", running.vendor.issue(license_spec("C", items=[
+        item("conc", "per-concurrent-device", quantity=2)])))
+    for d in ("a", "b", "c"):
+        assert (await running.handshake(handshakeCode="216998-C", clientUuid=d))[0] == 200
+        assert (await report(running, f"{d}-1", [rec(running, minutes_ago=30)], client=d, code="216998-C"))[0] == 200
+    await running.server.roll_up()
+    # Now: 3 devices active (their handshakes) on 2; 30 minutes ago: 3 devices reporting on 2.
+    async with running.session.get(f"{running.url}/api/v1/admin/stats/items/conc?bucket=2h") as resp:
+        body = await resp.json()
+    assert body["status"]["overuse"]["used"] == 2 and body["status"]["overuse"]["tolerance"] == 2000
+    async with running.session.get(f"{running.url}/api/v1/admin/items") as resp:
+        listed = {i["itemId"]: i for i in (await resp.json())["items"]}
+    assert listed["conc"]["overuse"]["used"] == 2
+    assert db(running).execute("SELECT overuse_used FROM items WHERE item_id = 'conc'").fetchone()[0] == 2
+
+
+async def test_concurrent_device_tolerance_then_only_n_devices(running: Running) -> None:
+    await running.drop("c.lic", running.vendor.issue(license_spec("C", items=[
+        item("conc", "per-concurrent-device", quantity=1)])))
+    for d in ("a", "b"):
+        assert (await running.handshake(handshakeCode="216998-C", clientUuid=d))[0] == 200
+    # Two devices on a quantity of 1 in 1000 slices (the handshake's own slice included): 1000 exceptions.
+    for d in ("a", "b"):
+        for part in range(2):
+            records = [rec(running, minutes_ago=3 * k) for k in range(1 + 500 * part, min(1000, 501 + 500 * part))]
+            assert (await report(running, f"{d}-{part}", records, client=d, code="216998-C"))[0] == 200
+    await running.server.roll_up()
+    status = running.ledger.statuses["conc"]
+    assert status.overuse_used == 1000 and status.overused
+    code, body = await running.handshake(handshakeCode="216998-C", clientUuid="c")
+    assert code == 403 and body["error"]["code"] == 120 and "devices" in body["error"]["message"]
+
+
+concurrency_event = st.builds(
+    lambda client, slot_no, kind: Event(
+        at=BASE + timedelta(minutes=3 * slot_no), type=kind, code="216998-c", item_id="conc", client_uuid=client,
+        result=0 if kind == "handshake" else None, units=1 if kind == "usage.record" else None),
+    client=st.sampled_from(["d1", "d2", "d3", "d4", "d5"]),
+    slot_no=st.integers(0, 5),
+    kind=st.sampled_from(["handshake", "usage.record"]),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(st.lists(concurrency_event, max_size=25), min_size=1, max_size=5),
+       page=st.integers(1, 30), quantity=st.integers(1, 4))
+def test_concurrent_device_overuse_equals_a_recount(tmp_path_factory, batches: list[list[Event]], page: int,
+                                                    quantity: int) -> None:
+    async def run() -> int:
+        store = SQLiteStore(tmp_path_factory.mktemp("conc") / "db.sqlite3")
+        await store.open()
+        try:
+            total = 0
+            for batch in batches:
+                await store.write(WriteBatch(events=batch, at=BASE))
+                while True:
+                    result = await store.roll_up({"conc": ("per-concurrent-device", quantity)}, page)
+                    total += sum(result.overuse.values())
+                    if result.processed < page:
+                        break
+            return total
+        finally:
+            await store.close()
+
+    active: dict[datetime, set[str]] = defaultdict(set)
+    for e in (e for b in batches for e in b):
+        active[e.at].add(e.client_uuid)
+    assert asyncio.run(run()) == sum(max(0, len(devices) - quantity) for devices in active.values())
+
+
+# -- usage reports bound to their device --------------------------------------------------------
+
+
+async def test_reports_need_the_mac_of_the_devices_own_report_key(unit: Running) -> None:
+    await grant(unit, client="device-2")
+    body = {"reportId": "forged", "clientUuid": "device-2", "handshakeCode": "216998-U", "records": [rec(unit, 50)]}
+    data = json.dumps(body).encode()
+    key_1 = base64.b64decode(unit.report_keys[("216998-U", "device-1")])
+    attempts = [
+        (None, 401),  # no MAC at all
+        ("bm90IGEgbWFj", 403),  # a made-up one
+        (report_mac(key_1, data), 403),  # device-1's key, for device-2's report
+    ]
+    for mac, expected in attempts:
+        headers = {"Content-Type": "application/json", **({MAC_HEADER: mac} if mac else {})}
+        async with unit.session.post(f"{unit.url}/api/v1/usage", data=data, headers=headers) as resp:
+            answer = await resp.json()
+            assert resp.status == expected, answer
+            assert MAC_HEADER in answer["error"]["message"]
+    assert unit.ledger.statuses["scan"].units_used == 0
+    assert db(unit).execute("SELECT COUNT(*) FROM usage_reports").fetchone()[0] == 0
+    # The device's own key, over the same bytes: counted (the forged attempts did not burn the report id).
+    status, answer = await unit.report(body)
+    assert status == 200 and answer["accepted"] == 1
+    assert unit.ledger.statuses["scan"].units_used == 50
+
+
+async def test_a_new_handshake_replaces_the_report_key(unit: Running) -> None:
+    old_key = unit.report_keys[("216998-U", "device-1")]
+    unit.clock.advance(seconds=1)
+    await grant(unit)
+    assert unit.report_keys[("216998-U", "device-1")] != old_key
+    body = {"reportId": "late", "clientUuid": "device-1", "handshakeCode": "216998-U", "records": [rec(unit)]}
+    assert (await unit.report(body, mac=report_mac(base64.b64decode(old_key), json.dumps(body).encode())))[0] == 403
+    assert (await unit.report(body))[0] == 200

@@ -12,10 +12,12 @@ import sys
 
 import lts_server
 from lts_server import config as config_mod
-from lts_server import identity, licensefile, logs
-from lts_server.sdnotify import Notifier
-from lts_server.server import Server
+from lts_server import identity, licensefile, logs, migrate
+from lts_server.cli import workers
+from lts_server.sdnotify import Notifier, watchdog
+from lts_server.server import Server, open_store
 from lts_server.store import StoreError
+from lts_server.store.postgres import PostgresStore
 
 EXIT_CONFIG = 2
 EXIT_START = 1
@@ -28,6 +30,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--print-uuid", action="store_true", help="print this server's UUID (creating it if needed) and exit")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit")
     p.add_argument("--version", action="version", version=f"lts-server {lts_server.__version__}")
+    p.add_argument("command", nargs="?", choices=["migrate"],
+                   help="migrate: move this SQLite deployment into an empty PostgreSQL database (with --to)")
+    p.add_argument("--to", metavar="URL", help="with migrate: postgresql://user@host:port/dbname")
+    # One of server.workers processes, started by the supervisor.
+    p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
@@ -73,16 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: ok" + (f" ({len(warnings)} warning{'s' if len(warnings) > 1 else ''})"
                                       if warnings else ""))
         return 0
+    if args.command == "migrate":
+        return migrate.main(cfg, args.to)
     if args.print_uuid:
         try:
-            print(identity.load_or_create(cfg.state_dir).server_uuid)
+            print(asyncio.run(_server_uuid(cfg)))
         except OSError as e:
             print(f"lts-server: cannot use state folder {cfg.state_dir}: {e.strerror}", file=sys.stderr)
+            return EXIT_START
+        except StoreError as e:
+            print(f"lts-server: {e}", file=sys.stderr)
             return EXIT_START
         return 0
     logs.setup(cfg.log.level, cfg.log.format)
     raise_open_files_limit()
-    return asyncio.run(run(cfg))
+    if cfg.server.workers > 1 and not args.worker:
+        return asyncio.run(workers.supervise(args.config, cfg))
+    return asyncio.run(run(cfg, args.worker))
 
 
 def raise_open_files_limit() -> None:
@@ -96,9 +110,21 @@ def raise_open_files_limit() -> None:
             logs.event("server.open_files_limit", logs.logging.WARNING, soft=soft, hard=hard, error=str(e))
 
 
-async def run(cfg: config_mod.Config) -> int:
+async def _server_uuid(cfg: config_mod.Config) -> str:
+    """This server's UUID; a PostgreSQL cluster's lives in its database."""
+    store = open_store(cfg)
+    if not isinstance(store, PostgresStore):
+        return identity.load_or_create(cfg.state_dir).server_uuid
+    await store.open()
+    try:
+        return (await identity.for_cluster(store, cfg.state_dir)).server_uuid
+    finally:
+        await store.close()
+
+
+async def run(cfg: config_mod.Config, worker: int = 0) -> int:
     notifier = Notifier()
-    server = Server(cfg)
+    server = Server(cfg, worker=worker)
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(logs.loop_exception_handler)
     # Handlers first: a SIGTERM that arrives while the server starts (it listens before it is
@@ -137,23 +163,15 @@ async def run(cfg: config_mod.Config) -> int:
         task.add_done_callback(lambda t: (reloads.discard(t), notifier.notify("READY=1")))
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    watchdog = loop.create_task(_watchdog(notifier, stop)) if notifier.watchdog_interval else None
+    pinger = loop.create_task(watchdog(notifier, stop)) if notifier.watchdog_interval else None
 
     await stop.wait()
     logs.event("server.stopping")
     notifier.notify("STOPPING=1")
-    if watchdog:
-        watchdog.cancel()
+    if pinger:
+        pinger.cancel()
     await asyncio.gather(*reloads, return_exceptions=True)
     await server.stop()
     return 0
 
 
-async def _watchdog(notifier: Notifier, stop: asyncio.Event) -> None:
-    assert notifier.watchdog_interval is not None
-    while not stop.is_set():
-        notifier.notify("WATCHDOG=1")
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=notifier.watchdog_interval)
-        except TimeoutError:
-            pass

@@ -57,8 +57,13 @@ def _check_items(items: tuple[str, ...], organization_id: str, known: Mapping[st
     if len(set(items)) != len(items):
         raise CodeError("items", "an item is listed twice")
     for i, item_id in enumerate(items):
-        if item_id not in known:
+        item = known.get(item_id)
+        if item is None:
             raise CodeError(f"items[{i}]", f"no imported item has id {item_id!r}", status=400)
+        if item.organization_id != organization_id:
+            # A code spends its own organization's licenses only (docs/design.md).
+            raise CodeError(f"items[{i}]", f"item {item_id} belongs to organization {item.organization_id}, "
+                                           f"not to {organization_id}", status=400)
     return items
 
 

@@ -62,7 +62,8 @@ class View(Protocol):
     def seat_expiry(self, item_id: str, client_uuid: str) -> datetime | None: ...
 
     def instances_elsewhere(self, item_id: str, client_uuid: str, now: datetime) -> int:
-        """Instances granted to other servers whose authorization is still running."""
+        """Instances (one per device on concurrent-device items) granted to other clients
+        whose authorization is still running."""
         ...
 
 
@@ -205,11 +206,12 @@ def fit(req: Request, item: Item, status: ItemStatus, seat_expiry: datetime | No
             seat = SeatAction.CLAIM
     elif rules.counts is Counts.UNITS and status.units_used >= limit:
         return Refusal(Code.LIMIT_EXCEEDED, f"the quota of item {item.item_id} and its grace are used up")
-    elif rules.counts is Counts.INSTANCES and status.overused and instances_elsewhere + instances > item.quantity:
-        # Overuse tolerance used up: only N instances across all servers.
+    elif rules.per_slice and status.overused and instances_elsewhere + instances > item.quantity:
+        # Overuse tolerance used up: only N devices (or instances) across all clients.
+        what = "instances" if rules.counts is Counts.INSTANCES else "devices"
         return Refusal(
             Code.LIMIT_EXCEEDED,
-            f"item {item.item_id} is overused; {instances_elsewhere} of {item.quantity} instances are in use",
+            f"item {item.item_id} is overused; {instances_elsewhere} of {item.quantity} {what} are in use",
         )
     return Fit(item, seat, authorization_end(item, now), instances, limit)
 
@@ -218,6 +220,23 @@ def _rank(refusal: Refusal) -> int:
     if refusal.code is Code.DOMAIN_MISMATCH:
         return CHECKS.index(Code.TYPE_INCOMPATIBLE)
     return CHECKS.index(refusal.code)
+
+
+def held_seat(req: Request, view: View, order: list[str], now: datetime) -> Fit | None:
+    """The seat this device already holds on one of the code's items, if that item still covers the request.
+
+    One device, one seat per code: a device seated on a later item keeps it
+    even when an earlier item gains room, so it never ends up holding two.
+    """
+    for item_id in order:
+        expiry = view.seat_expiry(item_id, req.client_uuid)
+        item = view.items.get(item_id)
+        if expiry is None or item is None:
+            continue
+        outcome = fit(req, item, view.status(item_id), expiry, now)
+        if isinstance(outcome, Fit):
+            return outcome
+    return None
 
 
 def decide(
@@ -235,9 +254,13 @@ def decide(
     invalid = check_validation_fields(req, code)
     if invalid is not None:
         return Refused(invalid, code.name)
+    order = usage_order(code.items, view.items, code.custom_order)
+    held = held_seat(req, view, order, now)
+    if held is not None:
+        return Grant(code, held)
     best: tuple[int, Refusal, str] | None = None
     missing: str | None = None
-    for item_id in usage_order(code.items, view.items, code.custom_order):
+    for item_id in order:
         item = view.items.get(item_id)
         if item is None:
             missing = missing or item_id
@@ -245,7 +268,7 @@ def decide(
         status = view.status(item_id)
         elsewhere = (
             view.instances_elsewhere(item_id, req.client_uuid, now)
-            if status.overused and item.rules.counts is Counts.INSTANCES
+            if status.overused and item.rules.per_slice
             else 0
         )
         outcome = fit(req, item, status, view.seat_expiry(item_id, req.client_uuid), now, elsewhere)

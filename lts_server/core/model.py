@@ -71,6 +71,11 @@ class TypeRules:
     deployments: frozenset[DeploymentType] | None = None
     grace_percent: int = 0
 
+    @property
+    def per_slice(self) -> bool:
+        """Counted per time slice, with an overuse tolerance instead of a hard limit."""
+        return self.counts in (Counts.CONCURRENCY, Counts.INSTANCES)
+
 
 LICENSE_TYPES: dict[LicenseType, TypeRules] = {
     LicenseType.PER_SCAN: TypeRules(Counts.UNITS, grace_percent=5),

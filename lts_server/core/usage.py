@@ -119,7 +119,7 @@ def aggregate(events: Iterable[EventFacts]) -> Aggregate:
 
 
 def overuse_delta(before: int, after: int, quantity: int) -> int:
-    """Instance-slices beyond the quantity added when a slice's total goes from before to after."""
+    """Device- or instance-slices beyond the quantity added when a slice's total goes from before to after."""
     return max(0, after - quantity) - max(0, before - quantity)
 
 

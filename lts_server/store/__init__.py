@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from typing import Any, Protocol
 
 from lts_server.core.model import HandshakeCode, Item, ItemStatus, License
@@ -33,7 +34,15 @@ class SchemaTooNew(StoreError):
 
 
 class Conflict(StoreError):
-    """A conditional write found the database in another state than the ledger expected."""
+    """A conditional write found the database in another state than the ledger expected.
+
+    `job` is the index, within its batch, of the job whose change conflicted,
+    so the ledger can fail that job alone and decide the others again.
+    """
+
+    def __init__(self, message: str, job: int | None = None) -> None:
+        super().__init__(message)
+        self.job = job
 
 
 @dataclass(frozen=True)
@@ -45,10 +54,23 @@ class Seat:
     expires_at: datetime
 
 
+class SeatOp(Enum):
+    CLAIM = "claim"
+    REFRESH = "refresh"
+    RELEASE = "release"
+
+
 @dataclass(frozen=True)
-class SeatClaim:
+class SeatChange:
+    """One change to the seat pool. A batch's changes apply in the order the ledger made them,
+    so "release one, claim one" on a full item is as valid in the database as it was in memory."""
+
+    op: SeatOp
     seat: Seat
-    limit: int  # the claim fails if the item already holds this many seats
+    limit: int = 0  # CLAIM only: the claim fails if the item already holds this many seats
+    job: int = 0  # the index of the job in its batch that made the change
+    # CLAIM only: the code's other items; the claim fails if the device holds a seat on one of them.
+    exclusive_of: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,7 +149,7 @@ class RollupRow:
 class RollupResult:
     processed: int
     last_seq: int
-    # Instance-slices beyond quantity added per concurrent-instance item.
+    # Device- or instance-slices beyond the quantity added per concurrent item.
     overuse: dict[str, int]
 
 
@@ -153,17 +175,30 @@ class WriteBatch:
     codes: list[HandshakeCode] = field(default_factory=list)
     codes_deleted: list[str] = field(default_factory=list)
     organization_defaults: dict[str, str] = field(default_factory=dict)
-    seat_claims: list[SeatClaim] = field(default_factory=list)
-    seat_refreshes: list[Seat] = field(default_factory=list)
-    seat_releases: list[Seat] = field(default_factory=list)
+    seat_changes: list[SeatChange] = field(default_factory=list)
     revocations: dict[str, bool] = field(default_factory=dict)
     imports: list[ImportRecord] = field(default_factory=list)
     authorizations: list[AuthorizationRecord] = field(default_factory=list)
-    usage_reports: list[UsageReportRecord] = field(default_factory=list)
+    # (job index, report): a report another writer counted meanwhile fails its job alone.
+    usage_reports: list[tuple[int, UsageReportRecord]] = field(default_factory=list)
     unit_charges: dict[str, int] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     # When the changes were made: stamps rows that keep a modification time.
     at: datetime | None = None
+    # The index of the job now adding changes (set by the ledger), for SeatChange.job.
+    job: int = 0
+
+    def claim(self, seat: Seat, limit: int, exclusive_of: tuple[str, ...] = ()) -> None:
+        self.seat_changes.append(SeatChange(SeatOp.CLAIM, seat, limit, self.job, exclusive_of))
+
+    def refresh(self, seat: Seat) -> None:
+        self.seat_changes.append(SeatChange(SeatOp.REFRESH, seat, job=self.job))
+
+    def release(self, seat: Seat) -> None:
+        self.seat_changes.append(SeatChange(SeatOp.RELEASE, seat, job=self.job))
+
+    def count_report(self, report: UsageReportRecord) -> None:
+        self.usage_reports.append((self.job, report))
 
     def __bool__(self) -> bool:
         return any(
@@ -172,9 +207,7 @@ class WriteBatch:
                 self.codes,
                 self.codes_deleted,
                 self.organization_defaults,
-                self.seat_claims,
-                self.seat_refreshes,
-                self.seat_releases,
+                self.seat_changes,
                 self.revocations,
                 self.imports,
                 self.authorizations,
@@ -183,6 +216,15 @@ class WriteBatch:
                 self.events,
             )
         )
+
+
+@dataclass
+class Reloaded:
+    """The rows behind some items' counters and some devices' seats and authorizations, as stored now."""
+
+    statuses: dict[str, ItemStatus]
+    seats: list[Seat]
+    authorizations: list[AuthorizationRecord]
 
 
 @dataclass(frozen=True)
@@ -195,6 +237,10 @@ class EventQuery:
 
 
 class Store(Protocol):
+    # True when other nodes write the same database (PostgreSQL): the ledger then
+    # follows their changes and reads rows again after a conflict.
+    shared: bool
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -204,6 +250,10 @@ class Store(Protocol):
     async def load(self) -> Snapshot: ...
 
     async def write(self, batch: WriteBatch, pipeline: int | None = None) -> None: ...
+
+    async def load_catalog(self) -> Snapshot: ...
+
+    async def reload(self, items: set[str], clients: set[str]) -> Reloaded: ...
 
     def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]: ...
 

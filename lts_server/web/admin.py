@@ -174,7 +174,6 @@ async def upload_license(request: web.Request) -> web.Response:
         raise ApiError(400, "the body must be the license file")
     name = os.path.basename(request.query.get("name", "")) or f"{hashlib.sha256(data).hexdigest()[:16]}.lic"
     outcome = await services.importer.import_bytes(f"upload:{name}", data)
-    assert outcome is not None
     body = {"state": outcome.state, "licenseId": outcome.license_id, "reason": outcome.reason}
     if outcome.state == "rejected":
         reason = outcome.reason or "rejected"
@@ -237,7 +236,7 @@ async def status_json(services: Services) -> dict:
     except OSError as e:
         dir_state = {"path": str(directory), "exists": False, "error": e.strerror}
     dir_state["lastScanError"] = services.importer.last_scan_error
-    dir_state["rejected"] = sum(1 for r in ledger.imports.values() if r.state == "rejected")
+    dir_state["rejected"] = len(ledger.open_rejections())
     return {
         "serverUuid": services.identity.server_uuid,
         "version": lts_server.__version__,

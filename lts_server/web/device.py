@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import msgspec
 from aiohttp import web
 
+from lts_server import reportkeys
 from lts_server.core import handshake as hs
 from lts_server.core.model import Counts, ItemStatus
 from lts_server.core.times import iso
@@ -15,7 +17,7 @@ from lts_server.web.errors import ApiError, validation_error
 from lts_server.web.schemas import MAX_BODY, Authorization, HandshakeBody, SeatCount
 from lts_server.web.services import SERVICES, Services
 
-JSON = {"Content-Type": "application/json"}
+JSON = {"Content-Type": "application/json", "Cache-Control": "no-store"}
 _decoder = msgspec.json.Decoder(HandshakeBody)
 _encoder = msgspec.json.Encoder()
 
@@ -84,7 +86,8 @@ def to_request(body: HandshakeBody) -> hs.Request:
     )
 
 
-def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: ItemStatus, issued) -> Authorization:
+def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: ItemStatus, issued: datetime,
+                  authorization_id: str) -> Authorization:
     item = grant.item
     fit = grant.fit
     seats = units = None
@@ -93,6 +96,7 @@ def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: 
     elif item.rules.counts is Counts.UNITS:
         units = SeatCount(status.units_used, item.quantity, fit.limit, max(0, fit.limit - status.units_used))
     return Authorization(
+        authorization_id=authorization_id,
         server_uuid=services.identity.server_uuid,
         handshake_code=grant.code.name,
         organization_id=grant.code.organization_id,
@@ -131,17 +135,19 @@ async def handshake(request: web.Request) -> web.Response:
         raise validation_error(e) from None
     req = to_request(parsed)
     issued = services.ledger.clock()
-    decision, status = await services.ledger.handshake(req)
+    outcome = await services.ledger.handshake(req)
+    decision = outcome.decision
     if isinstance(decision, hs.Refused):
         return web.Response(
             status=403, body=b'{"error":' + _encoder.encode(decision.refusal.to_json()) + b"}", headers=JSON
         )
-    assert status is not None
-    auth = _encoder.encode(authorization(services, req, decision, status, issued))
+    assert outcome.status is not None and outcome.authorization_id and outcome.report_key
+    auth = _encoder.encode(authorization(services, req, decision, outcome.status, issued, outcome.authorization_id))
     # The signature covers these exact bytes; they are sent verbatim as the
-    # first member, so a client can verify without re-serialising.
+    # first member, so a client can verify without re-serialising. The report
+    # key is the device's secret: outside the signed part, never cached by a proxy.
     signature = await services.signer.sign(auth)
-    out = b'{"authorization":%s,"signature":"%s","keyId":"%s"}' % (
-        auth, signature, services.identity.key_id.encode()
+    out = b'{"authorization":%s,"signature":"%s","keyId":"%s","reportKey":"%s"}' % (
+        auth, signature, services.identity.key_id.encode(), reportkeys.encode_key(outcome.report_key).encode()
     )
     return web.Response(body=out, headers=JSON)

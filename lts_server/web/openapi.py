@@ -29,7 +29,7 @@ DATE_TIME = {"type": "string", "format": "date-time"}
 # What each status means, for every operation that can return it.
 STATUS_TEXT = {
     "200": "OK", "201": "Created", "400": "Malformed request: the message (and `field`) say what",
-    "401": "Missing, unknown or expired admin token (login: wrong password)",
+    "401": "Missing, unknown or expired admin token (login: wrong password; usage: no X-LTS-Report-MAC)",
     "403": "Admin setup required (device endpoints: a licensing refusal, code 100-151)",
     "404": "No such thing", "408": "The request head or body did not arrive in time",
     "409": "Conflicts with the current state (name taken, setup already done, default code)",
@@ -87,8 +87,12 @@ ROUTES: list[Route] = [
     Route("/api/v1/openapi.json", "get", "This document"),
     Route("/api/v1/handshake", "post", "Device handshake: a signed authorization or a licensing error",
           schemas.HandshakeBody, schemas.HandshakeAnswer, statuses=("200", "403")),
-    Route("/api/v1/usage", "post", "Usage report, idempotent by reportId", schemas.UsageBody,
-          schemas.UsageAnswer, statuses=("200", "403")),
+    Route("/api/v1/usage", "post", "Usage report, idempotent by reportId, signed with the device's reportKey",
+          schemas.UsageBody, schemas.UsageAnswer, statuses=("200", "401", "403"),
+          params=({"name": "X-LTS-Report-MAC", "in": "header", "required": False,
+                   "description": "base64 HMAC-SHA256 of the exact body under the reportKey of the device's "
+                                  "newest handshake answer (missing: 401, wrong: 403)",
+                   "schema": {"type": "string"}},)),
     Route("/api/v1/admin/setup", "post", "Set the first admin password", schemas.SetupBody, schemas.SetupAnswer,
           statuses=("201", "409")),
     Route("/api/v1/admin/login", "post", "Log in: a bearer token", schemas.LoginBody, schemas.TokenAnswer,

@@ -40,6 +40,7 @@ class SeatCount(msgspec.Struct, rename="camel"):
 
 
 class Authorization(msgspec.Struct, rename="camel", omit_defaults=True):
+    authorization_id: str
     server_uuid: str
     handshake_code: str
     organization_id: str
@@ -64,6 +65,8 @@ class HandshakeAnswer(msgspec.Struct, rename="camel"):
     authorization: Authorization
     signature: str
     key_id: str
+    # The device's secret for signing its usage reports (X-LTS-Report-MAC); outside the signed part.
+    report_key: str
 
 
 class ServerInfo(msgspec.Struct, rename="camel"):

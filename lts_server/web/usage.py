@@ -7,6 +7,7 @@ from aiohttp import web
 
 from lts_server.core.usage import slot_problem
 from lts_server.ledger import UsageRecord, UsageReport
+from lts_server.reportkeys import MAC_HEADER, mac_matches
 from lts_server.web.device import JSON, read_json_body, standby_refusal
 from lts_server.web.errors import ApiError, validation_error
 from lts_server.web.schemas import UsageBody
@@ -32,6 +33,9 @@ async def report_usage(request: web.Request) -> web.Response:
         problem = slot_problem(record.slot, now)
         if problem:
             raise ApiError(400, f"records[{i}].slot: {record.slot.isoformat()} {problem}", f"records[{i}].slot")
+    key = services.ledger.report_key(parsed.handshake_code, parsed.client_uuid)
+    if key is not None:  # without an authorization the ledger refuses the report (403, code 104 or 101)
+        _check_mac(request, key, body, parsed.client_uuid)
     if await services.store.report_seen(parsed.report_id):
         return _answer(parsed.report_id, duplicate=True)
     report = UsageReport(
@@ -45,6 +49,16 @@ async def report_usage(request: web.Request) -> web.Response:
         return web.Response(status=403, body=b'{"error":' + _encoder.encode(outcome.refusal.to_json()) + b"}",
                             headers=JSON)
     return _answer(parsed.report_id, duplicate=outcome.duplicate, accepted=outcome.accepted)
+
+
+def _check_mac(request: web.Request, key: bytes, body: bytes, client_uuid: str) -> None:
+    mac = request.headers.get(MAC_HEADER)
+    if not mac:
+        raise ApiError(401, f"the {MAC_HEADER} header is missing: sign the report's bytes with the reportKey "
+                            "of the device's handshake answer (docs/api.md)")
+    if not mac_matches(key, body, mac):
+        raise ApiError(403, f"the {MAC_HEADER} header does not match the report: it must be the HMAC-SHA256 of "
+                            f"the exact body under the reportKey of device {client_uuid}'s latest handshake")
 
 
 def _answer(report_id: str, duplicate: bool, accepted: int = 0) -> web.Response:

@@ -159,10 +159,9 @@ async def index(request: web.Request) -> web.Response:
                 warnings.append(f"Item {item_id} has used {s[key]['used']:,} of {quota:,} {key} "
                                 f"({100 * s[key]['used'] // max(1, quota)}%).")
         if s.get("overuse", {}).get("overused"):
-            warnings.append(f"Item {item_id} is overused: only its quantity of instances is granted.")
-    for record in sorted(ledger.imports.values(), key=lambda r: r.path):
-        if record.state == "rejected":
-            warnings.append(f"License file {record.path} was rejected: {record.reason}")
+            warnings.append(f"Item {item_id} is overused: only its quantity of devices or instances is granted.")
+    for record in ledger.open_rejections():
+        warnings.append(f"License file {record.path} was rejected: {record.reason}")
     seconds = status["uptimeSeconds"]
     uptime = f"{seconds // 86400} d {seconds % 86400 // 3600} h {seconds % 3600 // 60} min"
     return _render(request, "home.html", "Home", nav="home", status=status, warnings=warnings, uptime=uptime, **page)
@@ -249,7 +248,7 @@ async def items_page(request: web.Request) -> web.Response:
     page = await _logged_in(request)
     services = request.app[SERVICES]
     rejected = [{"path": r.path, "reason": r.reason, "seenAt": iso(r.seen_at)[:19].replace("T", " ")}
-                for r in sorted(services.ledger.imports.values(), key=lambda r: r.path) if r.state == "rejected"]
+                for r in services.ledger.open_rejections()]
     return _render(request, "items.html", "License items", nav="items", items=_items(services), rejected=rejected,
                    **page)
 
@@ -263,7 +262,6 @@ async def items_import(request: web.Request) -> web.Response:
     data = upload.file.read(MAX_FILE_BYTES + 1)
     name = Path(upload.filename or "upload.lic").name
     outcome = await services.importer.import_bytes(f"upload:{name}", data)
-    assert outcome is not None
     if outcome.state == "rejected":
         raise _redirect("/portal/items", ("error", f"{name} was rejected: {outcome.reason}"))
     raise _redirect("/portal/items", ("ok", f"{name}: license {outcome.license_id} {outcome.state}."))

@@ -1,0 +1,104 @@
+"""server.workers > 1: a supervisor and N worker processes sharing the listening port.
+
+Each worker is a complete server (a node of the PostgreSQL cluster) bound
+with SO_REUSEPORT, so the kernel spreads connections over them and one
+machine uses all its cores. The supervisor starts them, tells systemd it is
+ready once every worker listens, passes SIGHUP on, restarts a worker that
+dies, and stops them all on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import lts_server
+from lts_server import logs
+from lts_server.config import Config
+from lts_server.sdnotify import Notifier, watchdog
+
+READY_TIMEOUT = 60.0
+RESTART_PAUSE = 1.0
+# A worker must not talk to systemd itself: the supervisor is the service's main process.
+PRIVATE = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+class Supervisor:
+    def __init__(self, config_path: str, cfg: Config) -> None:
+        self.config_path = config_path
+        self.count = cfg.server.workers
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.ready: dict[int, asyncio.Event] = {}
+        self.stopping = False
+        self.env = {k: v for k, v in os.environ.items() if k not in PRIVATE}
+
+    async def spawn(self, worker: int) -> None:
+        self.ready[worker] = asyncio.Event()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lts_server", "--config", self.config_path, "--worker", str(worker),
+            stdout=asyncio.subprocess.PIPE, env=self.env)
+        self.procs[worker] = proc
+        asyncio.create_task(self._watch(worker, proc), name=f"worker-{worker}")
+
+    async def _watch(self, worker: int, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            text = line.decode(errors="replace").rstrip()
+            print(f"[worker {worker}] {text}", flush=True)
+            if "listening on" in text:
+                self.ready[worker].set()
+        code = await proc.wait()
+        if self.stopping:
+            return
+        logs.event("workers.exited", logs.logging.ERROR, worker=worker, code=code, restart_in=RESTART_PAUSE)
+        if not self.ready[worker].is_set():
+            self.ready[worker].set()  # it died starting: let start() see it
+            return
+        await asyncio.sleep(RESTART_PAUSE)
+        if not self.stopping:
+            await self.spawn(worker)
+
+    async def start(self) -> bool:
+        for worker in range(1, self.count + 1):
+            await self.spawn(worker)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self.ready.values())), READY_TIMEOUT)
+        except TimeoutError:
+            return False
+        return all(p.returncode is None for p in self.procs.values())
+
+    def signal_all(self, sig: int) -> None:
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.send_signal(sig)
+
+    async def stop(self) -> int:
+        self.stopping = True
+        self.signal_all(signal.SIGTERM)
+        codes = await asyncio.gather(*(p.wait() for p in self.procs.values()))
+        return max(codes, default=0)
+
+
+async def supervise(config_path: str, cfg: Config) -> int:
+    notifier = Notifier()
+    supervisor = Supervisor(config_path, cfg)
+    if not await supervisor.start():
+        await supervisor.stop()
+        print("lts-server: cannot start: a worker did not come up (see its lines above)", file=sys.stderr)
+        return 1
+    print(f"lts-server {lts_server.__version__}: {supervisor.count} workers listening on port {cfg.server.port}",
+          flush=True)
+    notifier.notify("READY=1", f"STATUS={supervisor.count} workers listening")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: supervisor.signal_all(signal.SIGHUP))
+    pinger = loop.create_task(watchdog(notifier, stop)) if notifier.watchdog_interval else None
+    await stop.wait()
+    notifier.notify("STOPPING=1")
+    if pinger:
+        pinger.cancel()
+    return 0 if await supervisor.stop() == 0 else 1

@@ -1,0 +1,47 @@
+"""Usage-report keys: binds a usage report to the device that holds the authorization.
+
+Each grant gets an authorization id, and each id a report key, both derived
+from the server secret, so nothing new is stored: the id from the
+authorization's code, device and grant time; the key from the id. The device
+receives the key in the handshake answer (over TLS) and sends with each usage
+report an HMAC-SHA256 of the report's exact bytes under that key. Someone who
+only knows a client UUID cannot report in its name. See docs/design.md,
+"Threat model".
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+# The header that carries a usage report's MAC.
+MAC_HEADER = "X-LTS-Report-MAC"
+
+
+def _hmac(key: bytes, *parts: str | bytes) -> bytes:
+    message = b"\x00".join(p.encode() if isinstance(p, str) else p for p in parts)
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def authorization_id(secret: bytes, code: str, client_uuid: str, granted_ms: int) -> str:
+    """A new id for every grant: a device's newest handshake makes its earlier report keys invalid."""
+    digest = _hmac(secret, b"authorization-id", code, client_uuid, str(granted_ms))
+    return base64.urlsafe_b64encode(digest[:18]).decode()
+
+
+def report_key(secret: bytes, authorization: str) -> bytes:
+    return _hmac(secret, b"usage-report-key", authorization)
+
+
+def encode_key(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+def report_mac(key: bytes, body: bytes) -> str:
+    """What a device sends in the X-LTS-Report-MAC header: base64 HMAC-SHA256 of the body bytes."""
+    return base64.b64encode(hmac.new(key, body, hashlib.sha256).digest()).decode()
+
+
+def mac_matches(key: bytes, body: bytes, mac: str) -> bool:
+    return hmac.compare_digest(report_mac(key, body).encode(), mac.strip().encode())

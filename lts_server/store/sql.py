@@ -1,0 +1,492 @@
+"""The SQL every store runs, written once as procedures that yield statements (no I/O here).
+
+A procedure is a generator: it yields a `Query` (answered with its rows), an
+`Exec` (answered with the number of rows it changed) or a `Many` (one
+statement over many parameter rows, answered with None), and returns its
+result. `SQLiteStore` drives them with sqlite3 on its database thread,
+`PostgresStore` with asyncpg; both inside one transaction per procedure.
+The SQL is the portable subset both speak, with `?` placeholders (the
+PostgreSQL runner numbers them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from lts_server.core.model import (
+    DeploymentType,
+    HandshakeCode,
+    Item,
+    ItemStatus,
+    License,
+    LicenseType,
+    Period,
+)
+from lts_server.core.times import from_ms, iso, parse_iso, to_ms, utcnow
+from lts_server.core.usage import BUCKETS, EventFacts, aggregate, overuse_delta, tolerance
+from lts_server.store import (
+    AuthorizationRecord,
+    Conflict,
+    Event,
+    EventQuery,
+    ImportRecord,
+    LicenseRecord,
+    RollupResult,
+    Reloaded,
+    RollupRow,
+    Seat,
+    SeatChange,
+    SeatOp,
+    Snapshot,
+    StoredEvent,
+    WriteBatch,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Query:
+    sql: str
+    params: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class Exec:
+    sql: str
+    params: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class Many:
+    sql: str
+    rows: list[tuple[Any, ...]]
+
+
+Statement = Query | Exec | Many
+Procedure = Generator[Statement, Any, T]
+
+AUTHORIZATION_COLUMNS = "code, client_uuid, item_id, instances, granted_ms, expires_ms"
+EVENT_COLUMNS = "seq, at_ms, type, code, item_id, client_uuid, product, deployment_type, result, detail, units, instances"
+PAGE = 1000
+# Values in one IN (...) list: well below SQLite's and PostgreSQL's parameter limits.
+IN_CHUNK = 500
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+
+def _item(row: tuple[Any, ...]) -> Item:
+    return Item(
+        item_id=row[0], license_id=row[1], organization_id=row[2], product=row[3], edition=row[4],
+        deployment_type=DeploymentType(row[5]), license_type=LicenseType(row[6]), quantity=row[7],
+        period=Period(row[8]) if row[8] else None, domain=row[9], starts_at=parse_iso(row[10]),
+        expires_at=parse_iso(row[11]),
+    )
+
+
+def _status(row: tuple[Any, ...]) -> ItemStatus:
+    return ItemStatus(revoked=bool(row[0]), seats_used=row[1], units_used=row[2], overuse_used=row[3],
+                      overused=bool(row[4]))
+
+
+ITEM_COLUMNS = ("item_id, license_id, organization_id, product, edition, deployment_type, license_type, quantity,"
+                " period, domain, starts_at, expires_at")
+STATUS_COLUMNS = "revoked, seats_used, units_used, overuse_used, overused"
+
+
+def load_snapshot() -> Procedure[Snapshot]:
+    snap = yield from load_catalog()
+    for row in (yield Query("SELECT item_id, client_uuid, granted_ms, refreshed_ms, expires_ms FROM seats")):
+        seat = _seat(row)
+        snap.seats.setdefault(seat.item_id, {})[seat.client_uuid] = seat
+    for row in (yield Query(f"SELECT {AUTHORIZATION_COLUMNS} FROM authorizations")):
+        auth = _authorization(row)
+        snap.authorizations[(auth.code, auth.client_uuid)] = auth
+    return snap
+
+
+def load_catalog() -> Procedure[Snapshot]:
+    """Everything but the seats and authorizations: licenses, items with their counters, codes, imports."""
+    snap = Snapshot()
+    items_by_license: dict[str, list[Item]] = {}
+    for row in (yield Query(f"SELECT {ITEM_COLUMNS}, {STATUS_COLUMNS} FROM items ORDER BY item_id")):
+        item = _item(row)
+        snap.items[item.item_id] = item
+        snap.statuses[item.item_id] = _status(row[12:])
+        items_by_license.setdefault(item.license_id, []).append(item)
+    for row in (yield Query(
+        "SELECT license_id, alias, organization_id, license_text_version, status, revision, server_uuid,"
+        " issued_at, key_id, sha256, file_text, first_imported_ms, updated_ms FROM licenses"
+    )):
+        lic = License(
+            license_id=row[0], alias=row[1], organization_id=row[2], license_text_version=row[3], status=row[4],
+            revision=row[5], server_uuid=row[6], issued_at=parse_iso(row[7]),
+            items=tuple(items_by_license.get(row[0], ())),
+        )
+        snap.licenses[lic.license_id] = LicenseRecord(lic, row[8], row[9], row[10], from_ms(row[11]),
+                                                      from_ms(row[12]))
+    members: dict[str, list[str]] = {}
+    for code_name, item_id in (yield Query("SELECT code_name, item_id FROM code_items ORDER BY code_name, position")):
+        members.setdefault(code_name, []).append(item_id)
+    for row in (yield Query(
+        "SELECT name, organization_id, is_default, source_license_id, custom_order, domains, app_ids,"
+        " process_names, password_hash FROM handshake_codes"
+    )):
+        snap.codes[row[0]] = HandshakeCode(
+            name=row[0], organization_id=row[1], is_default=bool(row[2]), source_license_id=row[3],
+            custom_order=bool(row[4]), domains=tuple(json.loads(row[5])), app_ids=tuple(json.loads(row[6])),
+            process_names=tuple(json.loads(row[7])), password_hash=row[8], items=tuple(members.get(row[0], ())),
+        )
+    for org, code_name in (yield Query("SELECT organization_id, code_name FROM organization_defaults")):
+        snap.organization_defaults[org] = code_name
+    for row in (yield Query("SELECT path, sha256, state, reason, license_id, revision, seen_ms FROM import_files")):
+        snap.imports[row[0]] = ImportRecord(path=row[0], sha256=row[1], state=row[2], reason=row[3],
+                                            license_id=row[4], revision=row[5], seen_at=from_ms(row[6]))
+    return snap
+
+
+def reload(items: set[str], clients: set[str]) -> Procedure[Reloaded]:
+    """What other nodes may have changed: the counters of `items` (and of the items the devices sit on),
+    every seat and authorization of `clients`."""
+    seats = [_seat(r) for r in (yield from _select_in(
+        "SELECT item_id, client_uuid, granted_ms, refreshed_ms, expires_ms FROM seats WHERE client_uuid", clients))]
+    auths = [_authorization(r) for r in (yield from _select_in(
+        f"SELECT {AUTHORIZATION_COLUMNS} FROM authorizations WHERE client_uuid", clients))]
+    rows = yield from _select_in(f"SELECT item_id, {STATUS_COLUMNS} FROM items WHERE item_id",
+                                 items | {s.item_id for s in seats})
+    return Reloaded({r[0]: _status(r[1:]) for r in rows}, seats, auths)
+
+
+def _select_in(select: str, values: set[str] | list[str], *before: Any) -> Procedure[list[tuple[Any, ...]]]:
+    """`select` ending in a column, with IN (values), in chunks."""
+    ordered = sorted(values)
+    rows: list[tuple[Any, ...]] = []
+    for i in range(0, len(ordered), IN_CHUNK):
+        chunk = ordered[i:i + IN_CHUNK]
+        rows += yield Query(f"{select} IN ({','.join('?' * len(chunk))})", (*before, *chunk))
+    return rows
+
+
+@dataclass(frozen=True)
+class IdentityRow:
+    server_uuid: str
+    signing_key_pem: str
+    secret_hex: str
+
+
+def cluster_identity(candidate: IdentityRow) -> Procedure[IdentityRow]:
+    rows = yield Query("SELECT server_uuid, signing_key_pem, secret_hex FROM cluster_identity WHERE id = 1")
+    if rows:
+        return IdentityRow(*rows[0])
+    yield Exec("INSERT INTO cluster_identity (id, server_uuid, signing_key_pem, secret_hex) VALUES (1, ?, ?, ?)",
+               (candidate.server_uuid, candidate.signing_key_pem, candidate.secret_hex))
+    return candidate
+
+
+def _seat(row: tuple[Any, ...]) -> Seat:
+    return Seat(row[0], row[1], from_ms(row[2]), from_ms(row[3]), from_ms(row[4]))
+
+
+def _authorization(row: tuple[Any, ...]) -> AuthorizationRecord:
+    return AuthorizationRecord(row[0], row[1], row[2], row[3], from_ms(row[4]), from_ms(row[5]))
+
+
+# -- writing ----------------------------------------------------------------------------------------
+
+
+def write_batch(b: WriteBatch) -> Procedure[None]:
+    """Every change of the batch, in one transaction (the caller's)."""
+    if b.licenses:
+        yield Many(
+            "INSERT INTO licenses (license_id, alias, organization_id, license_text_version, status,"
+            " revision, server_uuid, issued_at, key_id, sha256, file_text, first_imported_ms, updated_ms)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (license_id) DO UPDATE SET alias = excluded.alias,"
+            " organization_id = excluded.organization_id,"
+            " license_text_version = excluded.license_text_version, status = excluded.status,"
+            " revision = excluded.revision, server_uuid = excluded.server_uuid,"
+            " issued_at = excluded.issued_at, key_id = excluded.key_id, sha256 = excluded.sha256,"
+            " file_text = excluded.file_text, updated_ms = excluded.updated_ms",
+            [(r.license.license_id, r.license.alias, r.license.organization_id, r.license.license_text_version,
+              r.license.status, r.license.revision, r.license.server_uuid, iso(r.license.issued_at), r.key_id,
+              r.sha256, r.file_text, to_ms(r.first_imported_at), to_ms(r.updated_at)) for r in b.licenses],
+        )
+        yield Many(
+            f"INSERT INTO items ({ITEM_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (item_id) DO UPDATE SET product = excluded.product, edition = excluded.edition,"
+            " deployment_type = excluded.deployment_type, license_type = excluded.license_type,"
+            " quantity = excluded.quantity, period = excluded.period, domain = excluded.domain,"
+            " starts_at = excluded.starts_at, expires_at = excluded.expires_at",
+            [(i.item_id, i.license_id, i.organization_id, i.product, i.edition, i.deployment_type.value,
+              i.license_type.value, i.quantity, i.period.value if i.period else None, i.domain, iso(i.starts_at),
+              iso(i.expires_at)) for r in b.licenses for i in r.license.items],
+        )
+    for name in b.codes_deleted:
+        yield Exec("DELETE FROM code_items WHERE code_name = ?", (name,))
+        yield Exec("DELETE FROM handshake_codes WHERE name = ?", (name,))
+    now_ms = to_ms(b.at or utcnow())
+    for code in b.codes:
+        yield Exec(
+            "INSERT INTO handshake_codes (name, organization_id, is_default, source_license_id,"
+            " custom_order, domains, app_ids, process_names, password_hash, created_ms, updated_ms)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (name) DO UPDATE SET custom_order = excluded.custom_order,"
+            " domains = excluded.domains, app_ids = excluded.app_ids,"
+            " process_names = excluded.process_names, password_hash = excluded.password_hash,"
+            " updated_ms = excluded.updated_ms",
+            (code.name, code.organization_id, int(code.is_default), code.source_license_id, int(code.custom_order),
+             json.dumps(list(code.domains)), json.dumps(list(code.app_ids)), json.dumps(list(code.process_names)),
+             code.password_hash, now_ms, now_ms),
+        )
+        yield Exec("DELETE FROM code_items WHERE code_name = ?", (code.name,))
+        yield Many("INSERT INTO code_items (code_name, item_id, position) VALUES (?,?,?)",
+                   [(code.name, item_id, pos) for pos, item_id in enumerate(code.items)])
+    for org, code_name in b.organization_defaults.items():
+        yield Exec(
+            "INSERT INTO organization_defaults (organization_id, code_name) VALUES (?,?)"
+            " ON CONFLICT (organization_id) DO UPDATE SET code_name = excluded.code_name",
+            (org, code_name),
+        )
+    for change in b.seat_changes:
+        yield from _seat_change(change)
+    for item_id, revoked in b.revocations.items():
+        yield Exec("UPDATE items SET revoked = ? WHERE item_id = ?", (int(revoked), item_id))
+    if b.imports:
+        yield Many(
+            "INSERT INTO import_files (path, sha256, state, reason, license_id, revision, seen_ms)"
+            " VALUES (?,?,?,?,?,?,?) ON CONFLICT (path) DO UPDATE SET sha256 = excluded.sha256,"
+            " state = excluded.state, reason = excluded.reason, license_id = excluded.license_id,"
+            " revision = excluded.revision, seen_ms = excluded.seen_ms",
+            [(r.path, r.sha256, r.state, r.reason, r.license_id, r.revision, to_ms(r.seen_at)) for r in b.imports],
+        )
+    if b.authorizations:
+        yield Many(
+            "INSERT INTO authorizations (code, client_uuid, item_id, instances, granted_ms, expires_ms)"
+            " VALUES (?,?,?,?,?,?) ON CONFLICT (code, client_uuid) DO UPDATE SET item_id = excluded.item_id,"
+            " instances = excluded.instances, granted_ms = excluded.granted_ms, expires_ms = excluded.expires_ms",
+            [(a.code, a.client_uuid, a.item_id, a.instances, to_ms(a.granted_at), to_ms(a.expires_at))
+             for a in b.authorizations],
+        )
+    for job, r in b.usage_reports:
+        counted = yield Exec(
+            "INSERT INTO usage_reports (report_id, client_uuid, code, received_ms) VALUES (?,?,?,?)"
+            " ON CONFLICT (report_id) DO NOTHING",
+            (r.report_id, r.client_uuid, r.code, to_ms(r.received_at)),
+        )
+        if counted != 1:  # counted meanwhile by another node
+            raise Conflict(f"usage report {r.report_id} was already counted", job)
+    for item_id, units in b.unit_charges.items():
+        yield Exec("UPDATE items SET units_used = units_used + ? WHERE item_id = ?", (units, item_id))
+    if b.events:
+        yield Many(
+            "INSERT INTO events (at_ms, type, code, item_id, client_uuid, product, deployment_type, result,"
+            " detail, units, instances) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [(to_ms(e.at), e.type, e.code, e.item_id, e.client_uuid, e.product, e.deployment_type, e.result,
+              json.dumps(e.detail, separators=(",", ":")) if e.detail else None, e.units, e.instances)
+             for e in b.events],
+        )
+
+
+def _seat_change(change: SeatChange) -> Procedure[None]:
+    s = change.seat
+    if change.op is SeatOp.CLAIM:
+        # Conditional writes: the database itself refuses to count past the
+        # limit or to seat a device twice, whatever the caller believed.
+        if change.exclusive_of:
+            marks = ",".join("?" * len(change.exclusive_of))
+            held = yield Query(f"SELECT item_id FROM seats WHERE client_uuid = ? AND item_id IN ({marks})",
+                               (s.client_uuid, *change.exclusive_of))
+            if held:
+                raise Conflict(f"device {s.client_uuid} already holds a seat on item {held[0][0]} of the code",
+                               change.job)
+        room = yield Exec("UPDATE items SET seats_used = seats_used + 1 WHERE item_id = ? AND seats_used < ?",
+                          (s.item_id, change.limit))
+        if room != 1:
+            raise Conflict(f"item {s.item_id} has no room for another seat (limit {change.limit})", change.job)
+        seated = yield Exec(
+            "INSERT INTO seats (item_id, client_uuid, granted_ms, refreshed_ms, expires_ms) VALUES (?,?,?,?,?)"
+            " ON CONFLICT (item_id, client_uuid) DO NOTHING",
+            (s.item_id, s.client_uuid, to_ms(s.granted_at), to_ms(s.refreshed_at), to_ms(s.expires_at)),
+        )
+        if seated != 1:
+            raise Conflict(f"device {s.client_uuid} already holds a seat on item {s.item_id}", change.job)
+    elif change.op is SeatOp.REFRESH:
+        found = yield Exec("UPDATE seats SET refreshed_ms = ?, expires_ms = ? WHERE item_id = ? AND client_uuid = ?",
+                           (to_ms(s.refreshed_at), to_ms(s.expires_at), s.item_id, s.client_uuid))
+        if found != 1:  # released meanwhile by another node
+            raise Conflict(f"device {s.client_uuid} no longer holds a seat on item {s.item_id}", change.job)
+    else:
+        if (yield Exec("DELETE FROM seats WHERE item_id = ? AND client_uuid = ?", (s.item_id, s.client_uuid))) != 1:
+            # Released meanwhile by another node (its sweep, an admin): this release would count twice.
+            raise Conflict(f"device {s.client_uuid} no longer holds a seat on item {s.item_id}", change.job)
+        yield Exec("UPDATE items SET seats_used = seats_used - 1 WHERE item_id = ?", (s.item_id,))
+
+
+# -- reading ------------------------------------------------------------------------------------------
+
+
+def events_page(query: EventQuery, after: int) -> Procedure[list[StoredEvent]]:
+    where: list[str] = ["seq > ?"]
+    params: list[Any] = [after]
+    if query.start:
+        where.append("at_ms >= ?")
+        params.append(to_ms(query.start))
+    if query.end:
+        where.append("at_ms < ?")
+        params.append(to_ms(query.end))
+    for column, value in (("code", query.code), ("item_id", query.item_id), ("type", query.type)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    rows = yield Query(f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT {PAGE}",
+                       tuple(params))
+    return [stored_event(r) for r in rows]
+
+
+def stored_event(r: tuple[Any, ...]) -> StoredEvent:
+    return StoredEvent(r[0], Event(
+        at=from_ms(r[1]), type=r[2], code=r[3], item_id=r[4], client_uuid=r[5], product=r[6],
+        deployment_type=r[7], result=r[8], detail=json.loads(r[9]) if r[9] else None, units=r[10],
+        instances=r[11]))
+
+
+def report_seen(report_id: str) -> Procedure[bool]:
+    return bool((yield Query("SELECT 1 FROM usage_reports WHERE report_id = ?", (report_id,))))
+
+
+def rollup_lag() -> Procedure[int]:
+    """Events written but not yet in the rollups."""
+    rows = yield Query("SELECT COALESCE(MAX(seq), 0) - (SELECT last_seq FROM rollup_state WHERE id = 1) FROM events")
+    return max(0, rows[0][0])
+
+
+def rollups_at(scope: str, size: str, bucket_ms: int) -> Procedure[dict[str, RollupRow]]:
+    rows = yield Query("SELECT key, bucket_ms, granted, refused, units, devices, instances FROM rollups"
+                       " WHERE scope = ? AND size = ? AND bucket_ms = ?", (scope, size, bucket_ms))
+    return {r[0]: RollupRow(*r[1:]) for r in rows}
+
+
+def rollup_series(scope: str, key: str, size: str, start_ms: int, end_ms: int) -> Procedure[list[RollupRow]]:
+    rows = yield Query(
+        "SELECT bucket_ms, granted, refused, units, devices, instances FROM rollups"
+        " WHERE scope = ? AND key = ? AND size = ? AND bucket_ms >= ? AND bucket_ms < ? ORDER BY bucket_ms",
+        (scope, key, size, start_ms, end_ms))
+    return [RollupRow(*r) for r in rows]
+
+
+# -- rollups ------------------------------------------------------------------------------------------
+
+
+def roll_up(quantities: dict[str, tuple[str, int]], limit: int) -> Procedure[RollupResult]:
+    """Fold the next events of the log into the rollups."""
+    last = (yield Query("SELECT last_seq FROM rollup_state WHERE id = 1"))[0][0]
+    rows = yield Query("SELECT seq, at_ms, type, code, item_id, client_uuid, result, units, instances FROM events"
+                       " WHERE seq > ? AND type IN ('handshake', 'usage.record') ORDER BY seq LIMIT ?", (last, limit))
+    end = (yield Query("SELECT COALESCE(MAX(seq), 0) FROM events"))[0][0]
+    if len(rows) == limit:
+        end = rows[-1][0]
+    result = yield from _apply_rollup([EventFacts(*r) for r in rows], quantities, end)
+    yield Exec("UPDATE rollup_state SET last_seq = ? WHERE id = 1", (end,))
+    return result
+
+
+def _apply_rollup(events: list[EventFacts], quantities: dict[str, tuple[str, int]],
+                  end: int) -> Procedure[RollupResult]:
+    agg = aggregate(events)
+    yield Many(
+        "INSERT INTO rollups (scope, key, size, bucket_ms, granted, refused, units) VALUES (?,?,?,?,?,?,?)"
+        " ON CONFLICT (scope, key, size, bucket_ms) DO UPDATE SET granted = rollups.granted + excluded.granted,"
+        " refused = rollups.refused + excluded.refused, units = rollups.units + excluded.units",
+        [(*k, c.granted, c.refused, c.units) for k, c in agg.counters.items()],
+    )
+    overuse: dict[str, int] = {}
+    for (scope, key, size, bucket), seen in agg.devices.items():
+        bucket_key = (scope, key, size, bucket)
+        # Who of these was already counted in the bucket, with the instances recorded for it.
+        known: dict[str, int] = dict((yield from _select_in(
+            "SELECT client_uuid, instances FROM rollup_devices WHERE scope = ? AND key = ? AND size = ?"
+            " AND bucket_ms = ? AND client_uuid", list(seen), *bucket_key)))
+        fresh = [(client, instances) for client, instances in seen.items() if client not in known]
+        if fresh:
+            yield Many("INSERT INTO rollup_devices (scope, key, size, bucket_ms, client_uuid, instances)"
+                       " VALUES (?,?,?,?,?,?)", [(*bucket_key, client, n) for client, n in fresh])
+        kind = quantities.get(key, ("", 0))[0] if scope == "item" and size == "3m" else ""
+        added = 0
+        if kind == LicenseType.PER_CONCURRENT_INSTANCE:
+            # A server seen by its handshake first (no instances), then by its report, adds the difference.
+            grown = [(client, n, known[client]) for client, n in seen.items() if client in known and n > known[client]]
+            if grown:
+                yield Many("UPDATE rollup_devices SET instances = ? WHERE scope = ? AND key = ? AND size = ?"
+                           " AND bucket_ms = ? AND client_uuid = ?",
+                           [(n, *bucket_key, client) for client, n, _ in grown])
+            added = sum(n for _, n in fresh) + sum(n - before for _, n, before in grown)
+        if kind in (LicenseType.PER_CONCURRENT_INSTANCE, LicenseType.PER_CONCURRENT_DEVICE):
+            grows = added if kind == LicenseType.PER_CONCURRENT_INSTANCE else len(fresh)
+            if grows:
+                # Instance- (or device-) slices beyond the quantity are the item's exceptions.
+                column = "instances" if kind == LicenseType.PER_CONCURRENT_INSTANCE else "devices"
+                row = yield Query(f"SELECT {column} FROM rollups WHERE scope = ? AND key = ? AND size = ?"
+                                  " AND bucket_ms = ?", bucket_key)
+                before = row[0][0] if row else 0
+                overuse[key] = overuse.get(key, 0) + overuse_delta(before, before + grows, quantities[key][1])
+        if fresh or added:
+            yield Exec(
+                "INSERT INTO rollups (scope, key, size, bucket_ms, devices, instances) VALUES (?,?,?,?,?,?)"
+                " ON CONFLICT (scope, key, size, bucket_ms) DO UPDATE SET"
+                " devices = rollups.devices + excluded.devices, instances = rollups.instances + excluded.instances",
+                (*bucket_key, len(fresh), added),
+            )
+    overuse = {k: v for k, v in overuse.items() if v}
+    for item_id, delta in overuse.items():
+        # The overuse counter moves with the rollup, in its transaction.
+        yield Exec(
+            "UPDATE items SET overuse_used = overuse_used + ?,"
+            " overused = CASE WHEN overuse_used + ? >= ? THEN 1 ELSE overused END WHERE item_id = ?",
+            (delta, delta, tolerance(quantities[item_id][1]), item_id),
+        )
+    return RollupResult(len(events), end, overuse)
+
+
+def prune_rollup_marks(before_ms: int) -> Procedure[int]:
+    """Forget who was active in buckets that ended before before_ms (no report can reach them any more)."""
+    total = 0
+    for size, width in BUCKETS.items():
+        total += yield Exec("DELETE FROM rollup_devices WHERE size = ? AND bucket_ms + ? <= ?", (size, width, before_ms))
+    return total
+
+
+# -- the admin account ------------------------------------------------------------------------------
+
+
+def admin_password_hash() -> Procedure[str | None]:
+    rows = yield Query("SELECT password_hash FROM admin WHERE id = 1")
+    return rows[0][0] if rows else None
+
+
+def set_admin_password(password_hash: str, at_ms: int, only_if_unset: bool) -> Procedure[bool]:
+    """Set the password and end every session; with only_if_unset, False when one was already set."""
+    if only_if_unset and (yield Query("SELECT 1 FROM admin WHERE id = 1")):
+        return False
+    yield Exec("INSERT INTO admin (id, password_hash, changed_ms) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE"
+               " SET password_hash = excluded.password_hash, changed_ms = excluded.changed_ms", (password_hash, at_ms))
+    yield Exec("DELETE FROM admin_tokens")
+    return True
+
+
+def add_admin_token(token_hash: str, at_ms: int, expires_ms: int) -> Procedure[None]:
+    yield Exec("DELETE FROM admin_tokens WHERE expires_ms <= ?", (at_ms,))
+    yield Exec("INSERT INTO admin_tokens (token_hash, created_ms, expires_ms) VALUES (?,?,?)",
+               (token_hash, at_ms, expires_ms))
+
+
+def admin_token_expiry(token_hash: str) -> Procedure[int | None]:
+    rows = yield Query("SELECT expires_ms FROM admin_tokens WHERE token_hash = ?", (token_hash,))
+    return rows[0][0] if rows else None
+
+
+def delete_admin_token(token_hash: str) -> Procedure[None]:
+    yield Exec("DELETE FROM admin_tokens WHERE token_hash = ?", (token_hash,))

@@ -1,0 +1,297 @@
+"""PostgreSQL: one cluster of nodes on one database, against a real server the tests start (tests/pg.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from lts_server import config as config_mod
+from lts_server.reportkeys import MAC_HEADER, report_mac
+from lts_server.server import Server
+from lts_server.store.postgres import PostgresStore
+from lts_server.store.sqlite import migrations
+from tests.conftest import (
+    ADMIN_PASSWORD,
+    Clock,
+    Vendor,
+    admin_login,
+    free_port,
+    item,
+    license_spec,
+    start_daemon,
+    stop_daemon,
+    wait_for,
+    write_config,
+)
+
+
+def pg_config(folder: Path, vendor: Vendor, url: str, **sections: dict[str, Any]) -> Path:
+    storage = {"state_dir": str(folder / "state"), "backend": "postgresql", "url": url, "follow_ms": 50}
+    storage.update(sections.pop("storage", {}))
+    return write_config(folder, vendor, storage=storage, **sections)
+
+
+class Node:
+    def __init__(self, server: Server, session: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.session = session
+        self.url = server.urls[0]
+
+    @property
+    def ledger(self):  # noqa: ANN201
+        return self.server.services.ledger
+
+    async def handshake(self, client: str, code: str = "216998-P") -> tuple[int, dict]:
+        body = {"handshakeCode": code, "clientUuid": client, "product": "barcode-reader", "deploymentType": "browser"}
+        async with self.session.post(f"{self.url}/api/v1/handshake", json=body) as resp:
+            return resp.status, await resp.json()
+
+
+async def start_node(folder: Path, vendor: Vendor, url: str, clock: Clock | None = None) -> Node:
+    server = Server(config_mod.load(pg_config(folder, vendor, url), environ={}), clock=clock or Clock())
+    await server.start()
+    return Node(server, aiohttp.ClientSession())
+
+
+async def stop_node(node: Node) -> None:
+    await node.session.close()
+    await node.server.stop()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, vendor: Vendor, pg_url: str) -> AsyncIterator[tuple[Node, Node]]:
+    """Two nodes on one database; node a imported license P (item p1: 50 seats, 55 with the grace)."""
+    (tmp_path / "a" / "import").mkdir(parents=True)
+    (tmp_path / "a" / "import" / "p.lic").write_bytes(vendor.issue(license_spec("P", items=[item("p1", quantity=50)])))
+    a = await start_node(tmp_path / "a", vendor, pg_url)
+    b = await start_node(tmp_path / "b", vendor, pg_url)
+    try:
+        yield a, b
+    finally:
+        for node in (a, b):
+            await stop_node(node)
+
+
+async def test_two_stores_opening_an_empty_database_together_migrate_it_once(pg_url: str) -> None:
+    stores = [PostgresStore(pg_url) for _ in range(4)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        conn = await asyncpg.connect(pg_url)
+        versions = [r[0] for r in await conn.fetch("SELECT version FROM schema_version ORDER BY version")]
+        await conn.close()
+        assert versions == list(range(1, len(migrations()) + 1))
+        assert all([await s.ready() for s in stores])
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_every_node_presents_one_identity(cluster: tuple[Node, Node]) -> None:
+    a, b = cluster
+    infos = []
+    for node in cluster:
+        async with node.session.get(f"{node.url}/api/v1/server") as resp:
+            infos.append(await resp.json())
+    assert infos[0] == infos[1]
+    # A grant from one node verifies with the key the other lists.
+    from lts_server.client import verify
+
+    async with a.session.post(f"{a.url}/api/v1/handshake", json={
+            "handshakeCode": "216998-P", "clientUuid": "d1", "product": "barcode-reader",
+            "deploymentType": "browser"}) as resp:
+        text = await resp.read()
+    raw = text[len(b'{"authorization":'):text.index(b',"signature":')]
+    verify(raw, json.loads(text)["signature"], infos[1]["publicKey"])
+
+
+async def test_no_oversell_across_nodes(cluster: tuple[Node, Node]) -> None:
+    a, b = cluster
+    await wait_for(lambda: "216998-P" in b.ledger.codes)
+    results = await asyncio.gather(*((a if n % 2 else b).handshake(f"dev-{n}") for n in range(160)))
+    granted = [r for r in results if r[0] == 200]
+    assert len(granted) == 55, [r for r in results if r[0] not in (200, 403)][:3]
+    assert all(r[1]["error"]["code"] == 120 for r in results if r[0] == 403)
+    conn = await asyncpg.connect(a.server.config.storage.url)
+    try:
+        assert await conn.fetchval("SELECT COUNT(*) FROM seats WHERE item_id = 'p1'") == 55
+        assert await conn.fetchval("SELECT seats_used FROM items WHERE item_id = 'p1'") == 55
+    finally:
+        await conn.close()
+
+
+async def test_a_device_keeps_its_seat_on_another_node_and_after_one_stops(cluster: tuple[Node, Node]) -> None:
+    a, b = cluster
+    await wait_for(lambda: "216998-P" in b.ledger.codes)
+    status, first = await a.handshake("laptop")
+    assert status == 200
+    # At once on the other node, before its change feed may have brought the seat: still one seat.
+    status, again = await b.handshake("laptop")
+    assert status == 200 and again["authorization"]["itemId"] == "p1"
+    await a.server.stop()
+    status, after = await b.handshake("laptop")
+    assert status == 200 and after["authorization"]["seats"]["used"] == 1
+    assert list(b.ledger.seats["p1"]) == ["laptop"]
+
+
+async def test_a_report_on_one_node_for_a_grant_of_the_other(cluster: tuple[Node, Node], tmp_path: Path,
+                                                             vendor: Vendor) -> None:
+    a, b = cluster
+    await a.server.services.importer.import_bytes("upload:scan.lic", vendor.issue(license_spec("S", items=[
+        item("scan", "per-scan", quantity=100)])))
+    status, granted = await a.handshake("scanner", code="216998-S")
+    assert status == 200
+    await wait_for(lambda: ("216998-S", "scanner") in b.ledger.authorizations)
+    body = json.dumps({"reportId": "r-1", "clientUuid": "scanner", "handshakeCode": "216998-S", "records": []})
+    mac = report_mac(base64.b64decode(granted["reportKey"]), body.encode())
+    async with b.session.post(f"{b.url}/api/v1/usage", data=body,
+                              headers={"Content-Type": "application/json", MAC_HEADER: mac}) as resp:
+        assert resp.status == 200, await resp.text()
+    # The same report again on node a: counted once across the cluster.
+    async with a.session.post(f"{a.url}/api/v1/usage", data=body,
+                              headers={"Content-Type": "application/json", MAC_HEADER: mac}) as resp:
+        assert (await resp.json())["duplicate"] is True
+
+
+async def test_admin_changes_on_one_node_reach_the_other(cluster: tuple[Node, Node]) -> None:
+    a, b = cluster
+    token = await admin_login(a.url)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with b.session.post(f"{b.url}/api/v1/admin/items/p1/revoke", headers=headers) as resp:
+        assert resp.status == 200  # the admin account and tokens are the cluster's too
+    await wait_for(lambda: a.ledger.statuses["p1"].revoked)
+    status, body = await a.handshake("late")
+    assert status == 403 and body["error"]["code"] == 113
+
+
+async def test_restart_on_postgresql_keeps_everything(tmp_path: Path, vendor: Vendor, pg_url: str) -> None:
+    (tmp_path / "n" / "import").mkdir(parents=True)
+    (tmp_path / "n" / "import" / "p.lic").write_bytes(vendor.issue(license_spec("P", items=[item("p1")])))
+    node = await start_node(tmp_path / "n", vendor, pg_url)
+    assert (await node.handshake("d1"))[0] == 200
+    uuid = node.server.services.identity.server_uuid
+    await stop_node(node)
+    node = await start_node(tmp_path / "n", vendor, pg_url)
+    try:
+        assert node.server.services.identity.server_uuid == uuid
+        assert list(node.ledger.seats["p1"]) == ["d1"]
+        status, body = await node.handshake("d1")
+        assert status == 200 and body["authorization"]["seats"]["used"] == 1
+    finally:
+        await stop_node(node)
+
+
+@pytest.mark.parametrize(("storage", "server", "needle"), [
+    ({"backend": "postgresql"}, {}, "storage.url"),
+    ({"backend": "postgresql", "url": "mysql://x@h/db"}, {}, "storage.url"),
+    ({"backend": "postgresql", "url": "postgresql://x@h:port/db"}, {}, "port"),
+    ({"backend": "postgresql", "url": "postgresql://x@h:5432"}, {}, "names no database"),
+    ({}, {"workers": 2, "port": 40000}, "server.workers"),
+])
+def test_bad_storage_settings_are_one_line_and_exit_2(tmp_path: Path, vendor: Vendor, storage: dict, server: dict,
+                                                      needle: str) -> None:
+    cfg = write_config(tmp_path, vendor, storage={"state_dir": str(tmp_path / "state"), **storage}, server=server)
+    proc = subprocess.run([sys.executable, "-m", "lts_server", "--config", str(cfg), "--check-config"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_an_unreachable_database_at_start_up_is_exit_1(tmp_path: Path, vendor: Vendor) -> None:
+    cfg = pg_config(tmp_path, vendor, f"postgresql://lts:secret-pw@127.0.0.1:{free_port()}/nothing",
+                    storage={"connect_seconds": 2})
+    proc = subprocess.run([sys.executable, "-m", "lts_server", "--config", str(cfg)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "unreachable" in proc.stderr
+    assert "secret-pw" not in proc.stderr + proc.stdout
+
+
+def test_workers_share_the_port_and_stop_together(tmp_path: Path, vendor: Vendor, pg_server: Any) -> None:
+    url = asyncio.run(pg_server.new_database())
+    (tmp_path / "import").mkdir()
+    (tmp_path / "import" / "p.lic").write_bytes(vendor.issue(license_spec("P", items=[item("p1", quantity=50)])))
+    port = free_port()
+    d = start_daemon(pg_config(tmp_path, vendor, url, server={"workers": 2, "port": port}), tmp_path, port=port)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and d.log().count("listening on") < 3:
+            time.sleep(0.1)
+        assert "2 workers listening" in d.log(), d.log()
+        children = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 2
+
+        async def many() -> list[int]:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                async def one(n: int) -> int:
+                    body = {"handshakeCode": "216998-P", "clientUuid": f"w{n}", "product": "barcode-reader",
+                            "deploymentType": "browser"}
+                    async with s.post(f"{d.url}/api/v1/handshake", json=body) as resp:
+                        return resp.status
+                return await asyncio.gather(*(one(n) for n in range(80)))
+
+        statuses = asyncio.run(many())
+        assert statuses.count(200) == 55 and statuses.count(403) == 25, (sorted(statuses), d.log()[-3000:])
+    finally:
+        assert stop_daemon(d) == 0
+    assert subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True).returncode == 1
+
+
+def test_migrate_moves_a_sqlite_deployment_and_the_daemon_starts_on_it(tmp_path: Path, vendor: Vendor,
+                                                                       pg_server: Any) -> None:
+    url = asyncio.run(pg_server.new_database())
+    (tmp_path / "import").mkdir()
+    (tmp_path / "import" / "p.lic").write_bytes(vendor.issue(license_spec("P", items=[item("p1", quantity=50)])))
+    cfg = write_config(tmp_path, vendor)
+    d = start_daemon(cfg, tmp_path)
+    token = asyncio.run(admin_login(d.url))
+
+    async def traffic(base: str) -> list[int]:
+        async with aiohttp.ClientSession() as s:
+            out = []
+            for n in range(5):
+                body = {"handshakeCode": "216998-P", "clientUuid": f"m{n}", "product": "barcode-reader",
+                        "deploymentType": "browser"}
+                async with s.post(f"{base}/api/v1/handshake", json=body) as resp:
+                    out.append(resp.status)
+            return out
+
+    assert asyncio.run(traffic(d.url)) == [200] * 5
+    uuid = json.loads(subprocess.run(["curl", "-s", f"{d.url}/api/v1/server"], capture_output=True).stdout)
+    assert stop_daemon(d) == 0
+    con = sqlite3.connect(tmp_path / "state" / "lts-server.sqlite3")
+    events = con.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    con.close()
+    run = [sys.executable, "-m", "lts_server", "migrate", "--config", str(cfg), "--to", url]
+    proc = subprocess.run(run, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line.split()[-1] for line in proc.stdout.splitlines()[1:-2]}
+    assert lines["seats"] == "5" and lines["events"] == f"{events:,}" and lines["admin"] == "1"
+    again = subprocess.run(run, capture_output=True, text=True)
+    assert again.returncode == 1 and "not empty" in again.stderr
+    d = start_daemon(pg_config(tmp_path, vendor, url), tmp_path)
+    try:
+        async def check() -> None:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"{d.url}/api/v1/server") as resp:
+                    assert (await resp.json()) == uuid
+                async with s.post(f"{d.url}/api/v1/admin/login", json={"password": ADMIN_PASSWORD}) as r:
+                    assert r.status == 200
+                    moved_token = (await r.json())["token"]
+                async with s.get(f"{d.url}/api/v1/admin/items/p1/devices",
+                                 headers={"Authorization": f"Bearer {moved_token}"}) as resp:
+                    assert len((await resp.json())["devices"]) == 5
+        asyncio.run(check())
+        assert asyncio.run(traffic(d.url)) == [200] * 5  # refreshes of the seats that moved
+    finally:
+        assert stop_daemon(d) == 0
+    assert token
