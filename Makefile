@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/import_files.py
 	$(BIN)/python bench/handshake/run.py
 	$(BIN)/python bench/stats_query.py
+	$(BIN)/python bench/alert_check.py
 	$(BIN)/python bench/churn.py
 
 clean:

@@ -97,6 +97,52 @@ class AdminSection(_Section):
     token_ttl_hours: Annotated[float, msgspec.Meta(gt=0, le=24 * 30)] = 12.0
 
 
+class SmtpSection(_Section):
+    # Unset: e-mail deliveries wait in the outbox (and say why) until a host is configured.
+    host: str | None = None
+    port: Port = 25
+    # STARTTLS after connecting (usually port 587), or TLS from the first byte (usually 465).
+    starttls: bool = False
+    tls: bool = False
+    username: str | None = None
+    # The SMTP password is read from this file (first line), never from the config itself.
+    password_file: str | None = None
+    from_: str = msgspec.field(name="from", default="lts-server@localhost")
+    timeout_seconds: Positive = 30.0
+    # PEM file of the CA(s) that sign the SMTP server's certificate, when it is
+    # not one the system trusts (an intranet CA); unset: the system's.
+    ca_file: str | None = None
+
+
+class AlertsSection(_Section):
+    # The reference checks every 10 minutes; a check also runs at once after
+    # an import and after a usage report that takes a unit quota past a level.
+    check_seconds: Annotated[float, msgspec.Meta(gt=0, le=600)] = 600.0
+    # Failed authorizations per code are judged over this window, and only
+    # once the code had this many requests in it (1 failure of 1 is no alarm).
+    failure_window_minutes: Annotated[int, msgspec.Meta(ge=3, le=1440)] = 60
+    failure_min_requests: Annotated[int, msgspec.Meta(ge=1)] = 20
+    # Prefix of the links in notifications, e.g. "https://lts.example.com/dls";
+    # unset, links are paths such as /portal/stats/item/X.
+    portal_url: str | None = None
+    # How often the outbox is looked at, the longest wait between two tries
+    # of a delivery, and when a delivery is given up (shown as failed).
+    deliver_seconds: Positive = 5.0
+    retry_max_seconds: Positive = 600.0
+    give_up_hours: Positive = 72.0
+    smtp: SmtpSection = msgspec.field(default_factory=SmtpSection)
+
+
+class MetricsSection(_Section):
+    enabled: bool = True
+    # With [admin] port set, /metrics is served on the admin listener only, open
+    # to whoever reaches that listener. Otherwise it needs a bearer token: the
+    # one in token_file (for Prometheus' bearer_token_file) or an admin token;
+    # public = true serves it to anyone instead.
+    public: bool = False
+    token_file: str | None = None
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "text"] = "auto"
@@ -108,6 +154,8 @@ class Config(_Section):
     server: ServerSection = msgspec.field(default_factory=ServerSection)
     vendor: VendorSection = msgspec.field(default_factory=VendorSection)
     admin: AdminSection = msgspec.field(default_factory=AdminSection)
+    alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
+    metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
     # Where the file was read from; relative paths in it are taken from its folder.
     source: str = ""
@@ -167,19 +215,24 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
 
 
 def _apply_env(raw: dict, environ: Mapping[str, str], path: Path) -> dict[str, str]:
-    """Merge LTS_<SECTION>__<KEY> variables into the raw table; returns key -> variable name."""
+    """Merge LTS_<SECTION>__<KEY> variables into the raw table; returns key -> variable name.
+
+    A nested table takes one more `__` per level: LTS_ALERTS__SMTP__HOST sets [alerts.smtp] host.
+    """
     overridden: dict[str, str] = {}
     for name, value in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
-        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
-        if not section or not key:
-            raise ConfigError(f"{name}: expected LTS_<SECTION>__<KEY>")
-        table = raw.setdefault(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: key '{section}': expected a table")
-        table[key] = _env_value(value)
-        overridden[f"{section}.{key}"] = name
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if not all(parts):
+            raise ConfigError(f"{name}: expected LTS_<SECTION>__<KEY> (or LTS_<SECTION>__<TABLE>__<KEY>)")
+        table = raw
+        for depth, part in enumerate(parts[:-1]):
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: key '{'.'.join(parts[: depth + 1])}': expected a table")
+        table[parts[-1]] = _env_value(value)
+        overridden[".".join(parts)] = name
     return overridden
 
 
@@ -257,6 +310,18 @@ def _check(config: Config, path: Path) -> None:
         value = getattr(server, key)
         if value and not os.access(config.path(value), os.R_OK):
             raise ConfigError(f"{path}: key 'server.{key}': cannot read {config.path(value)}")
+    smtp = config.alerts.smtp
+    if smtp.starttls and smtp.tls:
+        raise ConfigError(f"{path}: key 'alerts.smtp.starttls': choose starttls or tls, not both")
+    if smtp.password_file and not os.access(config.path(smtp.password_file), os.R_OK):
+        raise ConfigError(f"{path}: key 'alerts.smtp.password_file': cannot read {config.path(smtp.password_file)}")
+    if smtp.username and not smtp.password_file:
+        raise ConfigError(f"{path}: key 'alerts.smtp.username': set alerts.smtp.password_file too")
+    if smtp.ca_file and not os.access(config.path(smtp.ca_file), os.R_OK):
+        raise ConfigError(f"{path}: key 'alerts.smtp.ca_file': cannot read {config.path(smtp.ca_file)}")
+    token_file = config.metrics.token_file
+    if token_file and not os.access(config.path(token_file), os.R_OK):
+        raise ConfigError(f"{path}: key 'metrics.token_file': cannot read {config.path(token_file)}")
     for i, key_path in enumerate(config.public_key_paths):
         if not os.access(key_path, os.R_OK):
             raise ConfigError(f"{path}: key 'vendor.public_keys[{i}]': cannot read {key_path}")

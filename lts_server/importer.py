@@ -10,8 +10,10 @@ differ from the last scan's (at start-up and after SIGHUP).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,19 +40,25 @@ class Importer:
         server_uuid: str,
         trusted: Callable[[], dict[str, Ed25519PublicKey]],
         allow_unbound: Callable[[], bool],
+        turn: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext,
     ) -> None:
         self.ledger = ledger
         self.directory = directory
         self.server_uuid = server_uuid
         self._trusted = trusted
         self._allow_unbound = allow_unbound
+        # Held while importing: on a cluster, one node at a time, after taking in the others' imports,
+        # so a file dropped on every node imports once.
+        self._turn = turn
         self._lock = asyncio.Lock()
         self.last_scan_error: str | None = None
         # The trusted key ids of the last scan: when they change (SIGHUP, restart), rejected files are retried.
         self._keys_seen: frozenset[str] | None = None
+        # Told every recorded import's outcome (alerts check at once; metrics count results).
+        self.on_import: Callable[[ImportOutcome], None] | None = None
 
     async def scan(self, reason: str = "rescan") -> ScanReport:
-        async with self._lock:
+        async with self._lock, self._turn():
             try:
                 paths = sorted(p for p in self.directory.iterdir() if p.suffix == SUFFIX and p.is_file())
             except OSError as e:
@@ -73,7 +81,7 @@ class Importer:
                     continue
                 if known is not None and known.sha256 == hashlib.sha256(data).hexdigest():
                     continue
-                outcome = await self.import_bytes(str(path), data)
+                outcome = await self._import(str(path), data)
                 if outcome.recorded:
                     outcomes[str(path)] = outcome
             self._keys_seen = keys
@@ -82,7 +90,11 @@ class Importer:
             return ScanReport(len(paths), outcomes)
 
     async def import_bytes(self, path: str, data: bytes) -> ImportOutcome:
-        """Verify and import one file's bytes."""
+        """Verify and import one file's bytes (an upload)."""
+        async with self._turn():
+            return await self._import(path, data)
+
+    async def _import(self, path: str, data: bytes) -> ImportOutcome:
         sha256 = hashlib.sha256(data).hexdigest()
         try:
             verified = licensefile.verify(data, self._trusted())
@@ -99,6 +111,8 @@ class Importer:
                 logs.logging.WARNING if outcome.state == "rejected" else logs.logging.INFO,
                 path=path, sha256=sha256, license_id=outcome.license_id, reason=outcome.reason,
             )
+            if self.on_import is not None:
+                self.on_import(outcome)
         return outcome
 
     async def watch(self, stop: asyncio.Event, rescan_seconds: float, use_inotify: bool = True) -> None:

@@ -201,6 +201,7 @@ class Ledger:
     async def start(self) -> None:
         self._load(await self.store.load())
         self._writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
+        self._writer.add_done_callback(_writer_stopped)
 
     def _load(self, snap: Snapshot) -> None:
         self.licenses = snap.licenses
@@ -237,6 +238,8 @@ class Ledger:
     async def submit(self, run: Callable[[datetime, WriteBatch, Undo], T]) -> T:
         if self._closed or self._writer is None:
             raise LedgerClosed("the server is shutting down")
+        if self._writer.done():  # a bug stopped the writer: refuse rather than queue forever
+            raise JobFailed("internal error: the ledger's writer stopped; see the log")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Job(run, future))
         return await future
@@ -323,7 +326,10 @@ class Ledger:
                 fn()
         if self.store.shared:
             # Other nodes may have changed what these batches touched: read it again before deciding anew.
-            await self._reread([f.batch for f in flights])
+            try:
+                await self._reread([f.batch for f in flights])
+            except Exception as e:  # the database is away: decide on what memory holds; conflicts re-read later
+                logs.event("ledger.reread_failed", logs.logging.ERROR, error=str(e))
         # A conflict is one job's change that the database refused: on a store
         # only this ledger writes, that job fails (its change contradicts what
         # the database holds); on a shared store it is decided again too, on
@@ -349,6 +355,11 @@ class Ledger:
                    jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
         self._retry = retry + self._retry
         self._pipeline += 1
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting for the writer (for the metrics)."""
+        return self._queue.qsize()
 
     # -- the view the core reads ------------------------------------------
 
@@ -854,6 +865,11 @@ class Ledger:
         if code is None:
             raise NotFound(f"handshake code {name}")
         return code
+
+
+def _writer_stopped(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logs.log.error("ledger.writer_stopped", exc_info=task.exception())
 
 
 def _code_detail(code: HandshakeCode) -> dict[str, Any]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
 import aiohttp
@@ -16,14 +17,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lts_server import identity, licensefile, logs
 from lts_server import config as config_mod
+from lts_server.alerts import Alerter
 from lts_server.config import Config
 from lts_server.core.times import to_ms, utcnow
 from lts_server.core.usage import MAX_LATE
 from lts_server.importer import Importer
-from lts_server.ledger import MAX_SWEEP, Ledger
+from lts_server.ledger import MAX_SWEEP, ImportOutcome, Ledger
+from lts_server.metrics import LiveState, Metrics
 from lts_server.signer import BatchSigner
 from lts_server.store import Store
-from lts_server.store.postgres import PostgresStore
+from lts_server.store.postgres import IMPORT_LOCK, PostgresStore
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
 from lts_server.web.connections import GUARD, ConnectionGuard, Limits
@@ -94,6 +97,9 @@ class Server:
         self.admin_url = ""
         self._rollup_lock = asyncio.Lock()
         self._store: Store | None = None
+        # The change feed of a PostgreSQL cluster: read up to this event.
+        self._followed = 0
+        self._follow_lock = asyncio.Lock()
         self._standby_checked = asyncio.Event()
         self.guard: ConnectionGuard | None = None
         self._listeners: list[asyncio.Server] = []
@@ -104,13 +110,16 @@ class Server:
     async def start(self) -> None:
         cfg = self.config
         self.trusted = self.load_vendor_keys()
+        metrics = Metrics()
         store = open_store(cfg)
         self._store = store
+        store.on_commit = lambda events, seconds: (metrics.commit_events.observe(events),
+                                                   metrics.commit_latency.observe(seconds))
         await store.open()
         if isinstance(store, PostgresStore):
             ident = await identity.for_cluster(store, cfg.state_dir)
             # Read before the snapshot: what lands in between is taken in twice, harmlessly.
-            follow_from = await store.last_event()
+            self._followed = await store.last_event()
         else:
             ident = identity.load_or_create(cfg.state_dir)
         ledger = Ledger(store, ident.secret, self.clock)
@@ -119,9 +128,24 @@ class Server:
             cfg.import_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         except OSError as e:
             logs.event("import.folder_not_created", logs.logging.WARNING, path=str(cfg.import_dir), error=e.strerror)
+        metrics.watch(LiveState(lambda: ledger.items, lambda: ledger.statuses, lambda: ledger.queue_depth,
+                                ledger.clock))
+        smtp = cfg.alerts.smtp
+        alerter = Alerter(cfg.alerts, cfg.path(smtp.password_file) if smtp.password_file else None, store, ledger,
+                          ident.server_uuid, metrics, cfg.path(smtp.ca_file) if smtp.ca_file else None)
+        await alerter.start()
         importer = Importer(ledger, cfg.import_dir, ident.server_uuid, lambda: self.trusted,
-                            lambda: self.config.vendor.allow_unbound)
-        self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key))
+                            lambda: self.config.vendor.allow_unbound,
+                            self._import_turn if isinstance(store, PostgresStore) else contextlib.nullcontext)
+
+        def imported(outcome: ImportOutcome) -> None:
+            metrics.imports.labels(outcome.state).inc()
+            if outcome.state != "unchanged":
+                alerter.request_check()
+
+        importer.on_import = imported
+        self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key), alerter,
+                                 metrics)
         if self.leads:
             await importer.scan("start-up")
         separate_admin = cfg.admin.port is not None
@@ -151,7 +175,13 @@ class Server:
             self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
         self._tasks.append(asyncio.create_task(self._roller(), name="rollups"))
         if isinstance(store, PostgresStore):
-            self._tasks.append(asyncio.create_task(self._follow(store, follow_from), name="follow"))
+            self._tasks.append(asyncio.create_task(self._follow(), name="follow"))
+        # A check at start-up, then every check_seconds and whenever asked (in any process: a check
+        # decides what is new inside its transaction, so two processes never raise the same alert).
+        alerter.request_check()
+        self._tasks.append(asyncio.create_task(alerter.run_checks(self.stopping), name="alert-checks"))
+        if self.leads:  # deliveries are claimed one at a time, but one sender per machine is plenty
+            self._tasks.append(asyncio.create_task(alerter.run_outbox(self.stopping), name="alert-outbox"))
         if cfg.server.standby_of:
             self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
             await self._standby_checked.wait()  # know the main's state before serving anyone
@@ -173,17 +203,23 @@ class Server:
         of a machine does it for the others (they learn of it through the database)."""
         return self.worker <= 1
 
-    async def _follow(self, store: PostgresStore, after: int) -> None:
+    async def catch_up(self) -> bool:
+        """Take in what the other nodes committed since the last call; True once nothing is left."""
+        assert self.services is not None and isinstance(self._store, PostgresStore)
+        async with self._follow_lock:
+            changes = await self._store.changes_since(self._followed)
+            if changes.events and not await self.services.ledger.follow(changes.events):
+                return False  # a conflict re-read newer rows meanwhile: read again
+            done = changes.upto == self._followed
+            self._followed = changes.upto
+            return done
+
+    async def _follow(self) -> None:
         """Take in what the other nodes commit, every storage.follow_ms."""
-        assert self.services is not None
         pause = self.config.storage.follow_ms / 1000
         while not self.stopping.is_set():
             try:
-                changes = await store.changes_since(after)
-                if changes.events and not await self.services.ledger.follow(changes.events):
-                    continue  # read again: a conflict re-read newer rows meanwhile
-                caught_up = changes.upto == after
-                after = changes.upto
+                caught_up = await self.catch_up()
             except Exception as e:  # the database is away: try again, the feed resumes where it stopped
                 logs.event("follow.failed", logs.logging.ERROR, error=str(e))
                 caught_up = True
@@ -192,6 +228,14 @@ class Server:
                     await asyncio.wait_for(self.stopping.wait(), timeout=pause)
                 except TimeoutError:
                     pass
+
+    @contextlib.asynccontextmanager
+    async def _import_turn(self) -> AsyncIterator[None]:
+        assert isinstance(self._store, PostgresStore)
+        async with self._store.exclusive(IMPORT_LOCK):
+            while not await self.catch_up():
+                pass
+            yield
 
     def _ssl(self) -> ssl.SSLContext | None:
         server = self.config.server
@@ -226,10 +270,11 @@ class Server:
         assert self.services is not None
         ledger, store = self.services.ledger, self.services.store
         async with self._rollup_lock:  # one roll-up at a time, so overuse is mirrored in order
-            return await self._roll_up_pages(ledger, store)
+            return await self._roll_up_pages(ledger, store, self.services.alerts.after_usage)
 
     @staticmethod
-    async def _roll_up_pages(ledger: Ledger, store: Store) -> int:
+    async def _roll_up_pages(ledger: Ledger, store: Store,
+                             on_overuse: Callable[[list[str]], None] | None = None) -> int:
         total = 0
         # Items present when the pass starts are the only ones its events can name.
         quantities = {i.item_id: (i.license_type.value, i.quantity) for i in ledger.items.values()}
@@ -238,6 +283,8 @@ class Server:
             total += result.processed
             if result.overuse:
                 await ledger.mirror_overuse(result.overuse)
+                if on_overuse is not None:
+                    on_overuse(list(result.overuse))
             if result.processed < ROLLUP_PAGE:
                 return total
             await asyncio.sleep(0)
@@ -315,6 +362,11 @@ class Server:
             listener.close()  # stop accepting; open connections finish below
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.services is not None:
+            try:
+                await asyncio.wait_for(self.services.alerts.idle(), self.config.server.shutdown_timeout)
+            except TimeoutError:
+                logs.event("alerts.stop_cut_delivery", logs.logging.WARNING)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

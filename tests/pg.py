@@ -42,6 +42,26 @@ class PgServer:
             await conn.close()
         return self.url(name)
 
+    def halt(self) -> None:
+        """Stop the server (its data stays): the database goes away."""
+        subprocess.run(_as_owner([str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast",
+                                  "stop"]), capture_output=True)
+
+    def launch(self) -> None:
+        # fsync off: the tests check behaviour, not durability across power loss (SQLite's tests do that).
+        options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+                   " -c max_connections=300")
+        subprocess.run(_as_owner([str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-o", options, "-l",
+                                  str(self.folder / "log"), "-w", "start"]), check=True, capture_output=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"PostgreSQL did not start; see {self.folder / 'log'}")
+
     def stop(self) -> None:
         subprocess.run(_as_owner([str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "immediate",
                                   "stop"]), capture_output=True)
@@ -69,17 +89,10 @@ def start() -> PgServer:
         port = s.getsockname()[1]
     subprocess.run(_as_owner([str(binary / "initdb"), "-D", str(folder / "data"), "-U", "lts", "--auth=trust",
                               "-E", "UTF8", "--no-sync"]), check=True, capture_output=True)
-    # fsync off: the tests check behaviour, not durability across power loss (SQLite's tests do that).
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-    subprocess.run(_as_owner([str(binary / "pg_ctl"), "-D", str(folder / "data"), "-o", options, "-l",
-                              str(folder / "log"), "-w", "start"]), check=True, capture_output=True)
     server = PgServer(folder, port, binary)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return server
-        except OSError:
-            time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"PostgreSQL did not start; see {folder / 'log'}")
+    try:
+        server.launch()
+    except Exception:
+        server.stop()
+        raise
+    return server

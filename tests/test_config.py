@@ -120,3 +120,18 @@ def test_a_public_key_file_that_is_not_a_key_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "key 'vendor.public_keys[0]': expected an Ed25519 public key" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_nested_tables_are_overridden_with_one_more_double_underscore(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[storage]\nstate_dir = "s"\n[import]\ndirectory = "i"\n[alerts.smtp]\nhost = "a"\n')
+    cfg = config.load(path, environ={"LTS_ALERTS__SMTP__HOST": "mail.example.com", "LTS_ALERTS__SMTP__PORT": "587",
+                                     "LTS_ALERTS__SMTP__STARTTLS": "true", "LTS_ALERTS__CHECK_SECONDS": "60"})
+    assert (cfg.alerts.smtp.host, cfg.alerts.smtp.port, cfg.alerts.smtp.starttls) == ("mail.example.com", 587, True)
+    assert cfg.alerts.check_seconds == 60
+    with pytest.raises(config.ConfigError, match=r"key 'alerts.smtp.port' \(set by LTS_ALERTS__SMTP__PORT\)"):
+        config.load(path, environ={"LTS_ALERTS__SMTP__PORT": "many"})
+    with pytest.raises(config.ConfigError, match="choose starttls or tls, not both"):
+        config.load(path, environ={"LTS_ALERTS__SMTP__STARTTLS": "true", "LTS_ALERTS__SMTP__TLS": "true"})
+    with pytest.raises(config.ConfigError, match="alerts.check_seconds"):
+        config.load(path, environ={"LTS_ALERTS__CHECK_SECONDS": "3600"})

@@ -23,7 +23,7 @@ async def portal_session(running: Running) -> aiohttp.ClientSession:
     async with s.get(running.url + "/portal/login") as resp:
         token = csrf(await resp.text())
     async with s.post(running.url + "/portal/login", data={"csrf": token, "password": ADMIN_PASSWORD}) as resp:
-        assert resp.status == 200 and "Warnings" in await resp.text()
+        assert resp.status == 200 and "Open alerts" in await resp.text()
     return s
 
 

@@ -58,8 +58,8 @@ async def test_admin_journey_in_the_browser(running: Running, tmp_path: Path) ->
         assert await page.locator("table >> text=soon").count() == 1
         await page.screenshot(path=str(OUT / "items.png"), full_page=True)
         await page.click("nav >> text=Home")
-        warnings = await page.inner_text("#warnings")
-        assert "Item soon (barcode-reader) expires in" in warnings
+        warnings = await page.inner_text("#open-alerts")
+        assert "Item soon (barcode-reader, per-device) expires on" in warnings
         await page.screenshot(path=str(OUT / "home-warnings.png"), full_page=True)
 
         await page.click("nav >> text=Handshake codes")

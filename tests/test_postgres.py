@@ -295,3 +295,166 @@ def test_migrate_moves_a_sqlite_deployment_and_the_daemon_starts_on_it(tmp_path:
     finally:
         assert stop_daemon(d) == 0
     assert token
+
+
+@pytest.fixture
+async def three(tmp_path: Path, vendor: Vendor, pg_url: str) -> AsyncIterator[list[Node]]:
+    """Three nodes; node 0 imported license Q: code 216998-Q over q1 (100 seats, expires first) and q2 (100)."""
+    from datetime import timedelta
+
+    from tests.conftest import NOW
+
+    (tmp_path / "n0" / "import").mkdir(parents=True)
+    (tmp_path / "n0" / "import" / "q.lic").write_bytes(vendor.issue(license_spec("Q", items=[
+        item("q1", quantity=100, expires_at=NOW + timedelta(days=100)), item("q2", quantity=100)])))
+    nodes = [await start_node(tmp_path / f"n{k}", vendor, pg_url) for k in range(3)]
+    for node in nodes:
+        await wait_for(lambda node=node: "216998-Q" in node.ledger.codes)
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            await stop_node(node)
+
+
+async def test_600_devices_over_three_nodes_get_exactly_110_on_each_item(three: list[Node]) -> None:
+    results = await asyncio.gather(*(three[n % 3].handshake(f"d{n}", code="216998-Q") for n in range(600)))
+    by_item: dict[str, int] = {}
+    for status, body in results:
+        if status == 200:
+            by_item[body["authorization"]["itemId"]] = by_item.get(body["authorization"]["itemId"], 0) + 1
+        else:
+            assert status == 403 and body["error"]["code"] == 120, body
+    assert by_item == {"q1": 110, "q2": 110}
+    conn = await asyncpg.connect(three[0].server.config.storage.url)
+    try:
+        rows = dict(await conn.fetch("SELECT item_id, seats_used FROM items"))
+        seats = dict(await conn.fetch("SELECT item_id, COUNT(*) FROM seats GROUP BY item_id"))
+        devices_twice = await conn.fetchval(
+            "SELECT COUNT(*) FROM (SELECT client_uuid FROM seats GROUP BY client_uuid HAVING COUNT(*) > 1) x")
+    finally:
+        await conn.close()
+    assert rows == seats == {"q1": 110, "q2": 110}
+    assert devices_twice == 0
+    # Everyone past 220 is refused on every node.
+    for node in three:
+        status, body = await node.handshake(f"late-{id(node)}", code="216998-Q")
+        assert status == 403 and body["error"]["code"] == 120
+
+
+async def test_a_per_scan_quota_used_from_three_nodes(three: list[Node], vendor: Vendor) -> None:
+    await three[0].server.services.importer.import_bytes("upload:s.lic", vendor.issue(license_spec("S", items=[
+        item("scan", "per-scan", quantity=100)])))
+    for node in three:
+        await wait_for(lambda node=node: "216998-S" in node.ledger.codes)
+    keys = {}
+    for k, node in enumerate(three):
+        status, body = await node.handshake(f"s{k}", code="216998-S")
+        keys[k] = body["reportKey"]
+
+    async def send(k: int, n: int, count: int) -> int:
+        node = three[k]
+        body = json.dumps({"reportId": f"r{k}-{n}", "clientUuid": f"s{k}", "handshakeCode": "216998-S",
+                           "records": [{"slot": _slot(), "product": "barcode-reader", "operation": "scan",
+                                        "count": count}]})
+        mac = report_mac(base64.b64decode(keys[k]), body.encode())
+        async with node.session.post(f"{node.url}/api/v1/usage", data=body,
+                                     headers={"Content-Type": "application/json", MAC_HEADER: mac}) as resp:
+            return resp.status
+
+    assert set(await asyncio.gather(*(send(k, n, 5) for k in range(3) for n in range(7)))) == {200}  # 105
+    for node in three:
+        await wait_for(lambda node=node: node.ledger.statuses["scan"].units_used == 105)
+        status, body = await node.handshake(f"new-{id(node)}", code="216998-S")
+        assert status == 403 and body["error"]["code"] == 120  # quota + grace used up, on every node
+
+
+def _slot() -> str:
+    from lts_server.core.times import iso, slice_start, utcnow
+
+    return iso(slice_start(utcnow()))
+
+
+async def test_admin_changes_at_one_node_decide_the_next_handshake_at_another_within_a_second(
+        three: list[Node], vendor: Vendor) -> None:
+    a, b, _ = three
+    token = await admin_login(a.url)
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def admin(method: str, path: str, **kw: Any) -> int:
+        async with a.session.request(method, f"{a.url}{path}", headers=headers, **kw) as resp:
+            return resp.status
+
+    async def within_a_second(client: str, code: str, expected: int) -> None:
+        deadline = time.monotonic() + 1.0
+        while True:
+            status, body = await b.handshake(client, code=code)
+            got = 200 if status == 200 else body["error"]["code"]
+            if got == expected:
+                return
+            assert time.monotonic() < deadline, (client, code, got, expected)
+            await asyncio.sleep(0.05)
+
+    assert await admin("POST", "/api/v1/admin/handshake-codes", json={
+        "organizationId": "216998", "custom": "fleet", "items": ["q2"]}) == 201
+    await within_a_second("f1", "216998-fleet", 200)
+    assert await admin("PATCH", "/api/v1/admin/handshake-codes/216998-fleet", json={"domains": ["x.example"]}) == 200
+    await within_a_second("f2", "216998-fleet", 103)
+    assert await admin("DELETE", "/api/v1/admin/handshake-codes/216998-fleet") == 200
+    await within_a_second("f3", "216998-fleet", 101)
+    assert await admin("POST", "/api/v1/admin/items/q1/revoke") == 200
+    assert await admin("POST", "/api/v1/admin/items/q2/revoke") == 200
+    await within_a_second("f4", "216998-Q", 113)
+    assert await admin("POST", "/api/v1/admin/items/q1/restore") == 200
+    await within_a_second("f5", "216998-Q", 200)
+    upload = vendor.issue(license_spec("U", items=[item("u1")]))
+    async with a.session.post(f"{a.url}/api/v1/admin/licenses?name=u.lic", data=upload, headers=headers) as resp:
+        assert resp.status == 201
+    await within_a_second("f6", "216998-U", 200)
+
+
+async def test_a_file_dropped_on_every_node_at_once_imports_once(three: list[Node], vendor: Vendor) -> None:
+    data = vendor.issue(license_spec("ONCE", items=[item("once-1")]))
+    for node in three:
+        (node.server.config.import_dir / "once.lic").write_bytes(data)
+    await asyncio.gather(*(node.server.services.importer.scan("test") for node in three))
+    conn = await asyncpg.connect(three[0].server.config.storage.url)
+    try:
+        imported = await conn.fetchval("SELECT COUNT(*) FROM events WHERE type = 'import.imported'"
+                                       " AND detail LIKE '%\"ONCE\"%'")
+        codes = await conn.fetchval("SELECT COUNT(*) FROM events WHERE type = 'code.created' AND code = '216998-ONCE'")
+    finally:
+        await conn.close()
+    assert (imported, codes) == (1, 1)
+
+
+async def test_the_database_goes_away_and_comes_back(tmp_path: Path, vendor: Vendor, pg_server: Any) -> None:
+    url = await pg_server.new_database()
+    (tmp_path / "n" / "import").mkdir(parents=True)
+    (tmp_path / "n" / "import" / "p.lic").write_bytes(vendor.issue(license_spec("P", items=[item("p1")])))
+    node = await start_node(tmp_path / "n", vendor, url)
+    try:
+        assert (await node.handshake("before"))[0] == 200
+        await asyncio.to_thread(pg_server.halt)
+        try:
+            for n in range(5):
+                async with node.session.post(f"{node.url}/api/v1/handshake", json={
+                        "handshakeCode": "216998-P", "clientUuid": f"away-{n}", "product": "barcode-reader",
+                        "deploymentType": "browser"}, timeout=aiohttp.ClientTimeout(total=15)) as resp:
+                    body = await resp.json()
+                    assert resp.status == 503 and resp.headers.get("Retry-After"), body
+                    assert "unavailable" in body["error"]["message"] or "storage" in body["error"]["message"]
+        finally:
+            await asyncio.to_thread(pg_server.launch)
+        deadline = time.monotonic() + 20
+        while (await node.handshake("after"))[0] != 200:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        conn = await asyncpg.connect(url)
+        try:
+            held = {r[0] for r in await conn.fetch("SELECT client_uuid FROM seats")}
+        finally:
+            await conn.close()
+        assert held == {"before", "after"}  # what was refused left nothing behind
+    finally:
+        await stop_node(node)

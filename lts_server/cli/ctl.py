@@ -167,6 +167,62 @@ def confirm(question: str) -> bool:
         return False
 
 
+async def _alerts(api: Api, args: argparse.Namespace) -> tuple[Any, str]:
+    base = "/api/v1/admin/alerts"
+    action = args.action
+    if action == "show":
+        out = await api.call("GET", base)
+        on = [k for k, v in out["conditions"].items() if v]
+        smtp = out["smtp"]
+        mail = (f"{smtp['host']}:{smtp['port']} from {smtp['from']}" if smtp["configured"]
+                else "not configured ([alerts.smtp] host)")
+        return out, "\n".join([
+            f"recipients   {out['recipients'] or '(none)'}",
+            f"webhooks     {', '.join(h['url'] for h in out['webhooks']) or '(none)'}",
+            f"conditions   {', '.join(on) or '(none)'}",
+            f"smtp         {mail}",
+            f"checks       every {out['checkSeconds']:g} s; failures over {out['failureWindow']['minutes']} min, "
+            f"from {out['failureWindow']['minRequests']} requests"])
+    if action == "recipients":
+        if args.addresses is None:
+            out = await api.call("GET", f"{base}/recipients")
+        else:
+            out = await api.call("PUT", f"{base}/recipients", {"recipients": args.addresses})
+        return out, "\n".join(out["addresses"]) or "(none)"
+    if action == "webhooks":
+        if args.webhook_action == "add":
+            body = {"url": args.url, **({"secret": args.secret} if args.secret else {})}
+            out = await api.call("POST", f"{base}/webhooks", body)
+            return out, f"webhook {out['id']} {out['url']}\nsecret {out['secret']}  (shown once: give it to the receiver)"
+        if args.webhook_action == "remove":
+            out = await api.call("DELETE", f"{base}/webhooks/{args.id}")
+            return out, f"removed webhook {args.id}"
+        out = (await api.call("GET", f"{base}/webhooks"))["webhooks"]
+        return out, table(out, ["id", "url", "createdAt"])
+    if action == "conditions":
+        changes = {k: True for k in _csv(args.on) or []} | {k: False for k in _csv(args.off) or []}
+        if changes:
+            out = (await api.call("PUT", f"{base}/conditions", changes))["conditions"]
+        else:
+            out = (await api.call("GET", f"{base}/conditions"))["conditions"]
+        return out, "\n".join(f"{k:10} {'on' if v else 'off'}" for k, v in out.items())
+    if action == "test":
+        out = await api.call("POST", f"{base}/test")
+        return out, f"test notification {out['alertId']} queued for " + (
+            ", ".join(d["target"] for d in out["deliveries"]) or "nobody: add recipients or webhooks first")
+    if action == "check":
+        out = await api.call("POST", f"{base}/check")
+        return out, (f"alert {out['alertId']}: " + ", ".join(out["new"])) if out["new"] else "nothing new"
+    if action == "open":
+        out = (await api.call("GET", f"{base}/open"))["alerts"]
+        return out, table(out, ["kind", "subject", "label", "since", "message"])
+    out = await api.call("GET", f"{base}/history?limit={args.limit}")
+    rows = [{"id": a["id"], "createdAt": a["createdAt"], "type": a["type"], "subject": a["subject"],
+             "deliveries": " ".join(f"{d['target']}={d['state']}" for d in a["deliveries"]) or "-"}
+            for a in out["alerts"]]
+    return out, table(rows, ["id", "createdAt", "type", "subject", "deliveries"])
+
+
 async def run(args: argparse.Namespace) -> int:
     server = server_url(args.server)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=args.timeout)) as session:
@@ -213,8 +269,8 @@ async def run(args: argparse.Namespace) -> int:
             if args.action == "list":
                 out = (await api.call("GET", "/api/v1/admin/items"))["items"]
                 rows = [{**i, "usage": usage_text(i)} for i in out]
-                text = table(rows, ["itemId", "product", "deploymentType", "licenseType", "usage", "expiresAt",
-                                    "revoked"])
+                text = table(rows, ["itemId", "state", "product", "deploymentType", "licenseType", "usage",
+                                    "expiresAt", "stateDetail"])
             else:
                 out = await api.call("POST", f"/api/v1/admin/items/{args.id}/{args.action}")
                 text = f"item {args.id}: {'revoked' if out['revoked'] else 'active'}"
@@ -289,6 +345,8 @@ async def run(args: argparse.Namespace) -> int:
                 f"today: granted {s['today']['granted']:,} refused {s['today']['refused']:,}",
                 table([b for b in out["series"] if b["granted"] or b["refused"] or b["units"]],
                       ["start", "granted", "refused", "units", "devices"])])
+        elif cmd == "alerts":
+            out, text = await _alerts(api, args)
         elif cmd == "events":
             # urlencode: a '+' in a time zone offset must not arrive as a space.
             params = urllib.parse.urlencode([(k, v) for k, v in (
@@ -378,6 +436,26 @@ def parser() -> argparse.ArgumentParser:
     stats.add_argument("code", help="e.g. 216998-vehicleCode (also a deleted one)")
     stats.add_argument("--bucket", default="1d", choices=["3m", "2h", "1d"], help="bucket size (default: 1d)")
     stats.add_argument("--since", help="ISO date-time with zone, e.g. 2026-11-01T00:00:00Z")
+    al = sub.add_parser("alerts", help="usage alerts: recipients, webhooks, conditions, history").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    al.add_parser("show", help="recipients, webhooks, conditions and SMTP at a glance")
+    rcpt = al.add_parser("recipients", help="show, or set with ADDRESSES separated by semicolons")
+    rcpt.add_argument("addresses", nargs="?", help="e.g. 'ops@example.com; lead@example.com' ('' removes all)")
+    hooks = al.add_parser("webhooks", help="webhooks that get each alert as signed JSON").add_subparsers(
+        dest="webhook_action", required=True, metavar="ACTION")
+    hooks.add_parser("list", help="every webhook")
+    add = hooks.add_parser("add", help="add a webhook; prints its signing secret once")
+    add.add_argument("url", help="http:// or https:// URL that receives the alerts")
+    add.add_argument("--secret", help="signing secret (16+ characters); made up when not given")
+    hooks.add_parser("remove", help="remove a webhook").add_argument("id", help="the webhook's id (webhooks list)")
+    cond = al.add_parser("conditions", help="show, or switch with --on/--off")
+    cond.add_argument("--on", help="comma-separated: seats,units,overuse,failures,expiry,import")
+    cond.add_argument("--off", help="comma-separated kinds to switch off")
+    al.add_parser("test", help="send a test notification to every recipient and webhook")
+    al.add_parser("check", help="check the conditions now")
+    al.add_parser("open", help="conditions met at the last check")
+    hist = al.add_parser("history", help="sent alerts with the state of each delivery")
+    hist.add_argument("--limit", type=int, default=20, help="at most this many alerts (default: %(default)s)")
     ev = sub.add_parser("events", help="usage events").add_subparsers(dest="action", required=True,
                                                                       metavar="ACTION")
     export = ev.add_parser("export", help="write events to stdout (NDJSON or CSV)")

@@ -10,6 +10,7 @@ dies, and stops them all on SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ from lts_server.config import Config
 from lts_server.sdnotify import Notifier, watchdog
 
 READY_TIMEOUT = 60.0
+PR_SET_PDEATHSIG = 1
 RESTART_PAUSE = 1.0
 # A worker must not talk to systemd itself: the supervisor is the service's main process.
 PRIVATE = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -38,7 +40,7 @@ class Supervisor:
         self.ready[worker] = asyncio.Event()
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "lts_server", "--config", self.config_path, "--worker", str(worker),
-            stdout=asyncio.subprocess.PIPE, env=self.env)
+            stdout=asyncio.subprocess.PIPE, env=self.env, preexec_fn=_die_with_parent)
         self.procs[worker] = proc
         asyncio.create_task(self._watch(worker, proc), name=f"worker-{worker}")
 
@@ -79,6 +81,12 @@ class Supervisor:
         self.signal_all(signal.SIGTERM)
         codes = await asyncio.gather(*(p.wait() for p in self.procs.values()))
         return max(codes, default=0)
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: SIGTERM when the supervisor dies, even by kill -9 (Linux)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 async def supervise(config_path: str, cfg: Config) -> int:

@@ -8,7 +8,7 @@ backend implements the same `Store` protocol.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -228,6 +228,85 @@ class Reloaded:
 
 
 @dataclass(frozen=True)
+class Webhook:
+    id: int
+    url: str
+    secret: str
+    created_ms: int
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    recipients: str  # e-mail addresses separated by semicolons
+    disabled_kinds: frozenset[str]
+    webhooks: tuple[Webhook, ...]
+
+
+@dataclass(frozen=True)
+class OpenCondition:
+    """A condition met at the last check, with the level already notified."""
+
+    key: str
+    kind: str
+    subject: str
+    level: int
+    label: str
+    message: str
+    link: str
+    since_ms: int
+    notified_ms: int
+
+
+@dataclass(frozen=True)
+class Notification:
+    """What one alert says; `conditions` is the JSON list sent to every channel."""
+
+    type: str  # alert | test
+    subject: str
+    conditions: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class CheckRecorded:
+    """What one alert check made durable: the conditions newly met, the keys cleared, the notification."""
+
+    new: tuple[Any, ...]  # core.alerts.Condition
+    cleared: tuple[str, ...]
+    alert_id: int | None
+    levels: dict[str, int]  # the notified level of every open condition now
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    alert_id: int
+    channel: str  # email | webhook
+    target: str  # address or URL
+    webhook_id: int | None
+    state: str  # pending | sent | failed
+    attempts: int
+    next_ms: int
+    last_error: str | None
+    sent_ms: int | None
+    created_ms: int
+    subject: str
+    type: str
+    conditions: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class SentAlert:
+    """A notification in the history, with the state of each of its deliveries."""
+
+    id: int
+    created_ms: int
+    type: str
+    subject: str
+    conditions: list[dict[str, Any]]
+    deliveries: tuple[Delivery, ...]
+
+
+@dataclass(frozen=True)
 class EventQuery:
     start: datetime | None = None
     end: datetime | None = None
@@ -280,3 +359,33 @@ class Store(Protocol):
     async def admin_token_expiry(self, token_hash: str) -> int | None: ...
 
     async def delete_admin_token(self, token_hash: str) -> None: ...
+
+    # -- alerts -----------------------------------------------------------------
+
+    async def code_requests_since(self, since_ms: int) -> dict[str, tuple[int, int]]: ...
+
+    async def alert_settings(self) -> AlertSettings: ...
+
+    async def set_alert_recipients(self, recipients: str) -> None: ...
+
+    async def set_disabled_alert_kinds(self, kinds: frozenset[str]) -> None: ...
+
+    async def add_webhook(self, url: str, secret: str, at_ms: int) -> Webhook: ...
+
+    async def delete_webhook(self, webhook_id: int) -> bool: ...
+
+    async def open_conditions(self) -> list[OpenCondition]: ...
+
+    async def record_alert_check(self, at_ms: int, met: Iterable[Any]) -> CheckRecorded: ...
+
+    async def enqueue_notification(self, at_ms: int, notification: Notification) -> int: ...
+
+    async def due_deliveries(self, now_ms: int, limit: int = 100) -> list[Delivery]: ...
+
+    async def claim_delivery(self, delivery_id: int, now_ms: int, until_ms: int) -> bool: ...
+
+    async def mark_delivered(self, delivery_id: int, at_ms: int) -> None: ...
+
+    async def mark_retry(self, delivery_id: int, next_ms: int, error: str, give_up: bool = False) -> None: ...
+
+    async def alert_history(self, limit: int = 50, before_id: int | None = None) -> list[SentAlert]: ...

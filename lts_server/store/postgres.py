@@ -16,8 +16,10 @@ particular to several nodes sharing one database:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -39,6 +41,7 @@ from lts_server.store import (
     WriteBatch,
     sql,
 )
+from lts_server.store.sql_alerts import AlertOperations
 from lts_server.store.sqlite import migrations
 
 T = TypeVar("T")
@@ -46,7 +49,11 @@ T = TypeVar("T")
 MIGRATE_LOCK = 0x6C7473_0001
 WRITE_LOCK = 0x6C7473_0002
 ROLLUP_LOCK = 0x6C7473_0003
+ALERT_LOCK = 0x6C7473_0004
+IMPORT_LOCK = 0x6C7473_0005
 CONNECT_PAUSE = 1.5
+# No statement waits longer than this for the database: a request fails with 503 instead of hanging.
+COMMAND_TIMEOUT = 10.0
 
 
 def dialect(script: str) -> str:
@@ -93,13 +100,18 @@ async def drive(conn: asyncpg.Connection, proc: sql.Procedure[T]) -> T:
         return done.value
 
 
+# The database server is away (stopped, restarting, unreachable): retry later.
+AWAY = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+        asyncpg.exceptions.OperatorInterventionError)
+FAILURES = (asyncpg.PostgresError, *AWAY)
+
+
 def _translate(e: Exception, where: str) -> StoreError:
     if isinstance(e, asyncpg.DiskFullError):
         return StoreFull(f"{where}: the database server's disk is full; free space, then retry")
-    if isinstance(e, (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError,
-                      asyncpg.SerializationError, asyncpg.CannotConnectNowError)):
+    if isinstance(e, (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError, asyncpg.SerializationError)):
         return StoreUnavailable(f"{where}: {e}")
-    if isinstance(e, (OSError, asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError)):
+    if isinstance(e, AWAY):
         return StoreUnavailable(f"{where}: the database server is unreachable: {e}")
     return StoreError(f"{where}: {e}")
 
@@ -112,8 +124,9 @@ class Changes:
     upto: int  # the feed has been read up to this event number
 
 
-class PostgresStore:
+class PostgresStore(AlertOperations):
     shared = True  # other nodes may write the same database
+    ALERT_LOCK = ALERT_LOCK
 
     def __init__(self, url: str, connect_seconds: float = 15.0) -> None:
         self.url = url
@@ -124,6 +137,8 @@ class PostgresStore:
         self._failed_pipeline: int | None = None
         # Event ranges (after, upto] this node wrote and its change feed has not passed yet.
         self._own: list[tuple[int, int]] = []
+        # Told (events, seconds) after each durable write: the metrics' hook.
+        self.on_commit: Callable[[int, float], None] | None = None
 
     @property
     def where(self) -> str:
@@ -143,14 +158,15 @@ class PostgresStore:
         while True:
             attempt += 1
             try:
-                self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4)
-                self._writer = await asyncpg.connect(self.url)
+                self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4,
+                                                       command_timeout=COMMAND_TIMEOUT)
+                self._writer = await self._connect()
                 break
             except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError,
                     asyncpg.InvalidCatalogNameError) as e:
                 await self.close()
                 raise StoreError(f"database {self.where}: {e}") from None
-            except (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as e:
+            except (*AWAY, asyncpg.TooManyConnectionsError) as e:
                 last = e
                 await self.close()
                 if asyncio.get_running_loop().time() + CONNECT_PAUSE > deadline:
@@ -167,6 +183,9 @@ class PostgresStore:
         except StoreError:
             await self.close()
             raise
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.url, command_timeout=COMMAND_TIMEOUT, timeout=COMMAND_TIMEOUT)
 
     async def _migrate(self) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -198,7 +217,7 @@ class PostgresStore:
             return False
         try:
             return await self.schema_version() == len(migrations())
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+        except FAILURES:
             return False
 
     async def size_bytes(self) -> int:
@@ -207,7 +226,7 @@ class PostgresStore:
     async def _fetchval(self, statement: str, *args: Any) -> Any:
         try:
             return await self.pool.fetchval(statement, *args)
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
+        except FAILURES as e:
             raise _translate(e, f"database {self.where}") from None
 
     async def _call(self, proc: sql.Procedure[T], lock: int | None = None) -> T:
@@ -216,7 +235,7 @@ class PostgresStore:
                 if lock is not None:
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
                 return await drive(conn, proc)
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
+        except FAILURES as e:
             raise _translate(e, f"database {self.where}") from None
 
     async def load(self) -> Snapshot:
@@ -226,12 +245,15 @@ class PostgresStore:
         """One transaction on the writer connection, in submission order; see SQLiteStore.write."""
         if not batch:
             return
+        started = time.perf_counter()
         async with self._write_lock:
             if pipeline is not None and pipeline == self._failed_pipeline:
                 raise StoreError("not written: an earlier write of the same batch pipeline failed")
-            if self._writer is None:
+            if self._pool is None:
                 raise StoreUnavailable("the database is not open")
             try:
+                if self._writer is None or self._writer.is_closed():
+                    self._writer = await self._connect()  # back after the server went away
                 async with self._writer.transaction():
                     await self._writer.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
                     before = await self._writer.fetchval("SELECT COALESCE(MAX(seq), 0) FROM events")
@@ -240,11 +262,16 @@ class PostgresStore:
             except BaseException as e:
                 if pipeline is not None:
                     self._failed_pipeline = pipeline
-                if isinstance(e, (asyncpg.PostgresError, OSError, asyncpg.InterfaceError)):
+                if isinstance(e, AWAY) and self._writer is not None:
+                    self._writer.terminate()
+                    self._writer = None
+                if isinstance(e, FAILURES):
                     raise _translate(e, f"database {self.where}") from None
                 raise
             if after > before:
                 self._own.append((before, after))
+        if self.on_commit is not None:
+            self.on_commit(len(batch.events), time.perf_counter() - started)
 
     async def changes_since(self, after: int) -> Changes:
         """Events other nodes wrote after event `after` (this node's own are skipped)."""
@@ -256,6 +283,16 @@ class PostgresStore:
         foreign = [e for e in rows if not any(lo < e.seq <= hi for lo, hi in own)]
         self._own = [(lo, hi) for lo, hi in own if hi > upto]
         return Changes(foreign, upto)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, key: int) -> AsyncIterator[None]:
+        """Hold a cluster-wide lock (a session advisory lock) for the block."""
+        async with self.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", key)
+            try:
+                yield
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", key)
 
     async def last_event(self) -> int:
         return await self._fetchval("SELECT COALESCE(MAX(seq), 0) FROM events")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from lts_server.store import (
     WriteBatch,
     sql,
 )
+from lts_server.store.sql_alerts import AlertOperations
 
 T = TypeVar("T")
 MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -57,7 +59,7 @@ def _translate(e: sqlite3.Error, path: Path) -> StoreError:
     return StoreError(f"database {path}: {text}")
 
 
-class SQLiteStore:
+class SQLiteStore(AlertOperations):
     shared = False  # this process is the only writer
 
     def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
@@ -65,6 +67,8 @@ class SQLiteStore:
         self.busy_timeout_ms = busy_timeout_ms
         self._db: aiosqlite.Connection | None = None
         self._failed_pipeline: int | None = None
+        # Told (events, seconds) after each durable write: the metrics' hook.
+        self.on_commit: Callable[[int, float], None] | None = None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -189,10 +193,13 @@ class SQLiteStore:
         """
         if not batch:
             return
+        started = time.perf_counter()
         try:
             await self.db._execute(self._write_in_thread, batch, pipeline)
         except sqlite3.Error as e:
             raise _translate(e, self.path) from None
+        if self.on_commit is not None:
+            self.on_commit(len(batch.events), time.perf_counter() - started)
 
     def _write_in_thread(self, batch: WriteBatch, pipeline: int | None) -> None:
         if pipeline is not None and pipeline == self._failed_pipeline:

@@ -18,7 +18,7 @@ from lts_server.web.device import read_json_body
 from lts_server.web.errors import ApiError, decode_json
 from lts_server.web.schemas import CodeCreateBody, CodeEditBody, UsageOrderBody
 from lts_server.web.services import SERVICES, Services
-from lts_server.web.stats import item_status
+from lts_server.web.stats import item_status, problems_first
 
 
 async def requests_today(services: Services) -> dict[str, int]:
@@ -187,7 +187,7 @@ async def upload_license(request: web.Request) -> web.Response:
 
 async def list_items(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    return web.json_response({"items": [item_status(services, i) for i in sorted(services.ledger.items)]})
+    return web.json_response({"items": problems_first([item_status(services, i) for i in services.ledger.items])})
 
 
 def _item(services: Services, item_id: str) -> str:

@@ -6,8 +6,9 @@ import msgspec
 from aiohttp import web
 
 import lts_server
-from lts_server.web import admin, auth, connections, device, openapi, portal, stats, usage
+from lts_server.web import admin, alerts, auth, connections, device, metrics, openapi, portal, stats, usage
 from lts_server.web.errors import errors_middleware
+from lts_server.web.portal import alerts as portal_alerts
 from lts_server.web.schemas import ServerInfo
 from lts_server.web.services import SERVICES, Services
 
@@ -42,7 +43,8 @@ async def servers(request: web.Request) -> web.Response:
 
 def create_app(services: Services, admin_port: int | None = None) -> web.Application:
     """The application; with admin_port set, admin paths answer only on that port."""
-    middlewares = [connections.track_requests, portal.security_headers, errors_middleware]
+    middlewares = [connections.track_requests, portal.security_headers, metrics.device_metrics, errors_middleware,
+                   portal.html_errors]
     if admin_port is not None:
         middlewares.append(_admin_only_on(admin_port))
     middlewares.append(auth.auth_middleware)
@@ -81,14 +83,18 @@ def create_app(services: Services, admin_port: int | None = None) -> web.Applica
     app.router.add_get("/api/v1/admin/stats/codes/{code}", stats.code_stats)
     app.router.add_get("/api/v1/admin/stats/items/{item_id}", stats.item_stats)
     app.router.add_get("/api/v1/openapi.json", openapi.handler)
+    alerts.add_routes(app)
+    app.router.add_get("/metrics", metrics.handler(admin_port))
     portal.add_routes(app)
+    portal_alerts.add_routes(app)
     return app
 
 
 def _admin_only_on(admin_port: int):  # noqa: ANN202
     @web.middleware
     async def middleware(request: web.Request, handler):  # noqa: ANN001, ANN202
-        if request.path.startswith(auth.ADMIN_PREFIX) or request.path.startswith("/portal"):
+        path = request.path
+        if path.startswith(auth.ADMIN_PREFIX) or path.startswith("/portal") or path == "/metrics":
             sockname = request.transport.get_extra_info("sockname") if request.transport else None
             if not sockname or sockname[1] != admin_port:
                 raise web.HTTPNotFound(text="not found: the admin API is served on its own address")

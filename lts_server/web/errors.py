@@ -58,6 +58,18 @@ def decode_json(body: bytes, kind: type) -> object:
         raise validation_error(e) from None
 
 
+CLIENT_GONE = "the connection was closed before the request was complete"
+
+
+def client_gone(request: web.Request, error: Exception) -> bool:
+    """Whether the error is the client going away mid-request (say, mid-body): its business, not a fault
+    of ours, so one rate-limited line instead of a traceback."""
+    if isinstance(error, ConnectionError) and (request.transport is None or request.transport.is_closing()):
+        logs.event_limited("http.client_gone", path=request.path, error=str(error))
+        return True
+    return False
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -91,9 +103,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except JobFailed as e:
         return error_response(500, str(e))
     except Exception as e:  # the client gets a line, the log gets the traceback
-        if isinstance(e, ConnectionError) and (request.transport is None or request.transport.is_closing()):
-            # The client went away mid-request (say, mid-body): its business, not a fault of ours.
-            logs.event_limited("http.client_gone", path=request.path, error=str(e))
-            return error_response(400, "the connection was closed before the request was complete")
+        if client_gone(request, e):
+            return error_response(400, CLIENT_GONE)
         logs.log.exception("http.internal_error", extra={"fields": {"path": request.path}})
         return error_response(500, f"internal error ({type(e).__name__}); see the server log")

@@ -15,7 +15,8 @@ from aiohttp import web
 
 import lts_server
 from lts_server.core.usage import BUCKETS
-from lts_server.web import schemas
+from lts_server.metrics import CONTENT_TYPE as METRICS_TYPE
+from lts_server.web import alerts, schemas
 
 REF = "#/components/schemas/{name}"
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -28,7 +29,7 @@ DATE_TIME = {"type": "string", "format": "date-time"}
 
 # What each status means, for every operation that can return it.
 STATUS_TEXT = {
-    "200": "OK", "201": "Created", "400": "Malformed request: the message (and `field`) say what",
+    "200": "OK", "201": "Created", "202": "Accepted: under way", "400": "Malformed request: the message (and `field`) say what",
     "401": "Missing, unknown or expired admin token (login: wrong password; usage: no X-LTS-Report-MAC)",
     "403": "Admin setup required (device endpoints: a licensing refusal, code 100-151)",
     "404": "No such thing", "408": "The request head or body did not arrive in time",
@@ -139,6 +140,27 @@ ROUTES: list[Route] = [
           statuses=("200", "404"), params=STATS_QUERY),
     Route("/api/v1/admin/events", "get", "Export the event log: NDJSON, or CSV with Accept: text/csv", admin=True,
           params=EVENTS_QUERY, produces=("application/x-ndjson", "text/csv")),
+    Route("/api/v1/admin/alerts", "get", "Alert settings: recipients, webhooks, conditions, SMTP", admin=True),
+    Route("/api/v1/admin/alerts/recipients", "get", "E-mail recipients of alerts", admin=True),
+    Route("/api/v1/admin/alerts/recipients", "put", "Set the recipients (separated by semicolons)",
+          alerts.RecipientsBody, admin=True),
+    Route("/api/v1/admin/alerts/webhooks", "get", "Alert webhooks", admin=True),
+    Route("/api/v1/admin/alerts/webhooks", "post", "Add a webhook; its signing secret is in this answer only",
+          alerts.WebhookBody, admin=True, statuses=("201",)),
+    Route("/api/v1/admin/alerts/webhooks/{webhook_id}", "delete", "Remove a webhook", admin=True,
+          statuses=("200", "404")),
+    Route("/api/v1/admin/alerts/conditions", "get", "Which conditions alert", admin=True),
+    Route("/api/v1/admin/alerts/conditions", "put", "Switch conditions on or off: {\"seats\": true, ...}",
+          dict[str, bool], admin=True),
+    Route("/api/v1/admin/alerts/test", "post", "Send a test notification to every recipient and webhook",
+          admin=True, statuses=("202",)),
+    Route("/api/v1/admin/alerts/check", "post", "Check the alert conditions now", admin=True),
+    Route("/api/v1/admin/alerts/open", "get", "Conditions met at the last check", admin=True),
+    Route("/api/v1/admin/alerts/history", "get", "Sent alerts, newest first, with each delivery's state",
+          admin=True, params=(query("limit", "At most this many (1-200, default 50)", {"type": "integer"}),
+                              query("before", "Only alerts older than this id (paging)", {"type": "integer"}))),
+    Route("/metrics", "get", "Prometheus metrics: a bearer token ([metrics] token_file, or an admin token) on the "
+          "device listener", statuses=("200", "401", "404"), produces=(METRICS_TYPE.split(";")[0],)),
 ]
 
 

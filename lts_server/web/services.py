@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from lts_server.alerts import Alerter
 from lts_server.config import Config
 from lts_server.identity import Identity
 from lts_server.importer import Importer
 from lts_server.ledger import Ledger
+from lts_server.metrics import Metrics
 from lts_server.signer import BatchSigner
 from lts_server.store import Store
 
@@ -23,6 +25,8 @@ class Services:
     ledger: Ledger
     importer: Importer
     signer: BatchSigner
+    alerts: Alerter
+    metrics: Metrics
     started: float = field(default_factory=time.monotonic)
     # A standby whose main server is up does not serve devices.
     main_is_up: bool = False

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from aiohttp import web
 
 from lts_server.core.model import Counts, hard_limit
+from lts_server.core.state import SEVERITY, ItemState, item_state
 from lts_server.core.times import from_ms, iso, parse_iso, to_ms
 from lts_server.core.usage import BUCKETS, bucket_start, tolerance
 from lts_server.store import EventQuery, RollupRow
@@ -121,6 +122,9 @@ def item_status(services: Services, item_id: str) -> dict:
         "daysToExpiry": (item.expires_at - now).days,
         "revoked": status.revoked,
     }
+    view = item_state(item, status, now)
+    out["state"] = view.state.value
+    out["stateDetail"] = view.detail
     counts = item.rules.counts
     if counts is Counts.SEATS:
         out["seats"] = {"used": status.seats_used, "quantity": item.quantity,
@@ -135,6 +139,11 @@ def item_status(services: Services, item_id: str) -> dict:
     if item.domain:
         out["domain"] = item.domain
     return out
+
+
+def problems_first(statuses: list[dict]) -> list[dict]:
+    """Item statuses with the most pressing state first, then by item id."""
+    return sorted(statuses, key=lambda s: (SEVERITY[ItemState(s["state"])], s["itemId"]))
 
 
 def usage_text(status: dict) -> str:

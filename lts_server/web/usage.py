@@ -45,6 +45,7 @@ async def report_usage(request: web.Request) -> web.Response:
         records=tuple(UsageRecord(r.slot, r.product, r.operation, r.count, r.item_id) for r in parsed.records),
     )
     outcome = await services.ledger.report_usage(report)
+    services.alerts.after_usage(outcome.charged)
     if outcome.refusal is not None:
         return web.Response(status=403, body=b'{"error":' + _encoder.encode(outcome.refusal.to_json()) + b"}",
                             headers=JSON)

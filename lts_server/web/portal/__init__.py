@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import secrets
 import urllib.parse
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,17 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
+from lts_server import logs
+
 from lts_server.core.codes import CodeError, CodeFields
+from lts_server.core.state import ItemState
 from lts_server.core.times import iso
 from lts_server.ledger import NotFound
 from lts_server.licensefile import MAX_FILE_BYTES
 from lts_server.web import auth
 from lts_server.web.admin import code_json, default_code_refusal, requests_today, status_json
-from lts_server.web.errors import ApiError
-from lts_server.web.portal.charts import GRANTED, REFUSED, Slice, donut, trend
+from lts_server.web.errors import CLIENT_GONE, ApiError, client_gone
+from lts_server.web.portal.charts import GRANTED, REFUSED, UNITS, Line, Slice, donut, trend
 from lts_server.web.services import SERVICES, Services
 from lts_server.web.stats import (
     EARLIEST,
@@ -35,6 +39,7 @@ from lts_server.web.stats import (
     check_span,
     compute_stats,
     item_status,
+    problems_first,
     query_time,
     usage_text,
 )
@@ -43,6 +48,8 @@ HERE = Path(__file__).parent
 SESSION = "lts_session"
 PRE_CSRF = "lts_csrf"
 FLASH = "lts_flash"
+ROWS_PER_PAGE = 24
+ITEMS_PER_PAGE = 50
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
 
@@ -60,6 +67,40 @@ async def security_headers(request: web.Request, handler):  # noqa: ANN001, ANN2
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers.setdefault("Cache-Control", "no-store")
     return response
+
+
+ERROR_HEADINGS = {400: "That request is not valid", 403: "Not allowed", 404: "Not found",
+                  405: "Not allowed here", 413: "Too large", 500: "Something went wrong"}
+
+
+@web.middleware
+async def html_errors(request: web.Request, handler):  # noqa: ANN001, ANN201
+    """Portal failures as HTML pages (not the API's JSON): 404 for unknown pages, codes and items, 500 for bugs."""
+    if not request.path.startswith("/portal"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = e.text if e.text and not e.text.startswith(f"{e.status}:") else (
+            "There is no such page in the portal." if e.status == 404 else e.reason)
+        return _error_page(request, e.status, message)
+    except ApiError as e:  # a refusal from the shared operations (the API's JSON errors)
+        return _error_page(request, e.status, e.message)
+    except Exception as e:  # the admin gets a page, the log gets the traceback
+        if client_gone(request, e):
+            return _error_page(request, 400, CLIENT_GONE)
+        logs.log.exception("portal.internal_error", extra={"fields": {"path": request.path}})
+        return _error_page(request, 500, "The server failed on this page; the server log has the details.")
+
+
+def _error_page(request: web.Request, status: int, message: str) -> web.Response:
+    logged_in = bool(request.cookies.get(SESSION))
+    return _render(request, "error.html", ERROR_HEADINGS.get(status, f"Error {status}"), http_status=status,
+                   heading=ERROR_HEADINGS.get(status, f"Error {status}"), message=message, logged_in=logged_in,
+                   csrf="", back="/portal/" if logged_in else "/portal/login",
+                   back_label="Back to Home" if logged_in else "Log in")
 
 
 def _csrf_for(services: Services, token_hash: str) -> str:
@@ -143,28 +184,11 @@ async def _form(request: web.Request) -> tuple[dict[str, Any], Any]:
 async def index(request: web.Request) -> web.Response:
     page = await _logged_in(request)
     services = request.app[SERVICES]
-    ledger = services.ledger
     status = await status_json(services)  # the same figures as the API
-    warnings = []
-    for item_id in sorted(ledger.items):
-        s = item_status(services, item_id)
-        days = s["daysToExpiry"]
-        if 0 <= days <= 30:
-            warnings.append(f"Item {item_id} ({s['product']}) expires in {days} days, on {s['expiresAt'][:10]}.")
-        elif days < 0:
-            warnings.append(f"Item {item_id} ({s['product']}) expired on {s['expiresAt'][:10]}.")
-        for key in ("seats", "units"):
-            if key in s and s[key]["used"] >= 0.8 * s[key]["quantity"]:
-                quota = s[key]["quantity"]
-                warnings.append(f"Item {item_id} has used {s[key]['used']:,} of {quota:,} {key} "
-                                f"({100 * s[key]['used'] // max(1, quota)}%).")
-        if s.get("overuse", {}).get("overused"):
-            warnings.append(f"Item {item_id} is overused: only its quantity of devices or instances is granted.")
-    for record in ledger.open_rejections():
-        warnings.append(f"License file {record.path} was rejected: {record.reason}")
+    _, met = await services.alerts.current()  # the same conditions the alert checks see
     seconds = status["uptimeSeconds"]
     uptime = f"{seconds // 86400} d {seconds % 86400 // 3600} h {seconds % 3600 // 60} min"
-    return _render(request, "home.html", "Home", nav="home", status=status, warnings=warnings, uptime=uptime, **page)
+    return _render(request, "home.html", "Home", nav="home", status=status, met=met, uptime=uptime, **page)
 
 
 async def setup_page(request: web.Request) -> web.Response:
@@ -240,8 +264,38 @@ async def security_submit(request: web.Request) -> web.Response:
 
 # -- items -------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Pager:
+    total: int
+    first: int  # 1-based index of the first row shown
+    last: int
+    page: int
+    pages: int
+    previous: str | None  # link, when there is such a page
+    next: str | None
+
+
+def _paged(request: web.Request, rows: list[Any], per_page: int) -> tuple[list[Any], Pager]:
+    """The rows of the page named by ?page= (other query parameters kept in the links)."""
+    pages = max(1, -(-len(rows) // per_page))
+    raw = request.query.get("page", "1")
+    number = min(pages, max(1, int(raw))) if raw.isdigit() else 1
+    shown = rows[(number - 1) * per_page:number * per_page]
+    query = {k: v for k, v in request.query.items() if k != "page"}
+
+    def link(n: int) -> str | None:
+        return "?" + urllib.parse.urlencode({**query, "page": n}) if 1 <= n <= pages else None
+
+    first = (number - 1) * per_page + 1
+    return shown, Pager(len(rows), first, first + len(shown) - 1, number, pages, link(number - 1), link(number + 1))
+
+
+def _for_people(status: dict[str, Any]) -> dict[str, Any]:
+    return {**status, "usage": usage_text(status), "stateLabel": ItemState(status["state"]).label}
+
+
 def _items(services: Services) -> list[dict[str, Any]]:
-    return [{**s, "usage": usage_text(s)} for s in (item_status(services, i) for i in sorted(services.ledger.items))]
+    return [_for_people(s) for s in problems_first([item_status(services, i) for i in services.ledger.items])]
 
 
 async def items_page(request: web.Request) -> web.Response:
@@ -249,7 +303,8 @@ async def items_page(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     rejected = [{"path": r.path, "reason": r.reason, "seenAt": iso(r.seen_at)[:19].replace("T", " ")}
                 for r in services.ledger.open_rejections()]
-    return _render(request, "items.html", "License items", nav="items", items=_items(services), rejected=rejected,
+    items, pager = _paged(request, _items(services), ITEMS_PER_PAGE)
+    return _render(request, "items.html", "License items", nav="items", items=items, pager=pager, rejected=rejected,
                    **page)
 
 
@@ -284,8 +339,9 @@ async def codes_page(request: web.Request) -> web.Response:
     page = await _logged_in(request)
     services = request.app[SERVICES]
     today = await requests_today(services)
-    codes = [await code_json(services, c, today) for c in sorted(services.ledger.codes.values(), key=lambda c: c.name)]
-    return _render(request, "codes.html", "Handshake codes", nav="codes", codes=codes, **page)
+    names, pager = _paged(request, sorted(services.ledger.codes), ITEMS_PER_PAGE)
+    codes = [await code_json(services, services.ledger.codes[n], today) for n in names]
+    return _render(request, "codes.html", "Handshake codes", nav="codes", codes=codes, pager=pager, **page)
 
 
 def _lines(value: Any) -> tuple[str, ...]:
@@ -434,10 +490,19 @@ async def _stats_page(request: web.Request, scope: str, key: str, subject: str,
               for label, s in (("All history", summary["all"]), ("Selected period", summary["period"]),
                                ("Today", summary["today"]))]
     series = body["series"]
-    points = [(b["start"][5:16].replace("T", " "), b["granted"], b["refused"]) for b in series]
-    rows = [b for b in series if b["granted"] or b["refused"] or b["units"] or b["devices"]]
+    labels = [b["start"][5:16].replace("T", " ") for b in series]
+    handshakes = trend(labels, [Line("granted", GRANTED, [b["granted"] for b in series]),
+                                Line("refused", REFUSED, [b["refused"] for b in series])],
+                       "Granted and refused handshakes per bucket")
+    unit_counts = [b["units"] for b in series]
+    counts_units = any(i.get("units") for i in items) or any(unit_counts)
+    units = trend(labels, [Line("units", UNITS, unit_counts)], "Units (scans, pages) per bucket") if counts_units else None
+    # Long tables are paged: a week of 2-hour buckets is up to 84 rows.
+    shown, pager = _paged(request, [b for b in series if b["granted"] or b["refused"] or b["units"] or b["devices"]],
+                          ROWS_PER_PAGE)
     return _render(request, "stats.html", f"Statistics of {subject}", nav="codes" if scope == "code" else "items",
-                   subject=subject, items=items, donuts=donuts, trend=trend(points), rows=rows,
+                   subject=subject, items=items, donuts=donuts, trend=handshakes, units_trend=units, rows=shown,
+                   pager=pager, summary=summary,
                    day=day.strftime("%Y-%m-%d") if day else None, from_day=start.strftime("%Y-%m-%d"),
                    to_day=(end - timedelta(days=1)).strftime("%Y-%m-%d"), **page)
 
@@ -446,8 +511,11 @@ async def code_stats_page(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     name = request.match_info["name"]
     code = services.ledger.codes.get(name)
-    items = [{**s, "usage": usage_text(s)} for s in (item_status(services, i) for i in services.ledger.ordered_items(code)
-                                                      if i in services.ledger.items)] if code else []
+    if code is None and not await services.store.rollup_series("code", name, "all", 0, 1):
+        await _logged_in(request)
+        raise web.HTTPNotFound(text=f"There is no handshake code {name}, and none by that name ever had requests.")
+    items = [_for_people(item_status(services, i)) for i in services.ledger.ordered_items(code)
+             if i in services.ledger.items] if code else []
     return await _stats_page(request, "code", name, f"handshake code {name}", items)
 
 
@@ -455,9 +523,9 @@ async def item_stats_page(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     item_id = request.match_info["item_id"]
     if item_id not in services.ledger.items:
-        raise _redirect("/portal/items", ("error", f"No item {item_id}."))
-    s = item_status(services, item_id)
-    return await _stats_page(request, "item", item_id, f"item {item_id}", [{**s, "usage": usage_text(s)}])
+        await _logged_in(request)
+        raise web.HTTPNotFound(text=f"There is no license item {item_id}.")
+    return await _stats_page(request, "item", item_id, f"item {item_id}", [_for_people(item_status(services, item_id))])
 
 
 def add_routes(app: web.Application) -> None:

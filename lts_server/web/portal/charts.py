@@ -10,6 +10,7 @@ from markupsafe import Markup, escape
 GRANTED = "#2f7d4a"
 REFUSED = "#c0392b"
 EMPTY = "#d9dde3"
+UNITS = "#1f5fa8"
 
 
 @dataclass(frozen=True)
@@ -43,27 +44,61 @@ def donut(slices: list[Slice], title: str, size: int = 140) -> Markup:
     return Markup("".join(parts))
 
 
-def trend(points: list[tuple[str, int, int]], width: int = 720, height: int = 180) -> Markup:
-    """Granted and refused per bucket as two lines; points are (label, granted, refused)."""
-    if not points:
+@dataclass(frozen=True)
+class Line:
+    name: str
+    color: str
+    values: list[int]
+
+
+def _nice_top(value: int) -> int:
+    """The smallest 1, 2, 2.5 or 5 x 10^n at or above value, so gridlines fall on round numbers."""
+    if value <= 4:
+        return 4
+    magnitude = 10 ** (len(str(value)) - 1)
+    for step in (1, 2, 2.5, 5, 10):
+        if value <= step * magnitude:
+            return int(step * magnitude)
+    return value
+
+
+def trend(labels: list[str], lines: list[Line], title: str, width: int = 720, height: int = 200) -> Markup:
+    """Lines over buckets with gridlines and values on the y axis; hovering a point shows its values."""
+    if not labels:
         return Markup('<p class="muted">No data in this period.</p>')
-    top = max(1, *(g for _, g, _ in points), *(r for _, _, r in points))
-    pad_l, pad_b, pad_t = 40, 20, 10
+    top = _nice_top(max(1, *(v for line in lines for v in line.values)))
+    pad_l, pad_b, pad_t = 56, 20, 10
     inner_w, inner_h = width - pad_l - 10, height - pad_b - pad_t
-    step = inner_w / max(1, len(points) - 1)
+    step = inner_w / max(1, len(labels) - 1)
 
-    def line(index: int, color: str, name: str) -> str:
-        coords = " ".join(
-            f"{pad_l + i * step:.1f},{pad_t + inner_h - inner_h * p[index] / top:.1f}" for i, p in enumerate(points))
-        return f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{coords}"><title>{name}</title></polyline>'
+    def x(i: int) -> float:
+        return pad_l + i * step
 
-    label_every = max(1, len(points) // 6)
-    labels = "".join(
-        f'<text x="{pad_l + i * step:.1f}" y="{height - 4}" class="axis" text-anchor="middle">{escape(p[0])}</text>'
-        for i, p in enumerate(points) if i % label_every == 0)
+    def y(v: int) -> float:
+        return pad_t + inner_h - inner_h * v / top
+
+    grid = []
+    for k in range(5):
+        v = top * k // 4
+        grid.append(f'<line x1="{pad_l}" y1="{y(v):.1f}" x2="{width - 10}" y2="{y(v):.1f}" class="gridline"/>'
+                    f'<text x="{pad_l - 6}" y="{y(v) + 3:.1f}" class="axis" text-anchor="end">{v:,}</text>')
+    drawn = []
+    for line in lines:
+        coords = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(line.values))
+        drawn.append(f'<polyline fill="none" stroke="{line.color}" stroke-width="2" points="{coords}">'
+                     f"<title>{escape(line.name)}</title></polyline>")
+    # One invisible hover target per bucket, naming every line's value there.
+    targets = "".join(
+        f'<rect x="{x(i) - step / 2:.1f}" y="{pad_t}" width="{max(step, 1):.1f}" height="{inner_h}" class="hover">'
+        f"<title>{escape(label)}: " + ", ".join(f"{escape(line.name)} {line.values[i]:,}" for line in lines)
+        + "</title></rect>"
+        for i, label in enumerate(labels))
+    label_every = max(1, len(labels) // 6)
+    ticks = "".join(
+        f'<text x="{x(i):.1f}" y="{height - 4}" class="axis" text-anchor="middle">{escape(label)}</text>'
+        for i, label in enumerate(labels) if i % label_every == 0)
     return Markup(
         f'<svg class="trend" role="img" viewBox="0 0 {width} {height}" width="100%" preserveAspectRatio="none">'
-        f"<title>Granted and refused handshakes per bucket</title>"
+        f"<title>{escape(title)}</title>{''.join(grid)}"
         f'<line x1="{pad_l}" y1="{pad_t + inner_h}" x2="{width - 10}" y2="{pad_t + inner_h}" stroke="#999"/>'
-        f'<text x="4" y="{pad_t + 8}" class="axis">{top:,}</text><text x="4" y="{pad_t + inner_h}" class="axis">0</text>'
-        f"{line(1, GRANTED, 'granted')}{line(2, REFUSED, 'refused')}{labels}</svg>")
+        f"{''.join(drawn)}{targets}{ticks}</svg>")
