@@ -15,8 +15,8 @@ import aiohttp
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from lts_server import identity, licensefile, logs
 from lts_server import config as config_mod
+from lts_server import identity, licensefile, logs
 from lts_server.alerts import Alerter
 from lts_server.config import Config
 from lts_server.core.times import to_ms, utcnow

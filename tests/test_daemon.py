@@ -182,11 +182,15 @@ def test_unusable_state_folder_is_a_clear_start_error(tmp_path: Path, vendor: Ve
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_systemd_unit_verifies(tmp_path: Path) -> None:
-    unit = (ROOT / "systemd" / "lts-server.service").read_text()
+@pytest.mark.parametrize(("name", "verified_as"), [("lts-server.service", "lts-server.service"),
+                                                    ("lts-server@.service", "lts-server@node1.service")])
+def test_systemd_unit_verifies(tmp_path: Path, name: str, verified_as: str) -> None:
+    unit = (ROOT / "systemd" / name).read_text()
     lts = shutil.which("lts-server") or str(Path(__import__("sys").executable).parent / "lts-server")
-    (tmp_path / "lts-server.service").write_text(unit.replace("/opt/lts-server/bin/lts-server", lts))
-    proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "lts-server.service")],
+    (tmp_path / name).write_text(unit.replace("/opt/lts-server/bin/lts-server", lts))
+    if verified_as != name:  # a template is verified through an instance of it
+        (tmp_path / verified_as).symlink_to(tmp_path / name)
+    proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / verified_as)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     for setting in ("Type=notify", "WatchdogSec=", "DynamicUser=yes", "StateDirectory=lts-server",

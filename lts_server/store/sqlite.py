@@ -6,7 +6,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,13 +14,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from lts_server.store import (
-    EventQuery,
-    Reloaded,
-    RollupResult,
-    RollupRow,
     SchemaTooNew,
-    Snapshot,
-    StoredEvent,
     StoreError,
     StoreFull,
     StoreUnavailable,
@@ -59,7 +53,7 @@ def _translate(e: sqlite3.Error, path: Path) -> StoreError:
     return StoreError(f"database {path}: {text}")
 
 
-class SQLiteStore(AlertOperations):
+class SQLiteStore(sql.Operations, AlertOperations):
     shared = False  # this process is the only writer
 
     def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
@@ -118,10 +112,10 @@ class SQLiteStore(AlertOperations):
                 f"database {self.path} has schema version {current}, but this lts-server "
                 f"knows versions up to {len(known)}: upgrade lts-server or restore a matching backup"
             )
-        for version, _name, sql in known[current:]:
+        for version, _name, script in known[current:]:
             try:
                 await db.executescript(
-                    f"BEGIN IMMEDIATE;\n{sql}\nINSERT INTO schema_version (version) VALUES ({version});\nCOMMIT;"
+                    f"BEGIN IMMEDIATE;\n{script}\nINSERT INTO schema_version (version) VALUES ({version});\nCOMMIT;"
                 )
             except sqlite3.Error:
                 if db.in_transaction:
@@ -173,16 +167,14 @@ class SQLiteStore(AlertOperations):
         con.commit()
         return result
 
-    async def _call(self, proc: sql.Procedure[T]) -> T:
+    async def _call(self, proc: sql.Procedure[T], lock: int | None = None) -> T:
+        # One process writes a SQLite database: nothing to take turns with, the lock is not needed.
         try:
             # aiosqlite runs every call on its one thread, in order; _execute
             # runs a whole transaction there instead of one hop per statement.
             return await self.db._execute(self._run, proc)
         except sqlite3.Error as e:
             raise _translate(e, self.path) from None
-
-    async def load(self) -> Snapshot:
-        return await self._call(sql.load_snapshot())
 
     async def write(self, batch: WriteBatch, pipeline: int | None = None) -> None:
         """Make the batch durable in one transaction, in one hop to the database thread.
@@ -210,54 +202,6 @@ class SQLiteStore(AlertOperations):
             if pipeline is not None:
                 self._failed_pipeline = pipeline
             raise
-
-    async def reload(self, items: set[str], clients: set[str]) -> Reloaded:
-        return await self._call(sql.reload(items, clients))
-
-    async def load_catalog(self) -> Snapshot:
-        return await self._call(sql.load_catalog())
-
-    async def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]:
-        """Stream events in order, a page at a time, so memory stays flat."""
-        after = 0
-        while page := await self._call(sql.events_page(query, after)):
-            for event in page:
-                yield event
-            after = page[-1].seq
-
-    async def report_seen(self, report_id: str) -> bool:
-        return await self._call(sql.report_seen(report_id))
-
-    async def rollup_lag(self) -> int:
-        return await self._call(sql.rollup_lag())
-
-    async def roll_up(self, quantities: dict[str, tuple[str, int]], limit: int = 50_000) -> RollupResult:
-        """Fold the next events of the log into the rollups, in one transaction."""
-        return await self._call(sql.roll_up(quantities, limit))
-
-    async def rollups_at(self, scope: str, size: str, bucket_ms: int) -> dict[str, RollupRow]:
-        return await self._call(sql.rollups_at(scope, size, bucket_ms))
-
-    async def rollup_series(self, scope: str, key: str, size: str, start_ms: int, end_ms: int) -> list[RollupRow]:
-        return await self._call(sql.rollup_series(scope, key, size, start_ms, end_ms))
-
-    async def prune_rollup_marks(self, before_ms: int) -> int:
-        return await self._call(sql.prune_rollup_marks(before_ms))
-
-    async def admin_password_hash(self) -> str | None:
-        return await self._call(sql.admin_password_hash())
-
-    async def set_admin_password(self, password_hash: str, at_ms: int, only_if_unset: bool = False) -> bool:
-        return await self._call(sql.set_admin_password(password_hash, at_ms, only_if_unset))
-
-    async def add_admin_token(self, token_hash: str, at_ms: int, expires_ms: int) -> None:
-        await self._call(sql.add_admin_token(token_hash, at_ms, expires_ms))
-
-    async def admin_token_expiry(self, token_hash: str) -> int | None:
-        return await self._call(sql.admin_token_expiry(token_hash))
-
-    async def delete_admin_token(self, token_hash: str) -> None:
-        await self._call(sql.delete_admin_token(token_hash))
 
 
 def drive(con: sqlite3.Connection, proc: sql.Procedure[T]) -> T:
