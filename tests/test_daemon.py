@@ -275,10 +275,11 @@ def test_print_uuid_without_config_says_what_to_do(tmp_path: Path) -> None:
     assert "--config PATH" in proc.stderr and "config/demo.toml" in proc.stderr
 
 
-def test_systemd_documentation_points_at_files_the_package_installs() -> None:
+@pytest.mark.parametrize("unit_name", ["lts-server.service", "lts-server@.service"])
+def test_systemd_documentation_points_at_files_the_package_installs(unit_name: str) -> None:
     import tomllib
 
-    unit = (ROOT / "systemd" / "lts-server.service").read_text()
+    unit = (ROOT / "systemd" / unit_name).read_text()
     docs = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("Documentation=")]
     installed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
     files = [d.removeprefix("file:///opt/lts-server/") for d in docs if d.startswith("file:")]
