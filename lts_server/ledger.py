@@ -15,7 +15,7 @@ import asyncio
 import dataclasses
 import heapq
 from collections import deque
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -109,9 +109,11 @@ JOB_REFUSALS: tuple[type[Exception], ...] = (CodeError, NotFound, UsageError)
 
 @dataclass
 class _Job(Generic[T]):
-    run: Callable[[datetime, WriteBatch, Undo], T]
+    run: Callable[[datetime, WriteBatch, Undo], T] | None
     future: asyncio.Future[T]
     retries: int = 0
+    # Instead of run: awaited by the writer once every commit before it is settled, before any later job.
+    barrier: Callable[[], Awaitable[T]] | None = None
 
 
 @dataclass
@@ -179,8 +181,6 @@ class Ledger:
         self._closed = False
         self._pipeline = 0
         self._retry: list[_Job[Any]] = []
-        # Counts the re-reads after conflicts, so the follower never applies rows read before one.
-        self._rereads = 0
         self.licenses: dict[str, LicenseRecord] = {}
         self.items: dict[str, Item] = {}
         self.statuses: dict[str, ItemStatus] = {}
@@ -225,11 +225,16 @@ class Ledger:
         self._closed = True
         if self._writer is None:
             return
-        await self._queue.join()
+        # Every queued job done - or the writer gone, when a bug stopped it (then nothing is left to wait for).
+        joined = asyncio.ensure_future(self._queue.join())
+        await asyncio.wait([joined, self._writer], return_when=asyncio.FIRST_COMPLETED)
+        joined.cancel()
         self._writer.cancel()
         try:
             await self._writer
         except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: S110 - a writer that stopped on a bug was logged by _writer_stopped
             pass
         self._writer = None
 
@@ -273,18 +278,51 @@ class Ledger:
                         self._settle(flight)
                 # Jobs to decide again go first: they were queued before anything still waiting.
                 jobs, self._retry = self._retry, []
+                barrier: _Job[Any] | None = None
                 if getter is not None and getter.done():
-                    jobs.append(getter.result())
+                    job = getter.result()
                     getter = None
-                    while len(jobs) < MAX_BATCH and not self._queue.empty():
-                        jobs.append(self._queue.get_nowait())
+                    while True:
+                        if job.barrier is not None:
+                            barrier = job
+                            break
+                        jobs.append(job)
+                        if len(jobs) >= MAX_BATCH or self._queue.empty():
+                            break
+                        job = self._queue.get_nowait()
                 if jobs:
                     flight = self._start(jobs)
                     if flight is not None:
                         flights.append(flight)
+                if barrier is not None:
+                    await self._drain(flights)
+                    await self._pass_barrier(barrier)
         finally:
             if getter is not None:
                 getter.cancel()
+
+    async def _drain(self, flights: deque[_Flight]) -> None:
+        """Wait for every commit in flight, settling or recovering each as the loop does."""
+        while flights:
+            await asyncio.wait([flights[0].write])
+            flight = flights.popleft()
+            if flight.write.cancelled() or flight.write.exception() is not None:
+                await self._recover([flight, *flights])
+                flights.clear()
+            else:
+                self._settle(flight)
+
+    async def _pass_barrier(self, job: _Job[Any]) -> None:
+        assert job.barrier is not None
+        try:
+            result = await job.barrier()
+        except Exception as e:
+            if not job.future.done():  # its caller may have gone (a cancelled follower)
+                job.future.set_exception(e)
+        else:
+            if not job.future.done():
+                job.future.set_result(result)
+        self._queue.task_done()
 
     def _start(self, jobs: list[_Job[Any]]) -> _Flight | None:
         batch = WriteBatch(at=self.clock())
@@ -292,6 +330,7 @@ class Ledger:
         results: list[Any] = []
         for index, job in enumerate(jobs):
             batch.job = index
+            assert job.run is not None
             try:
                 results.append(job.run(self.clock(), batch, undo))
             except JOB_REFUSALS as refusal:
@@ -528,10 +567,12 @@ class Ledger:
 
     # -- other nodes (a shared store) ------------------------------------------------
 
-    async def follow(self, events: list[StoredEvent]) -> bool:
+    async def follow(self, events: list[StoredEvent]) -> None:
         """Take in what other nodes committed: their events name what changed, the rows are read again.
 
-        False when the rows read turned out older than what the ledger holds: call again."""
+        The rows are read and applied between two batches, with nothing of this
+        node in flight, so they are never older than what this node wrote.
+        """
         items: set[str] = set()
         clients: set[str] = set()
         reports: list[str] = []
@@ -546,23 +587,24 @@ class Ledger:
             if e.type == "usage.report" and e.detail:
                 reports.append(e.detail["reportId"])
         if not (items or clients or catalog):
-            return True
-        rereads = self._rereads
-        fresh = await self.store.load_catalog() if catalog else None
-        reloaded = await self.store.reload(items | self._items_held_by(clients), clients)
+            return
 
-        def run(now: datetime, batch: WriteBatch, undo: Undo) -> bool:
-            if self._rereads != rereads:
-                return False  # a conflict re-read newer rows meanwhile: these may be older, read again
+        async def read_and_apply() -> None:
             # Committed elsewhere: applied without an undo.
-            if fresh is not None:
-                self._apply_catalog(fresh)
-            self._apply_reloaded(reloaded, clients)
+            if catalog:
+                self._apply_catalog(await self.store.load_catalog())
+            self._apply_reloaded(await self.store.reload(items | self._items_held_by(clients), clients), clients)
             for report_id in reports:
-                self._recent_reports[report_id] = now
-            return True
+                self._recent_reports[report_id] = self.clock()
 
-        return await self.submit(run)
+        await self._barrier(read_and_apply)
+
+    async def _barrier(self, fn: Callable[[], Awaitable[T]]) -> T:
+        if self._closed or self._writer is None:
+            raise LedgerClosed("the server is shutting down")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Job(None, future, barrier=fn))
+        return await future
 
     async def _reread(self, batches: list[WriteBatch]) -> None:
         items: set[str] = set()
@@ -579,7 +621,6 @@ class Ledger:
                 if await self.store.report_seen(report.report_id):
                     self._recent_reports[report.report_id] = b.at or self.clock()
         self._apply_reloaded(await self.store.reload(items | self._items_held_by(clients), clients), clients)
-        self._rereads += 1
 
     def _items_held_by(self, clients: set[str]) -> set[str]:
         return {item_id for item_id, holders in self.seats.items() if any(c in holders for c in clients)}
@@ -596,11 +637,9 @@ class Ledger:
         for holders in self.seats.values():
             for client in clients:
                 holders.pop(client, None)
-        held: dict[tuple[str, str], AuthorizationRecord] = {}
         for code in self.codes:
             for client in clients:
-                if (mine := self.authorizations.pop((code, client), None)) is not None:
-                    held[(code, client)] = mine
+                self.authorizations.pop((code, client), None)
         for grants in self._concurrent_grants.values():
             for client in clients:
                 grants.pop(client, None)
@@ -608,9 +647,6 @@ class Ledger:
             self.seats.setdefault(seat.item_id, {})[seat.client_uuid] = seat
             heapq.heappush(self._expiries, (seat.expires_at, seat.item_id, seat.client_uuid))
         for auth in reloaded.authorizations:
-            mine = held.get((auth.code, auth.client_uuid))
-            if mine is not None and to_ms(mine.granted_at) > to_ms(auth.granted_at):
-                auth = mine  # granted after the rows were read: the newest grant's report key is the device's
             self.authorizations[(auth.code, auth.client_uuid)] = auth
             item = self.items.get(auth.item_id)
             if item is not None and item.rules.per_slice:

@@ -208,8 +208,8 @@ class Server:
         assert self.services is not None and isinstance(self._store, PostgresStore)
         async with self._follow_lock:
             changes = await self._store.changes_since(self._followed)
-            if changes.events and not await self.services.ledger.follow(changes.events):
-                return False  # a conflict re-read newer rows meanwhile: read again
+            if changes.events:
+                await self.services.ledger.follow(changes.events)
             done = changes.upto == self._followed
             self._followed = changes.upto
             return done
