@@ -1,0 +1,164 @@
+"""The price of zero oversell: three nodes fighting over one hot 100-seat item.
+
+    .venv/bin/python bench/cluster.py [--duration 10] [--concurrency 96] [--rounds 3] [--nodes 3]
+
+Each round starts a fresh database on a throwaway PostgreSQL server
+(tests/pg.py, fsync on), three daemons on it, and one license whose only item
+has 100 seats (110 with the grace). `--concurrency` client loops, spread
+round-robin over the nodes (loop i always asks node i mod N), send
+handshakes of new devices, one at a time each, for `--duration` seconds:
+the first 110 are granted, the rest refused with 120. Measured: the time from
+the first request to the 110th grant (and so grants per second while the
+seats fill), answered requests per second over the round and after the item
+is full, the answers by outcome, and that exactly 110 were granted - in the
+answers, the seats, the item's counter and the event log. Medians over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import pg  # noqa: E402  (tests/pg.py: a throwaway PostgreSQL server)
+from common import device_item, free_port, license_file, vendor_key, wait_listening, write_config  # noqa: E402
+
+SEATS = 100
+GRANTS = 110  # 100 seats + 10% grace
+CODE = "216998-HOT"
+
+
+def body(device: str, product: str = "barcode-reader") -> dict[str, str]:
+    return {"handshakeCode": CODE, "clientUuid": device, "product": product, "deploymentType": "browser"}
+
+
+async def outcome(session: aiohttp.ClientSession, port: int, payload: dict[str, str]) -> str:
+    async with session.post(f"http://127.0.0.1:{port}/api/v1/handshake", json=payload) as r:
+        answer = await r.json(content_type=None)
+        return "granted" if r.status == 200 else f"{r.status}/{answer.get('error', {}).get('code')}"
+
+
+async def knows_code(session: aiohttp.ClientSession, port: int, deadline: float) -> None:
+    """Wait until the node knows the hot code, without taking a seat: another product is refused with 106."""
+    while time.monotonic() < deadline:
+        try:
+            if await outcome(session, port, body("warm-up", "other-product")) == "403/106":
+                return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"node on port {port} never learned of the license")
+
+
+async def one_round(args: argparse.Namespace, server: pg.PgServer, folder: Path, lic: bytes,
+                    pub: Path) -> dict[str, object]:
+    url = await server.new_database()
+    nodes: list[tuple[subprocess.Popen[bytes], int]] = []
+    try:
+        for i in range(args.nodes):
+            port = free_port()
+            cfg = write_config(folder / f"node{i}", pub, port, url=url)
+            if i == 0:  # one node imports; the others learn of it from the database
+                (folder / f"node{i}" / "import" / "hot.lic").write_bytes(lic)
+            proc = subprocess.Popen([sys.executable, "-m", "lts_server", "--config", str(cfg)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            nodes.append((proc, port))
+        for proc, port in nodes:
+            wait_listening(port, proc)
+        ports = [port for _, port in nodes]
+        connector = aiohttp.TCPConnector(limit=args.concurrency)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+            deadline = time.monotonic() + 60
+            for port in ports:
+                await knows_code(session, port, deadline)
+            outcomes: collections.Counter[str] = collections.Counter()
+            grant_times: list[float] = []
+            answers_after_full = 0
+            start = time.monotonic()
+            end = start + args.duration
+
+            async def client(i: int) -> None:
+                nonlocal answers_after_full
+                n = 0
+                while time.monotonic() < end:
+                    n += 1
+                    try:
+                        result = await outcome(session, ports[i % len(ports)], body(f"hot-{i}-{n}"))
+                    except aiohttp.ClientError as e:
+                        result = f"error/{type(e).__name__}"
+                    outcomes[result] += 1
+                    if result == "granted":
+                        grant_times.append(time.monotonic() - start)
+                    elif len(grant_times) >= GRANTS:
+                        answers_after_full += 1
+
+            await asyncio.gather(*(client(i) for i in range(args.concurrency)))
+            elapsed = time.monotonic() - start
+            full_at = sorted(grant_times)[GRANTS - 1] if len(grant_times) >= GRANTS else float("nan")
+        conn = await asyncpg.connect(url)
+        try:
+            seats = await conn.fetchval("SELECT COUNT(*) FROM seats")
+            counter = await conn.fetchval("SELECT seats_used FROM items")
+            events = await conn.fetchval("SELECT COUNT(*) FROM events WHERE type = 'handshake' AND result = 0")
+        finally:
+            await conn.close()
+    finally:
+        for proc, _ in nodes:
+            proc.terminate()
+        for proc, _ in nodes:
+            proc.wait(30)
+    return {"full_s": full_at, "grants_per_s": GRANTS / full_at, "answered_per_s": sum(outcomes.values()) / elapsed,
+            "after_full_per_s": answers_after_full / max(1e-9, elapsed - full_at), "outcomes": outcomes,
+            "granted": (outcomes["granted"], seats, counter, events)}
+
+
+async def bench(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        key, pub = vendor_key(folder / "vendor")
+        lic = license_file(key, "HOT", [device_item("HOT-1", SEATS)])
+        server = pg.start(fsync=True)
+        try:
+            rounds = [await one_round(args, server, folder / f"round{r}", lic, pub) for r in range(args.rounds)]
+        finally:
+            server.stop()
+
+    def med(key: str) -> float:
+        return statistics.median(float(r[key]) for r in rounds)  # type: ignore[arg-type]
+
+    print(f"{args.nodes} nodes on one PostgreSQL database, one item of {SEATS} seats, {args.concurrency} client loops"
+          f" round-robin over the nodes, {args.duration} s, {args.rounds} rounds, medians:")
+    print(f"  110 seats filled in {med('full_s') * 1000:.0f} ms: {med('grants_per_s'):.0f} grants/s")
+    print(f"  answered {med('answered_per_s'):.0f} req/s over the round, {med('after_full_per_s'):.0f} req/s"
+          " once full (refusals are events too: they commit like grants)")
+    for i, r in enumerate(rounds):
+        answers, seats, counter, events = r["granted"]  # type: ignore[misc]
+        exact = "exact" if answers == seats == counter == events == GRANTS else "WRONG"
+        print(f"  round {i + 1}: granted answers {answers}, seats {seats}, counter {counter}, granted events {events}"
+              f" ({exact}); filled in {float(r['full_s']) * 1000:.0f} ms; answers {dict(r['outcomes'])}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--duration", type=int, default=10)
+    p.add_argument("--concurrency", type=int, default=96)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--nodes", type=int, default=3)
+    asyncio.run(bench(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
