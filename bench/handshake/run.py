@@ -201,7 +201,8 @@ def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, t
         return statistics.median(r[key] for r in t.rounds)
 
     bare = med(targets[0], "rps")
-    print(f"wrk -c{args.connections} -d{args.duration}s, {args.rounds} alternating rounds, medians;"
+    print(f"wrk -c{args.connections} -d{args.duration}s, {args.rounds} alternating rounds, medians; PostgreSQL fsync"
+          f" {args.fsync};"
           " CPU microseconds per granted handshake (per request for bare):")
     print(f"  {'target':12} {'req/s':>7} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8}"
           f" {'daemon us':>10} {'pg us':>7} {'lock held':>10} {'waiters':>8} {'grants/commit':>14}"
@@ -225,7 +226,7 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
     bare = subprocess.Popen([sys.executable, str(HERE / "bare.py"), str(bare_port), "600"])
     wait_listening(bare_port, bare)
     targets = [Target("bare", [bare_port], [bare], HERE / "post.lua")]
-    server = pg.start(fsync=True) if "postgresql" in stores else None
+    server = pg.start(fsync=args.fsync == "on") if "postgresql" in stores else None
     probe = None
     try:
         if "sqlite" in stores:
@@ -282,6 +283,8 @@ def main() -> None:
     p.add_argument("--stores", default="sqlite", help="comma-separated: sqlite, postgresql")
     p.add_argument("--workers", default="1,2", help="PostgreSQL: one daemon per count, with server.workers = N")
     p.add_argument("--nodes", type=int, default=2, help="PostgreSQL: N separate daemons on one database (0: none)")
+    p.add_argument("--fsync", choices=("on", "off"), default="on",
+                   help="PostgreSQL's fsync; off shows what the disk's flushes cost (not durable)")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
