@@ -126,6 +126,24 @@ async def sample_lock(conn: asyncpg.Connection, until: float) -> tuple[int, int,
     return samples, held, waiting
 
 
+async def round_trip_us(conn: asyncpg.Connection, count: int = 1000) -> float:
+    """Median time of one small conditional UPDATE inside a transaction, as the ledger's claims are sent.
+
+    Each claim costs such round trips while the cluster-wide write lock is held, so this, the
+    number of statements per commit and the flush time make up the lock's time.
+    """
+    await conn.execute("CREATE TEMPORARY TABLE rtt (id int PRIMARY KEY, n int)")
+    await conn.execute("INSERT INTO rtt VALUES (1, 0)")
+    times = []
+    async with conn.transaction():
+        for _ in range(count):
+            started = time.perf_counter()
+            await conn.execute("UPDATE rtt SET n = n + 1 WHERE id = $1 AND n < $2", 1, 1 << 30)
+            times.append(time.perf_counter() - started)
+    await conn.execute("DROP TABLE rtt")
+    return statistics.median(times) * 1e6
+
+
 async def measure(target: Target, duration: int, connections: int, server: pg.PgServer | None,
                   probe: asyncpg.Connection | None, probe_pid: int) -> None:
     daemon_pids = [p.pid for p in target.procs]
@@ -196,7 +214,8 @@ async def count_durable(target: Target) -> tuple[int, int]:
     return await target.conn.fetchval(seats), await target.conn.fetchval(events)
 
 
-def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, tuple[int, int]]) -> None:
+def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, tuple[int, int]],
+           rtt: list[float]) -> None:
     def med(t: Target, key: str) -> float:
         return statistics.median(r[key] for r in t.rounds)
 
@@ -213,6 +232,9 @@ def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, t
         print(f"  {t.name:12} {med(t, 'rps'):7.0f} {med(t, 'rps') / bare:6.2f} {med(t, 'p50'):7.2f}"
               f" {med(t, 'p99'):7.2f} {sum(r['non2xx'] + r['errors'] for r in t.rounds):8d}"
               f" {med(t, 'daemon_us'):10.0f}" + pg_cols)
+    if rtt:
+        print(f"  one statement's round trip to PostgreSQL inside a transaction (median of 1000, before and after"
+              f" the rounds): {rtt[0]:.0f} us, {rtt[1]:.0f} us")
     for t in targets[1:]:
         seats, events = durable[t.name]
         print(f"  {t.name}: durable: {seats} seats and {events} granted-handshake events committed")
@@ -250,9 +272,12 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
         for t in targets[1:]:
             warm_up(t)
         probe_pid = await probe.fetchval("SELECT pg_backend_pid()") if probe else 0
+        rtt = [await round_trip_us(probe)] if probe else []
         for _ in range(args.rounds):
             for t in targets:
                 await measure(t, args.duration, args.connections, server, probe, probe_pid)
+        if probe:
+            rtt.append(await round_trip_us(probe))
         durable = {t.name: await count_durable(t) for t in targets[1:]}
     finally:
         for t in targets:
@@ -268,7 +293,7 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
                 proc.wait(30)
         if server:
             server.stop()
-    report(args, targets, durable)
+    report(args, targets, durable, rtt)
     if "sqlite" in stores:
         con = sqlite3.connect(folder / "sqlite" / "state" / "lts-server.sqlite3")
         lag = con.execute("SELECT MAX(seq) - (SELECT last_seq FROM rollup_state) FROM events").fetchone()[0]
