@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -44,6 +45,22 @@ SEATS = 100
 GRANTS = 110  # 100 seats + 10% grace
 HOT = "216998-HOT"
 ROOMY = "216998-ROOMY"
+
+
+@dataclass
+class Round:
+    full_s: float  # from the first request to the 110th grant on the hot item
+    roomy_s: float  # the same clients to the first 110 grants on the item with room
+    answered_per_s: float
+    after_full_per_s: float
+    outcomes: collections.Counter[str]
+    seats: int
+    counter: int
+    events: int
+
+    @property
+    def exact(self) -> bool:
+        return self.outcomes["granted"] == self.seats == self.counter == self.events == GRANTS
 
 
 def body(code: str, device: str, product: str = "barcode-reader") -> dict[str, str]:
@@ -91,7 +108,7 @@ async def first_grants(session: aiohttp.ClientSession, ports: list[int], concurr
 
 
 async def one_round(args: argparse.Namespace, server: pg.PgServer, folder: Path, lics: list[bytes],
-                    pub: Path, roomy_first: bool) -> dict[str, object]:
+                    pub: Path, roomy_first: bool) -> Round:
     url = await server.new_database()
     nodes: list[tuple[subprocess.Popen[bytes], int]] = []
     try:
@@ -113,7 +130,8 @@ async def one_round(args: argparse.Namespace, server: pg.PgServer, folder: Path,
             for port in ports:
                 await knows_code(session, port, deadline)
             # Every client loop opens its connection and is answered a few times before anything is timed.
-            await asyncio.gather(*(outcome(session, ports[i % len(ports)], body(ROOMY, f"warm-{i}-{n}", "other-product"))
+            await asyncio.gather(*(outcome(session, ports[i % len(ports)],
+                                           body(ROOMY, f"warm-{i}-{n}", "other-product"))
                                    for n in range(3) for i in range(args.concurrency)))
             roomy_s = await first_grants(session, ports, args.concurrency) if roomy_first else 0.0
             outcomes: collections.Counter[str] = collections.Counter()
@@ -155,9 +173,8 @@ async def one_round(args: argparse.Namespace, server: pg.PgServer, folder: Path,
             proc.terminate()
         for proc, _ in nodes:
             proc.wait(30)
-    return {"full_s": full_at, "grants_per_s": GRANTS / full_at, "roomy_s": roomy_s, "price": full_at / roomy_s, "answered_per_s": sum(outcomes.values()) / elapsed,
-            "after_full_per_s": answers_after_full / max(1e-9, elapsed - full_at), "outcomes": outcomes,
-            "granted": (outcomes["granted"], seats, counter, events)}
+    return Round(full_at, roomy_s, sum(outcomes.values()) / elapsed,
+                 answers_after_full / max(1e-9, elapsed - full_at), outcomes, seats, counter, events)
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -173,22 +190,20 @@ async def bench(args: argparse.Namespace) -> None:
         finally:
             server.stop()
 
-    def med(key: str) -> float:
-        return statistics.median(float(r[key]) for r in rounds)  # type: ignore[arg-type]
-
+    full = statistics.median(r.full_s for r in rounds)
+    roomy = statistics.median(r.roomy_s for r in rounds)
     print(f"{args.nodes} nodes on one PostgreSQL database, one item of {SEATS} seats, {args.concurrency} client loops"
           f" round-robin over the nodes, {args.duration} s, {args.rounds} rounds, medians:")
-    print(f"  110 seats filled in {med('full_s') * 1000:.0f} ms: {med('grants_per_s'):.0f} grants/s;"
-          f" the first 110 grants on an item with room: {med('roomy_s') * 1000:.0f} ms"
-          f" ({GRANTS / med('roomy_s'):.0f} grants/s); hot/roomy time: {med('price'):.2f}")
-    print(f"  answered {med('answered_per_s'):.0f} req/s over the round, {med('after_full_per_s'):.0f} req/s"
-          " once full (refusals are events too: they commit like grants)")
+    print(f"  110 seats filled in {full * 1000:.0f} ms: {GRANTS / full:.0f} grants/s;"
+          f" the first 110 grants on an item with room: {roomy * 1000:.0f} ms ({GRANTS / roomy:.0f} grants/s);"
+          f" hot/roomy time: {statistics.median(r.full_s / r.roomy_s for r in rounds):.2f}")
+    print(f"  answered {statistics.median(r.answered_per_s for r in rounds):.0f} req/s over the round,"
+          f" {statistics.median(r.after_full_per_s for r in rounds):.0f} req/s once full"
+          " (refusals are events too: they commit like grants)")
     for i, r in enumerate(rounds):
-        answers, seats, counter, events = r["granted"]  # type: ignore[misc]
-        exact = "exact" if answers == seats == counter == events == GRANTS else "WRONG"
-        print(f"  round {i + 1}: granted answers {answers}, seats {seats}, counter {counter}, granted events {events}"
-              f" ({exact}); filled in {float(r['full_s']) * 1000:.0f} ms (roomy {float(r['roomy_s']) * 1000:.0f} ms);"
-              f" answers {dict(r['outcomes'])}")
+        print(f"  round {i + 1}: granted answers {r.outcomes['granted']}, seats {r.seats}, counter {r.counter},"
+              f" granted events {r.events} ({'exact' if r.exact else 'WRONG'}); filled in {r.full_s * 1000:.0f} ms"
+              f" (roomy {r.roomy_s * 1000:.0f} ms); answers {dict(r.outcomes)}")
 
 
 def main() -> None:
