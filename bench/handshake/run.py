@@ -144,12 +144,17 @@ async def round_trip_us(conn: asyncpg.Connection, count: int = 1000) -> float:
     return statistics.median(times) * 1e6
 
 
+DB_STATS = ("SELECT xact_commit, tup_returned, blks_hit + blks_read FROM pg_stat_database"
+            " WHERE datname = current_database()")
+
+
 async def measure(target: Target, duration: int, connections: int, server: pg.PgServer | None,
                   probe: asyncpg.Connection | None, probe_pid: int) -> None:
     daemon_pids = [p.pid for p in target.procs]
     postmaster = int((server.folder / "data" / "postmaster.pid").read_text().split()[0]) if server else 0
     d0, pg0, probe0 = cpu_us(daemon_pids), cpu_us([postmaster]) if server else 0.0, cpu_us([probe_pid])
     last_seq = await target.conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM events") if target.conn else 0
+    stats0 = await target.conn.fetchrow(DB_STATS) if target.conn else None
     sampler = None
     if probe and target.conn:
         sampler = asyncio.create_task(sample_lock(probe, time.monotonic() + duration))
@@ -167,6 +172,10 @@ async def measure(target: Target, duration: int, connections: int, server: pg.Pg
         result["lock_waiters"] = waiting / samples if samples else 0.0
         result["grants_per_commit"] = granted / max(1, commits)
         result["lock_ms_per_commit"] = result["lock_held"] * duration * 1000 / max(1, commits)
+        # Backends report these at most once a second: ~10% off over a 10 s round.
+        await target.conn.execute("SELECT pg_stat_clear_snapshot()")
+        stats1 = await target.conn.fetchrow(DB_STATS)
+        result["xacts"], result["rows_read"], result["blocks"] = ((b - a) / granted for a, b in zip(stats0, stats1))
     target.rounds.append(result)
 
 
@@ -232,6 +241,11 @@ def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, t
         print(f"  {t.name:12} {med(t, 'rps'):7.0f} {med(t, 'rps') / bare:6.2f} {med(t, 'p50'):7.2f}"
               f" {med(t, 'p99'):7.2f} {sum(r['non2xx'] + r['errors'] for r in t.rounds):8d}"
               f" {med(t, 'daemon_us'):10.0f}" + pg_cols)
+    print("  per granted handshake in its PostgreSQL database (pg_stat_database): transactions (every node's,"
+          " reads included), rows read, buffer blocks touched:")
+    for t in targets:
+        if t.conn:
+            print(f"    {t.name:12} {med(t, 'xacts'):6.2f} {med(t, 'rows_read'):8.1f} {med(t, 'blocks'):8.1f}")
     if rtt:
         print(f"  one statement's round trip to PostgreSQL inside a transaction (median of 1000, before and after"
               f" the rounds): {rtt[0]:.0f} us, {rtt[1]:.0f} us")
@@ -271,6 +285,10 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
                     t.conn = await asyncpg.connect(t.url)
         for t in targets[1:]:
             warm_up(t)
+            if t.conn:
+                # A new database has no planner statistics until autovacuum's first pass (up to a minute):
+                # until then the followers' `seq > $1 ORDER BY seq LIMIT n` scans the whole events table.
+                await t.conn.execute("ANALYZE")
         probe_pid = await probe.fetchval("SELECT pg_backend_pid()") if probe else 0
         rtt = [await round_trip_us(probe)] if probe else []
         for _ in range(args.rounds):
