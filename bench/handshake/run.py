@@ -144,12 +144,16 @@ async def round_trip_us(conn: asyncpg.Connection, count: int = 1000) -> float:
     return statistics.median(times) * 1e6
 
 
-DB_STATS = ("SELECT xact_commit, tup_returned, blks_hit + blks_read FROM pg_stat_database"
-            " WHERE datname = current_database()")
+DB_STATS = ("SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()),"
+            " SUM(seq_scan), SUM(seq_tup_read), SUM(idx_scan) FROM pg_stat_user_tables")
 
 
 async def measure(target: Target, duration: int, connections: int, server: pg.PgServer | None,
                   probe: asyncpg.Connection | None, probe_pid: int) -> None:
+    if target.conn:
+        # The tables grow fast here: planner statistics as autovacuum would keep them on a running
+        # database (with those of a younger table, PostgreSQL scans whole tables to follow the others).
+        await target.conn.execute("ANALYZE")
     daemon_pids = [p.pid for p in target.procs]
     postmaster = int((server.folder / "data" / "postmaster.pid").read_text().split()[0]) if server else 0
     d0, pg0, probe0 = cpu_us(daemon_pids), cpu_us([postmaster]) if server else 0.0, cpu_us([probe_pid])
@@ -175,7 +179,8 @@ async def measure(target: Target, duration: int, connections: int, server: pg.Pg
         # Backends report these at most once a second: ~10% off over a 10 s round.
         await target.conn.execute("SELECT pg_stat_clear_snapshot()")
         stats1 = await target.conn.fetchrow(DB_STATS)
-        result["xacts"], result["rows_read"], result["blocks"] = ((b - a) / granted for a, b in zip(stats0, stats1))
+        result["xacts"], result["seq_scans"], result["seq_rows"], result["idx_scans"] = (
+            (b - a) / granted for a, b in zip(stats0, stats1))
     target.rounds.append(result)
 
 
@@ -241,11 +246,12 @@ def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, t
         print(f"  {t.name:12} {med(t, 'rps'):7.0f} {med(t, 'rps') / bare:6.2f} {med(t, 'p50'):7.2f}"
               f" {med(t, 'p99'):7.2f} {sum(r['non2xx'] + r['errors'] for r in t.rounds):8d}"
               f" {med(t, 'daemon_us'):10.0f}" + pg_cols)
-    print("  per granted handshake in its PostgreSQL database (pg_stat_database): transactions (every node's,"
-          " reads included), rows read, buffer blocks touched:")
+    print("  per granted handshake in its PostgreSQL database: transactions (every node's, reads included),"
+          " whole-table scans, rows those read, index scans:")
     for t in targets:
         if t.conn:
-            print(f"    {t.name:12} {med(t, 'xacts'):6.2f} {med(t, 'rows_read'):8.1f} {med(t, 'blocks'):8.1f}")
+            print(f"    {t.name:12} {med(t, 'xacts'):6.2f} {med(t, 'seq_scans'):7.3f} {med(t, 'seq_rows'):8.1f}"
+                  f" {med(t, 'idx_scans'):7.1f}")
     if rtt:
         print(f"  one statement's round trip to PostgreSQL inside a transaction (median of 1000, before and after"
               f" the rounds): {rtt[0]:.0f} us, {rtt[1]:.0f} us")
@@ -285,10 +291,8 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
                     t.conn = await asyncpg.connect(t.url)
         for t in targets[1:]:
             warm_up(t)
-            if t.conn:
-                # A new database has no planner statistics until autovacuum's first pass (up to a minute):
-                # until then the followers' `seq > $1 ORDER BY seq LIMIT n` scans the whole events table.
-                await t.conn.execute("ANALYZE")
+            if t.conn:  # a first load, so the tables have rows worth planning with (see measure)
+                await run_wrk(t, 2, args.connections)
         probe_pid = await probe.fetchval("SELECT pg_backend_pid()") if probe else 0
         rtt = [await round_trip_us(probe)] if probe else []
         for _ in range(args.rounds):
