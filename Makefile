@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
+	@echo "the commands (lts-server, ltsctl, lts-license) are in $(BIN)/: export PATH=\"$$PWD/$(BIN):\$$PATH\""
 	$(BIN)/lts-server --config config/demo.toml
 
 test: packages $(STAMP)

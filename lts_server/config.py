@@ -6,6 +6,7 @@ config is one precise line instead of a traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -42,6 +43,17 @@ class ServerSection(_Section):
     # /healthz, device requests here get 503 with error 100.
     standby_of: str | None = None
     standby_check_seconds: Positive = 5.0
+    # Slow or idle clients: seconds to send a request head, to send its body once the head is
+    # in, and between two requests on a keep-alive connection. Past them the connection is closed.
+    header_timeout: Positive = 10.0
+    body_timeout: Positive = 30.0
+    idle_timeout: Positive = 30.0
+    # Open connections at most (lowered to fit the file descriptor limit). At the cap a new
+    # connection replaces the longest-waiting idle one, or gets 503 when none is idle.
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 4096
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For names the real client, which the
+    # login throttle then keys on. Empty: the header is ignored, the peer address is the client.
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
     # Processes serving the port together (SO_REUSEPORT), each a node of the
     # cluster: more than 1 needs storage.backend = "postgresql".
     workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
@@ -273,6 +285,12 @@ def _choices(key: str) -> tuple[str, ...]:
 
 def _check(config: Config, path: Path) -> None:
     server = config.server
+    for i, proxy in enumerate(server.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"{path}: key 'server.trusted_proxies[{i}]': expected an IP address or network "
+                              f"such as 127.0.0.1 or 10.0.0.0/8, got {proxy!r}") from None
     storage = config.storage
     if storage.backend == "postgresql":
         if not storage.url:

@@ -61,6 +61,13 @@ class Identity:
         return base64.b64encode(self.signing_key.sign(data)).decode()
 
 
+def make_state_dir(state_dir: Path) -> None:
+    """Create the state folder for the service user only (0700), whatever the umask; an existing one is kept."""
+    if not state_dir.is_dir():
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(state_dir, 0o700)
+
+
 def generate() -> Identity:
     return Identity(str(uuid.uuid4()), Ed25519PrivateKey.generate(), secrets.token_bytes(32))
 
@@ -92,10 +99,10 @@ async def for_cluster(store: PostgresStore, state_dir: Path) -> Identity:
 
 
 def load_or_create(state_dir: Path) -> Identity:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    make_state_dir(state_dir)
     uuid_path = state_dir / UUID_FILE
     if not uuid_path.exists():
-        _write_new(uuid_path, (str(uuid.uuid4()) + "\n").encode(), mode=0o644)
+        _write_new(uuid_path, (str(uuid.uuid4()) + "\n").encode(), mode=0o600)
     server_uuid = str(uuid.UUID(uuid_path.read_text().strip()))
 
     key_path = state_dir / KEY_FILE
@@ -114,6 +121,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
+        os.fchmod(fd, mode)  # the umask may have taken bits away (or a permissive one left them)
         os.write(fd, data)
         os.fsync(fd)
     finally:

@@ -803,6 +803,28 @@ class Ledger:
 
         await self.submit(run)
 
+    async def restore_default_code(self, license_id: str) -> HandshakeCode:
+        """Recreate a license's deleted default code, holding all of the license's items."""
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> HandshakeCode:
+            record = self.licenses.get(license_id)
+            if record is None:
+                raise NotFound(f"license {license_id}")
+            lic = record.license
+            name = default_code_name(lic.organization_id, lic.license_id)
+            if name in self.codes:
+                raise CodeError("licenseId", f"the default code {name} exists; nothing to restore", status=409)
+            code = HandshakeCode(name=name, organization_id=lic.organization_id,
+                                 items=tuple(i.item_id for i in lic.items), is_default=True,
+                                 source_license_id=lic.license_id)
+            _set(self.codes, name, code, undo)
+            batch.codes.append(code)
+            batch.events.append(Event(at=now, type="code.created", code=name,
+                                      detail={"items": list(code.items), "default": True, "restored": True}))
+            return code
+
+        return await self.submit(run)
+
     async def set_usage_order(self, name: str, order: tuple[str, ...] | None) -> HandshakeCode:
         """A custom order (a permutation of the code's items), or None for the default order."""
 

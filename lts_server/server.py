@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import socket
 import ssl
 import time
@@ -14,8 +15,8 @@ import aiohttp
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from lts_server import identity, licensefile, logs
 from lts_server import config as config_mod
+from lts_server import identity, licensefile, logs
 from lts_server.alerts import Alerter
 from lts_server.config import Config
 from lts_server.core.times import to_ms, utcnow
@@ -28,6 +29,7 @@ from lts_server.store import Store
 from lts_server.store.postgres import IMPORT_LOCK, PostgresStore
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
+from lts_server.web.connections import GUARD, ConnectionGuard, Limits
 from lts_server.web.services import Services
 
 SWEEP_SECONDS = 60.0
@@ -46,9 +48,31 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _ports(site: web.TCPSite) -> list[int]:
-    server = getattr(site, "_server", None)
-    return sorted({sock.getsockname()[1] for sock in getattr(server, "sockets", None) or []})
+def _ports(listener: asyncio.Server) -> list[int]:
+    return sorted({sock.getsockname()[1] for sock in listener.sockets})
+
+
+# Connections the kernel queues before accept(). asyncio accepts up to this many at once and
+# only then runs the guard, so that many descriptors (twice: the ones the guard closes are
+# released an iteration later) must stay free beyond max_connections.
+BACKLOG = 128
+# File descriptors kept for everything but client connections: the database, the import
+# folder and its watcher, license files being read, the standby check, and accept bursts.
+RESERVED_FDS = 64 + 2 * BACKLOG
+
+
+def connection_limits(cfg: Config) -> Limits:
+    """The configured limits, with max_connections lowered to fit the file descriptor limit: past
+    it, accept() fails in a loop and nobody is served."""
+    server = cfg.server
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    most = server.max_connections
+    if soft != resource.RLIM_INFINITY and most > soft - RESERVED_FDS:
+        most = max(1, soft - RESERVED_FDS)
+        logs.event("server.max_connections_lowered", logs.logging.WARNING, configured=server.max_connections,
+                   used=most, open_files_limit=soft,
+                   hint="raise the open files limit (LimitNOFILE= in the unit, ulimit -n) to allow more")
+    return Limits(most, server.header_timeout, server.body_timeout, server.idle_timeout)
 
 
 def open_store(cfg: Config) -> Store:
@@ -77,6 +101,8 @@ class Server:
         self._followed = 0
         self._follow_lock = asyncio.Lock()
         self._standby_checked = asyncio.Event()
+        self.guard: ConnectionGuard | None = None
+        self._listeners: list[asyncio.Server] = []
 
     def load_vendor_keys(self, cfg: Config | None = None) -> dict[str, Ed25519PublicKey]:
         return licensefile.load_trusted((cfg or self.config).public_key_paths)
@@ -98,6 +124,10 @@ class Server:
             ident = identity.load_or_create(cfg.state_dir)
         ledger = Ledger(store, ident.secret, self.clock)
         await ledger.start()
+        try:  # the folder operators drop files into: there from the first start, so watching works
+            cfg.import_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as e:
+            logs.event("import.folder_not_created", logs.logging.WARNING, path=str(cfg.import_dir), error=e.strerror)
         metrics.watch(LiveState(lambda: ledger.items, lambda: ledger.statuses, lambda: ledger.queue_depth,
                                 ledger.clock))
         smtp = cfg.alerts.smtp
@@ -123,20 +153,22 @@ class Server:
         if admin_port == 0:
             admin_port = _free_port(cfg.admin.host or cfg.server.host)
         app = create_app(self.services, admin_port)
-        self.runner = web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, cfg.server.host, cfg.server.port, ssl_context=self._ssl(),
-                           reuse_address=True, reuse_port=self.worker > 0)
-        await site.start()
+        # The guard applies the idle timeout (and the others); aiohttp's own keep-alive timer stays at
+        # its long default so that it never closes a connection before the guard can answer 408.
+        runner = self.runner = web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None)
+        self.guard = ConnectionGuard(lambda: runner.server(), connection_limits(cfg))
+        app[GUARD] = self.guard
+        await runner.setup()
+        listener = await self._listen(cfg.server.host, cfg.server.port)
         scheme = "https" if cfg.server.tls_cert else "http"
-        self.urls = [f"{scheme}://{cfg.server.host}:{port}" for port in _ports(site)]
+        self.urls = [f"{scheme}://{cfg.server.host}:{port}" for port in _ports(listener)]
         if admin_port is not None:
             admin_host = cfg.admin.host or cfg.server.host
-            await web.TCPSite(self.runner, admin_host, admin_port, ssl_context=self._ssl(),
-                              reuse_address=True).start()
+            await self._listen(admin_host, admin_port)
             self.admin_url = f"{scheme}://{admin_host}:{admin_port}"
         else:
             self.admin_url = self.urls[0]
+        self._tasks.append(asyncio.create_task(self.guard.run(self.stopping), name="connection-guard"))
         if self.leads:
             self._tasks.append(asyncio.create_task(
                 importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
@@ -155,6 +187,15 @@ class Server:
             await self._standby_checked.wait()  # know the main's state before serving anyone
         logs.event("server.listening", urls=self.urls, server_uuid=ident.server_uuid,
                    database=str(cfg.database_path), import_dir=str(cfg.import_dir))
+
+    async def _listen(self, host: str, port: int) -> asyncio.Server:
+        """Listen with the connection guard in front of aiohttp's protocol."""
+        assert self.guard is not None
+        listener = await asyncio.get_running_loop().create_server(self.guard, host, port, ssl=self._ssl(),
+                                                                  reuse_address=True, reuse_port=self.worker > 0,
+                                                                  backlog=BACKLOG)
+        self._listeners.append(listener)
+        return listener
 
     @property
     def leads(self) -> bool:
@@ -317,6 +358,8 @@ class Server:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, flush the ledger, close the database."""
         self.stopping.set()
+        for listener in self._listeners:
+            listener.close()  # stop accepting; open connections finish below
         if self.runner is not None:
             await self.runner.cleanup()
         if self.services is not None:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -230,13 +231,21 @@ class Daemon:
 
 
 def start_daemon(config_path: Path, folder: Path, env: dict[str, str] | None = None,
-                 wait: bool = True, port: int | None = None) -> Daemon:
-    """Start `python -m lts_server` as a real process and wait until /readyz answers."""
+                 wait: bool = True, port: int | None = None, open_files: int | None = None) -> Daemon:
+    """Start `python -m lts_server` as a real process and wait until it listens.
+
+    open_files: the daemon's limit on open files (soft and hard), to test behaviour at the limit."""
     port = port or free_port()
     full_env = {**os.environ, "LTS_SERVER__PORT": str(port), **(env or {})}
     log_path = folder / f"daemon-{port}.log"
+
+    def limit_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     proc = subprocess.Popen([sys.executable, "-m", "lts_server", "--config", str(config_path)],
-                            stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=full_env)
+                            stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=full_env,
+                            preexec_fn=limit_files)
     daemon = Daemon(proc, f"http://127.0.0.1:{port}", folder, log_path)
     if wait:
         deadline = time.monotonic() + 20

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import timedelta
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from lts_server import config as config_mod
+from lts_server.server import Server
 from lts_server.web.auth import THROTTLE
 from lts_server.web.openapi import ROUTES
-from tests.conftest import ADMIN_PASSWORD, Running, admin_login, item, license_spec, write_config
+from tests.conftest import ADMIN_PASSWORD, Running, Vendor, admin_login, item, license_spec, write_config
 
-ADMIN_ROUTES = [(m.upper(), p) for p, m, _, _, _, admin in ROUTES if admin]
+ADMIN_ROUTES = [(r.method.upper(), r.path) for r in ROUTES if r.admin]
 
 
 def concrete(path: str) -> str:
@@ -218,11 +222,11 @@ async def test_status_and_openapi(admin: Running) -> None:
         async with s.get(admin.url + "/api/v1/openapi.json") as resp:
             doc = await resp.json()
     assert doc["openapi"].startswith("3.")
-    for path, method, *_ in ROUTES:
+    for path, method in ((r.path, r.method) for r in ROUTES):
         assert method in doc["paths"][path]
     routes = {(r.method, r.resource.canonical) for r in admin.server.runner.app.router.routes()
               if r.method != "HEAD" and not r.resource.canonical.startswith("/portal")}
-    documented = {(m.upper(), p) for p, m, *_ in ROUTES}
+    documented = {(r.method.upper(), r.path) for r in ROUTES}
     assert routes <= documented | {("GET", "/api/v1/openapi.json")}
     assert "HandshakeBody" in doc["components"]["schemas"]
 
@@ -244,6 +248,102 @@ async def test_admin_api_on_its_own_port(tmp_path, vendor) -> None:
                 assert resp.status == 200
     finally:
         await server.stop()
+
+
+async def test_concurrent_wrong_logins_are_counted_before_they_are_checked(running: Running) -> None:
+    running.server.runner.app[THROTTLE].base_delay = 0.0
+    async with aiohttp.ClientSession() as s:
+        async def attempt() -> int:
+            async with s.post(running.url + "/api/v1/admin/login", json={"password": "wrong password!"}) as resp:
+                return resp.status
+
+        statuses = await asyncio.gather(*(attempt() for _ in range(200)))
+    assert statuses.count(401) == 10 and statuses.count(429) == 190
+
+
+async def test_password_change_is_throttled_like_login(running: Running) -> None:
+    running.server.runner.app[THROTTLE].base_delay = 0.0
+    statuses = []
+    for _ in range(11):
+        async with running.session.post(running.url + "/api/v1/admin/password", json={
+                "currentPassword": "a wrong guess!", "newPassword": "a brand new passphrase"}) as resp:
+            statuses.append(resp.status)
+    assert statuses == [400] * 10 + [429]
+    async with running.session.post(running.url + "/api/v1/admin/password", json={
+            "currentPassword": ADMIN_PASSWORD, "newPassword": "a brand new passphrase"}) as resp:
+        assert resp.status == 429
+
+
+async def _logins(url: str, password: str, forwarded_for: str, n: int) -> list[int]:
+    statuses = []
+    async with aiohttp.ClientSession(headers={"X-Forwarded-For": forwarded_for}) as s:
+        for _ in range(n):
+            async with s.post(url + "/api/v1/admin/login", json={"password": password}) as resp:
+                statuses.append(resp.status)
+    return statuses
+
+
+async def test_forwarded_for_is_ignored_unless_the_proxy_is_trusted(running: Running) -> None:
+    running.server.runner.app[THROTTLE].base_delay = 0.0
+    # An attacker cannot dodge the throttle by inventing a new address per request.
+    statuses = [(await _logins(running.url, "wrong password!", f"10.0.0.{n}", 1))[0] for n in range(11)]
+    assert statuses == [401] * 10 + [429]
+
+
+async def test_behind_a_trusted_proxy_a_lockout_does_not_block_another_client(tmp_path: Path, vendor: Vendor) -> None:
+    server = Server(config_mod.load(write_config(tmp_path, vendor, server={
+        "host": "127.0.0.1", "port": 0, "trusted_proxies": ["127.0.0.1/32", "::1"]}), environ={}))
+    await server.start()
+    try:
+        server.runner.app[THROTTLE].base_delay = 0.0
+        url = server.urls[0]
+        await admin_login(url)
+        attacker = await _logins(url, "wrong password!", "203.0.113.9, 127.0.0.1", 12)
+        assert attacker == [401] * 10 + [429] * 2
+        assert await _logins(url, ADMIN_PASSWORD, "203.0.113.9", 1) == [429]  # locked: the attacker's address
+        assert await _logins(url, ADMIN_PASSWORD, "198.51.100.7", 1) == [200]  # the admin elsewhere: not blocked
+    finally:
+        await server.stop()
+
+
+async def test_deleting_a_default_code_is_refused_unless_confirmed_and_can_be_restored(admin: Running) -> None:
+    status, body = await call(admin, "DELETE", "/api/v1/admin/handshake-codes/216998-L1")
+    assert status == 409 and "confirm=default" in body["error"]["message"]
+    assert "/api/v1/admin/licenses/L1/default-code" in body["error"]["message"]
+    assert (await admin.handshake(organizationId="216998"))[0] == 200
+    status, _ = await call(admin, "DELETE", "/api/v1/admin/handshake-codes/216998-L1?confirm=default")
+    assert status == 200
+    status, body = await admin.handshake(organizationId="216998")
+    assert status == 403 and body["error"]["code"] != 0  # no default code for the organization any more
+    status, body = await call(admin, "POST", "/api/v1/admin/licenses/L1/default-code")
+    assert status == 201 and body["default"] and body["items"] == ["soon", "late"]
+    assert (await admin.handshake(organizationId="216998"))[0] == 200
+    status, _ = await call(admin, "POST", "/api/v1/admin/licenses/L1/default-code")
+    assert status == 409
+    status, _ = await call(admin, "POST", "/api/v1/admin/licenses/nope/default-code")
+    assert status == 404
+
+
+async def test_a_deleted_code_without_traffic_keeps_its_statistics(admin: Running) -> None:
+    status, _ = await call(admin, "POST", "/api/v1/admin/handshake-codes",
+                           json={"organizationId": "216998", "custom": "quiet", "items": ["late"]})
+    assert status == 201
+    status, _ = await call(admin, "DELETE", "/api/v1/admin/handshake-codes/216998-quiet")
+    assert status == 200
+    status, body = await call(admin, "GET", "/api/v1/admin/stats/codes/216998-quiet")
+    assert status == 200 and body["exists"] is False and body["summary"]["all"]["granted"] == 0
+    status, _ = await call(admin, "GET", "/api/v1/admin/stats/codes/216998-never")
+    assert status == 404
+
+
+async def test_item_status_names_units_like_the_authorization(running: Running) -> None:
+    await running.drop("a.lic", running.vendor.issue(license_spec("L1", items=[item("L1-1", "per-scan",
+                                                                                   quantity=100)])))
+    status, body = await running.handshake(handshakeCode="216998-L1")
+    assert status == 200
+    authorization_keys = set(body["authorization"]["units"]) - {"left"}
+    status, items = await call(running, "GET", "/api/v1/admin/items")
+    assert set(items["items"][0]["units"]) == authorization_keys == {"used", "quantity", "limit"}
 
 
 async def test_a_code_draws_only_on_its_own_organizations_items(admin: Running) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -179,14 +182,109 @@ def test_unusable_state_folder_is_a_clear_start_error(tmp_path: Path, vendor: Ve
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_systemd_unit_verifies(tmp_path: Path) -> None:
-    unit = (ROOT / "systemd" / "lts-server.service").read_text()
+@pytest.mark.parametrize(("name", "verified_as"), [("lts-server.service", "lts-server.service"),
+                                                    ("lts-server@.service", "lts-server@node1.service")])
+def test_systemd_unit_verifies(tmp_path: Path, name: str, verified_as: str) -> None:
+    unit = (ROOT / "systemd" / name).read_text()
     lts = shutil.which("lts-server") or str(Path(__import__("sys").executable).parent / "lts-server")
-    (tmp_path / "lts-server.service").write_text(unit.replace("/opt/lts-server/bin/lts-server", lts))
-    proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "lts-server.service")],
+    (tmp_path / name).write_text(unit.replace("/opt/lts-server/bin/lts-server", lts))
+    if verified_as != name:  # a template is verified through an instance of it
+        (tmp_path / verified_as).symlink_to(tmp_path / name)
+    proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / verified_as)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     for setting in ("Type=notify", "WatchdogSec=", "DynamicUser=yes", "StateDirectory=lts-server",
                     "ConfigurationDirectory=lts-server", "ProtectSystem=strict", "NoNewPrivileges=yes",
                     "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure"):
         assert setting in unit
+
+
+def test_state_folder_is_0700_and_database_files_0600_whatever_the_umask(tmp_path: Path, vendor: Vendor) -> None:
+    cfg = write_config(tmp_path, vendor, storage={"state_dir": str(tmp_path / "deep" / "state")})
+    old = os.umask(0o000)  # the most permissive umask: nothing may come out group- or world-readable
+    try:
+        d = start_daemon(cfg, tmp_path)
+    finally:
+        os.umask(old)
+    try:
+        assert get(f"{d.url}/readyz")[0] == 200
+        state = tmp_path / "deep" / "state"
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        files = sorted(p.name for p in state.iterdir())
+        assert "lts-server.sqlite3" in files and "lts-server.sqlite3-wal" in files
+        for name in files:
+            assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+    finally:
+        assert stop_daemon(d) == 0
+
+
+def _make_read_only(path: Path) -> None:
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        return
+    # root writes through permission bits: mark the file immutable instead.
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot make {path} read-only as root: {done.stderr}")
+        pytest.skip(f"cannot make {path} read-only as root (chattr: {done.stderr.strip()})")
+
+
+def test_a_read_only_database_refuses_to_start_and_says_why(tmp_path: Path, vendor: Vendor) -> None:
+    cfg = write_config(tmp_path, vendor)
+    assert stop_daemon(start_daemon(cfg, tmp_path)) == 0
+    db_path = tmp_path / "state" / "lts-server.sqlite3"
+    _make_read_only(db_path)
+    try:
+        d = start_daemon(cfg, tmp_path, wait=False)
+        assert d.proc.wait(20) == 1
+        log = d.log()
+        assert "cannot start" in log and "cannot be written" in log and "Traceback" not in log
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(db_path)], check=False)
+
+
+def test_the_daemon_creates_its_import_folder(tmp_path: Path, vendor: Vendor) -> None:
+    folder = tmp_path / "var" / "import"
+    cfg = write_config(tmp_path, vendor, **{"import": {"directory": str(folder), "watch": True}})
+    d = start_daemon(cfg, tmp_path)
+    try:
+        assert folder.is_dir()
+        assert "import.scan_failed" not in d.log() and "import.folder_not_created" not in d.log()
+    finally:
+        assert stop_daemon(d) == 0
+
+
+def test_check_config_warns_about_no_vendor_key_and_a_missing_import_folder(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, None, **{"import": {"directory": str(tmp_path / "nowhere" / "import")}})
+    (tmp_path / "import").rmdir()
+    proc = subprocess.run([sys.executable, "-m", "lts_server", "--config", str(cfg), "--check-config"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and "ok (2 warnings)" in proc.stdout
+    assert "vendor.public_keys" in proc.stderr and "every license file will be rejected" in proc.stderr
+    assert "import.directory" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_print_uuid_without_config_says_what_to_do(tmp_path: Path) -> None:
+    if Path("/etc/lts-server/lts-server.toml").exists():
+        pytest.skip("this machine has an installed /etc/lts-server/lts-server.toml")
+    proc = subprocess.run([sys.executable, "-m", "lts_server", "--print-uuid"], capture_output=True, text=True,
+                          timeout=30, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--config PATH" in proc.stderr and "config/demo.toml" in proc.stderr
+
+
+@pytest.mark.parametrize("unit_name", ["lts-server.service", "lts-server@.service"])
+def test_systemd_documentation_points_at_files_the_package_installs(unit_name: str) -> None:
+    import tomllib
+
+    unit = (ROOT / "systemd" / unit_name).read_text()
+    docs = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("Documentation=")]
+    installed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    files = [d.removeprefix("file:///opt/lts-server/") for d in docs if d.startswith("file:")]
+    assert files and "placeholder" not in unit and "github.com/lts-server" not in unit
+    for f in files:
+        folder, name = f.rsplit("/", 1)
+        sources = installed[folder]
+        assert any(Path(src).name == name and (ROOT / src).is_file() for src in sources), f

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,105 @@ def test_ltsctl_wrong_password_and_unreachable_server(daemon: Daemon) -> None:
     down = subprocess.run([sys.executable, "-m", "lts_server.cli.ctl", "--server", "http://127.0.0.1:9",
                            "status"], capture_output=True, text=True, timeout=60, env=env)
     assert down.returncode != 0 and "ltsctl:" in down.stderr
+
+
+def _bare(d: Daemon, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
+    """ltsctl with no terminal and no LTS_ADMIN_PASSWORD, as from cron or a pipe."""
+    full = {k: v for k, v in os.environ.items() if k != "LTS_ADMIN_PASSWORD"}
+    full.update({"XDG_CONFIG_HOME": str(d.folder / "xdg"), **env})
+    return subprocess.run([sys.executable, "-m", "lts_server.cli.ctl", *args], capture_output=True, text=True,
+                          timeout=60, env=full, input=stdin)
+
+
+def test_login_without_a_terminal_or_password_says_what_to_do(daemon: Daemon) -> None:
+    out = _bare(daemon, "--server", daemon.url, "login", "--setup")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "LTS_ADMIN_PASSWORD" in out.stderr and "--password-file" in out.stderr
+
+
+def test_login_reads_the_password_from_a_file_or_stdin(daemon: Daemon, tmp_path: Path) -> None:
+    secret = tmp_path / "admin-password"
+    secret.write_text(ADMIN_PASSWORD + "\n")
+    assert _bare(daemon, "--server", daemon.url, "login", "--setup", "--password-file", str(secret)).returncode == 0
+    out = _bare(daemon, "--server", daemon.url, "login", "--password-file", "-", stdin=ADMIN_PASSWORD)
+    assert out.returncode == 0 and "logged in" in out.stdout
+
+
+def test_server_without_a_scheme_means_http(daemon: Daemon) -> None:
+    host_port = daemon.url.removeprefix("http://")
+    assert ctl(daemon, "login", "--setup").returncode == 0
+    out = _bare(daemon, "--server", host_port, "login", LTS_ADMIN_PASSWORD=ADMIN_PASSWORD)
+    assert out.returncode == 0, out.stderr
+    assert "server UUID" in _bare(daemon, "--server", host_port, "status").stdout
+    wrong = _bare(daemon, "--server", "ftp://" + host_port, "status")
+    assert wrong.returncode == 2 and "http://" in wrong.stderr
+
+
+def test_every_command_has_help_text() -> None:
+    from lts_server.cli.ctl import parser
+
+    def walk(p: argparse.ArgumentParser, path: str) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {a.dest: a.help for a in action._choices_actions}
+                for name, child in action.choices.items():
+                    assert helps.get(name), f"`{path} {name}` has no help text"
+                    walk(child, f"{path} {name}")
+            elif action.dest != "help":
+                assert action.help, f"`{path}` argument {action.dest} has no help text"
+
+    walk(parser(), "ltsctl")
+
+
+def test_imports_lists_files_and_rejection_reasons(daemon: Daemon) -> None:
+    (daemon.folder / "import" / "broken.lic").write_text("not a license\n")
+    assert ctl(daemon, "login", "--setup").returncode == 0
+    subprocess.run(["kill", "-HUP", str(daemon.proc.pid)], check=True)  # rescan
+    deadline = time.monotonic() + 10
+    while "broken.lic" not in (listing := ok(daemon, "imports")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "a.lic" in listing and "imported" in listing and "rejected" in listing
+    rejected = json.loads(ok(daemon, "--json", "imports", "--rejected"))
+    assert [f["path"].rsplit("/", 1)[1] for f in rejected] == ["broken.lic"] and rejected[0]["reason"]
+
+
+def test_session_password_from_a_file_keeps_it_off_the_command_line(daemon: Daemon, tmp_path: Path) -> None:
+    assert ctl(daemon, "login", "--setup").returncode == 0
+    secret = tmp_path / "session-password"
+    secret.write_text("s3cret-pass\n")
+    ok(daemon, "codes", "create", "216998", "fleet", "--items", "L1-1", "--password-file", str(secret))
+    assert json.loads(ok(daemon, "--json", "codes", "show", "216998-fleet"))["passwordSet"]
+    import urllib.request
+
+    def handshake(password: str) -> int:
+        req = urllib.request.Request(daemon.url + "/api/v1/handshake", method="POST", headers={
+            "Content-Type": "application/json"}, data=json.dumps({
+                "handshakeCode": "216998-fleet", "clientUuid": "d1", "product": "barcode-reader",
+                "deploymentType": "browser", "sessionPassword": password}).encode())
+        try:
+            return urllib.request.urlopen(req).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert handshake("s3cret-pass") == 200 and handshake("s3cret-pass\n") == 403
+
+
+def test_deleting_a_default_code_needs_confirmation_and_can_be_undone(daemon: Daemon) -> None:
+    assert ctl(daemon, "login", "--setup").returncode == 0
+    refused = ctl(daemon, "codes", "delete", "216998-L1")
+    assert refused.returncode == 1 and "default code" in refused.stderr and "--confirm-default" in refused.stderr
+    assert "216998-L1" in ok(daemon, "codes", "list")
+    assert "restore-default L1" in ok(daemon, "codes", "delete", "216998-L1", "--confirm-default")
+    assert "216998-L1" not in ok(daemon, "codes", "list")
+    assert "restored 216998-L1 with items L1-1, L1-2" in ok(daemon, "codes", "restore-default", "L1")
+    shown = json.loads(ok(daemon, "--json", "codes", "show", "216998-L1"))
+    assert shown["default"] and shown["items"] == ["L1-1", "L1-2"]
+    again = ctl(daemon, "codes", "restore-default", "L1")
+    assert again.returncode == 1 and "409" in again.stderr
+
+
+def test_dates_with_a_plus_offset_reach_the_server_intact(daemon: Daemon) -> None:
+    assert ctl(daemon, "login", "--setup").returncode == 0
+    assert "216998-L1" in ok(daemon, "stats", "216998-L1", "--since", "2026-01-01T00:00:00+01:00")
+    out = ok(daemon, "events", "export", "--since", "2026-01-01T00:00:00+01:00", "--type", "code.created")
+    assert [json.loads(line)["code"] for line in out.splitlines()] == ["216998-L1"]

@@ -63,7 +63,7 @@ async def test_forms_without_the_csrf_token_are_refused(running: Running) -> Non
         assert "216998-L1" in running.ledger.codes
         async with s.get(running.url + "/portal/codes") as resp:
             token = csrf(await resp.text())
-        async with s.post(running.url + "/portal/codes/216998-L1/delete", data={"csrf": token}) as resp:
+        async with s.post(running.url + "/portal/codes/216998-L1/delete", data={"csrf": token, "confirm": "default"}) as resp:
             assert resp.status == 200 and "deleted" in await resp.text()
         assert "216998-L1" not in running.ledger.codes
     finally:

@@ -205,7 +205,7 @@ async def test_item_stats_and_status(unit: Running) -> None:
     await unit.server.roll_up()
     async with unit.session.get(f"{unit.url}/api/v1/admin/stats/items/scan?bucket=2h") as resp:
         body = await resp.json()
-    assert body["status"]["units"] == {"used": 40, "quota": 100, "limit": 105}
+    assert body["status"]["units"] == {"used": 40, "quantity": 100, "limit": 105}
     assert body["status"]["daysToExpiry"] >= 364
     assert body["summary"]["today"]["units"] == 40 and body["summary"]["today"]["granted"] == 1
     assert sum(b["units"] for b in body["series"]) == 40

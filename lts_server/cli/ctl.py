@@ -13,6 +13,7 @@ import getpass
 import json
 import os
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,56 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def server_url(value: str) -> str:
+    """The server's base URL; `host:port` without a scheme means http://host:port."""
+    value = value.strip().rstrip("/")
+    if "://" not in value:
+        value = f"http://{value}"
+    scheme = value.split("://", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        raise CtlError(f"--server {value}: expected an http:// or https:// URL such as http://127.0.0.1:48080",
+                       EXIT_USAGE)
+    return value
+
+
+def read_secret(what: str, file: str | None, prompt: bool, env: str | None = None) -> str | None:
+    """A password from a file ('-' = standard input), an environment variable or a prompt on the terminal."""
+    if file is not None:
+        try:
+            text = sys.stdin.read() if file == "-" else Path(file).read_text()
+        except OSError as e:
+            raise CtlError(f"{file}: cannot read the {what}: {e.strerror}", EXIT_USAGE) from None
+        return text.rstrip("\r\n")
+    if env and os.environ.get(env):
+        return os.environ[env]
+    if not prompt:
+        return None
+    if not sys.stdin.isatty():
+        hint = f"set ${env}, " if env else ""
+        raise CtlError(f"no {what}: {hint}give a file with --password-file, or run on a terminal to be asked",
+                       EXIT_USAGE)
+    try:
+        return getpass.getpass(f"{what}: ")
+    except EOFError:
+        raise CtlError(f"no {what} was typed", EXIT_USAGE) from None
+
+
+def session_password(args: argparse.Namespace) -> str | None:
+    """The session password of codes create/edit: --password, --password-file or --prompt-password."""
+    if args.password is not None:
+        return args.password
+    return read_secret("session password", args.password_file, args.prompt_password)
+
+
+def confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
 async def _alerts(api: Api, args: argparse.Namespace) -> tuple[Any, str]:
     base = "/api/v1/admin/alerts"
     action = args.action
@@ -173,13 +224,14 @@ async def _alerts(api: Api, args: argparse.Namespace) -> tuple[Any, str]:
 
 
 async def run(args: argparse.Namespace) -> int:
-    server = args.server.rstrip("/")
+    server = server_url(args.server)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=args.timeout)) as session:
         api = Api(server, session, load_tokens().get(server))
         out: Any = None
         cmd = args.command
         if cmd == "login":
-            password = os.environ.get("LTS_ADMIN_PASSWORD") or getpass.getpass("admin password: ")
+            password = read_secret("admin password", args.password_file, True, "LTS_ADMIN_PASSWORD")
+            assert password is not None
             if args.setup:
                 await api.call("POST", "/api/v1/admin/setup", {"password": password}, auth=False)
             result = await api.call("POST", "/api/v1/admin/login", {"password": password}, auth=False)
@@ -234,20 +286,34 @@ async def run(args: argparse.Namespace) -> int:
                 body = {"organizationId": args.organization, "custom": args.custom,
                         "items": _csv(args.items) or [], "domains": _csv(args.domains) or [],
                         "appIds": _csv(args.app_ids) or [], "processNames": _csv(args.process_names) or []}
-                if args.password:
-                    body["sessionPassword"] = args.password
+                password = session_password(args)
+                if password:
+                    body["sessionPassword"] = password
                 out = await api.call("POST", base, body)
                 text = f"created {out['name']}"
             elif args.action == "edit":
                 body = {k: v for k, v in {
                     "custom": args.custom, "items": _csv(args.items), "domains": _csv(args.domains),
                     "appIds": _csv(args.app_ids), "processNames": _csv(args.process_names),
-                    "sessionPassword": "" if args.no_password else args.password}.items() if v is not None}
+                    "sessionPassword": "" if args.no_password else session_password(args)}.items() if v is not None}
                 out = await api.call("PATCH", f"{base}/{args.name}", body)
                 text = f"saved {out['name']}"
             elif args.action == "delete":
-                out = await api.call("DELETE", f"{base}/{args.name}")
-                text = f"deleted {args.name}"
+                code = await api.call("GET", f"{base}/{args.name}")
+                query = ""
+                if code["default"]:
+                    question = (f"{args.name} is the default code of license {code['sourceLicenseId']}: devices that "
+                                f"send only organization {code['organizationId']} use it. Delete it?")
+                    if not (args.confirm_default or confirm(question)):
+                        raise CtlError(f"{args.name} is a default code: not deleted. Give --confirm-default to delete "
+                                       f"it; `ltsctl codes restore-default {code['sourceLicenseId']}` brings it back")
+                    query = "?confirm=default"
+                out = await api.call("DELETE", f"{base}/{args.name}{query}")
+                text = f"deleted {args.name}" + (
+                    f" (restore with: ltsctl codes restore-default {code['sourceLicenseId']})" if query else "")
+            elif args.action == "restore-default":
+                out = await api.call("POST", f"/api/v1/admin/licenses/{args.license}/default-code")
+                text = f"restored {out['name']} with items {', '.join(out['items'])}"
             else:
                 if args.default:
                     out = await api.call("DELETE", f"{base}/{args.name}/usage-order")
@@ -257,6 +323,11 @@ async def run(args: argparse.Namespace) -> int:
                     out = await api.call("PUT", f"{base}/{args.name}/usage-order", {"items": args.items})
                 text = f"{args.name} usage order: {', '.join(out['items'])}" + (
                     " (custom)" if out["customOrder"] else " (default)")
+        elif cmd == "imports":
+            out = (await api.call("GET", "/api/v1/admin/imports"))["files"]
+            if args.rejected:
+                out = [f for f in out if f["state"] == "rejected"]
+            text = table(out, ["path", "state", "licenseId", "revision", "seenAt", "reason"])
         elif cmd == "devices":
             if args.action == "list":
                 out = (await api.call("GET", f"/api/v1/admin/items/{args.item}/devices"))["devices"]
@@ -265,8 +336,8 @@ async def run(args: argparse.Namespace) -> int:
                 out = await api.call("DELETE", f"/api/v1/admin/items/{args.item}/devices/{args.client}")
                 text = f"released {args.client} from {args.item}"
         elif cmd == "stats":
-            query = f"?bucket={args.bucket}" + (f"&from={args.since}" if args.since else "")
-            out = await api.call("GET", f"/api/v1/admin/stats/codes/{args.code}{query}")
+            query = urllib.parse.urlencode({"bucket": args.bucket, **({"from": args.since} if args.since else {})})
+            out = await api.call("GET", f"/api/v1/admin/stats/codes/{args.code}?{query}")
             s = out["summary"]
             text = "\n".join([
                 f"{args.code}: all granted {s['all']['granted']:,} refused {s['all']['refused']:,} "
@@ -277,8 +348,10 @@ async def run(args: argparse.Namespace) -> int:
         elif cmd == "alerts":
             out, text = await _alerts(api, args)
         elif cmd == "events":
-            params = "&".join(f"{k}={v}" for k, v in (("from", args.since), ("to", args.until), ("code", args.code),
-                                                      ("item", args.item), ("type", args.type)) if v)
+            # urlencode: a '+' in a time zone offset must not arrive as a space.
+            params = urllib.parse.urlencode([(k, v) for k, v in (
+                ("from", args.since), ("to", args.until), ("code", args.code), ("item", args.item),
+                ("type", args.type)) if v])
             headers = {"Accept": "text/csv"} if args.format == "csv" else {}
             data = await api.call("GET", f"/api/v1/admin/events?{params}", headers=headers, raw=True)
             sys.stdout.buffer.write(data)
@@ -290,31 +363,46 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ltsctl", description="Administer an lts-server over its admin API.")
-    p.add_argument("--server", default=DEFAULT_SERVER, help="the server's URL (default: %(default)s, or $LTS_SERVER_URL)")
+    p = argparse.ArgumentParser(
+        prog="ltsctl", description="Administer an lts-server over its admin API.",
+        epilog="Exit status: 0 ok, 1 the server refused or failed, 2 usage, 3 not logged in or login refused.")
+    p.add_argument("--server", default=DEFAULT_SERVER,
+                   help="the server's URL; http:// is assumed without a scheme (default: %(default)s, "
+                        "or $LTS_SERVER_URL)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
-    sub = p.add_subparsers(dest="command", required=True)
-    login = sub.add_parser("login", help="log in as admin (password from $LTS_ADMIN_PASSWORD or a prompt)")
-    login.add_argument("--setup", action="store_true", help="set the first admin password, then log in")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    login = sub.add_parser("login", help="log in as admin",
+                           description="Log in as admin; the password comes from --password-file, "
+                                       "$LTS_ADMIN_PASSWORD or a prompt on the terminal.")
+    login.add_argument("--setup", action="store_true", help="set the first admin password (12+ characters), "
+                                                            "then log in")
+    login.add_argument("--password-file", metavar="FILE", help="read the admin password from FILE ('-': stdin)")
     sub.add_parser("logout", help="end this token")
     sub.add_parser("status", help="server UUID, version, uptime, database, import folder")
-    lic = sub.add_parser("licenses", help="imported licenses").add_subparsers(dest="action", required=True)
-    lic.add_parser("list")
-    lic.add_parser("show").add_argument("id")
-    lic.add_parser("import", help="upload a license file").add_argument("file")
-    items = sub.add_parser("items", help="license items").add_subparsers(dest="action", required=True)
-    items.add_parser("list")
-    items.add_parser("revoke").add_argument("id")
-    items.add_parser("restore").add_argument("id")
-    codes = sub.add_parser("codes", help="handshake codes").add_subparsers(dest="action", required=True)
-    codes.add_parser("list")
-    codes.add_parser("show").add_argument("name")
-    create = codes.add_parser("create")
+    lic = sub.add_parser("licenses", help="imported licenses").add_subparsers(dest="action", required=True,
+                                                                              metavar="ACTION")
+    lic.add_parser("list", help="every imported license")
+    lic.add_parser("show", help="one license, with its items").add_argument("id", help="license id")
+    lic.add_parser("import", help="upload a license file").add_argument("file", help="the .lic file")
+    imports = sub.add_parser("imports", help="every file the server has seen: imported, unchanged or rejected "
+                                             "and why")
+    imports.add_argument("--rejected", action="store_true", help="only the rejected files")
+    items = sub.add_parser("items", help="license items").add_subparsers(dest="action", required=True,
+                                                                         metavar="ACTION")
+    items.add_parser("list", help="items with their live use")
+    items.add_parser("revoke", help="refuse the item at the next handshake (error 113)").add_argument(
+        "id", help="item id")
+    items.add_parser("restore", help="undo a revoke").add_argument("id", help="item id")
+    codes = sub.add_parser("codes", help="handshake codes").add_subparsers(dest="action", required=True,
+                                                                           metavar="ACTION")
+    codes.add_parser("list", help="every handshake code")
+    codes.add_parser("show", help="one handshake code").add_argument("name", help="e.g. 216998-vehicleCode")
+    create = codes.add_parser("create", help="add a handshake code")
     create.add_argument("organization", help="organization id (the fixed first part of the name)")
     create.add_argument("custom", help="the custom part: 1-64 of A-Z a-z 0-9 . _ -")
-    edit = codes.add_parser("edit")
-    edit.add_argument("name")
+    edit = codes.add_parser("edit", help="change a handshake code (only what you give)")
+    edit.add_argument("name", help="e.g. 216998-vehicleCode")
     edit.add_argument("--custom", help="rename (not for default codes)")
     edit.add_argument("--no-password", action="store_true", help="remove the session password")
     for c in (create, edit):
@@ -322,33 +410,44 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--domains", help="comma-separated domains, e.g. *.example.com")
         c.add_argument("--app-ids", help="comma-separated mobile app ids")
         c.add_argument("--process-names", help="comma-separated process names")
-        c.add_argument("--password", help="session password")
-    codes.add_parser("delete").add_argument("name")
+        secret = c.add_mutually_exclusive_group()
+        secret.add_argument("--password", help="session password (visible to other users of this machine in the "
+                                               "process list: prefer --password-file or --prompt-password)")
+        secret.add_argument("--password-file", metavar="FILE", help="read the session password from FILE "
+                                                                     "('-': stdin)")
+        secret.add_argument("--prompt-password", action="store_true", help="ask for the session password")
+    delete = codes.add_parser("delete", help="delete a handshake code (its statistics stay)")
+    delete.add_argument("name", help="e.g. 216998-vehicleCode")
+    delete.add_argument("--confirm-default", action="store_true",
+                        help="delete even a default code (asked on a terminal otherwise)")
+    codes.add_parser("restore-default", help="bring back a license's deleted default code").add_argument(
+        "license", help="license id")
     order = codes.add_parser("order", help="set the usage order, or --default")
-    order.add_argument("name")
-    order.add_argument("items", nargs="*")
-    order.add_argument("--default", action="store_true")
-    dev = sub.add_parser("devices", help="devices holding seats").add_subparsers(dest="action", required=True)
-    dev.add_parser("list").add_argument("item")
-    rel = dev.add_parser("release")
-    rel.add_argument("item")
-    rel.add_argument("client")
+    order.add_argument("name", help="e.g. 216998-vehicleCode")
+    order.add_argument("items", nargs="*", help="the code's items, first used first")
+    order.add_argument("--default", action="store_true", help="back to the default order")
+    dev = sub.add_parser("devices", help="devices holding seats").add_subparsers(dest="action", required=True,
+                                                                                metavar="ACTION")
+    dev.add_parser("list", help="devices holding a seat of an item").add_argument("item", help="item id")
+    rel = dev.add_parser("release", help="free a device's seat")
+    rel.add_argument("item", help="item id")
+    rel.add_argument("client", help="the device's clientUuid")
     stats = sub.add_parser("stats", help="statistics of a handshake code")
-    stats.add_argument("code")
-    stats.add_argument("--bucket", default="1d", choices=["3m", "2h", "1d"])
-    stats.add_argument("--since", help="ISO date-time with zone")
+    stats.add_argument("code", help="e.g. 216998-vehicleCode (also a deleted one)")
+    stats.add_argument("--bucket", default="1d", choices=["3m", "2h", "1d"], help="bucket size (default: 1d)")
+    stats.add_argument("--since", help="ISO date-time with zone, e.g. 2026-11-01T00:00:00Z")
     al = sub.add_parser("alerts", help="usage alerts: recipients, webhooks, conditions, history").add_subparsers(
-        dest="action", required=True)
+        dest="action", required=True, metavar="ACTION")
     al.add_parser("show", help="recipients, webhooks, conditions and SMTP at a glance")
     rcpt = al.add_parser("recipients", help="show, or set with ADDRESSES separated by semicolons")
     rcpt.add_argument("addresses", nargs="?", help="e.g. 'ops@example.com; lead@example.com' ('' removes all)")
     hooks = al.add_parser("webhooks", help="webhooks that get each alert as signed JSON").add_subparsers(
-        dest="webhook_action", required=True)
-    hooks.add_parser("list")
-    add = hooks.add_parser("add")
-    add.add_argument("url")
+        dest="webhook_action", required=True, metavar="ACTION")
+    hooks.add_parser("list", help="every webhook")
+    add = hooks.add_parser("add", help="add a webhook; prints its signing secret once")
+    add.add_argument("url", help="http:// or https:// URL that receives the alerts")
     add.add_argument("--secret", help="signing secret (16+ characters); made up when not given")
-    hooks.add_parser("remove").add_argument("id")
+    hooks.add_parser("remove", help="remove a webhook").add_argument("id", help="the webhook's id (webhooks list)")
     cond = al.add_parser("conditions", help="show, or switch with --on/--off")
     cond.add_argument("--on", help="comma-separated: seats,units,overuse,failures,expiry,import")
     cond.add_argument("--off", help="comma-separated kinds to switch off")
@@ -356,12 +455,16 @@ def parser() -> argparse.ArgumentParser:
     al.add_parser("check", help="check the conditions now")
     al.add_parser("open", help="conditions met at the last check")
     hist = al.add_parser("history", help="sent alerts with the state of each delivery")
-    hist.add_argument("--limit", type=int, default=20)
-    ev = sub.add_parser("events", help="usage events").add_subparsers(dest="action", required=True)
+    hist.add_argument("--limit", type=int, default=20, help="at most this many alerts (default: %(default)s)")
+    ev = sub.add_parser("events", help="usage events").add_subparsers(dest="action", required=True,
+                                                                      metavar="ACTION")
     export = ev.add_parser("export", help="write events to stdout (NDJSON or CSV)")
-    export.add_argument("--format", choices=["ndjson", "csv"], default="ndjson")
-    for name in ("since", "until", "code", "item", "type"):
-        export.add_argument(f"--{name}")
+    export.add_argument("--format", choices=["ndjson", "csv"], default="ndjson", help="default: ndjson")
+    export.add_argument("--since", help="events at or after this ISO date-time")
+    export.add_argument("--until", help="events before this ISO date-time")
+    export.add_argument("--code", help="only this handshake code")
+    export.add_argument("--item", help="only this item")
+    export.add_argument("--type", help="only this event type, e.g. handshake (see docs/api.md)")
     return p
 
 
@@ -374,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.code
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # e.g. the token file cannot be written: one line, not a traceback
+        print(f"ltsctl: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
+import resource
 import signal
 import sys
 
@@ -19,6 +21,7 @@ from lts_server.store.postgres import PostgresStore
 
 EXIT_CONFIG = 2
 EXIT_START = 1
+MAX_OPEN_FILES = 1 << 20
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,12 +38,33 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_warnings(cfg: config_mod.Config) -> list[str]:
+    """What is valid but will not work as the operator probably expects."""
+    warnings = []
+    if not cfg.vendor.public_keys:
+        warnings.append("key 'vendor.public_keys' is empty: no vendor key is trusted, so every license file will be "
+                        "rejected; name your vendor's public key file")
+    directory = cfg.import_dir
+    if not directory.is_dir():
+        parent = next((p for p in directory.parents if p.exists()), None)
+        if parent is not None and not os.access(parent, os.W_OK):
+            warnings.append(f"key 'import.directory': {directory} does not exist and cannot be created by this user; "
+                            "create it (writable by the service user)")
+        else:
+            warnings.append(f"key 'import.directory': {directory} does not exist yet; the daemon creates it at start")
+    return warnings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as e:
         print(f"lts-server: config error: {e}", file=sys.stderr)
+        if args.config == str(config_mod.DEFAULT_PATH) and not config_mod.DEFAULT_PATH.exists():
+            print(f"lts-server: give the config file with --config PATH (the default {config_mod.DEFAULT_PATH} does "
+                  "not exist): e.g. --config config/demo.toml in a checkout, or install config/lts-server.toml "
+                  f"as {config_mod.DEFAULT_PATH} (see the README, 'Install as a service')", file=sys.stderr)
         return EXIT_CONFIG
     for i, path in enumerate(cfg.public_key_paths):
         try:
@@ -50,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"public key in PEM form: {e}", file=sys.stderr)
             return EXIT_CONFIG
     if args.check_config:
-        print(f"{args.config}: ok")
+        warnings = config_warnings(cfg)
+        for warning in warnings:
+            print(f"lts-server: warning: {args.config}: {warning}", file=sys.stderr)
+        print(f"{args.config}: ok" + (f" ({len(warnings)} warning{'s' if len(warnings) > 1 else ''})"
+                                      if warnings else ""))
         return 0
     if args.command == "migrate":
         return migrate.main(cfg, args.to)
@@ -65,9 +93,21 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_START
         return 0
     logs.setup(cfg.log.level, cfg.log.format)
+    raise_open_files_limit()
     if cfg.server.workers > 1 and not args.worker:
         return asyncio.run(workers.supervise(args.config, cfg))
     return asyncio.run(run(cfg, args.worker))
+
+
+def raise_open_files_limit() -> None:
+    """Use the hard limit on open files, not the soft one (often 1024): each connection takes one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as e:
+            logs.event("server.open_files_limit", logs.logging.WARNING, soft=soft, hard=hard, error=str(e))
 
 
 async def _server_uuid(cfg: config_mod.Config) -> str:
@@ -85,6 +125,13 @@ async def _server_uuid(cfg: config_mod.Config) -> str:
 async def run(cfg: config_mod.Config, worker: int = 0) -> int:
     notifier = Notifier()
     server = Server(cfg, worker=worker)
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(logs.loop_exception_handler)
+    # Handlers first: a SIGTERM that arrives while the server starts (it listens before it is
+    # done) stops it cleanly once started, instead of killing it.
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
     try:
         await server.start()
     except (StoreError, OSError, ValueError) as e:
@@ -107,8 +154,6 @@ async def run(cfg: config_mod.Config, worker: int = 0) -> int:
     print(f"lts-server {lts_server.__version__} listening on {', '.join(server.urls)}{admin}", flush=True)
     notifier.notify("READY=1", f"STATUS=listening on {', '.join(server.urls)}")
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hup() -> None:
@@ -117,8 +162,6 @@ async def run(cfg: config_mod.Config, worker: int = 0) -> int:
         reloads.add(task)
         task.add_done_callback(lambda t: (reloads.discard(t), notifier.notify("READY=1")))
 
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     pinger = loop.create_task(watchdog(notifier, stop)) if notifier.watchdog_interval else None
 

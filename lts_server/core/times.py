@@ -30,7 +30,10 @@ def parse_iso(text: str) -> datetime:
     t = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if t.tzinfo is None:
         raise ValueError(f"{text!r} has no time zone")
-    return t.astimezone(UTC)
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-01:00 is past the last representable instant
+        raise ValueError(f"{text!r} is out of range") from None
 
 
 def slice_start(t: datetime) -> datetime:

@@ -29,11 +29,7 @@ import asyncpg
 from lts_server import logs
 from lts_server.store import (
     EventQuery,
-    Reloaded,
-    RollupResult,
-    RollupRow,
     SchemaTooNew,
-    Snapshot,
     StoredEvent,
     StoreError,
     StoreFull,
@@ -124,9 +120,11 @@ class Changes:
     upto: int  # the feed has been read up to this event number
 
 
-class PostgresStore(AlertOperations):
+class PostgresStore(sql.Operations, AlertOperations):
     shared = True  # other nodes may write the same database
     ALERT_LOCK = ALERT_LOCK
+    ROLLUP_LOCK = ROLLUP_LOCK
+    WRITE_LOCK = WRITE_LOCK
 
     def __init__(self, url: str, connect_seconds: float = 15.0) -> None:
         self.url = url
@@ -238,9 +236,6 @@ class PostgresStore(AlertOperations):
         except FAILURES as e:
             raise _translate(e, f"database {self.where}") from None
 
-    async def load(self) -> Snapshot:
-        return await self._call(sql.load_snapshot())
-
     async def write(self, batch: WriteBatch, pipeline: int | None = None) -> None:
         """One transaction on the writer connection, in submission order; see SQLiteStore.write."""
         if not batch:
@@ -296,53 +291,6 @@ class PostgresStore(AlertOperations):
 
     async def last_event(self) -> int:
         return await self._fetchval("SELECT COALESCE(MAX(seq), 0) FROM events")
-
-    async def reload(self, items: set[str], clients: set[str]) -> Reloaded:
-        return await self._call(sql.reload(items, clients))
-
-    async def load_catalog(self) -> Snapshot:
-        return await self._call(sql.load_catalog())
-
-    async def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]:
-        after = 0
-        while page := await self._call(sql.events_page(query, after)):
-            for event in page:
-                yield event
-            after = page[-1].seq
-
-    async def report_seen(self, report_id: str) -> bool:
-        return await self._call(sql.report_seen(report_id))
-
-    async def rollup_lag(self) -> int:
-        return await self._call(sql.rollup_lag())
-
-    async def roll_up(self, quantities: dict[str, tuple[str, int]], limit: int = 50_000) -> RollupResult:
-        """Fold the next events into the rollups; one node at a time (the others wait their turn)."""
-        return await self._call(sql.roll_up(quantities, limit), lock=ROLLUP_LOCK)
-
-    async def rollups_at(self, scope: str, size: str, bucket_ms: int) -> dict[str, RollupRow]:
-        return await self._call(sql.rollups_at(scope, size, bucket_ms))
-
-    async def rollup_series(self, scope: str, key: str, size: str, start_ms: int, end_ms: int) -> list[RollupRow]:
-        return await self._call(sql.rollup_series(scope, key, size, start_ms, end_ms))
-
-    async def prune_rollup_marks(self, before_ms: int) -> int:
-        return await self._call(sql.prune_rollup_marks(before_ms), lock=ROLLUP_LOCK)
-
-    async def admin_password_hash(self) -> str | None:
-        return await self._call(sql.admin_password_hash())
-
-    async def set_admin_password(self, password_hash: str, at_ms: int, only_if_unset: bool = False) -> bool:
-        return await self._call(sql.set_admin_password(password_hash, at_ms, only_if_unset), lock=WRITE_LOCK)
-
-    async def add_admin_token(self, token_hash: str, at_ms: int, expires_ms: int) -> None:
-        await self._call(sql.add_admin_token(token_hash, at_ms, expires_ms))
-
-    async def admin_token_expiry(self, token_hash: str) -> int | None:
-        return await self._call(sql.admin_token_expiry(token_hash))
-
-    async def delete_admin_token(self, token_hash: str) -> None:
-        await self._call(sql.delete_admin_token(token_hash))
 
     async def cluster_identity(self, candidate: sql.IdentityRow) -> sql.IdentityRow:
         """The cluster's identity: the stored one, or `candidate` stored now by the first node to ask."""

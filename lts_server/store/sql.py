@@ -12,7 +12,7 @@ PostgreSQL runner numbers them).
 from __future__ import annotations
 
 import json
-from collections.abc import Generator
+from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,7 +26,13 @@ from lts_server.core.model import (
     Period,
 )
 from lts_server.core.times import from_ms, iso, parse_iso, to_ms, utcnow
-from lts_server.core.usage import BUCKETS, EventFacts, aggregate, overuse_delta, tolerance
+from lts_server.core.usage import (
+    BUCKETS,
+    EventFacts,
+    aggregate,
+    overuse_delta,
+    tolerance,
+)
 from lts_server.store import (
     AuthorizationRecord,
     Conflict,
@@ -34,8 +40,8 @@ from lts_server.store import (
     EventQuery,
     ImportRecord,
     LicenseRecord,
-    RollupResult,
     Reloaded,
+    RollupResult,
     RollupRow,
     Seat,
     SeatChange,
@@ -490,3 +496,69 @@ def admin_token_expiry(token_hash: str) -> Procedure[int | None]:
 
 def delete_admin_token(token_hash: str) -> Procedure[None]:
     yield Exec("DELETE FROM admin_tokens WHERE token_hash = ?", (token_hash,))
+
+
+class Operations:
+    """The store operations that are one procedure in one transaction, mixed into both stores.
+
+    Each store supplies `_call(procedure, lock)`; the lock keys name what must
+    take turns across the nodes of a PostgreSQL cluster (SQLite has one writer
+    and leaves them None).
+    """
+
+    ROLLUP_LOCK: int | None = None
+    WRITE_LOCK: int | None = None
+
+    async def _call(self, proc: Procedure[T], lock: int | None = None) -> T:
+        raise NotImplementedError
+
+    async def load(self) -> Snapshot:
+        return await self._call(load_snapshot())
+
+    async def load_catalog(self) -> Snapshot:
+        return await self._call(load_catalog())
+
+    async def reload(self, items: set[str], clients: set[str]) -> Reloaded:
+        return await self._call(reload(items, clients))
+
+    async def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]:
+        """Stream events in order, a page at a time, so memory stays flat."""
+        after = 0
+        while page := await self._call(events_page(query, after)):
+            for event in page:
+                yield event
+            after = page[-1].seq
+
+    async def report_seen(self, report_id: str) -> bool:
+        return await self._call(report_seen(report_id))
+
+    async def rollup_lag(self) -> int:
+        return await self._call(rollup_lag())
+
+    async def roll_up(self, quantities: dict[str, tuple[str, int]], limit: int = 50_000) -> RollupResult:
+        """Fold the next events of the log into the rollups; one node at a time."""
+        return await self._call(roll_up(quantities, limit), self.ROLLUP_LOCK)
+
+    async def rollups_at(self, scope: str, size: str, bucket_ms: int) -> dict[str, RollupRow]:
+        return await self._call(rollups_at(scope, size, bucket_ms))
+
+    async def rollup_series(self, scope: str, key: str, size: str, start_ms: int, end_ms: int) -> list[RollupRow]:
+        return await self._call(rollup_series(scope, key, size, start_ms, end_ms))
+
+    async def prune_rollup_marks(self, before_ms: int) -> int:
+        return await self._call(prune_rollup_marks(before_ms), self.ROLLUP_LOCK)
+
+    async def admin_password_hash(self) -> str | None:
+        return await self._call(admin_password_hash())
+
+    async def set_admin_password(self, password_hash: str, at_ms: int, only_if_unset: bool = False) -> bool:
+        return await self._call(set_admin_password(password_hash, at_ms, only_if_unset), self.WRITE_LOCK)
+
+    async def add_admin_token(self, token_hash: str, at_ms: int, expires_ms: int) -> None:
+        await self._call(add_admin_token(token_hash, at_ms, expires_ms))
+
+    async def admin_token_expiry(self, token_hash: str) -> int | None:
+        return await self._call(admin_token_expiry(token_hash))
+
+    async def delete_admin_token(self, token_hash: str) -> None:
+        await self._call(delete_admin_token(token_hash))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,13 +14,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from lts_server.store import (
-    EventQuery,
-    Reloaded,
-    RollupResult,
-    RollupRow,
     SchemaTooNew,
-    Snapshot,
-    StoredEvent,
     StoreError,
     StoreFull,
     StoreUnavailable,
@@ -52,10 +47,13 @@ def _translate(e: sqlite3.Error, path: Path) -> StoreError:
         return StoreUnavailable(f"database {path} is locked by another process: {text}")
     if "full" in text:
         return StoreFull(f"database {path}: {text}; free disk space, then retry")
+    if "readonly" in text:
+        return StoreError(f"database {path} cannot be written ({text}): make the file, its -wal and -shm files "
+                          "and its folder writable by the service user")
     return StoreError(f"database {path}: {text}")
 
 
-class SQLiteStore(AlertOperations):
+class SQLiteStore(sql.Operations, AlertOperations):
     shared = False  # this process is the only writer
 
     def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
@@ -74,9 +72,15 @@ class SQLiteStore(AlertOperations):
 
     async def open(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Created for the service user only, whatever the umask; SQLite gives -wal and -shm the same mode.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
+        except FileExistsError:
+            pass
         except OSError as e:
-            raise StoreError(f"cannot create the folder for {self.path}: {e.strerror}") from None
+            raise StoreError(f"cannot create {self.path} or its folder: {e.strerror}") from None
         try:
             self._db = await aiosqlite.connect(
                 self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None
@@ -89,6 +93,7 @@ class SQLiteStore(AlertOperations):
             await self._db.execute("PRAGMA synchronous = FULL")
             await self._db.execute("PRAGMA foreign_keys = ON")
             await self._migrate()
+            await self._check_writable()
         except sqlite3.Error as e:
             await self.close()
             raise _translate(e, self.path) from None
@@ -107,15 +112,23 @@ class SQLiteStore(AlertOperations):
                 f"database {self.path} has schema version {current}, but this lts-server "
                 f"knows versions up to {len(known)}: upgrade lts-server or restore a matching backup"
             )
-        for version, _name, sql in known[current:]:
+        for version, _name, script in known[current:]:
             try:
                 await db.executescript(
-                    f"BEGIN IMMEDIATE;\n{sql}\nINSERT INTO schema_version (version) VALUES ({version});\nCOMMIT;"
+                    f"BEGIN IMMEDIATE;\n{script}\nINSERT INTO schema_version (version) VALUES ({version});\nCOMMIT;"
                 )
             except sqlite3.Error:
                 if db.in_transaction:
                     await db.rollback()
                 raise
+
+    async def _check_writable(self) -> None:
+        """Fail at start-up, not at the first handshake, when SQLite opened the file read-only."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.execute("DELETE FROM schema_version WHERE 0")
+        finally:
+            await self.db.execute("ROLLBACK")
 
     async def schema_version(self) -> int:
         async with self.db.execute("SELECT MAX(version) FROM schema_version") as cur:
@@ -154,16 +167,14 @@ class SQLiteStore(AlertOperations):
         con.commit()
         return result
 
-    async def _call(self, proc: sql.Procedure[T]) -> T:
+    async def _call(self, proc: sql.Procedure[T], lock: int | None = None) -> T:
+        # One process writes a SQLite database: nothing to take turns with, the lock is not needed.
         try:
             # aiosqlite runs every call on its one thread, in order; _execute
             # runs a whole transaction there instead of one hop per statement.
             return await self.db._execute(self._run, proc)
         except sqlite3.Error as e:
             raise _translate(e, self.path) from None
-
-    async def load(self) -> Snapshot:
-        return await self._call(sql.load_snapshot())
 
     async def write(self, batch: WriteBatch, pipeline: int | None = None) -> None:
         """Make the batch durable in one transaction, in one hop to the database thread.
@@ -191,54 +202,6 @@ class SQLiteStore(AlertOperations):
             if pipeline is not None:
                 self._failed_pipeline = pipeline
             raise
-
-    async def reload(self, items: set[str], clients: set[str]) -> Reloaded:
-        return await self._call(sql.reload(items, clients))
-
-    async def load_catalog(self) -> Snapshot:
-        return await self._call(sql.load_catalog())
-
-    async def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]:
-        """Stream events in order, a page at a time, so memory stays flat."""
-        after = 0
-        while page := await self._call(sql.events_page(query, after)):
-            for event in page:
-                yield event
-            after = page[-1].seq
-
-    async def report_seen(self, report_id: str) -> bool:
-        return await self._call(sql.report_seen(report_id))
-
-    async def rollup_lag(self) -> int:
-        return await self._call(sql.rollup_lag())
-
-    async def roll_up(self, quantities: dict[str, tuple[str, int]], limit: int = 50_000) -> RollupResult:
-        """Fold the next events of the log into the rollups, in one transaction."""
-        return await self._call(sql.roll_up(quantities, limit))
-
-    async def rollups_at(self, scope: str, size: str, bucket_ms: int) -> dict[str, RollupRow]:
-        return await self._call(sql.rollups_at(scope, size, bucket_ms))
-
-    async def rollup_series(self, scope: str, key: str, size: str, start_ms: int, end_ms: int) -> list[RollupRow]:
-        return await self._call(sql.rollup_series(scope, key, size, start_ms, end_ms))
-
-    async def prune_rollup_marks(self, before_ms: int) -> int:
-        return await self._call(sql.prune_rollup_marks(before_ms))
-
-    async def admin_password_hash(self) -> str | None:
-        return await self._call(sql.admin_password_hash())
-
-    async def set_admin_password(self, password_hash: str, at_ms: int, only_if_unset: bool = False) -> bool:
-        return await self._call(sql.set_admin_password(password_hash, at_ms, only_if_unset))
-
-    async def add_admin_token(self, token_hash: str, at_ms: int, expires_ms: int) -> None:
-        await self._call(sql.add_admin_token(token_hash, at_ms, expires_ms))
-
-    async def admin_token_expiry(self, token_hash: str) -> int | None:
-        return await self._call(sql.admin_token_expiry(token_hash))
-
-    async def delete_admin_token(self, token_hash: str) -> None:
-        await self._call(sql.delete_admin_token(token_hash))
 
 
 def drive(con: sqlite3.Connection, proc: sql.Procedure[T]) -> T:

@@ -95,12 +95,28 @@ async def edit_code(request: web.Request) -> web.Response:
     return web.json_response(await code_json(services, code))
 
 
+def default_code_refusal(code: HandshakeCode) -> str:
+    """Why deleting a default code needs a confirmation, and how to undo it."""
+    return (f"{code.name} is the default code of license {code.source_license_id}: devices that send only "
+            f"organization id {code.organization_id} use it (they get error 101 or 121 without it). Confirm with "
+            f"?confirm=default; it can be restored with POST /api/v1/admin/licenses/{code.source_license_id}"
+            "/default-code")
+
+
 async def delete_code(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     name = request.match_info["name"]
-    _code(services, name)
+    code = _code(services, name)
+    if code.is_default and request.query.get("confirm") != "default":
+        raise ApiError(409, default_code_refusal(code))
     await services.ledger.delete_code(name)
     return web.json_response({"deleted": name})
+
+
+async def restore_default_code(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    code = await services.ledger.restore_default_code(request.match_info["license_id"])
+    return web.json_response(await code_json(services, code), status=201)
 
 
 async def set_order(request: web.Request) -> web.Response:

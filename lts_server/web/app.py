@@ -6,7 +6,7 @@ import msgspec
 from aiohttp import web
 
 import lts_server
-from lts_server.web import admin, alerts, auth, device, metrics, openapi, portal, stats, usage
+from lts_server.web import admin, alerts, auth, connections, device, metrics, openapi, portal, stats, usage
 from lts_server.web.errors import errors_middleware
 from lts_server.web.portal import alerts as portal_alerts
 from lts_server.web.schemas import ServerInfo
@@ -43,7 +43,8 @@ async def servers(request: web.Request) -> web.Response:
 
 def create_app(services: Services, admin_port: int | None = None) -> web.Application:
     """The application; with admin_port set, admin paths answer only on that port."""
-    middlewares = [portal.security_headers, metrics.device_metrics, errors_middleware, portal.html_errors]
+    middlewares = [connections.track_requests, portal.security_headers, metrics.device_metrics, errors_middleware,
+                   portal.html_errors]
     if admin_port is not None:
         middlewares.append(_admin_only_on(admin_port))
     middlewares.append(auth.auth_middleware)
@@ -71,6 +72,7 @@ def create_app(services: Services, admin_port: int | None = None) -> web.Applica
     app.router.add_get("/api/v1/admin/licenses", admin.list_licenses)
     app.router.add_post("/api/v1/admin/licenses", admin.upload_license)
     app.router.add_get("/api/v1/admin/licenses/{license_id}", admin.get_license)
+    app.router.add_post("/api/v1/admin/licenses/{license_id}/default-code", admin.restore_default_code)
     app.router.add_get("/api/v1/admin/items", admin.list_items)
     app.router.add_post("/api/v1/admin/items/{item_id}/revoke", admin.revoke_item)
     app.router.add_post("/api/v1/admin/items/{item_id}/restore", admin.restore_item)

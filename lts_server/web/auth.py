@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import ipaddress
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -17,12 +19,11 @@ from lts_server import logs
 from lts_server.core.times import from_ms, iso, to_ms
 from lts_server.web.device import read_json_body
 from lts_server.web.errors import ApiError, decode_json
-from lts_server.web.schemas import LoginBody, PasswordChangeBody, SetupBody
+from lts_server.web.schemas import MIN_PASSWORD, LoginBody, PasswordChangeBody, SetupBody
 from lts_server.web.services import SERVICES, Services
 
 ADMIN_PREFIX = "/api/v1/admin/"
 OPEN_PATHS = {"/api/v1/admin/setup", "/api/v1/admin/login"}
-MIN_PASSWORD = 12
 # Failed logins per address within the window: slowed after SLOW_AFTER, refused after LOCK_AFTER.
 WINDOW_SECONDS = 15 * 60
 SLOW_AFTER = 3
@@ -35,8 +36,17 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class Locked(Exception):
+    """Too many failed password checks from one client address within the window."""
+
+
 class Throttle:
-    """Counts failed logins per client address."""
+    """Counts password attempts per client address.
+
+    An attempt counts as a failure from the moment it starts and is only forgiven when the
+    password was right: so a thousand concurrent guesses cannot all be checked before the
+    first of them is counted.
+    """
 
     def __init__(self, base_delay: float = 1.0) -> None:
         self._failures: dict[str, list[float]] = {}
@@ -51,11 +61,21 @@ class Throttle:
     def failures(self, address: str) -> int:
         now = time.monotonic()
         recent = [t for t in self._failures.get(address, []) if now - t < WINDOW_SECONDS]
-        self._failures[address] = recent
+        if recent:
+            self._failures[address] = recent
+        else:
+            self._failures.pop(address, None)
         return len(recent)
 
-    def fail(self, address: str) -> None:
+    def begin(self, address: str) -> int:
+        """Count one attempt (as a failure until proven right); returns the failures before it.
+
+        Raises Locked when the address has used up its attempts."""
+        failures = self.failures(address)
+        if failures >= LOCK_AFTER:
+            raise Locked(address)
         self._failures.setdefault(address, []).append(time.monotonic())
+        return failures
 
     def clear(self, address: str) -> None:
         self._failures.pop(address, None)
@@ -104,34 +124,79 @@ async def issue_token(services: Services) -> dict[str, str]:
     return {"token": token, "expiresAt": iso(expires)}
 
 
+def _locked(address: str) -> ApiError:
+    return ApiError(429, f"too many failed password attempts from {address}; try again in "
+                         f"{WINDOW_SECONDS // 60} minutes")
+
+
+async def _check_throttled(app: web.Application, address: str, stored: str, password: str) -> bool:
+    """Check a password, counted and slowed per client address; True when it is right."""
+    throttle = app[THROTTLE]
+    try:
+        failures = throttle.begin(address)
+    except Locked:
+        raise _locked(address) from None
+    await asyncio.sleep(throttle.delay(failures))
+    if not await verify_password(stored, password):
+        logs.event("admin.login_failed", logs.logging.WARNING, remote=address, failures=failures + 1)
+        return False
+    throttle.clear(address)
+    return True
+
+
 async def log_in(app: web.Application, address: str, password: str) -> dict[str, str]:
     """Check the password (throttled per address) and issue a token."""
-    services, throttle = app[SERVICES], app[THROTTLE]
-    failures = throttle.failures(address)
-    if failures >= LOCK_AFTER:
-        raise ApiError(429, f"too many failed logins from {address}; try again in {WINDOW_SECONDS // 60} minutes")
+    services = app[SERVICES]
+    if app[THROTTLE].failures(address) >= LOCK_AFTER:
+        raise _locked(address)
     stored = await services.store.admin_password_hash()
     if stored is None:
         raise ApiError(403, SETUP_REQUIRED)
-    await asyncio.sleep(throttle.delay(failures))
-    if not await verify_password(stored, password):
-        throttle.fail(address)
-        logs.event("admin.login_failed", logs.logging.WARNING, remote=address, failures=failures + 1)
+    if not await _check_throttled(app, address, stored, password):
         raise ApiError(401, "wrong password")
-    throttle.clear(address)
     logs.event("admin.login", remote=address)
     return await issue_token(services)
 
 
-async def change(services: Services, current: str, new: str) -> dict[str, str]:
-    """Change the password, which ends every session; returns a token for the caller."""
-    stored = await services.store.admin_password_hash()
-    if stored is None or not await verify_password(stored, current):
-        raise ApiError(400, "currentPassword: wrong password", "currentPassword")
+async def change(app: web.Application, address: str, current: str, new: str) -> dict[str, str]:
+    """Change the password, which ends every session; returns a token for the caller.
+
+    A wrong current password counts against the address like a failed login."""
+    services = app[SERVICES]
     _check_new(new, "newPassword")
+    stored = await services.store.admin_password_hash()
+    if stored is None or not await _check_throttled(app, address, stored, current):
+        raise ApiError(400, "currentPassword: wrong password", "currentPassword")
     await services.store.set_admin_password(await hash_password(new), to_ms(services.ledger.clock()))
-    logs.event("admin.password_changed")
+    logs.event("admin.password_changed", remote=address)
     return await issue_token(services)
+
+
+@functools.cache
+def _networks(trusted: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(t, strict=False) for t in trusted)
+
+
+def _is_trusted(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def client_address(request: web.Request) -> str:
+    """The client's address: the peer, or, when the peer is a trusted proxy ([server] trusted_proxies),
+    the last address in X-Forwarded-For that is not itself a trusted proxy."""
+    remote = request.remote or "?"
+    networks = _networks(tuple(request.app[SERVICES].config.server.trusted_proxies))
+    if not networks or not _is_trusted(remote, networks):
+        return remote  # anyone can write the header: believe it only from a proxy the config names
+    hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _is_trusted(hop, networks):
+            return hop
+    return hops[0] if hops else remote
 
 
 async def live_token(services: Services, token: str) -> str | None:
@@ -146,13 +211,13 @@ async def live_token(services: Services, token: str) -> str | None:
 async def setup(request: web.Request) -> web.Response:
     body = decode_json(await read_json_body(request), SetupBody)
     await set_up(request.app[SERVICES], body.password)
-    logs.event("admin.setup", remote=request.remote)
+    logs.event("admin.setup", remote=client_address(request))
     return web.json_response({"user": "admin", "setup": True}, status=201)
 
 
 async def login(request: web.Request) -> web.Response:
     body = decode_json(await read_json_body(request), LoginBody)
-    return web.json_response(await log_in(request.app, request.remote or "?", body.password))
+    return web.json_response(await log_in(request.app, client_address(request), body.password))
 
 
 async def logout(request: web.Request) -> web.Response:
@@ -163,7 +228,7 @@ async def logout(request: web.Request) -> web.Response:
 
 async def change_password(request: web.Request) -> web.Response:
     body = decode_json(await read_json_body(request), PasswordChangeBody)
-    token = await change(request.app[SERVICES], body.current_password, body.new_password)
+    token = await change(request.app, client_address(request), body.current_password, body.new_password)
     return web.json_response({"changed": True, **token})
 
 

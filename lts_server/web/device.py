@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 import msgspec
@@ -22,20 +23,50 @@ _encoder = msgspec.json.Encoder()
 
 
 async def read_json_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
+    """The body of a JSON request, refused with a 400 unless it is UTF-8 JSON text without duplicate keys."""
     if request.content_type != "application/json":
         raise ApiError(400, f"Content-Type must be application/json, not {request.content_type or 'missing'}")
+    charset = request.charset
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        raise ApiError(400, f"Content-Type charset must be utf-8 (JSON is UTF-8 text), not {charset}")
     if request.content_length is not None:
         if request.content_length > limit:
             raise ApiError(400, f"the body is {request.content_length} bytes; at most {limit} are accepted")
-        return await request.read()
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await request.content.read(limit + 1 - size):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(400, f"the body is over {limit} bytes; at most {limit} are accepted")
-    return b"".join(chunks)
+        body = await request.read()
+    else:
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.read(limit + 1 - size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(400, f"the body is over {limit} bytes; at most {limit} are accepted")
+        body = b"".join(chunks)
+    check_json_text(body)
+    return body
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ApiError(400, f"{key}: the key appears twice in one object; send each key once", key)
+        seen[key] = value
+    return seen
+
+
+def check_json_text(body: bytes) -> None:
+    """Refuse what a JSON decoder would otherwise guess at: bytes that are not UTF-8, and a key given twice
+    (decoders disagree on which of the two wins, so a proxy and this server could read different requests)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the body is not valid UTF-8: byte {e.start} (0x{body[e.start]:02x}) "
+                            "cannot start or continue a character; JSON must be UTF-8 text") from None
+    try:
+        json.loads(text, object_pairs_hook=_refuse_duplicates)
+    except ValueError:
+        pass  # not JSON at all: the typed decoder names the problem
 
 
 def to_request(body: HandshakeBody) -> hs.Request:

@@ -16,7 +16,7 @@ from aiohttp import web
 from lts_server import logs
 from lts_server.core.codes import CodeError
 from lts_server.ledger import JobFailed, LedgerClosed, NotFound, UsageError
-from lts_server.store import StoreError, StoreUnavailable
+from lts_server.store import StoreError, StoreFull, StoreUnavailable
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -58,6 +58,18 @@ def decode_json(body: bytes, kind: type) -> object:
         raise validation_error(e) from None
 
 
+CLIENT_GONE = "the connection was closed before the request was complete"
+
+
+def client_gone(request: web.Request, error: Exception) -> bool:
+    """Whether the error is the client going away mid-request (say, mid-body): its business, not a fault
+    of ours, so one rate-limited line instead of a traceback."""
+    if isinstance(error, ConnectionError) and (request.transport is None or request.transport.is_closing()):
+        logs.event_limited("http.client_gone", path=request.path, error=str(error))
+        return True
+    return False
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -74,16 +86,24 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         message = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
         return error_response(e.status, message or e.reason, headers={k: v for k, v in e.headers.items()
                                                                          if k.lower() == "allow"})
+    # The store's messages name the database file: the log gets them, clients a plain reason. A locked
+    # or full database fails every request alike: one line per interval says so.
     except StoreUnavailable as e:
-        logs.event("http.store_unavailable", logs.logging.ERROR, path=request.path, error=str(e))
-        return error_response(503, f"storage unavailable, retry later: {e}", headers={"Retry-After": "5"})
+        logs.event_limited("http.store_unavailable", logs.logging.ERROR, path=request.path, error=str(e))
+        return error_response(503, "storage unavailable (the database is locked or busy), nothing was recorded; "
+                                   "retry later", headers={"Retry-After": "5"})
+    except StoreFull as e:
+        logs.event_limited("http.store_error", logs.logging.ERROR, path=request.path, error=str(e))
+        return error_response(503, "storage full, nothing was recorded; retry later", headers={"Retry-After": "30"})
     except StoreError as e:
-        logs.event("http.store_error", logs.logging.ERROR, path=request.path, error=str(e))
-        return error_response(503, f"storage error, nothing was recorded: {e}", headers={"Retry-After": "30"})
+        logs.event_limited("http.store_error", logs.logging.ERROR, path=request.path, error=str(e))
+        return error_response(503, "storage error, nothing was recorded; retry later", headers={"Retry-After": "30"})
     except LedgerClosed as e:
         return error_response(503, str(e), headers={"Retry-After": "5"})
     except JobFailed as e:
         return error_response(500, str(e))
     except Exception as e:  # the client gets a line, the log gets the traceback
+        if client_gone(request, e):
+            return error_response(400, CLIENT_GONE)
         logs.log.exception("http.internal_error", extra={"fields": {"path": request.path}})
         return error_response(500, f"internal error ({type(e).__name__}); see the server log")

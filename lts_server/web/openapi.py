@@ -1,110 +1,210 @@
-"""The OpenAPI 3 document, generated from the msgspec types that validate requests."""
+"""The OpenAPI 3 document, generated from the msgspec types that validate requests and shape answers.
+
+ROUTES is the one list of operations: each names its request and answer types, the statuses it
+can return and its query parameters. tests/test_openapi_fuzz.py runs schemathesis over this
+document against a live server, so an answer that the document does not describe fails the suite.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 
 import msgspec
 from aiohttp import web
 
 import lts_server
+from lts_server.core.usage import BUCKETS
+from lts_server.metrics import CONTENT_TYPE as METRICS_TYPE
 from lts_server.web import alerts, schemas
 
 REF = "#/components/schemas/{name}"
-ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
-    "code": {"type": "integer"}, "sdkCode": {"type": "integer"}, "message": {"type": "string"},
-    "field": {"type": "string"}}, "required": ["code", "message"]}}}
+ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["code", "message"], "properties": {
+        "code": {"type": "integer"}, "sdkCode": {"type": "integer"}, "message": {"type": "string"},
+        "field": {"type": "string"}, "reason": {"type": "string"}}}}}
+OBJECT = {"type": "object"}
 ADMIN = [{"bearer": []}]
+DATE_TIME = {"type": "string", "format": "date-time"}
 
-# path, method, summary, request type, response type, admin?
-ROUTES: list[tuple[str, str, str, type | None, type | None, bool]] = [
-    ("/healthz", "get", "Process alive", None, None, False),
-    ("/readyz", "get", "Database open and migrated", None, None, False),
-    ("/api/v1/server", "get", "Server UUID, version and signing key", None, schemas.ServerInfo, False),
-    ("/api/v1/servers", "get", "Server URL list (main, standby) for clients", None, None, False),
-    ("/api/v1/handshake", "post", "Device handshake: a signed authorization or an error",
-     schemas.HandshakeBody, schemas.Authorization, False),
-    ("/api/v1/usage", "post", "Usage report, idempotent by reportId", schemas.UsageBody, None, False),
-    ("/api/v1/admin/setup", "post", "Set the first admin password", schemas.SetupBody, None, False),
-    ("/api/v1/admin/login", "post", "Log in: a bearer token", schemas.LoginBody, None, False),
-    ("/api/v1/admin/logout", "post", "End this token", None, None, True),
-    ("/api/v1/admin/password", "post", "Change the password (ends every session)", schemas.PasswordChangeBody,
-     None, True),
-    ("/api/v1/admin/status", "get", "Server status", None, None, True),
-    ("/api/v1/admin/handshake-codes", "get", "List handshake codes", None, None, True),
-    ("/api/v1/admin/handshake-codes", "post", "Create a handshake code", schemas.CodeCreateBody, None, True),
-    ("/api/v1/admin/handshake-codes/{name}", "get", "One handshake code", None, None, True),
-    ("/api/v1/admin/handshake-codes/{name}", "patch", "Edit a handshake code", schemas.CodeEditBody, None, True),
-    ("/api/v1/admin/handshake-codes/{name}", "delete", "Delete a handshake code (history stays)", None, None, True),
-    ("/api/v1/admin/handshake-codes/{name}/usage-order", "put", "Set a custom usage order",
-     schemas.UsageOrderBody, None, True),
-    ("/api/v1/admin/handshake-codes/{name}/usage-order", "delete", "Back to the default usage order", None, None,
-     True),
-    ("/api/v1/admin/licenses", "get", "List imported licenses", None, None, True),
-    ("/api/v1/admin/licenses", "post", "Upload a license file (raw body)", None, None, True),
-    ("/api/v1/admin/licenses/{license_id}", "get", "One license with its file text", None, None, True),
-    ("/api/v1/admin/imports", "get", "State of every imported or rejected file", None, None, True),
-    ("/api/v1/admin/items", "get", "Items with their live status", None, None, True),
-    ("/api/v1/admin/items/{item_id}/revoke", "post", "Revoke an item", None, None, True),
-    ("/api/v1/admin/items/{item_id}/restore", "post", "Restore a revoked item", None, None, True),
-    ("/api/v1/admin/items/{item_id}/devices", "get", "Devices holding seats on an item", None, None, True),
-    ("/api/v1/admin/items/{item_id}/devices/{client_uuid}", "delete", "Force-release a seat", None, None, True),
-    ("/api/v1/admin/stats/codes/{code}", "get", "Statistics of a handshake code", None, None, True),
-    ("/api/v1/admin/stats/items/{item_id}", "get", "Statistics and status of an item", None, None, True),
-    ("/api/v1/admin/events", "get", "Export the usage-event log (NDJSON, or CSV with Accept: text/csv)", None,
-     None, True),
-    ("/api/v1/admin/alerts", "get", "Alert settings: recipients, webhooks, conditions, SMTP", None, None, True),
-    ("/api/v1/admin/alerts/recipients", "get", "E-mail recipients of alerts", None, None, True),
-    ("/api/v1/admin/alerts/recipients", "put", "Set the recipients (separated by semicolons)",
-     alerts.RecipientsBody, None, True),
-    ("/api/v1/admin/alerts/webhooks", "get", "Alert webhooks", None, None, True),
-    ("/api/v1/admin/alerts/webhooks", "post", "Add a webhook; its signing secret is in this answer only",
-     alerts.WebhookBody, None, True),
-    ("/api/v1/admin/alerts/webhooks/{webhook_id}", "delete", "Remove a webhook", None, None, True),
-    ("/api/v1/admin/alerts/conditions", "get", "Which conditions alert", None, None, True),
-    ("/api/v1/admin/alerts/conditions", "put", "Switch conditions on or off", None, None, True),
-    ("/api/v1/admin/alerts/test", "post", "Send a test notification to every recipient and webhook", None, None,
-     True),
-    ("/api/v1/admin/alerts/check", "post", "Check the alert conditions now", None, None, True),
-    ("/api/v1/admin/alerts/open", "get", "Conditions met at the last check", None, None, True),
-    ("/api/v1/admin/alerts/history", "get", "Sent alerts, newest first, with each delivery's state", None, None,
-     True),
-    ("/metrics", "get", "Prometheus metrics (text format)", None, None, False),
+# What each status means, for every operation that can return it.
+STATUS_TEXT = {
+    "200": "OK", "201": "Created", "202": "Accepted: under way", "400": "Malformed request: the message (and `field`) say what",
+    "401": "Missing, unknown or expired admin token (login: wrong password; usage: no X-LTS-Report-MAC)",
+    "403": "Admin setup required (device endpoints: a licensing refusal, code 100-151)",
+    "404": "No such thing", "408": "The request head or body did not arrive in time",
+    "409": "Conflicts with the current state (name taken, setup already done, default code)",
+    "422": "License file rejected: `reason` says why",
+    "429": "Too many failed password attempts from this address",
+    "503": "Not now: storage unavailable or full, a standby whose main is up (code 100), shutting down, "
+           "or too many open connections; retry after Retry-After seconds",
+}
+# Every operation can meet these: a malformed request, a slow client, a busy server.
+ALWAYS = ("400", "408", "503")
+# Every admin operation but setup and login: no token, or no password set yet.
+ADMIN_STATUSES = ("401", "403")
+
+
+def query(name: str, description: str, schema: dict | None = None) -> dict:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": schema or {"type": "string"}}
+
+
+STATS_QUERY = (
+    query("bucket", "Bucket size (default 2h)", {"type": "string", "enum": list(BUCKETS)}),
+    query("from", "Start of the period (ISO 8601 with zone, 1970 to 9000)", DATE_TIME),
+    query("to", "End of the period (ISO 8601 with zone, 1970 to 9000; default now)", DATE_TIME),
+)
+EVENTS_QUERY = (
+    query("from", "Events at or after this time", DATE_TIME),
+    query("to", "Events before this time", DATE_TIME),
+    query("code", "Only events of this handshake code"),
+    query("item", "Only events of this item"),
+    query("type", "Only events of this type (see docs/api.md for the list)"),
+)
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    method: str
+    summary: str
+    request: type | None = None
+    # The 2xx answer's type; None: a JSON object described in docs/api.md.
+    response: type | None = None
+    admin: bool = False
+    statuses: tuple[str, ...] = ("200",)
+    params: tuple[dict, ...] = ()
+    # Content types of the 2xx answer, when not JSON.
+    produces: tuple[str, ...] = ("application/json",)
+    request_content: str = "application/json"
+
+
+ROUTES: list[Route] = [
+    Route("/healthz", "get", "Process alive", response=schemas.Health),
+    Route("/readyz", "get", "Database open, migrated and writable", response=schemas.Health),
+    Route("/api/v1/server", "get", "Server UUID, version and signing key", response=schemas.ServerInfo),
+    Route("/api/v1/servers", "get", "Server URL list (main, standby) for clients", response=schemas.ServerList),
+    Route("/api/v1/openapi.json", "get", "This document"),
+    Route("/api/v1/handshake", "post", "Device handshake: a signed authorization or a licensing error",
+          schemas.HandshakeBody, schemas.HandshakeAnswer, statuses=("200", "403")),
+    Route("/api/v1/usage", "post", "Usage report, idempotent by reportId, signed with the device's reportKey",
+          schemas.UsageBody, schemas.UsageAnswer, statuses=("200", "401", "403"),
+          params=({"name": "X-LTS-Report-MAC", "in": "header", "required": False,
+                   "description": "base64 HMAC-SHA256 of the exact body under the reportKey of the device's "
+                                  "newest handshake answer (missing: 401, wrong: 403)",
+                   "schema": {"type": "string"}},)),
+    Route("/api/v1/admin/setup", "post", "Set the first admin password", schemas.SetupBody, schemas.SetupAnswer,
+          statuses=("201", "409")),
+    Route("/api/v1/admin/login", "post", "Log in: a bearer token", schemas.LoginBody, schemas.TokenAnswer,
+          statuses=("200", "401", "403", "429")),
+    Route("/api/v1/admin/logout", "post", "End this token", admin=True),
+    Route("/api/v1/admin/password", "post", "Change the password (ends every session)", schemas.PasswordChangeBody,
+          schemas.PasswordChanged, admin=True, statuses=("200", "429")),
+    Route("/api/v1/admin/status", "get", "Server status", admin=True),
+    Route("/api/v1/admin/handshake-codes", "get", "List handshake codes", admin=True),
+    Route("/api/v1/admin/handshake-codes", "post", "Create a handshake code", schemas.CodeCreateBody, admin=True,
+          statuses=("201", "409")),
+    Route("/api/v1/admin/handshake-codes/{name}", "get", "One handshake code", admin=True, statuses=("200", "404")),
+    Route("/api/v1/admin/handshake-codes/{name}", "patch", "Edit a handshake code", schemas.CodeEditBody, admin=True,
+          statuses=("200", "404", "409")),
+    Route("/api/v1/admin/handshake-codes/{name}", "delete",
+          "Delete a handshake code (history stays; a default code only with ?confirm=default)", admin=True,
+          statuses=("200", "404", "409"),
+          params=(query("confirm", "`default` to delete a default code", {"type": "string", "enum": ["default"]}),)),
+    Route("/api/v1/admin/handshake-codes/{name}/usage-order", "put", "Set a custom usage order",
+          schemas.UsageOrderBody, admin=True, statuses=("200", "404")),
+    Route("/api/v1/admin/handshake-codes/{name}/usage-order", "delete", "Back to the default usage order",
+          admin=True, statuses=("200", "404")),
+    Route("/api/v1/admin/licenses", "get", "List imported licenses", admin=True),
+    Route("/api/v1/admin/licenses", "post", "Upload a license file (the raw file as the body)", admin=True,
+          statuses=("200", "201", "422"), params=(query("name", "The file's name, for the import record"),),
+          request_content="application/octet-stream"),
+    Route("/api/v1/admin/licenses/{license_id}", "get", "One license with its file text", admin=True,
+          statuses=("200", "404")),
+    Route("/api/v1/admin/licenses/{license_id}/default-code", "post",
+          "Restore the license's deleted default code (all of its items)", admin=True,
+          statuses=("201", "404", "409")),
+    Route("/api/v1/admin/imports", "get", "State of every imported or rejected file", admin=True),
+    Route("/api/v1/admin/items", "get", "Items with their live status", admin=True),
+    Route("/api/v1/admin/items/{item_id}/revoke", "post", "Revoke an item", admin=True, statuses=("200", "404")),
+    Route("/api/v1/admin/items/{item_id}/restore", "post", "Restore a revoked item", admin=True,
+          statuses=("200", "404")),
+    Route("/api/v1/admin/items/{item_id}/devices", "get", "Devices holding seats on an item", admin=True,
+          statuses=("200", "404")),
+    Route("/api/v1/admin/items/{item_id}/devices/{client_uuid}", "delete", "Force-release a seat", admin=True,
+          statuses=("200", "404")),
+    Route("/api/v1/admin/stats/codes/{code}", "get", "Statistics of a handshake code (also a deleted one)",
+          admin=True, statuses=("200", "404"), params=STATS_QUERY),
+    Route("/api/v1/admin/stats/items/{item_id}", "get", "Statistics and status of an item", admin=True,
+          statuses=("200", "404"), params=STATS_QUERY),
+    Route("/api/v1/admin/events", "get", "Export the event log: NDJSON, or CSV with Accept: text/csv", admin=True,
+          params=EVENTS_QUERY, produces=("application/x-ndjson", "text/csv")),
+    Route("/api/v1/admin/alerts", "get", "Alert settings: recipients, webhooks, conditions, SMTP", admin=True),
+    Route("/api/v1/admin/alerts/recipients", "get", "E-mail recipients of alerts", admin=True),
+    Route("/api/v1/admin/alerts/recipients", "put", "Set the recipients (separated by semicolons)",
+          alerts.RecipientsBody, admin=True),
+    Route("/api/v1/admin/alerts/webhooks", "get", "Alert webhooks", admin=True),
+    Route("/api/v1/admin/alerts/webhooks", "post", "Add a webhook; its signing secret is in this answer only",
+          alerts.WebhookBody, admin=True, statuses=("201",)),
+    Route("/api/v1/admin/alerts/webhooks/{webhook_id}", "delete", "Remove a webhook", admin=True,
+          statuses=("200", "404")),
+    Route("/api/v1/admin/alerts/conditions", "get", "Which conditions alert", admin=True),
+    Route("/api/v1/admin/alerts/conditions", "put", "Switch conditions on or off: {\"seats\": true, ...}",
+          dict[str, bool], admin=True),
+    Route("/api/v1/admin/alerts/test", "post", "Send a test notification to every recipient and webhook",
+          admin=True, statuses=("202",)),
+    Route("/api/v1/admin/alerts/check", "post", "Check the alert conditions now", admin=True),
+    Route("/api/v1/admin/alerts/open", "get", "Conditions met at the last check", admin=True),
+    Route("/api/v1/admin/alerts/history", "get", "Sent alerts, newest first, with each delivery's state",
+          admin=True, params=(query("limit", "At most this many (1-200, default 50)", {"type": "integer"}),
+                              query("before", "Only alerts older than this id (paging)", {"type": "integer"}))),
+    Route("/metrics", "get", "Prometheus metrics: a bearer token ([metrics] token_file, or an admin token) on the "
+          "device listener", statuses=("200", "401", "404"), produces=(METRICS_TYPE.split(";")[0],)),
 ]
+
+
+def _answer(route: Route, status: str, by_type: dict[type, dict]) -> dict:
+    if not status.startswith("2"):
+        return {"description": STATUS_TEXT[status], "content": {"application/json": {"schema": ERROR}}}
+    if route.produces != ("application/json",):
+        return {"description": STATUS_TEXT[status],
+                "content": {kind: {"schema": {"type": "string"}} for kind in route.produces}}
+    schema = by_type[route.response] if route.response is not None else OBJECT
+    return {"description": STATUS_TEXT[status], "content": {"application/json": {"schema": schema}}}
+
+
+def _operation(route: Route, by_type: dict[type, dict]) -> dict:
+    statuses = sorted({*route.statuses, *ALWAYS, *(ADMIN_STATUSES if route.admin else ())})
+    op: dict = {"summary": route.summary, "operationId": f"{route.method}{route.path}",
+                "responses": {s: _answer(route, s, by_type) for s in statuses}}
+    if route.request is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": by_type[route.request]}}}
+    elif route.request_content != "application/json":
+        op["requestBody"] = {"required": True, "content": {route.request_content: {
+            "schema": {"type": "string", "format": "binary"}}}}
+    if route.admin:
+        op["security"] = ADMIN
+    params = [{"name": part[1:-1], "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+              for part in route.path.split("/") if part.startswith("{")]
+    params += route.params
+    if params:
+        op["parameters"] = params
+    return op
 
 
 @cache
 def document() -> dict:
-    types = sorted({t for r in ROUTES for t in (r[3], r[4]) if t is not None}, key=lambda t: t.__name__)
+    types = sorted({t for r in ROUTES for t in (r.request, r.response) if t is not None}, key=lambda t: t.__name__)
     refs, components = msgspec.json.schema_components(types, ref_template=REF)
     by_type = dict(zip(types, refs))
     paths: dict[str, dict] = {}
-    for path, method, summary, request, response, admin in ROUTES:
-        op: dict = {"summary": summary, "responses": {
-            "200": {"description": "OK", "content": {"application/json": {
-                "schema": by_type[response] if response else {"type": "object"}}}},
-            "400": {"description": "Malformed request", "content": {"application/json": {"schema": ERROR}}},
-        }}
-        if request is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": by_type[request]}}}
-        if path == "/api/v1/admin/licenses" and method == "post":
-            op["requestBody"] = {"required": True, "content": {"application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"}}}}
-        if admin:
-            op["security"] = ADMIN
-            op["responses"]["401"] = {"description": "Missing or expired token"}
-            op["responses"]["403"] = {"description": "Setup required"}
-        if path == "/api/v1/handshake":
-            op["responses"]["403"] = {"description": "Refused: a licensing error code",
-                                      "content": {"application/json": {"schema": ERROR}}}
-        params = [part[1:-1] for part in path.split("/") if part.startswith("{")]
-        if params:
-            op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                                for p in params]
-        paths.setdefault(path, {})[method] = op
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method] = _operation(route, by_type)
     return {
         "openapi": "3.0.3",
-        "info": {"title": "lts-server", "version": lts_server.__version__},
+        "info": {"title": "lts-server", "version": lts_server.__version__,
+                 "description": "The device and admin API of lts-server; docs/api.md explains each operation."},
         "paths": paths,
         "components": {"schemas": components,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},

@@ -59,6 +59,16 @@ class Authorization(msgspec.Struct, rename="camel", omit_defaults=True):
     units: SeatCount | None = None
 
 
+class HandshakeAnswer(msgspec.Struct, rename="camel"):
+    """A granted handshake. The server writes `authorization` first and signs its exact bytes."""
+
+    authorization: Authorization
+    signature: str
+    key_id: str
+    # The device's secret for signing its usage reports (X-LTS-Report-MAC); outside the signed part.
+    report_key: str
+
+
 class ServerInfo(msgspec.Struct, rename="camel"):
     server_uuid: str
     version: str
@@ -81,11 +91,14 @@ class UsageBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_o
     records: Annotated[list[UsageRecordBody], msgspec.Meta(max_length=MAX_RECORDS)]
 
 
+MIN_PASSWORD = 12
 Password = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+NewPassword = Annotated[str, msgspec.Meta(min_length=MIN_PASSWORD, max_length=1024,
+                                          description=f"at least {MIN_PASSWORD} characters")]
 
 
 class SetupBody(msgspec.Struct, forbid_unknown_fields=True):
-    password: Password
+    password: NewPassword
 
 
 class LoginBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,7 +107,40 @@ class LoginBody(msgspec.Struct, forbid_unknown_fields=True):
 
 class PasswordChangeBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
     current_password: Password
-    new_password: Password
+    new_password: NewPassword
+
+
+# Answers, described here so that the OpenAPI document states their shape.
+
+class Health(msgspec.Struct, omit_defaults=True):
+    status: str
+    reason: str | None = None
+
+
+class ServerList(msgspec.Struct):
+    servers: list[str]
+
+
+class UsageAnswer(msgspec.Struct, rename="camel"):
+    report_id: str
+    duplicate: bool
+    accepted: int
+
+
+class SetupAnswer(msgspec.Struct):
+    user: str
+    setup: bool
+
+
+class TokenAnswer(msgspec.Struct, rename="camel"):
+    token: str
+    expires_at: str
+
+
+class PasswordChanged(msgspec.Struct, rename="camel"):
+    changed: bool
+    token: str
+    expires_at: str
 
 
 Value = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]

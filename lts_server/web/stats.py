@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
@@ -18,19 +18,41 @@ from lts_server.web.errors import ApiError
 from lts_server.web.services import SERVICES, Services
 
 MAX_BUCKETS = 10_000
+# Query dates are kept well inside what datetime can represent, so a default span or a day added
+# to them never overflows.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 DEFAULT_SPAN = {"3m": timedelta(days=1), "2h": timedelta(days=7), "1d": timedelta(days=30)}
 EVENT_COLUMNS = ("seq", "at", "type", "code", "itemId", "clientUuid", "product", "deploymentType", "result",
                  "units", "instances", "detail")
+
+
+def query_time(name: str, value: str) -> datetime:
+    """A date-time from a query parameter, within the years the statistics can do arithmetic with."""
+    try:
+        t = parse_iso(value)
+    except ValueError as e:
+        problem = "is out of range" if "out of range" in str(e) else "is not an ISO 8601 date-time with a time zone"
+        raise ApiError(400, f"{name}: {value!r} {problem}; give one between {iso(EARLIEST)} and {iso(LATEST)}",
+                       name) from None
+    if not EARLIEST <= t <= LATEST:
+        raise ApiError(400, f"{name}: {value!r} is out of range; give one between {iso(EARLIEST)} and {iso(LATEST)}",
+                       name)
+    return t
 
 
 def _time(request: web.Request, name: str) -> datetime | None:
     value = request.query.get(name)
     if value is None or value == "":
         return None
-    try:
-        return parse_iso(value)
-    except ValueError:
-        raise ApiError(400, f"{name}: expected an ISO 8601 date-time with a time zone, got {value!r}", name) from None
+    return query_time(name, value)
+
+
+def check_span(bucket: str, start: datetime, end: datetime) -> None:
+    """Refuse a range of more than MAX_BUCKETS buckets: the answer holds one entry per bucket."""
+    if (to_ms(end) - bucket_start(to_ms(start), bucket)) / BUCKETS[bucket] > MAX_BUCKETS:
+        raise ApiError(400, f"bucket: more than {MAX_BUCKETS} {bucket} buckets; choose a wider bucket or a shorter range",
+                       "bucket")
 
 
 def _range(request: web.Request, services: Services) -> tuple[str, datetime, datetime]:
@@ -41,9 +63,7 @@ def _range(request: web.Request, services: Services) -> tuple[str, datetime, dat
     start = _time(request, "from") or end - DEFAULT_SPAN[bucket]
     if start >= end:
         raise ApiError(400, "from: must be before to", "from")
-    if (to_ms(end) - bucket_start(to_ms(start), bucket)) / BUCKETS[bucket] > MAX_BUCKETS:
-        raise ApiError(400, f"bucket: more than {MAX_BUCKETS} {bucket} buckets; choose a wider bucket or a shorter range",
-                       "bucket")
+    check_span(bucket, start, end)
     return bucket, start, end
 
 
@@ -110,7 +130,7 @@ def item_status(services: Services, item_id: str) -> dict:
         out["seats"] = {"used": status.seats_used, "quantity": item.quantity,
                         "limit": hard_limit(item.license_type, item.quantity)}
     elif counts is Counts.UNITS:
-        out["units"] = {"used": status.units_used, "quota": item.quantity,
+        out["units"] = {"used": status.units_used, "quantity": item.quantity,
                         "limit": hard_limit(item.license_type, item.quantity)}
     elif counts in (Counts.CONCURRENCY, Counts.INSTANCES):
         out["overuse"] = {"used": status.overuse_used, "tolerance": tolerance(item.quantity),
@@ -131,7 +151,7 @@ def usage_text(status: dict) -> str:
     if "seats" in status:
         return f"{status['seats']['used']:,} / {status['seats']['quantity']:,} seats"
     if "units" in status:
-        return f"{status['units']['used']:,} / {status['units']['quota']:,} units"
+        return f"{status['units']['used']:,} / {status['units']['quantity']:,} units"
     if "overuse" in status:
         return f"overuse {status['overuse']['used']:,} / {status['overuse']['tolerance']:,}"
     return "unlimited"
@@ -143,12 +163,20 @@ async def code_stats(request: web.Request) -> web.Response:
     bucket, start, end = _range(request, services)
     code = services.ledger.codes.get(name)
     body = await compute_stats(services, "code", name, bucket, start, end)
-    if code is None and not body["summary"]["all"]["granted"] and not body["summary"]["all"]["refused"]:
+    if code is None and not body["summary"]["all"]["granted"] and not body["summary"]["all"]["refused"] \
+            and not await _ever_existed(services, name):
         raise ApiError(404, f"no such handshake code {name}")
     body = {"code": name, "exists": code is not None,
             "items": [item_status(services, i) for i in services.ledger.ordered_items(code) if i in services.ledger.items]
             if code else [], **body}
     return web.json_response(body)
+
+
+async def _ever_existed(services: Services, name: str) -> bool:
+    """A deleted code keeps its statistics, also when they are all zero: its creation is in the event log."""
+    async for _ in services.store.events(EventQuery(code=name, type="code.created")):
+        return True
+    return False
 
 
 async def item_stats(request: web.Request) -> web.Response:
@@ -159,6 +187,21 @@ async def item_stats(request: web.Request) -> web.Response:
     bucket, start, end = _range(request, services)
     body = await compute_stats(services, "item", item_id, bucket, start, end)
     return web.json_response({"itemId": item_id, "status": item_status(services, item_id), **body})
+
+
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """A CSV cell: text that a spreadsheet would run as a formula gets a leading ' (OWASP), numbers stay numbers."""
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        value = json.dumps(value, separators=(",", ":"))
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 async def export_events(request: web.Request) -> web.StreamResponse:
@@ -182,8 +225,7 @@ async def export_events(request: web.Request) -> web.StreamResponse:
         values = (stored.seq, iso(e.at), e.type, e.code, e.item_id, e.client_uuid, e.product, e.deployment_type,
                   e.result, e.units, e.instances, e.detail)
         if as_csv:
-            writer.writerow([json.dumps(v, separators=(",", ":")) if isinstance(v, dict) else ("" if v is None else v)
-                             for v in values])
+            writer.writerow([csv_cell(v) for v in values])
         else:
             buffer.write(json.dumps(dict(zip(EVENT_COLUMNS, values)), separators=(",", ":")) + "\n")
         pending += 1

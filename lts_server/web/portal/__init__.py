@@ -24,15 +24,25 @@ from lts_server import logs
 
 from lts_server.core.codes import CodeError, CodeFields
 from lts_server.core.state import ItemState
-from lts_server.core.times import iso, parse_iso
+from lts_server.core.times import iso
 from lts_server.ledger import NotFound
 from lts_server.licensefile import MAX_FILE_BYTES
 from lts_server.web import auth
-from lts_server.web.admin import code_json, requests_today, status_json
-from lts_server.web.errors import ApiError
+from lts_server.web.admin import code_json, default_code_refusal, requests_today, status_json
+from lts_server.web.errors import CLIENT_GONE, ApiError, client_gone
 from lts_server.web.portal.charts import GRANTED, REFUSED, UNITS, Line, Slice, donut, trend
 from lts_server.web.services import SERVICES, Services
-from lts_server.web.stats import compute_stats, item_status, problems_first, usage_text
+from lts_server.web.stats import (
+    EARLIEST,
+    LATEST,
+    MAX_BUCKETS,
+    check_span,
+    compute_stats,
+    item_status,
+    problems_first,
+    query_time,
+    usage_text,
+)
 
 HERE = Path(__file__).parent
 SESSION = "lts_session"
@@ -76,7 +86,11 @@ async def html_errors(request: web.Request, handler):  # noqa: ANN001, ANN201
         message = e.text if e.text and not e.text.startswith(f"{e.status}:") else (
             "There is no such page in the portal." if e.status == 404 else e.reason)
         return _error_page(request, e.status, message)
-    except Exception:  # the admin gets a page, the log gets the traceback
+    except ApiError as e:  # a refusal from the shared operations (the API's JSON errors)
+        return _error_page(request, e.status, e.message)
+    except Exception as e:  # the admin gets a page, the log gets the traceback
+        if client_gone(request, e):
+            return _error_page(request, 400, CLIENT_GONE)
         logs.log.exception("portal.internal_error", extra={"fields": {"path": request.path}})
         return _error_page(request, 500, "The server failed on this page; the server log has the details.")
 
@@ -150,9 +164,17 @@ async def _logged_in(request: web.Request) -> dict[str, Any]:
     raise _redirect("/portal/setup" if await services.store.admin_password_hash() is None else "/portal/login")
 
 
+async def _post(request: web.Request) -> Any:
+    """The submitted form; bytes that are not text in the form's charset are a 400, not a 500."""
+    try:
+        return await request.post()
+    except (UnicodeDecodeError, LookupError):
+        raise ApiError(400, "the form is not valid text in its charset (UTF-8 expected)") from None
+
+
 async def _form(request: web.Request) -> tuple[dict[str, Any], Any]:
     page = await _logged_in(request)
-    form = await request.post()
+    form = await _post(request)
     _require_csrf(page["csrf"], form)
     return page, form
 
@@ -178,7 +200,7 @@ async def setup_page(request: web.Request) -> web.Response:
 
 
 async def setup_submit(request: web.Request) -> web.Response:
-    form = await request.post()
+    form = await _post(request)
     _require_csrf(request.cookies.get(PRE_CSRF, ""), form)
     password = str(form.get("password", ""))
     if password != str(form.get("confirm", "")):
@@ -202,10 +224,10 @@ async def login_page(request: web.Request) -> web.Response:
 
 async def login_submit(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    form = await request.post()
+    form = await _post(request)
     _require_csrf(request.cookies.get(PRE_CSRF, ""), form)
     try:
-        token = (await auth.log_in(request.app, request.remote or "?", str(form.get("password", ""))))["token"]
+        token = (await auth.log_in(request.app, auth.client_address(request), str(form.get("password", ""))))["token"]
     except ApiError as e:
         raise _redirect("/portal/login", _flash_refusal(e)) from None
     response = _redirect("/portal/")
@@ -231,7 +253,8 @@ async def security_page(request: web.Request) -> web.Response:
 async def security_submit(request: web.Request) -> web.Response:
     _, form = await _form(request)
     try:
-        token = (await auth.change(request.app[SERVICES], str(form.get("current", "")), str(form.get("new", ""))))["token"]
+        token = (await auth.change(request.app, auth.client_address(request), str(form.get("current", "")),
+                                   str(form.get("new", ""))))["token"]
     except ApiError as e:
         raise _redirect("/portal/security", _flash_refusal(e)) from None
     response = _redirect("/portal/security", ("ok", "Password changed; other sessions were logged out."))
@@ -384,13 +407,17 @@ async def code_edit_submit(request: web.Request) -> web.Response:
 
 
 async def code_delete(request: web.Request) -> web.Response:
-    _, _ = await _form(request)
+    _, form = await _form(request)
     name = request.match_info["name"]
-    try:
-        await request.app[SERVICES].ledger.delete_code(name)
-    except NotFound:
-        raise _redirect("/portal/codes", ("error", f"No handshake code {name}.")) from None
-    raise _redirect("/portal/codes", ("ok", f"Handshake code {name} deleted; its statistics stay."))
+    code = request.app[SERVICES].ledger.codes.get(name)
+    if code is None:
+        raise _redirect("/portal/codes", ("error", f"No handshake code {name}."))
+    if code.is_default and form.get("confirm") != "default":
+        raise _redirect("/portal/codes", ("error", default_code_refusal(code)))
+    await request.app[SERVICES].ledger.delete_code(name)
+    restore = (f" Restore it with `ltsctl codes restore-default {code.source_license_id}`."
+               if code.is_default else "")
+    raise _redirect("/portal/codes", ("ok", f"Handshake code {name} deleted; its statistics stay.{restore}"))
 
 
 async def order_page(request: web.Request) -> web.Response:
@@ -427,13 +454,14 @@ async def order_submit(request: web.Request) -> web.Response:
 
 # -- statistics ----------------------------------------------------------------------------
 
-def _day(value: str | None) -> datetime | None:
+def _day(name: str, value: str | None) -> datetime | None:
     if not value:
         return None
     try:
-        return parse_iso(value + "T00:00:00Z")
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"not a date: {value!r}") from None
+        return query_time(name, value + "T00:00:00Z")
+    except ApiError:
+        raise web.HTTPBadRequest(text=f"{name}: not a date between {iso(EARLIEST)[:10]} and {iso(LATEST)[:10]}: "
+                                      f"{value!r}") from None
 
 
 async def _stats_page(request: web.Request, scope: str, key: str, subject: str,
@@ -441,15 +469,20 @@ async def _stats_page(request: web.Request, scope: str, key: str, subject: str,
     page = await _logged_in(request)
     services = request.app[SERVICES]
     now = services.ledger.clock()
-    day = _day(request.query.get("day"))
+    day = _day("day", request.query.get("day"))
     if day is not None:
         start, end, bucket = day, day + timedelta(days=1), "3m"
     else:
-        end = (_day(request.query.get("to")) or now.replace(hour=0, minute=0, second=0, microsecond=0)) + timedelta(days=1)
-        start = _day(request.query.get("from")) or end - timedelta(days=7)
+        end = (_day("to", request.query.get("to")) or now.replace(hour=0, minute=0, second=0, microsecond=0)
+               ) + timedelta(days=1)
+        start = _day("from", request.query.get("from")) or end - timedelta(days=7)
         bucket = "2h" if end - start <= timedelta(days=31) else "1d"
         if start >= end:
             raise _redirect(request.path, ("error", "The start of the period must be before its end."))
+        try:
+            check_span(bucket, start, end)
+        except ApiError:
+            raise _redirect(request.path, ("error", f"Choose a period of at most {MAX_BUCKETS:,} days.")) from None
     body = await compute_stats(services, scope, key, bucket, start, min(end, now + timedelta(minutes=3)) if day else end)
     summary = body["summary"]
     donuts = [{"label": label, "svg": donut([Slice("granted", s["granted"], GRANTED),
