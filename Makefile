@@ -29,9 +29,11 @@ test: packages $(STAMP)
 packages:
 	@bash .ci/packages
 
-bench: $(STAMP)
+# The handshake and cluster benchmarks start their own PostgreSQL (the package) and need wrk (apt-get install wrk).
+bench: packages $(STAMP)
 	$(BIN)/python bench/import_files.py
-	$(BIN)/python bench/handshake/run.py
+	$(BIN)/python bench/handshake/run.py --stores sqlite,postgresql --workers 1,2 --nodes 2
+	$(BIN)/python bench/cluster.py
 	$(BIN)/python bench/stats_query.py
 	$(BIN)/python bench/alert_check.py
 	$(BIN)/python bench/churn.py

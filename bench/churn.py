@@ -29,8 +29,7 @@ import aiohttp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import device_item, license_file, vendor_key, write_config  # noqa: E402
-from handshake.run import free_port, wait_listening  # noqa: E402
+from common import device_item, free_port, license_file, vendor_key, wait_listening, write_config  # noqa: E402
 
 PASSWORD = "churn benchmark password"
 

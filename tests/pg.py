@@ -28,6 +28,9 @@ class PgServer:
     folder: Path
     port: int
     bin: Path
+    # Off for the tests (behaviour, not durability across power loss: SQLite's tests do that); on for the
+    # benchmarks, which compare commits made as durable as SQLite's synchronous=FULL.
+    fsync: bool = False
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://lts@127.0.0.1:{self.port}/{database}"
@@ -48,9 +51,8 @@ class PgServer:
                                   "stop"]), capture_output=True)
 
     def launch(self) -> None:
-        # fsync off: the tests check behaviour, not durability across power loss (SQLite's tests do that).
-        options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-                   " -c max_connections=300")
+        options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1"
+                   f" -c fsync={'on' if self.fsync else 'off'} -c max_connections=300")
         subprocess.run(_as_owner([str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-o", options, "-l",
                                   str(self.folder / "log"), "-w", "start"]), check=True, capture_output=True)
         deadline = time.monotonic() + 30
@@ -79,7 +81,7 @@ def _as_owner(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def start() -> PgServer:
+def start(fsync: bool = False) -> PgServer:
     binary = _bin()
     folder = Path(tempfile.mkdtemp(prefix="lts-pg-"))
     if os.geteuid() == 0:
@@ -89,7 +91,7 @@ def start() -> PgServer:
         port = s.getsockname()[1]
     subprocess.run(_as_owner([str(binary / "initdb"), "-D", str(folder / "data"), "-U", "lts", "--auth=trust",
                               "-E", "UTF8", "--no-sync"]), check=True, capture_output=True)
-    server = PgServer(folder, port, binary)
+    server = PgServer(folder, port, binary, fsync)
     try:
         server.launch()
     except Exception:

@@ -105,6 +105,27 @@ async def test_two_stores_opening_an_empty_database_together_migrate_it_once(pg_
             await s.close()
 
 
+async def test_following_reads_a_devices_rows_by_index_not_the_whole_tables(pg_url: str) -> None:
+    # What a node re-reads for the devices other nodes changed (store/sql.py reload), with
+    # 20,000 seats and authorizations in the tables: by index, never a scan of all of them.
+    store = PostgresStore(pg_url)
+    await store.open()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("INSERT INTO seats (item_id, client_uuid, granted_ms, refreshed_ms, expires_ms)"
+                           " SELECT 'i' || (g % 3), 'd' || g, 0, 0, 0 FROM generate_series(1, 20000) g")
+        await conn.execute("INSERT INTO authorizations (code, client_uuid, item_id, instances, granted_ms, expires_ms)"
+                           " SELECT 'c' || (g % 3), 'd' || g, 'i', 1, 0, 0 FROM generate_series(1, 20000) g")
+        await conn.execute("ANALYZE seats; ANALYZE authorizations")
+        for table in ("seats", "authorizations"):
+            plan = "\n".join(r[0] for r in await conn.fetch(
+                f"EXPLAIN SELECT * FROM {table} WHERE client_uuid IN ('d7', 'd19999')"))
+            assert f"Seq Scan on {table}" not in plan and f"{table}_client" in plan, plan
+    finally:
+        await conn.close()
+        await store.close()
+
+
 async def test_every_node_presents_one_identity(cluster: tuple[Node, Node]) -> None:
     a, b = cluster
     infos = []

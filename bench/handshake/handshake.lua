@@ -1,6 +1,9 @@
 -- Granted handshakes from distinct devices: every request names a new clientUuid.
+-- The script's argument (after `--` on wrk's command line) keeps the names of
+-- several wrk processes started in the same second apart.
 local counter = 0
 local thread_id = 0
+local prefix = "0"
 local threads = {}
 
 function setup(thread)
@@ -10,6 +13,7 @@ end
 
 function init(args)
   thread_id = tid
+  prefix = args[1] or "0"
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
 end
@@ -17,8 +21,8 @@ end
 function request()
   counter = counter + 1
   local body = string.format(
-    '{"handshakeCode":"216998-BENCH","clientUuid":"bench-%d-%d-%d","product":"barcode-reader","deploymentType":"browser"}',
-    os.time(), thread_id, counter)
+    '{"handshakeCode":"216998-BENCH","clientUuid":"bench-%s-%d-%d-%d","product":"barcode-reader","deploymentType":"browser"}',
+    prefix, os.time(), thread_id, counter)
   return wrk.format(nil, "/api/v1/handshake", nil, body)
 end
 

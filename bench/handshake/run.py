@@ -1,65 +1,325 @@
 """Handshake benchmark: lts-server's granted, durable handshakes against a bare aiohttp endpoint.
 
     .venv/bin/python bench/handshake/run.py [--duration 10] [--connections 64] [--rounds 3]
+        [--stores sqlite,postgresql] [--workers 1,2] [--nodes 2]
 
-Both servers run as their own process on loopback and are driven by wrk
-(Debian package `wrk`) with the same connection count, alternating rounds, so
-the ratio is measured side by side on the same (noisy, shared) machine. Every
-lts-server request is a new device claiming a seat, committed with
-synchronous=FULL before the answer. Prints medians over the rounds.
+Every server runs as its own process(es) on loopback and is driven by wrk
+(Debian package `wrk`) with the same connection count, in alternating rounds,
+so every ratio to the bare endpoint is measured side by side on the same
+(noisy, shared) machine. Every lts-server request is a new device claiming a
+seat, committed durably before the answer (SQLite synchronous=FULL;
+PostgreSQL with fsync on, synchronous_commit on). Prints medians over rounds.
+
+Targets: `bare`; `sqlite`; with postgresql in --stores, one daemon per
+--workers count (`pg w=N`, N processes sharing the port with SO_REUSEPORT) and,
+with --nodes N > 1, N separate daemons on the same database (`pg nodes=N`):
+wrk runs against each of them at once with 1/N of the connections; req/s
+are summed, p50 is the mean and p99 the worst of the nodes'. Each PostgreSQL
+target has its own database on one throwaway PostgreSQL server (tests/pg.py).
+
+Work per request: CPU time (utime+stime from /proc) of the daemon's
+processes and of all PostgreSQL processes over a round, divided by the
+granted handshakes of the round. On PostgreSQL a sampler also reads pg_locks
+every 10 ms to see how often the cluster-wide write lock (store/postgres.py
+WRITE_LOCK) is held and how many wait for it (the sampler's own backend is
+left out of PostgreSQL's CPU time), and the round's commits are counted (the
+distinct xmin of its events): grants per commit and the lock's time per commit.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import asyncpg
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent.parent / "tests"))
 
-from common import device_item, license_file, vendor_key, write_config  # noqa: E402
+import pg  # noqa: E402  (tests/pg.py: a throwaway PostgreSQL server)
+from common import (  # noqa: E402
+    cpu_us,
+    device_item,
+    free_port,
+    license_file,
+    vendor_key,
+    wait_listening,
+    write_config,
+)
+
+from lts_server.store.postgres import WRITE_LOCK  # noqa: E402
+
+SAMPLE_SECONDS = 0.01
+# pg_locks shows a bigint advisory key as classid (high 32 bits) and objid (low 32 bits), objsubid 1.
+LOCK_SAMPLE = (
+    "SELECT count(*) FILTER (WHERE granted), count(*) FILTER (WHERE NOT granted) FROM pg_locks"
+    f" WHERE locktype = 'advisory' AND classid = {WRITE_LOCK >> 32} AND objid = {WRITE_LOCK & 0xFFFFFFFF}"
+    " AND objsubid = 1"
+)
+WARM_BODY = (b'{"handshakeCode":"216998-BENCH","clientUuid":"warm-%d","product":"barcode-reader",'
+             b'"deploymentType":"browser"}')
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass
+class Target:
+    name: str
+    ports: list[int]
+    procs: list[subprocess.Popen[bytes]]
+    script: Path
+    url: str | None = None  # the PostgreSQL database
+    conn: asyncpg.Connection | None = None  # the bench's own connection to it
+    sqlite: Path | None = None
+    rounds: list[dict[str, float]] = field(default_factory=list)
 
 
-def wait_listening(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("server did not start")
+def wrk_cmd(url: str, duration: int, connections: int, script: Path, prefix: str = "0") -> list[str]:
+    """wrk's command; `prefix` goes to the script (handshake.lua names devices with it)."""
+    return ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script),
+            url, "--", prefix]
 
 
-def wrk(url: str, duration: int, connections: int, script: Path | None) -> dict[str, float]:
-    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency"]
-    if script:
-        cmd += ["-s", str(script)]
-    else:
-        cmd += ["-s", str(HERE / "post.lua")]
-    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+def parse_wrk(out: str) -> dict[str, float]:
     m = re.search(r"LATENCY p50=([\d.]+) p99=([\d.]+)", out)
     status = re.search(r"STATUS non2xx=(\d+) errors=(\d+)", out)
-    return {"rps": rps, "p50": float(m.group(1)), "p99": float(m.group(2)),
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+            "p50": float(m.group(1)), "p99": float(m.group(2)),
             "non2xx": int(status.group(1)), "errors": int(status.group(2))}
+
+
+async def run_wrk(target: Target, duration: int, connections: int) -> dict[str, float]:
+    """wrk against every port of the target at once, the connections split between them."""
+    share = max(1, connections // len(target.ports))
+    path = "/api/v1/handshake" if target.name == "bare" else ""
+    procs = [await asyncio.create_subprocess_exec(*wrk_cmd(f"http://127.0.0.1:{port}{path}", duration, share,
+                                                           target.script, str(i)),
+                                                  stdout=asyncio.subprocess.PIPE)
+             for i, port in enumerate(target.ports)]
+    runs = [parse_wrk((await p.communicate())[0].decode()) for p in procs]
+    return {"rps": sum(r["rps"] for r in runs), "requests": sum(r["requests"] for r in runs),
+            "p50": statistics.mean(r["p50"] for r in runs), "p99": max(r["p99"] for r in runs),
+            "non2xx": sum(r["non2xx"] for r in runs), "errors": sum(r["errors"] for r in runs)}
+
+
+async def sample_lock(conn: asyncpg.Connection, until: float) -> tuple[int, int, int]:
+    """(samples, samples with the write lock held, waiters summed over the samples)."""
+    samples = held = waiting = 0
+    while time.monotonic() < until:
+        granted, waiters = await conn.fetchrow(LOCK_SAMPLE)
+        samples += 1
+        held += granted > 0
+        waiting += waiters
+        await asyncio.sleep(SAMPLE_SECONDS)
+    return samples, held, waiting
+
+
+async def round_trip_us(conn: asyncpg.Connection, count: int = 1000) -> float:
+    """Median time of one small conditional UPDATE inside a transaction, as the ledger's claims are sent.
+
+    Each claim costs such round trips while the cluster-wide write lock is held, so this, the
+    number of statements per commit and the flush time make up the lock's time.
+    """
+    await conn.execute("CREATE TEMPORARY TABLE rtt (id int PRIMARY KEY, n int)")
+    await conn.execute("INSERT INTO rtt VALUES (1, 0)")
+    times = []
+    async with conn.transaction():
+        for _ in range(count):
+            started = time.perf_counter()
+            await conn.execute("UPDATE rtt SET n = n + 1 WHERE id = $1 AND n < $2", 1, 1 << 30)
+            times.append(time.perf_counter() - started)
+    await conn.execute("DROP TABLE rtt")
+    return statistics.median(times) * 1e6
+
+
+DB_STATS = ("SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()),"
+            " SUM(seq_scan), SUM(seq_tup_read), SUM(idx_scan) FROM pg_stat_user_tables")
+
+
+async def measure(target: Target, duration: int, connections: int, server: pg.PgServer | None,
+                  probe: asyncpg.Connection | None, probe_pid: int) -> None:
+    if target.conn:
+        # The tables grow fast here: planner statistics as autovacuum would keep them on a running
+        # database (with those of a younger table, PostgreSQL scans whole tables to follow the others).
+        await target.conn.execute("ANALYZE")
+    daemon_pids = [p.pid for p in target.procs]
+    postmaster = int((server.folder / "data" / "postmaster.pid").read_text().split()[0]) if server else 0
+    d0, pg0, probe0 = cpu_us(daemon_pids), cpu_us([postmaster]) if server else 0.0, cpu_us([probe_pid])
+    last_seq = await target.conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM events") if target.conn else 0
+    stats0 = await target.conn.fetchrow(DB_STATS) if target.conn else None
+    sampler = None
+    if probe and target.conn:
+        sampler = asyncio.create_task(sample_lock(probe, time.monotonic() + duration))
+    result = await run_wrk(target, duration, connections)
+    samples, held, waiting = await sampler if sampler else (0, 0, 0)
+    d1, pg1, probe1 = cpu_us(daemon_pids), cpu_us([postmaster]) if server else 0.0, cpu_us([probe_pid])
+    granted = max(1, result["requests"] - result["non2xx"])
+    result["daemon_us"] = (d1 - d0) / granted
+    result["pg_us"] = ((pg1 - pg0) - (probe1 - probe0)) / granted if target.url else 0.0
+    if target.conn:
+        # Each write transaction's rows share its xmin: distinct xmins count the commits of the round.
+        commits = await target.conn.fetchval("SELECT COUNT(DISTINCT xmin::text) FROM events WHERE seq > $1",
+                                             last_seq)
+        result["lock_held"] = held / samples if samples else 0.0
+        result["lock_waiters"] = waiting / samples if samples else 0.0
+        result["grants_per_commit"] = granted / max(1, commits)
+        result["lock_ms_per_commit"] = result["lock_held"] * duration * 1000 / max(1, commits)
+        # Backends report these at most once a second: ~10% off over a 10 s round.
+        await target.conn.execute("SELECT pg_stat_clear_snapshot()")
+        stats1 = await target.conn.fetchrow(DB_STATS)
+        result["xacts"], result["seq_scans"], result["seq_rows"], result["idx_scans"] = (
+            (b - a) / granted for a, b in zip(stats0, stats1))
+    target.rounds.append(result)
+
+
+def warm_up(target: Target) -> None:
+    """Every node answers a grant (a node learns of the license imported by another within follow_ms)."""
+    deadline = time.monotonic() + 60
+    for port in target.ports:
+        good = 0
+        while good < 10:  # ten in a row, over fresh connections, so every worker behind the port is ready
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{target.name}: port {port} does not grant handshakes")
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/handshake",
+                                             data=WARM_BODY % int(time.monotonic_ns()),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(request, timeout=5).close()
+                good += 1
+            except (urllib.error.URLError, OSError):
+                good = 0
+                time.sleep(0.2)
+
+
+def start_daemon(folder: Path, pub: Path, lic: bytes | None, url: str | None = None,
+                 workers: int = 1) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    cfg = write_config(folder, pub, port, url=url, workers=workers)
+    if lic:
+        (folder / "import" / "bench.lic").write_bytes(lic)
+    proc = subprocess.Popen([sys.executable, "-m", "lts_server", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_listening(port, proc)
+    return proc, port
+
+
+async def count_durable(target: Target) -> tuple[int, int]:
+    """(seats, granted-handshake events) in the target's database."""
+    seats = "SELECT COUNT(*) FROM seats"
+    events = "SELECT COUNT(*) FROM events WHERE type = 'handshake' AND result = 0"
+    if target.sqlite:
+        con = sqlite3.connect(target.sqlite)
+        try:
+            return con.execute(seats).fetchone()[0], con.execute(events).fetchone()[0]
+        finally:
+            con.close()
+    return await target.conn.fetchval(seats), await target.conn.fetchval(events)
+
+
+def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, tuple[int, int]],
+           rtt: list[float]) -> None:
+    def med(t: Target, key: str) -> float:
+        return statistics.median(r[key] for r in t.rounds)
+
+    bare = med(targets[0], "rps")
+    print(f"wrk -c{args.connections} -d{args.duration}s, {args.rounds} alternating rounds, medians; PostgreSQL fsync"
+          f" {args.fsync};"
+          " CPU microseconds per granted handshake (per request for bare):")
+    print(f"  {'target':12} {'req/s':>7} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8}"
+          f" {'daemon us':>10} {'pg us':>7} {'lock held':>10} {'waiters':>8} {'grants/commit':>14}"
+          f" {'lock ms/commit':>15}")
+    for t in targets:
+        pg_cols = (f" {med(t, 'pg_us'):7.0f} {med(t, 'lock_held'):10.0%} {med(t, 'lock_waiters'):8.2f}"
+                   f" {med(t, 'grants_per_commit'):14.1f} {med(t, 'lock_ms_per_commit'):15.2f}" if t.conn else "")
+        print(f"  {t.name:12} {med(t, 'rps'):7.0f} {med(t, 'rps') / bare:6.2f} {med(t, 'p50'):7.2f}"
+              f" {med(t, 'p99'):7.2f} {sum(r['non2xx'] + r['errors'] for r in t.rounds):8d}"
+              f" {med(t, 'daemon_us'):10.0f}" + pg_cols)
+    print("  per granted handshake in its PostgreSQL database: transactions (every node's, reads included),"
+          " whole-table scans, rows those read, index scans:")
+    for t in targets:
+        if t.conn:
+            print(f"    {t.name:12} {med(t, 'xacts'):6.2f} {med(t, 'seq_scans'):7.3f} {med(t, 'seq_rows'):8.1f}"
+                  f" {med(t, 'idx_scans'):7.1f}")
+    if rtt:
+        print(f"  one statement's round trip to PostgreSQL inside a transaction (median of 1000, before and after"
+              f" the rounds): {rtt[0]:.0f} us, {rtt[1]:.0f} us")
+    for t in targets[1:]:
+        seats, events = durable[t.name]
+        print(f"  {t.name}: durable: {seats} seats and {events} granted-handshake events committed")
+
+
+async def bench(args: argparse.Namespace, folder: Path) -> None:
+    stores = args.stores.split(",")
+    key, pub = vendor_key(folder / "vendor")
+    lic = license_file(key, "BENCH", [device_item("BENCH-1", 50_000_000)])
+    bare_port = free_port()
+    bare = subprocess.Popen([sys.executable, str(HERE / "bare.py"), str(bare_port), "600"])
+    wait_listening(bare_port, bare)
+    targets = [Target("bare", [bare_port], [bare], HERE / "post.lua")]
+    server = pg.start(fsync=args.fsync == "on") if "postgresql" in stores else None
+    probe = None
+    try:
+        if "sqlite" in stores:
+            proc, port = start_daemon(folder / "sqlite", pub, lic)
+            targets.append(Target("sqlite", [port], [proc], HERE / "handshake.lua",
+                                  sqlite=folder / "sqlite" / "state" / "lts-server.sqlite3"))
+        if server:
+            for workers in (int(w) for w in args.workers.split(",")):
+                url = await server.new_database()
+                proc, port = start_daemon(folder / f"w{workers}", pub, lic, url, workers)
+                targets.append(Target(f"pg w={workers}", [port], [proc], HERE / "handshake.lua", url=url))
+            if args.nodes > 1:
+                url = await server.new_database()
+                nodes = [start_daemon(folder / f"n{i}", pub, lic if i == 0 else None, url) for i in range(args.nodes)]
+                targets.append(Target(f"pg nodes={args.nodes}", [p for _, p in nodes], [d for d, _ in nodes],
+                                      HERE / "handshake.lua", url=url))
+            probe = await asyncpg.connect(server.url())
+            for t in targets:
+                if t.url:
+                    t.conn = await asyncpg.connect(t.url)
+        for t in targets[1:]:
+            warm_up(t)
+            if t.conn:  # a first load, so the tables have rows worth planning with (see measure)
+                await run_wrk(t, 2, args.connections)
+        probe_pid = await probe.fetchval("SELECT pg_backend_pid()") if probe else 0
+        rtt = [await round_trip_us(probe)] if probe else []
+        for _ in range(args.rounds):
+            for t in targets:
+                await measure(t, args.duration, args.connections, server, probe, probe_pid)
+        if probe:
+            rtt.append(await round_trip_us(probe))
+        durable = {t.name: await count_durable(t) for t in targets[1:]}
+    finally:
+        for t in targets:
+            if t.conn:
+                await t.conn.close()
+        if probe:
+            await probe.close()
+        for t in targets:
+            for proc in t.procs:
+                proc.terminate()
+        for t in targets:
+            for proc in t.procs:
+                proc.wait(30)
+        if server:
+            server.stop()
+    report(args, targets, durable, rtt)
+    if "sqlite" in stores:
+        con = sqlite3.connect(folder / "sqlite" / "state" / "lts-server.sqlite3")
+        lag = con.execute("SELECT MAX(seq) - (SELECT last_seq FROM rollup_state) FROM events").fetchone()[0]
+        print(f"  sqlite: statistics rollups trailing the event log at shutdown: {lag} events")
 
 
 def main() -> None:
@@ -67,49 +327,16 @@ def main() -> None:
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--stores", default="sqlite", help="comma-separated: sqlite, postgresql")
+    p.add_argument("--workers", default="1,2", help="PostgreSQL: one daemon per count, with server.workers = N")
+    p.add_argument("--nodes", type=int, default=2, help="PostgreSQL: N separate daemons on one database (0: none)")
+    p.add_argument("--fsync", choices=("on", "off"), default="on",
+                   help="PostgreSQL's fsync; off shows what the disk's flushes cost (not durable)")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        key, pub = vendor_key(folder / "vendor")
-        port = free_port()
-        cfg = write_config(folder, pub, port)
-        (folder / "import" / "bench.lic").write_bytes(
-            license_file(key, "BENCH", [device_item("BENCH-1", 50_000_000)]))
-        lts = subprocess.Popen([sys.executable, "-m", "lts_server", "--config", str(cfg)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        bare_port = free_port()
-        bare = subprocess.Popen([sys.executable, str(HERE / "bare.py"), str(bare_port), "600"])
-        try:
-            wait_listening(port, lts)
-            wait_listening(bare_port, bare)
-            results: dict[str, list[dict[str, float]]] = {"lts": [], "bare": []}
-            for _ in range(args.rounds):
-                results["lts"].append(wrk(f"http://127.0.0.1:{port}", args.duration, args.connections,
-                                          HERE / "handshake.lua"))
-                results["bare"].append(wrk(f"http://127.0.0.1:{bare_port}/api/v1/handshake", args.duration, args.connections,
-                                           HERE / "post.lua"))
-        finally:
-            lts.terminate()
-            bare.terminate()
-            lts.wait(30)
-            bare.wait(30)
-        con = sqlite3.connect(folder / "state" / "lts-server.sqlite3")
-        seats = con.execute("SELECT COUNT(*) FROM seats").fetchone()[0]
-        events = con.execute("SELECT COUNT(*) FROM events WHERE type = 'handshake' AND result = 0").fetchone()[0]
-        lag = con.execute("SELECT MAX(seq) - (SELECT last_seq FROM rollup_state) FROM events").fetchone()[0]
-
-    def med(name: str, key: str) -> float:
-        return statistics.median(r[key] for r in results[name])
-
-    print(f"wrk -t2 -c{args.connections} -d{args.duration}s, {args.rounds} alternating rounds, medians:")
-    for name, label in (("lts", "lts-server granted handshakes"), ("bare", "bare aiohttp JSON endpoint")):
-        print(f"  {label:32} {med(name, 'rps'):9.0f} req/s   p50 {med(name, 'p50'):6.2f} ms   "
-              f"p99 {med(name, 'p99'):6.2f} ms   non-2xx {sum(r['non2xx'] for r in results[name])}")
-    print(f"  ratio lts/bare: {med('lts', 'rps') / med('bare', 'rps'):.2f}")
-    print(f"  durable: {seats} seats and {events} granted-handshake events committed")
-    print(f"  statistics rollups trailing the event log at shutdown: {lag} events")
+        asyncio.run(bench(args, Path(tmp)))
 
 
 if __name__ == "__main__":
