@@ -204,16 +204,11 @@ class Ledger:
         self._writer.add_done_callback(_writer_stopped)
 
     def _load(self, snap: Snapshot) -> None:
-        self.licenses = snap.licenses
-        self.items = snap.items
-        self.statuses = snap.statuses
-        self.codes = snap.codes
-        self.organization_defaults = snap.organization_defaults
+        self._apply_catalog(snap)
         self.seats = snap.seats
         self._expiries = [(seat.expires_at, item_id, client)
                           for item_id, holders in snap.seats.items() for client, seat in holders.items()]
         heapq.heapify(self._expiries)
-        self.imports = snap.imports
         self.authorizations = snap.authorizations
         for auth in snap.authorizations.values():
             item = snap.items.get(auth.item_id)
