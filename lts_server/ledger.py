@@ -264,13 +264,7 @@ class Ledger:
                 if flights:
                     waits.append(flights[0].write)
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                while flights and flights[0].write.done():
-                    flight = flights.popleft()
-                    if flight.write.cancelled() or flight.write.exception() is not None:
-                        await self._recover([flight, *flights])
-                        flights.clear()
-                    else:
-                        self._settle(flight)
+                await self._land(flights)
                 # Jobs to decide again go first: they were queued before anything still waiting.
                 jobs, self._retry = self._retry, []
                 barrier: _Job[Any] | None = None
@@ -296,16 +290,21 @@ class Ledger:
             if getter is not None:
                 getter.cancel()
 
-    async def _drain(self, flights: deque[_Flight]) -> None:
-        """Wait for every commit in flight, settling or recovering each as the loop does."""
-        while flights:
-            await asyncio.wait([flights[0].write])
+    async def _land(self, flights: deque[_Flight]) -> None:
+        """Settle the finished commits at the head of the pipeline, in order; a failed one recovers them all."""
+        while flights and flights[0].write.done():
             flight = flights.popleft()
             if flight.write.cancelled() or flight.write.exception() is not None:
                 await self._recover([flight, *flights])
                 flights.clear()
             else:
                 self._settle(flight)
+
+    async def _drain(self, flights: deque[_Flight]) -> None:
+        """Wait for every commit in flight and land it."""
+        while flights:
+            await asyncio.wait([flights[0].write])
+            await self._land(flights)
 
     async def _pass_barrier(self, job: _Job[Any]) -> None:
         assert job.barrier is not None
