@@ -772,13 +772,7 @@ class Ledger:
             "items": [i.item_id for i in lic.items]}))
         name = default_code_name(lic.organization_id, lic.license_id)
         if existing is None:
-            code = HandshakeCode(name=name, organization_id=lic.organization_id,
-                                 items=tuple(i.item_id for i in lic.items), is_default=True,
-                                 source_license_id=lic.license_id)
-            _set(self.codes, name, code, undo)
-            batch.codes.append(code)
-            batch.events.append(Event(at=now, type="code.created", code=name,
-                                      detail={"items": list(code.items), "default": True}))
+            self._create_default_code(lic, now, batch, undo)
         elif new_items and name in self.codes:
             code = self.codes[name]
             code = dataclasses.replace(code, items=code.items + tuple(new_items))
@@ -788,6 +782,18 @@ class Ledger:
                                       detail={"itemsAdded": new_items, "reason": "renewal"}))
         return state
 
+
+    def _create_default_code(self, lic: License, now: datetime, batch: WriteBatch, undo: Undo,
+                             **detail: Any) -> HandshakeCode:
+        """The license's default code, holding all of its items."""
+        code = HandshakeCode(name=default_code_name(lic.organization_id, lic.license_id),
+                             organization_id=lic.organization_id, items=tuple(i.item_id for i in lic.items),
+                             is_default=True, source_license_id=lic.license_id)
+        _set(self.codes, code.name, code, undo)
+        batch.codes.append(code)
+        batch.events.append(Event(at=now, type="code.created", code=code.name,
+                                  detail={"items": list(code.items), "default": True, **detail}))
+        return code
 
     # -- administration -------------------------------------------------------
 
@@ -849,14 +855,7 @@ class Ledger:
             name = default_code_name(lic.organization_id, lic.license_id)
             if name in self.codes:
                 raise CodeError("licenseId", f"the default code {name} exists; nothing to restore", status=409)
-            code = HandshakeCode(name=name, organization_id=lic.organization_id,
-                                 items=tuple(i.item_id for i in lic.items), is_default=True,
-                                 source_license_id=lic.license_id)
-            _set(self.codes, name, code, undo)
-            batch.codes.append(code)
-            batch.events.append(Event(at=now, type="code.created", code=name,
-                                      detail={"items": list(code.items), "default": True, "restored": True}))
-            return code
+            return self._create_default_code(lic, now, batch, undo, restored=True)
 
         return await self.submit(run)
 

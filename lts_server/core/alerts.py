@@ -94,6 +94,22 @@ class Condition:
     link: str  # portal path of what caused it
 
 
+def _quota(out: list[Condition], item: Item, kind: Kind, used: int, levels: Iterable[int], refusing: int,
+           link: str, usage: str, refused: str, of_what: str) -> None:
+    """A seat or unit condition: the highest level reached, or `refusing` once the hard limit is."""
+    level = _percent_level(used, item.quantity, levels)
+    limit = hard_limit(item.license_type, item.quantity)
+    if used >= limit:
+        level = refusing
+    if level is None:
+        return
+    what = refused if level == refusing else f"{level}% {of_what}"
+    out.append(Condition(f"{kind.value}:{item.item_id}", kind, item.item_id, level, f"{level}%",
+                         f"Item {item.item_id} ({item.product}, {item.license_type}) "
+                         f"{usage.format(used=used, quantity=item.quantity)} (limit with grace {limit:,}): {what}.",
+                         link))
+
+
 def _percent_level(used: int, whole: int, levels: Iterable[int]) -> int | None:
     """The highest level p with used >= p% of whole (integer arithmetic: no float edge cases)."""
     reached = None
@@ -113,29 +129,12 @@ def item_conditions(item: Item, status: ItemStatus, now: datetime) -> list[Condi
     in_use = item.starts_at <= now < item.expires_at + EXPIRY_GRACE
     if in_use and counts is Counts.SEATS:
         levels = DAILY_SEAT_LEVELS if item.period is Period.DAILY else SEAT_LEVELS
-        level = _percent_level(status.seats_used, item.quantity, levels)
-        limit = hard_limit(item.license_type, item.quantity)
-        if status.seats_used >= limit:
-            level = SEATS_REFUSING
-        if level is not None:
-            what = ("new devices are refused" if level == SEATS_REFUSING
-                    else f"{level}% of its {item.quantity:,} seats")
-            out.append(Condition(f"seats:{item.item_id}", Kind.SEATS, item.item_id, level, f"{level}%",
-                                 f"Item {item.item_id} ({item.product}, {item.license_type}) has "
-                                 f"{status.seats_used:,} of {item.quantity:,} seats in use (limit with grace "
-                                 f"{limit:,}): {what}.", link))
+        _quota(out, item, Kind.SEATS, status.seats_used, levels, SEATS_REFUSING, link,
+               "has {used:,} of {quantity:,} seats in use", "new devices are refused",
+               f"of its {item.quantity:,} seats")
     elif in_use and counts is Counts.UNITS:
-        level = _percent_level(status.units_used, item.quantity, UNIT_LEVELS)
-        limit = hard_limit(item.license_type, item.quantity)
-        if status.units_used >= limit:
-            level = UNITS_REFUSING
-        if level is not None:
-            what = ("every device is refused" if level == UNITS_REFUSING
-                    else f"{level}% of its quota")
-            out.append(Condition(f"units:{item.item_id}", Kind.UNITS, item.item_id, level, f"{level}%",
-                                 f"Item {item.item_id} ({item.product}, {item.license_type}) has used "
-                                 f"{status.units_used:,} of {item.quantity:,} units (limit with grace "
-                                 f"{limit:,}): {what}.", link))
+        _quota(out, item, Kind.UNITS, status.units_used, UNIT_LEVELS, UNITS_REFUSING, link,
+               "has used {used:,} of {quantity:,} units", "every device is refused", "of its quota")
     elif in_use and counts in (Counts.CONCURRENCY, Counts.INSTANCES):
         allowance = CONCURRENT_TOLERANCE_FACTOR * item.quantity
         level = _percent_level(status.overuse_used, allowance, OVERUSE_LEVELS)
