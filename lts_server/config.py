@@ -75,6 +75,9 @@ class StorageSection(_Section):
     # How long a write waits for a lock held by another process before it
     # fails with a clear error instead of hanging.
     busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 5000
+    # Devices whose seats and authorizations stay in memory (the most recently
+    # used); the others are read from the database when they ask (lts_server/devices.py).
+    device_cache: Annotated[int, msgspec.Meta(ge=1000, le=100_000_000)] = 100_000
 
 
 class ImportSection(_Section):

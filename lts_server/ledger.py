@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import heapq
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -24,10 +23,11 @@ from lts_server import logs, reportkeys
 from lts_server.core import codes as code_rules
 from lts_server.core import handshake as hs
 from lts_server.core.codes import CodeError, CodeFields
-from lts_server.core.model import Counts, HandshakeCode, Item, ItemStatus, License
+from lts_server.core.model import LICENSE_TYPES, Counts, HandshakeCode, Item, ItemStatus, License
 from lts_server.core.ordering import usage_order
 from lts_server.core.times import to_ms, utcnow
 from lts_server.core.usage import tolerance
+from lts_server.devices import Device, DeviceCache
 from lts_server.errors import Code, Refusal
 from lts_server.passwords import session_hash, session_matches
 from lts_server.store import (
@@ -57,6 +57,8 @@ MAX_IN_FLIGHT = 4
 MAX_SWEEP = 5000
 # How long report ids stay in memory; older duplicates are found in the database.
 RECENT_REPORTS = timedelta(minutes=10)
+# License types whose grants all stay in memory (see Ledger._concurrent_grants).
+PER_SLICE_TYPES = tuple(t.value for t, rules in LICENSE_TYPES.items() if rules.per_slice)
 _ABSENT = object()
 
 Undo = list[Callable[[], None]]
@@ -114,6 +116,8 @@ class _Job(Generic[T]):
     retries: int = 0
     # Instead of run: awaited by the writer once every commit before it is settled, before any later job.
     barrier: Callable[[], Awaitable[T]] | None = None
+    # Devices the job reads and changes, pinned in memory until the writer is done with the job.
+    devices: tuple[str, ...] = ()
 
 
 @dataclass
@@ -172,7 +176,8 @@ class ImportOutcome:
 
 
 class Ledger:
-    def __init__(self, store: Store, secret: bytes, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, store: Store, secret: bytes, clock: Callable[[], datetime] = utcnow,
+                 device_cache: int = 100_000) -> None:
         self.store = store
         self.clock = clock
         self._secret = secret
@@ -186,12 +191,11 @@ class Ledger:
         self.statuses: dict[str, ItemStatus] = {}
         self.codes: dict[str, HandshakeCode] = {}
         self.organization_defaults: dict[str, str] = {}
-        self.seats: dict[str, dict[str, Seat]] = {}
-        # (expires_at, item, device) for every seat grant and refresh: the sweeper's to-do list.
-        self._expiries: list[tuple[datetime, str, str]] = []
         self.imports: dict[str, ImportRecord] = {}
-        self.authorizations: dict[tuple[str, str], AuthorizationRecord] = {}
-        # item -> client -> authorization, for items counted per slice (concurrent devices, instances)
+        # Seats and authorizations of the devices in use; the database holds every device's.
+        self.devices = DeviceCache(store.device_rows, device_cache)
+        # item -> client -> live authorization, for items counted per slice (concurrent devices,
+        # instances): a grant there depends on every other device's, so all of them stay in memory.
         self._concurrent_grants: dict[str, dict[str, AuthorizationRecord]] = {}
         # Report ids counted lately; older ones are found in the database.
         self._recent_reports: dict[str, datetime] = {}
@@ -199,21 +203,14 @@ class Ledger:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        self._load(await self.store.load())
+        self._load(await self.store.load(PER_SLICE_TYPES, to_ms(self.clock())))
         self._writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
         self._writer.add_done_callback(_writer_stopped)
 
     def _load(self, snap: Snapshot) -> None:
         self._apply_catalog(snap)
-        self.seats = snap.seats
-        self._expiries = [(seat.expires_at, item_id, client)
-                          for item_id, holders in snap.seats.items() for client, seat in holders.items()]
-        heapq.heapify(self._expiries)
-        self.authorizations = snap.authorizations
         for auth in snap.authorizations.values():
-            item = snap.items.get(auth.item_id)
-            if item is not None and item.rules.per_slice:
-                self._concurrent_grants.setdefault(auth.item_id, {})[auth.client_uuid] = auth
+            self._concurrent_grants.setdefault(auth.item_id, {})[auth.client_uuid] = auth
 
     async def close(self) -> None:
         """Finish every queued job, then stop the writer."""
@@ -235,14 +232,23 @@ class Ledger:
 
     # -- the writer --------------------------------------------------------
 
-    async def submit(self, run: Callable[[datetime, WriteBatch, Undo], T]) -> T:
+    async def submit(self, run: Callable[[datetime, WriteBatch, Undo], T], devices: tuple[str, ...] = ()) -> T:
+        """Queue a job for the writer; `devices` are loaded and pinned in memory for it."""
         if self._closed or self._writer is None:
             raise LedgerClosed("the server is shutting down")
         if self._writer.done():  # a bug stopped the writer: refuse rather than queue forever
             raise JobFailed("internal error: the ledger's writer stopped; see the log")
+        if devices:
+            await self.devices.pin(devices)  # the writer unpins them when it is done with the job
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(run, future))
+        self._queue.put_nowait(_Job(run, future, devices=devices))
         return await future
+
+    def _done(self, job: _Job[Any]) -> None:
+        """The writer is done with the job: its batch committed, or was undone."""
+        if job.devices:
+            self.devices.unpin(job.devices)
+        self._queue.task_done()
 
     async def _write_loop(self) -> None:
         """Take queued jobs as batches and keep up to MAX_IN_FLIGHT commits under way.
@@ -338,7 +344,7 @@ class Ledger:
                 for j in jobs:
                     if not j.future.done():
                         j.future.set_exception(failure)
-                    self._queue.task_done()
+                    self._done(j)
                 return None
         write = asyncio.ensure_future(self.store.write(batch, self._pipeline))
         return _Flight(jobs, results, undo, write, batch)
@@ -347,7 +353,7 @@ class Ledger:
         for job, result in zip(flight.jobs, flight.results):
             if not job.future.done():
                 job.future.set_result(result)
-            self._queue.task_done()
+            self._done(job)
 
     async def _recover(self, flights: list[_Flight]) -> None:
         await asyncio.gather(*(f.write for f in flights), return_exceptions=True)
@@ -377,13 +383,13 @@ class Ledger:
         for flight in flights:
             for job in flight.jobs:
                 if job.future.done():  # refused before it changed anything
-                    self._queue.task_done()
+                    self._done(job)
                 elif culprit is not None and (job is not culprit or self.store.shared) and job.retries < retries:
                     job.retries += 1
                     retry.append(job)
                 else:
                     job.future.set_exception(failure)
-                    self._queue.task_done()
+                    self._done(job)
         logs.event("ledger.commit_failed", logs.logging.ERROR, error=str(failure),
                    jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
         self._retry = retry + self._retry
@@ -424,7 +430,7 @@ class Ledger:
         return self.statuses.get(item_id) or ItemStatus()
 
     def seat_expiry(self, item_id: str, client_uuid: str) -> datetime | None:
-        seat = self.seats.get(item_id, {}).get(client_uuid)
+        seat = self.devices[client_uuid].seats.get(item_id)
         return seat.expires_at if seat else None
 
     def instances_elsewhere(self, item_id: str, client_uuid: str, now: datetime) -> int:
@@ -434,10 +440,15 @@ class Ledger:
     def authorization_id(self, auth: AuthorizationRecord) -> str:
         return reportkeys.authorization_id(self._secret, auth.code, auth.client_uuid, to_ms(auth.granted_at))
 
-    def report_key(self, code: str, client_uuid: str) -> bytes | None:
+    async def report_key(self, code: str, client_uuid: str) -> bytes | None:
         """The key of the device's current authorization on the code, which its usage reports are MACed with."""
-        auth = self.authorizations.get((code, client_uuid))
+        auth = (await self.device(client_uuid)).authorizations.get(code)
         return reportkeys.report_key(self._secret, self.authorization_id(auth)) if auth else None
+
+    async def device(self, client_uuid: str) -> Device:
+        """The device's seats and authorizations as the ledger sees them (in memory, else as stored)."""
+        await self.devices.load((client_uuid,))
+        return self.devices.get(client_uuid) or Device()
 
     def password_matches(self, code: HandshakeCode, given: str | None) -> bool:
         return code.password_hash is not None and session_matches(self._secret, code.password_hash, given)
@@ -459,10 +470,10 @@ class Ledger:
                 return HandshakeOutcome(decision)
             fit = decision.fit
             item_id = fit.item.item_id
+            device = self.devices[req.client_uuid]
             if fit.seat is hs.SeatAction.CLAIM:
                 seat = Seat(item_id, req.client_uuid, now, now, fit.expires_at)
-                _set(self.seats.setdefault(item_id, {}), req.client_uuid, seat, undo)
-                heapq.heappush(self._expiries, (seat.expires_at, item_id, req.client_uuid))
+                _set(device.seats, item_id, seat, undo)
                 status = self.status(item_id)
                 _set(self.statuses, item_id, dataclasses.replace(status, seats_used=status.seats_used + 1), undo)
                 # A seat on another item of the code that this node does not know of (taken through
@@ -472,15 +483,14 @@ class Ledger:
                 batch.claim(seat, fit.limit, unknown)
                 batch.events.append(_seat_event("seat.granted", seat, decision.code.name, now))
             elif fit.seat is hs.SeatAction.REFRESH:
-                old = self.seats[item_id][req.client_uuid]
+                old = device.seats[item_id]
                 seat = dataclasses.replace(old, refreshed_at=now, expires_at=max(old.expires_at, fit.expires_at))
-                _set(self.seats[item_id], req.client_uuid, seat, undo)
-                heapq.heappush(self._expiries, (seat.expires_at, item_id, req.client_uuid))
+                _set(device.seats, item_id, seat, undo)
                 batch.refresh(seat)
                 batch.events.append(_seat_event("seat.refreshed", seat, decision.code.name, now))
             auth = AuthorizationRecord(decision.code.name, req.client_uuid, item_id, fit.instances, now,
                                        fit.expires_at)
-            _set(self.authorizations, (auth.code, auth.client_uuid), auth, undo)
+            _set(device.authorizations, auth.code, auth, undo)
             if fit.item.rules.per_slice:
                 _set(self._concurrent_grants.setdefault(item_id, {}), req.client_uuid, auth, undo)
             batch.authorizations.append(auth)
@@ -489,7 +499,7 @@ class Ledger:
             return HandshakeOutcome(decision, self.status(item_id), authorization_id,
                                     reportkeys.report_key(self._secret, authorization_id))
 
-        return await self.submit(run)
+        return await self.submit(run, (req.client_uuid,))
 
     async def report_usage(self, report: UsageReport) -> UsageOutcome:
         """Count one usage report, once; see docs/api.md for what each license type counts."""
@@ -500,7 +510,7 @@ class Ledger:
             code = self.codes.get(report.handshake_code)
             if code is None:
                 return UsageOutcome(refusal=Refusal(Code.UNKNOWN_CODE, repr(report.handshake_code)))
-            auth = self.authorizations.get((code.name, report.client_uuid))
+            auth = self.devices[report.client_uuid].authorizations.get(code.name)
             if auth is None:
                 return UsageOutcome(refusal=Refusal(
                     Code.NO_MATCHING_ITEM, f"device {report.client_uuid} holds no authorization for {code.name}"))
@@ -535,17 +545,17 @@ class Ledger:
             self._remember_report(report.report_id, now, undo)
             return UsageOutcome(accepted=len(report.records), charged=charged, seat_refreshed=refreshed)
 
-        return await self.submit(run)
+        return await self.submit(run, (report.client_uuid,))
 
     def _refresh_seat(self, item_id: str, client_uuid: str, now: datetime, batch: WriteBatch, undo: Undo) -> bool:
-        seat = self.seats.get(item_id, {}).get(client_uuid)
+        seats = self.devices[client_uuid].seats
+        seat = seats.get(item_id)
         item = self.items.get(item_id)
         if seat is None or item is None:
             return False
         new = dataclasses.replace(seat, refreshed_at=now,
                                   expires_at=max(seat.expires_at, hs.authorization_end(item, now)))
-        _set(self.seats[item_id], client_uuid, new, undo)
-        heapq.heappush(self._expiries, (new.expires_at, item_id, client_uuid))
+        _set(seats, item_id, new, undo)
         batch.refresh(new)
         batch.events.append(_seat_event("seat.refreshed", new, None, now))
         return True
@@ -617,7 +627,8 @@ class Ledger:
         self._apply_reloaded(await self.store.reload(items | self._items_held_by(clients), clients), clients)
 
     def _items_held_by(self, clients: set[str]) -> set[str]:
-        return {item_id for item_id, holders in self.seats.items() if any(c in holders for c in clients)}
+        """Items the devices hold seats on, as far as memory knows (devices not in memory: none)."""
+        return {item_id for c in clients if (d := self.devices.get(c)) is not None for item_id in d.seats}
 
     def _apply_catalog(self, snap: Snapshot) -> None:
         self.licenses = snap.licenses
@@ -628,23 +639,22 @@ class Ledger:
         self.imports = snap.imports
 
     def _apply_reloaded(self, reloaded: Reloaded, clients: set[str]) -> None:
-        for holders in self.seats.values():
-            for client in clients:
-                holders.pop(client, None)
-        for code in self.codes:
-            for client in clients:
-                self.authorizations.pop((code, client), None)
+        """Rows as stored now replace what memory holds of `clients` (devices not in memory stay out)."""
+        fresh = {c: Device() for c in clients if c in self.devices}
         for grants in self._concurrent_grants.values():
             for client in clients:
                 grants.pop(client, None)
         for seat in reloaded.seats:
-            self.seats.setdefault(seat.item_id, {})[seat.client_uuid] = seat
-            heapq.heappush(self._expiries, (seat.expires_at, seat.item_id, seat.client_uuid))
+            if (device := fresh.get(seat.client_uuid)) is not None:
+                device.seats[seat.item_id] = seat
         for auth in reloaded.authorizations:
-            self.authorizations[(auth.code, auth.client_uuid)] = auth
+            if (device := fresh.get(auth.client_uuid)) is not None:
+                device.authorizations[auth.code] = auth
             item = self.items.get(auth.item_id)
             if item is not None and item.rules.per_slice:
                 self._concurrent_grants.setdefault(auth.item_id, {})[auth.client_uuid] = auth
+        for client, device in fresh.items():
+            self.devices.put(client, device)
         self.statuses.update(reloaded.statuses)
 
     async def mirror_overuse(self, deltas: dict[str, int]) -> None:
@@ -667,27 +677,31 @@ class Ledger:
 
     async def sweep(self) -> int:
         """Free seats whose active period has lapsed (at most MAX_SWEEP a call); returns how many."""
+        lapsed = await self.store.lapsed_seats(to_ms(self.clock()), MAX_SWEEP)
+        self._prune_concurrent_grants(self.clock())
 
         def run(now: datetime, batch: WriteBatch, undo: Undo) -> int:
             freed = 0
-            heap = self._expiries
-            # Entries go stale when a seat is refreshed or released; the seat
-            # itself is the truth, so a popped entry only counts if it still matches.
-            while heap and heap[0][0] <= now and freed < MAX_SWEEP:
-                entry = heapq.heappop(heap)
-                # Back on the heap if the commit fails, so the next sweep tries again.
-                undo.append(lambda entry=entry: heapq.heappush(heap, entry))
-                expires_at, item_id, client = entry
-                seat = self.seats.get(item_id, {}).get(client)
-                if seat is not None and seat.expires_at == expires_at:
+            # The database lists what lapsed as committed; memory is the truth for the devices
+            # (a refresh or release may be in flight), so a listed seat only counts if it still lapsed.
+            for listed in lapsed:
+                seat = self.devices[listed.client_uuid].seats.get(listed.item_id)
+                if seat is not None and seat.expires_at <= now:
                     self._release(seat, "lapsed", None, now, batch, undo)
                     freed += 1
             return freed
 
-        return await self.submit(run)
+        return await self.submit(run, tuple({s.client_uuid for s in lapsed}))
+
+    def _prune_concurrent_grants(self, now: datetime) -> None:
+        """Forget per-slice grants that ended: they no longer count (instances_elsewhere), and the
+        devices' own rows keep them for usage reports."""
+        for grants in self._concurrent_grants.values():
+            for client in [c for c, a in grants.items() if a.expires_at <= now]:
+                del grants[client]
 
     def _release(self, seat: Seat, reason: str, code: str | None, now: datetime, batch: WriteBatch, undo: Undo) -> None:
-        _pop(self.seats[seat.item_id], seat.client_uuid, undo)
+        _pop(self.devices[seat.client_uuid].seats, seat.item_id, undo)
         status = self.status(seat.item_id)
         _set(self.statuses, seat.item_id, dataclasses.replace(status, seats_used=max(0, status.seats_used - 1)), undo)
         batch.release(seat)
@@ -887,12 +901,12 @@ class Ledger:
 
     async def release_seat(self, item_id: str, client_uuid: str) -> None:
         def run(now: datetime, batch: WriteBatch, undo: Undo) -> None:
-            seat = self.seats.get(item_id, {}).get(client_uuid)
+            seat = self.devices[client_uuid].seats.get(item_id)
             if seat is None:
                 raise NotFound(f"seat of device {client_uuid} on item {item_id}")
             self._release(seat, "forced", None, now, batch, undo)
 
-        await self.submit(run)
+        await self.submit(run, (client_uuid,))
 
     def _code(self, name: str) -> HandshakeCode:
         code = self.codes.get(name)

@@ -122,7 +122,7 @@ class Server:
             self._followed = await store.last_event()
         else:
             ident = identity.load_or_create(cfg.state_dir)
-        ledger = Ledger(store, ident.secret, self.clock)
+        ledger = Ledger(store, ident.secret, self.clock, self.config.storage.device_cache)
         await ledger.start()
         try:  # the folder operators drop files into: there from the first start, so watching works
             cfg.import_dir.mkdir(parents=True, exist_ok=True, mode=0o750)

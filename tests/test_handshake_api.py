@@ -213,7 +213,7 @@ async def test_a_failed_commit_grants_nothing_and_loses_no_seat(demo: Running, m
     monkeypatch.setattr(store, "write", full)
     status, body = await demo.handshake(handshakeCode="216998-L1", clientUuid="d1")
     assert status == 503 and "full" in body["error"]["message"]
-    assert demo.ledger.statuses["soon"].seats_used == 0 and "d1" not in demo.ledger.seats.get("soon", {})
+    assert demo.ledger.statuses["soon"].seats_used == 0 and "soon" not in (await demo.ledger.device("d1")).seats
     monkeypatch.setattr(store, "write", real_write)
     status, body = await demo.handshake(handshakeCode="216998-L1", clientUuid="d1")
     assert status == 200 and body["authorization"]["seats"]["used"] == 1

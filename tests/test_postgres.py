@@ -170,7 +170,7 @@ async def test_a_device_keeps_its_seat_on_another_node_and_after_one_stops(clust
     await a.server.stop()
     status, after = await b.handshake("laptop")
     assert status == 200 and after["authorization"]["seats"]["used"] == 1
-    assert list(b.ledger.seats["p1"]) == ["laptop"]
+    assert list((await b.ledger.device("laptop")).seats) == ["p1"]
 
 
 async def test_a_report_on_one_node_for_a_grant_of_the_other(cluster: tuple[Node, Node], tmp_path: Path,
@@ -180,7 +180,6 @@ async def test_a_report_on_one_node_for_a_grant_of_the_other(cluster: tuple[Node
         item("scan", "per-scan", quantity=100)])))
     status, granted = await a.handshake("scanner", code="216998-S")
     assert status == 200
-    await wait_for(lambda: ("216998-S", "scanner") in b.ledger.authorizations)
     body = json.dumps({"reportId": "r-1", "clientUuid": "scanner", "handshakeCode": "216998-S", "records": []})
     mac = report_mac(base64.b64decode(granted["reportKey"]), body.encode())
     async with b.session.post(f"{b.url}/api/v1/usage", data=body,
@@ -284,7 +283,7 @@ async def test_restart_on_postgresql_keeps_everything(tmp_path: Path, vendor: Ve
     node = await start_node(tmp_path / "n", vendor, pg_url)
     try:
         assert node.server.services.identity.server_uuid == uuid
-        assert list(node.ledger.seats["p1"]) == ["d1"]
+        assert [s.client_uuid for s in await node.ledger.store.item_seats("p1", 10)] == ["d1"]
         status, body = await node.handshake("d1")
         assert status == 200 and body["authorization"]["seats"]["used"] == 1
     finally:

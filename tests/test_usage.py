@@ -131,11 +131,11 @@ async def test_per_scan_exhaustion_with_grace(unit: Running) -> None:
 async def test_report_refreshes_a_device_seat(running: Running) -> None:
     await running.drop("d.lic", running.vendor.issue(license_spec("D", items=[item("d", period="daily")])))
     await running.handshake(handshakeCode="216998-D")
-    first = running.ledger.seats["d"]["device-1"].expires_at
+    first = (await running.ledger.device("device-1")).seats["d"].expires_at
     running.clock.advance(hours=5)
     status, _ = await report(running, "r", [rec(running)], code="216998-D")
     assert status == 200
-    assert running.ledger.seats["d"]["device-1"].expires_at == first + timedelta(hours=5)
+    assert (await running.ledger.device("device-1")).seats["d"].expires_at == first + timedelta(hours=5)
 
 
 async def test_concurrency_counted_per_slice_and_device(running: Running) -> None:

@@ -155,14 +155,14 @@ class RollupResult:
 
 @dataclass
 class Snapshot:
-    """Everything the ledger keeps in memory, as loaded at start-up."""
+    """What the ledger loads at start-up: the catalog, and the live authorizations of the items counted
+    per time slice (other devices' rows are read when the device asks)."""
 
     licenses: dict[str, LicenseRecord] = field(default_factory=dict)
     items: dict[str, Item] = field(default_factory=dict)
     statuses: dict[str, ItemStatus] = field(default_factory=dict)
     codes: dict[str, HandshakeCode] = field(default_factory=dict)
     organization_defaults: dict[str, str] = field(default_factory=dict)
-    seats: dict[str, dict[str, Seat]] = field(default_factory=dict)
     imports: dict[str, ImportRecord] = field(default_factory=dict)
     authorizations: dict[tuple[str, str], AuthorizationRecord] = field(default_factory=dict)
 
@@ -326,13 +326,19 @@ class Store(Protocol):
 
     async def ready(self) -> bool: ...
 
-    async def load(self) -> Snapshot: ...
+    async def load(self, per_slice_types: tuple[str, ...] = (), now_ms: int = 0) -> Snapshot: ...
 
     async def write(self, batch: WriteBatch, pipeline: int | None = None) -> None: ...
 
     async def load_catalog(self) -> Snapshot: ...
 
     async def reload(self, items: set[str], clients: set[str]) -> Reloaded: ...
+
+    async def device_rows(self, clients: set[str]) -> tuple[list[Seat], list[AuthorizationRecord]]: ...
+
+    async def lapsed_seats(self, now_ms: int, limit: int) -> list[Seat]: ...
+
+    async def item_seats(self, item_id: str, limit: int, offset: int = 0) -> list[Seat]: ...
 
     def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]: ...
 

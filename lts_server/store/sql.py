@@ -104,14 +104,18 @@ ITEM_COLUMNS = ("item_id, license_id, organization_id, product, edition, deploym
 STATUS_COLUMNS = "revoked, seats_used, units_used, overuse_used, overused"
 
 
-def load_snapshot() -> Procedure[Snapshot]:
+def load_snapshot(per_slice_types: tuple[str, ...], now_ms: int) -> Procedure[Snapshot]:
+    """The catalog and the live authorizations of items counted per time slice; no other device rows
+    (those are read per device when it asks: lts_server/devices.py)."""
     snap = yield from load_catalog()
-    for row in (yield Query("SELECT item_id, client_uuid, granted_ms, refreshed_ms, expires_ms FROM seats")):
-        seat = _seat(row)
-        snap.seats.setdefault(seat.item_id, {})[seat.client_uuid] = seat
-    for row in (yield Query(f"SELECT {AUTHORIZATION_COLUMNS} FROM authorizations")):
-        auth = _authorization(row)
-        snap.authorizations[(auth.code, auth.client_uuid)] = auth
+    if per_slice_types:
+        marks = ",".join("?" * len(per_slice_types))
+        for row in (yield Query(
+                f"SELECT {', '.join('a.' + c for c in AUTHORIZATION_COLUMNS.split(', '))} FROM authorizations a"
+                f" JOIN items i ON i.item_id = a.item_id WHERE i.license_type IN ({marks}) AND a.expires_ms > ?",
+                (*per_slice_types, now_ms))):
+            auth = _authorization(row)
+            snap.authorizations[(auth.code, auth.client_uuid)] = auth
     return snap
 
 
@@ -155,16 +159,36 @@ def load_catalog() -> Procedure[Snapshot]:
     return snap
 
 
-def reload(items: set[str], clients: set[str]) -> Procedure[Reloaded]:
-    """What other nodes may have changed: the counters of `items` (and of the items the devices sit on),
-    every seat and authorization of `clients`."""
+def device_rows(clients: set[str]) -> Procedure[tuple[list[Seat], list[AuthorizationRecord]]]:
+    """Every seat and authorization of `clients`."""
     seats = [_seat(r) for r in (yield from _select_in(
         "SELECT item_id, client_uuid, granted_ms, refreshed_ms, expires_ms FROM seats WHERE client_uuid", clients))]
     auths = [_authorization(r) for r in (yield from _select_in(
         f"SELECT {AUTHORIZATION_COLUMNS} FROM authorizations WHERE client_uuid", clients))]
+    return seats, auths
+
+
+def reload(items: set[str], clients: set[str]) -> Procedure[Reloaded]:
+    """What other nodes may have changed: the counters of `items` (and of the items the devices sit on),
+    every seat and authorization of `clients`."""
+    seats, auths = yield from device_rows(clients)
     rows = yield from _select_in(f"SELECT item_id, {STATUS_COLUMNS} FROM items WHERE item_id",
                                  items | {s.item_id for s in seats})
     return Reloaded({r[0]: _status(r[1:]) for r in rows}, seats, auths)
+
+
+def lapsed_seats(now_ms: int, limit: int) -> Procedure[list[Seat]]:
+    """Seats whose active period ended by `now_ms`, the oldest first (index seats_expiry)."""
+    return [_seat(r) for r in (yield Query(
+        "SELECT item_id, client_uuid, granted_ms, refreshed_ms, expires_ms FROM seats WHERE expires_ms <= ?"
+        " ORDER BY expires_ms LIMIT ?", (now_ms, limit)))]
+
+
+def item_seats(item_id: str, limit: int, offset: int) -> Procedure[list[Seat]]:
+    """An item's seats in the order they were granted, a page at a time."""
+    return [_seat(r) for r in (yield Query(
+        "SELECT item_id, client_uuid, granted_ms, refreshed_ms, expires_ms FROM seats WHERE item_id = ?"
+        " ORDER BY granted_ms, client_uuid LIMIT ? OFFSET ?", (item_id, limit, offset)))]
 
 
 def _select_in(select: str, values: set[str] | list[str], *before: Any) -> Procedure[list[tuple[Any, ...]]]:
@@ -515,14 +539,23 @@ class Operations:
     async def _call(self, proc: Procedure[T], lock: int | None = None) -> T:
         raise NotImplementedError
 
-    async def load(self) -> Snapshot:
-        return await self._call(load_snapshot())
+    async def load(self, per_slice_types: tuple[str, ...] = (), now_ms: int = 0) -> Snapshot:
+        return await self._call(load_snapshot(per_slice_types, now_ms))
 
     async def load_catalog(self) -> Snapshot:
         return await self._call(load_catalog())
 
     async def reload(self, items: set[str], clients: set[str]) -> Reloaded:
         return await self._call(reload(items, clients))
+
+    async def device_rows(self, clients: set[str]) -> tuple[list[Seat], list[AuthorizationRecord]]:
+        return await self._call(device_rows(clients))
+
+    async def lapsed_seats(self, now_ms: int, limit: int) -> list[Seat]:
+        return await self._call(lapsed_seats(now_ms, limit))
+
+    async def item_seats(self, item_id: str, limit: int, offset: int = 0) -> list[Seat]:
+        return await self._call(item_seats(item_id, limit, offset))
 
     async def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]:
         """Stream events in order, a page at a time, so memory stays flat."""

@@ -14,11 +14,15 @@ from lts_server.core.model import HandshakeCode
 from lts_server.core.times import iso, to_ms
 from lts_server.core.usage import bucket_start
 from lts_server.licensefile import MAX_FILE_BYTES
+from lts_server.store.sql_alerts import NO_BOUND
 from lts_server.web.device import read_json_body
-from lts_server.web.errors import ApiError, decode_json
+from lts_server.web.errors import ApiError, decode_json, query_int
 from lts_server.web.schemas import CodeCreateBody, CodeEditBody, UsageOrderBody
 from lts_server.web.services import SERVICES, Services
 from lts_server.web.stats import item_status, problems_first
+
+DEVICES_PAGE = 1000
+MAX_DEVICES_PAGE = 10_000
 
 
 async def requests_today(services: Services) -> dict[str, int]:
@@ -211,10 +215,15 @@ async def restore_item(request: web.Request) -> web.Response:
 
 
 async def list_devices(request: web.Request) -> web.Response:
+    """The item's seats in the order they were granted, a page at a time (an item may hold millions)."""
     services = request.app[SERVICES]
     item_id = _item(services, request.match_info["item_id"])
-    seats = sorted(services.ledger.seats.get(item_id, {}).values(), key=lambda s: s.granted_at)
-    return web.json_response({"itemId": item_id, "devices": [
+    limit = query_int(request, "limit", DEVICES_PAGE, 1, MAX_DEVICES_PAGE)
+    offset = query_int(request, "offset", 0, 0, NO_BOUND)
+    assert limit is not None and offset is not None
+    seats = await services.store.item_seats(item_id, limit, offset)
+    return web.json_response({"itemId": item_id, "total": services.ledger.status(item_id).seats_used,
+                              "next": offset + limit if len(seats) == limit else None, "devices": [
         {"clientUuid": s.client_uuid, "grantedAt": iso(s.granted_at), "refreshedAt": iso(s.refreshed_at),
          "expiresAt": iso(s.expires_at)} for s in seats]})
 
@@ -244,7 +253,7 @@ async def status_json(services: Services) -> dict:
         "databaseBytes": await services.store.size_bytes(),
         "importDirectory": dir_state,
         "counts": {"licenses": len(ledger.licenses), "items": len(ledger.items), "codes": len(ledger.codes),
-                   "seats": sum(len(s) for s in ledger.seats.values())},
+                   "seats": sum(s.seats_used for s in ledger.statuses.values())},
         "servers": services.config.server.servers,
         "rollupLagEvents": await services.store.rollup_lag(),
     }

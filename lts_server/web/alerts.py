@@ -15,7 +15,7 @@ from lts_server.core.alerts import Kind
 from lts_server.core.times import from_ms, iso, to_ms
 from lts_server.store.sql_alerts import NO_BOUND, split_recipients
 from lts_server.web.device import read_json_body
-from lts_server.web.errors import ApiError, decode_json
+from lts_server.web.errors import ApiError, decode_json, query_int
 from lts_server.web.services import SERVICES, Services
 
 # A practical check, not RFC 5322: one @, no spaces, a dot in the domain.
@@ -142,20 +142,11 @@ async def open_alerts(request: web.Request) -> web.Response:
     return web.json_response({"alerts": [open_condition_json(c) for c in conditions]})
 
 
-def _int(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise ApiError(400, f"{name}: expected a whole number from {low} to {high}, got {raw!r}", name)
-    return int(raw)
-
-
 async def history(request: web.Request) -> web.Response:
     """Notifications, newest first, with each delivery's state; page with ?before=<id>."""
     services = request.app[SERVICES]
-    limit = _int(request, "limit", 50, 1, MAX_HISTORY)
-    before = _int(request, "before", None, 1, NO_BOUND)
+    limit = query_int(request, "limit", 50, 1, MAX_HISTORY)
+    before = query_int(request, "before", None, 1, NO_BOUND)
     assert limit is not None
     alerts = await services.store.alert_history(limit, before)
     return web.json_response({"alerts": [

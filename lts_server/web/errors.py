@@ -107,3 +107,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             return error_response(400, CLIENT_GONE)
         logs.log.exception("http.internal_error", extra={"fields": {"path": request.path}})
         return error_response(500, f"internal error ({type(e).__name__}); see the server log")
+
+
+def query_int(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:
+    """A whole-number query parameter within [low, high], or a 400 naming it."""
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError(400, f"{name}: expected a whole number from {low} to {high}, got {raw!r}", name)
+    return int(raw)

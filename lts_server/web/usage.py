@@ -33,13 +33,13 @@ async def report_usage(request: web.Request) -> web.Response:
         problem = slot_problem(record.slot, now)
         if problem:
             raise ApiError(400, f"records[{i}].slot: {record.slot.isoformat()} {problem}", f"records[{i}].slot")
-    key = services.ledger.report_key(parsed.handshake_code, parsed.client_uuid)
+    key = await services.ledger.report_key(parsed.handshake_code, parsed.client_uuid)
     mac = request.headers.get(MAC_HEADER)
     if services.catch_up is not None and mac and (key is None or not mac_matches(key, body, mac)):
         # Another node may have granted the device (a new report key) since this one last followed the cluster.
         while not await services.catch_up():
             pass
-        key = services.ledger.report_key(parsed.handshake_code, parsed.client_uuid)
+        key = await services.ledger.report_key(parsed.handshake_code, parsed.client_uuid)
     if key is not None:  # without an authorization the ledger refuses the report (403, code 104 or 101)
         _check_mac(request, key, body, parsed.client_uuid)
     if await services.store.report_seen(parsed.report_id):
