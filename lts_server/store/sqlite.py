@@ -14,7 +14,9 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from lts_server.store import (
+    AuthorizationRecord,
     SchemaTooNew,
+    Seat,
     StoreError,
     StoreFull,
     StoreUnavailable,
@@ -60,6 +62,9 @@ class SQLiteStore(sql.Operations, AlertOperations):
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
         self._db: aiosqlite.Connection | None = None
+        # Device lookups read on a connection (and thread) of their own, so they do not queue behind
+        # the commits and their flushes on the writer's; they need committed rows only (devices.py).
+        self._reader: aiosqlite.Connection | None = None
         self._failed_pipeline: int | None = None
         # Told (events, seconds) after each durable write: the metrics' hook.
         self.on_commit: Callable[[int, float], None] | None = None
@@ -94,6 +99,10 @@ class SQLiteStore(sql.Operations, AlertOperations):
             await self._db.execute("PRAGMA foreign_keys = ON")
             await self._migrate()
             await self._check_writable()
+            self._reader = await aiosqlite.connect(
+                self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None
+            )
+            await self._reader.execute("PRAGMA query_only = ON")
         except sqlite3.Error as e:
             await self.close()
             raise _translate(e, self.path) from None
@@ -135,6 +144,9 @@ class SQLiteStore(sql.Operations, AlertOperations):
             return (await cur.fetchone() or (0,))[0] or 0
 
     async def close(self) -> None:
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await reader.close()
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
@@ -176,6 +188,23 @@ class SQLiteStore(sql.Operations, AlertOperations):
         except sqlite3.Error as e:
             raise _translate(e, self.path) from None
 
+    async def _read(self, proc: sql.Procedure[T]) -> T:
+        if self._reader is None:
+            raise StoreUnavailable("the database is not open")
+        try:
+            return await self._reader._execute(_read_in_thread, self._reader._conn, proc)
+        except sqlite3.Error as e:
+            raise _translate(e, self.path) from None
+
+    async def device_rows(self, clients: set[str]) -> tuple[list[Seat], list[AuthorizationRecord]]:
+        return await self._read(sql.device_rows(clients))
+
+    async def lapsed_seats(self, now_ms: int, limit: int) -> list[Seat]:
+        return await self._read(sql.lapsed_seats(now_ms, limit))
+
+    async def item_seats(self, item_id: str, limit: int, offset: int = 0) -> list[Seat]:
+        return await self._read(sql.item_seats(item_id, limit, offset))
+
     async def write(self, batch: WriteBatch, pipeline: int | None = None) -> None:
         """Make the batch durable in one transaction, in one hop to the database thread.
 
@@ -202,6 +231,15 @@ class SQLiteStore(sql.Operations, AlertOperations):
             if pipeline is not None:
                 self._failed_pipeline = pipeline
             raise
+
+
+def _read_in_thread(con: sqlite3.Connection, proc: sql.Procedure[T]) -> T:
+    """Drive a reading procedure in one read transaction (one snapshot of committed rows)."""
+    con.execute("BEGIN")
+    try:
+        return drive(con, proc)
+    finally:
+        con.rollback()
 
 
 def drive(con: sqlite3.Connection, proc: sql.Procedure[T]) -> T:
