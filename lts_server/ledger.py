@@ -586,7 +586,9 @@ class Ledger:
             catalog = catalog or e.type.startswith(CATALOG_EVENTS)
             if e.item_id:
                 items.add(e.item_id)
-            if e.client_uuid:
+            # A device out of memory is read from the database when it next asks; per-slice grants
+            # are all in memory (_concurrent_grants), so theirs are read again whatever the device.
+            if e.client_uuid and (e.client_uuid in self.devices or self._per_slice(e.item_id)):
                 clients.add(e.client_uuid)
             if e.type == "usage.report" and e.detail:
                 reports.append(e.detail["reportId"])
@@ -625,6 +627,10 @@ class Ledger:
                 if await self.store.report_seen(report.report_id):
                     self._recent_reports[report.report_id] = b.at or self.clock()
         self._apply_reloaded(await self.store.reload(items | self._items_held_by(clients), clients), clients)
+
+    def _per_slice(self, item_id: str | None) -> bool:
+        item = self.items.get(item_id) if item_id else None
+        return item is not None and item.rules.per_slice
 
     def _items_held_by(self, clients: set[str]) -> set[str]:
         """Items the devices hold seats on, as far as memory knows (devices not in memory: none)."""
