@@ -339,7 +339,8 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
         if server:
             probe = await asyncpg.connect(server.url())
             for t in daemons:
-                t.conn = await asyncpg.connect(t.url)
+                if t.url:
+                    t.conn = await asyncpg.connect(t.url)
         for t in daemons:
             warm_up(t)
             if t.conn:  # a first load, so the tables have rows worth planning with (see measure)
