@@ -5,7 +5,7 @@
 Each figure is the median of 5 runs, in microseconds of one core:
 - routing: a device POST through the middleware stack vs the device-first path (web/app.py), to a
   handler that answers at once: what the middlewares cost on their own;
-- the duplicate-key check of a handshake body (web/device.py);
+- the duplicate-key check of a handshake body (web/device.py); a report key; an event's JSON detail;
 - SQLite: write_batch per grant (new devices, refreshes) with synchronous=OFF (the work, not the
   flush), and folding the events into the rollups per handshake;
 - Ed25519: one signature; two threads signing at once vs one (does signing release the GIL?).
@@ -33,6 +33,7 @@ from aiohttp import web  # noqa: E402
 from aiohttp.test_utils import make_mocked_request  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
+from lts_server import reportkeys  # noqa: E402
 from lts_server.core.times import utcnow  # noqa: E402
 from lts_server.metrics import Metrics  # noqa: E402
 from lts_server.store import AuthorizationRecord, Event, Seat, WriteBatch, sql  # noqa: E402
@@ -88,6 +89,13 @@ def routing() -> None:
 
 def duplicate_keys() -> None:
     print(f"duplicate-key check of a handshake body: {median_us(lambda: device.check_json_text(BODY), 50000):.2f} us")
+
+
+def small_parts() -> None:
+    secret = b"s" * 32
+    detail = {"expiresAt": "2027-11-29T11:00:00+00:00"}
+    print(f"report key (keyed HMAC, one of two per grant): {median_us(lambda: reportkeys.report_key(secret, 'A' * 24), 50000):.2f} us;"
+          f" an event's JSON detail: {median_us(lambda: sql._compact_json(detail), 50000):.2f} us")
 
 
 def sqlite_write(g: int = 16, batches: int = 300) -> None:
@@ -170,5 +178,6 @@ def signing() -> None:
 if __name__ == "__main__":
     routing()
     duplicate_keys()
+    small_parts()
     sqlite_write()
     signing()
