@@ -228,3 +228,36 @@ async def test_concurrent_requests_share_commits_and_count_exactly(demo: Running
     assert statuses.count(200) == 11 + 22  # soon: 10 + 1 grace, late: 20 + 2 grace
     assert await demo.sql_value("SELECT SUM(seats_used) FROM items") == 33
     assert await demo.sql_value("SELECT COUNT(*) FROM events WHERE type = 'handshake'") == 60
+
+
+async def test_device_answers_say_nosniff_whatever_their_outcome(demo: Running) -> None:
+    """The device routes bypass the middleware stack; their answers keep the header every answer carries."""
+    url = f"{demo.url}/api/v1/handshake"
+    grant = {"handshakeCode": "216998-L1", "clientUuid": "n1", "product": "barcode-reader", "deploymentType": "browser"}
+    for body, status in ((json.dumps(grant).encode(), 200),
+                         (json.dumps({**grant, "handshakeCode": "216998-nope"}).encode(), 403),
+                         (b'{"clientUuid":"a","clientUuid":"b"}', 400)):
+        async with demo.session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+            assert resp.status == status, await resp.text()
+            assert resp.headers["X-Content-Type-Options"] == "nosniff"
+            assert resp.headers["Content-Type"].startswith("application/json")
+
+
+async def test_a_handshake_sent_with_expect_100_continue_is_granted(demo: Running) -> None:
+    body = {"handshakeCode": "216998-L1", "clientUuid": "e1", "product": "barcode-reader", "deploymentType": "browser"}
+    async with demo.session.post(f"{demo.url}/api/v1/handshake", json=body, expect100=True) as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["authorization"]["clientUuid"] == "e1"
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_a_bug_on_the_device_route_is_a_json_500_with_the_traceback_in_the_log(
+        demo: Running, monkeypatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("lts_server.web.device.to_request", broken)
+    with caplog.at_level("ERROR", logger="lts_server"):
+        status, body = await demo.handshake(handshakeCode="216998-L1", clientUuid="b1")
+    assert status == 500 and body["error"]["code"] == 500 and "RuntimeError" in body["error"]["message"]
+    assert any(r.exc_info for r in caplog.records), "the log gets the traceback"

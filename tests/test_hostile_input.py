@@ -48,6 +48,17 @@ async def test_a_json_key_given_twice_is_refused(running: Running, path: str) ->
     assert "twice" in answer["error"]["message"]
 
 
+@pytest.mark.parametrize("body", [
+    rb'{"clientUuid":"a","product":"p","deploymentType":"browser","\u0063lientUuid":"b"}',  # the same key, escaped
+    b'{"clientUuid":"a","product":"p","deploymentType":"browser","clientUuid" : "b"}',
+    b'{"clientUuid":"clientUuid","product":"p","deploymentType":"browser","clientUuid":"b"}',
+])
+async def test_a_handshake_key_given_twice_is_refused_however_it_is_spelled(running: Running, body: bytes) -> None:
+    status, answer = await _post(running, "/api/v1/handshake", body)
+    assert status == 400, answer
+    assert answer["error"]["field"] == "clientUuid" and "twice" in answer["error"]["message"]
+
+
 async def test_a_non_utf8_charset_is_refused_instead_of_guessed(running: Running) -> None:
     body = '{"clientUuid":"a","product":"caf\u00e9","deploymentType":"browser"}'.encode("latin-1")
     status, answer = await _post(running, "/api/v1/handshake", body, "application/json; charset=latin-1")

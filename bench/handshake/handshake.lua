@@ -1,4 +1,4 @@
--- Granted handshakes from distinct devices: every request names a new clientUuid.
+-- Granted handshakes from new devices: every request names a new clientUuid.
 -- The script's argument (after `--` on wrk's command line) keeps the names of
 -- several wrk processes started in the same second apart.
 local counter = 0

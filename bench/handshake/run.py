@@ -1,14 +1,23 @@
 """Handshake benchmark: lts-server's granted, durable handshakes against a bare aiohttp endpoint.
 
     .venv/bin/python bench/handshake/run.py [--duration 10] [--connections 64] [--rounds 3]
-        [--stores sqlite,postgresql] [--workers 1,2] [--nodes 2]
+        [--stores sqlite,postgresql] [--workers 1,2] [--nodes 2] [--modes new,refresh]
+        [--baseline DIR]
 
 Every server runs as its own process(es) on loopback and is driven by wrk
 (Debian package `wrk`) with the same connection count, in alternating rounds,
 so every ratio to the bare endpoint is measured side by side on the same
-(noisy, shared) machine. Every lts-server request is a new device claiming a
-seat, committed durably before the answer (SQLite synchronous=FULL;
-PostgreSQL with fsync on, synchronous_commit on). Prints medians over rounds.
+(noisy, shared) machine. Every lts-server request is granted and committed
+durably before the answer (SQLite synchronous=FULL; PostgreSQL with fsync on,
+synchronous_commit on), in two modes: `new`, every request a new device
+claiming a seat (handshake.lua); `refresh`, --devices devices that were
+seated before the rounds asking again, each refreshing its seat
+(refresh.lua). Prints medians over rounds, one table per mode; the bare
+endpoint is measured once a round and is the same row in both.
+
+--baseline DIR runs every lts-server target a second time from another
+source tree (say, `git archive main | tar -x -C DIR`), named "... base":
+before and after a change, side by side in one run.
 
 Targets: `bare`; `sqlite`; with postgresql in --stores, one daemon per
 --workers count (`pg w=N`, N processes sharing the port with SO_REUSEPORT) and,
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import sqlite3
@@ -43,6 +53,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 
 HERE = Path(__file__).resolve().parent
@@ -71,6 +82,9 @@ LOCK_SAMPLE = (
 )
 WARM_BODY = (b'{"handshakeCode":"216998-BENCH","clientUuid":"warm-%d","product":"barcode-reader",'
              b'"deploymentType":"browser"}')
+SEATED_BODY = (b'{"handshakeCode":"216998-BENCH","clientUuid":"seated-%d","product":"barcode-reader",'
+               b'"deploymentType":"browser"}')
+MODES = ("new", "refresh")
 
 
 @dataclass
@@ -79,16 +93,17 @@ class Target:
     ports: list[int]
     procs: list[subprocess.Popen[bytes]]
     script: Path
+    mode: str = "new"  # new | refresh; the bare endpoint is in both tables
     url: str | None = None  # the PostgreSQL database
     conn: asyncpg.Connection | None = None  # the bench's own connection to it
     sqlite: Path | None = None
     rounds: list[dict[str, float]] = field(default_factory=list)
 
 
-def wrk_cmd(url: str, duration: int, connections: int, script: Path, prefix: str = "0") -> list[str]:
-    """wrk's command; `prefix` goes to the script (handshake.lua names devices with it)."""
+def wrk_cmd(url: str, duration: int, connections: int, script: Path, *args: str) -> list[str]:
+    """wrk's command; `args` go to the script (handshake.lua names devices with the first)."""
     return ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script),
-            url, "--", prefix]
+            url, "--", *args]
 
 
 def parse_wrk(out: str) -> dict[str, float]:
@@ -100,12 +115,12 @@ def parse_wrk(out: str) -> dict[str, float]:
             "non2xx": int(status.group(1)), "errors": int(status.group(2))}
 
 
-async def run_wrk(target: Target, duration: int, connections: int) -> dict[str, float]:
+async def run_wrk(target: Target, duration: int, connections: int, devices: int = 0) -> dict[str, float]:
     """wrk against every port of the target at once, the connections split between them."""
     share = max(1, connections // len(target.ports))
     path = "/api/v1/handshake" if target.name == "bare" else ""
     procs = [await asyncio.create_subprocess_exec(*wrk_cmd(f"http://127.0.0.1:{port}{path}", duration, share,
-                                                           target.script, str(i)),
+                                                           target.script, str(i), str(devices)),
                                                   stdout=asyncio.subprocess.PIPE)
              for i, port in enumerate(target.ports)]
     runs = [parse_wrk((await p.communicate())[0].decode()) for p in procs]
@@ -148,7 +163,7 @@ DB_STATS = ("SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = cu
             " SUM(seq_scan), SUM(seq_tup_read), SUM(idx_scan) FROM pg_stat_user_tables")
 
 
-async def measure(target: Target, duration: int, connections: int, server: pg.PgServer | None,
+async def measure(target: Target, duration: int, connections: int, devices: int, server: pg.PgServer | None,
                   probe: asyncpg.Connection | None, probe_pid: int) -> None:
     if target.conn:
         # The tables grow fast here: planner statistics as autovacuum would keep them on a running
@@ -162,7 +177,7 @@ async def measure(target: Target, duration: int, connections: int, server: pg.Pg
     sampler = None
     if probe and target.conn:
         sampler = asyncio.create_task(sample_lock(probe, time.monotonic() + duration))
-    result = await run_wrk(target, duration, connections)
+    result = await run_wrk(target, duration, connections, devices)
     samples, held, waiting = await sampler if sampler else (0, 0, 0)
     d1, pg1, probe1 = cpu_us(daemon_pids), cpu_us([postmaster]) if server else 0.0, cpu_us([probe_pid])
     granted = max(1, result["requests"] - result["non2xx"])
@@ -203,13 +218,29 @@ def warm_up(target: Target) -> None:
                 time.sleep(0.2)
 
 
+async def seat(port: int, devices: int) -> None:
+    """Seat devices seated-0 ... seated-(devices-1), so that refresh.lua's requests refresh their seats."""
+    async with aiohttp.ClientSession() as session:
+        gate = asyncio.Semaphore(32)
+
+        async def one(i: int) -> None:
+            async with gate, session.post(f"http://127.0.0.1:{port}/api/v1/handshake",
+                                          data=SEATED_BODY % i, headers={"Content-Type": "application/json"}) as r:
+                if r.status != 200:
+                    raise SystemExit(f"port {port}: seating seated-{i} answered {r.status}: {await r.text()}")
+
+        await asyncio.gather(*(one(i) for i in range(devices)))
+
+
 def start_daemon(folder: Path, pub: Path, lic: bytes | None, url: str | None = None,
-                 workers: int = 1) -> tuple[subprocess.Popen[bytes], int]:
+                 workers: int = 1, tree: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """A daemon on a free port; with `tree`, lts_server imported from that source tree instead of this one."""
     port = free_port()
     cfg = write_config(folder, pub, port, url=url, workers=workers)
     if lic:
         (folder / "import" / "bench.lic").write_bytes(lic)
-    proc = subprocess.Popen([sys.executable, "-m", "lts_server", "--config", str(cfg)],
+    env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None
+    proc = subprocess.Popen([sys.executable, "-m", "lts_server", "--config", str(cfg)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_listening(port, proc)
     return proc, port
@@ -237,89 +268,117 @@ def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, t
     print(f"wrk -c{args.connections} -d{args.duration}s, {args.rounds} alternating rounds, medians; PostgreSQL fsync"
           f" {args.fsync};"
           " CPU microseconds per granted handshake (per request for bare):")
-    print(f"  {'target':12} {'req/s':>7} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8}"
-          f" {'daemon us':>10} {'pg us':>7} {'lock held':>10} {'waiters':>8} {'grants/commit':>14}"
-          f" {'lock ms/commit':>15}")
-    for t in targets:
-        pg_cols = (f" {med(t, 'pg_us'):7.0f} {med(t, 'lock_held'):10.0%} {med(t, 'lock_waiters'):8.2f}"
-                   f" {med(t, 'grants_per_commit'):14.1f} {med(t, 'lock_ms_per_commit'):15.2f}" if t.conn else "")
-        print(f"  {t.name:12} {med(t, 'rps'):7.0f} {med(t, 'rps') / bare:6.2f} {med(t, 'p50'):7.2f}"
-              f" {med(t, 'p99'):7.2f} {sum(r['non2xx'] + r['errors'] for r in t.rounds):8d}"
-              f" {med(t, 'daemon_us'):10.0f}" + pg_cols)
-    print("  per granted handshake in its PostgreSQL database: transactions (every node's, reads included),"
-          " whole-table scans, rows those read, index scans:")
+    width = max(len(t.name) for t in targets)
+    for mode in args.modes.split(","):
+        print(f"  mode {mode}: " + ("every request a new device claiming a seat" if mode == "new" else
+                                    f"{args.devices} seated devices asking again, each refreshing its seat"))
+        print(f"  {'target':{width}} {'req/s':>7} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8}"
+              f" {'daemon us':>10} {'pg us':>7} {'lock held':>10} {'waiters':>8} {'grants/commit':>14}"
+              f" {'lock ms/commit':>15}")
+        for t in targets:
+            if t.name != "bare" and t.mode != mode:
+                continue
+            pg_cols = (f" {med(t, 'pg_us'):7.0f} {med(t, 'lock_held'):10.0%} {med(t, 'lock_waiters'):8.2f}"
+                       f" {med(t, 'grants_per_commit'):14.1f} {med(t, 'lock_ms_per_commit'):15.2f}" if t.conn else "")
+            print(f"  {t.name:{width}} {med(t, 'rps'):7.0f} {med(t, 'rps') / bare:6.2f} {med(t, 'p50'):7.2f}"
+                  f" {med(t, 'p99'):7.2f} {sum(r['non2xx'] + r['errors'] for r in t.rounds):8d}"
+                  f" {med(t, 'daemon_us'):10.0f}" + pg_cols)
+    if any(t.conn for t in targets):
+        print("  per granted handshake in its PostgreSQL database: transactions (every node's, reads included),"
+              " whole-table scans, rows those read, index scans:")
     for t in targets:
         if t.conn:
-            print(f"    {t.name:12} {med(t, 'xacts'):6.2f} {med(t, 'seq_scans'):7.3f} {med(t, 'seq_rows'):8.1f}"
-                  f" {med(t, 'idx_scans'):7.1f}")
+            print(f"    {t.name + ' ' + t.mode:{width + 8}} {med(t, 'xacts'):6.2f} {med(t, 'seq_scans'):7.3f}"
+                  f" {med(t, 'seq_rows'):8.1f} {med(t, 'idx_scans'):7.1f}")
     if rtt:
         print(f"  one statement's round trip to PostgreSQL inside a transaction (median of 1000, before and after"
               f" the rounds): {rtt[0]:.0f} us, {rtt[1]:.0f} us")
-    for t in targets[1:]:
-        seats, events = durable[t.name]
-        print(f"  {t.name}: durable: {seats} seats and {events} granted-handshake events committed")
+    for name, (seats, events) in durable.items():
+        # Answers wrk counted as 2xx; every one must have its event (a request cut off at a round's end may
+        # have committed without being counted, so the events can only be more).
+        acknowledged = sum(r["requests"] - r["non2xx"] for t in targets if t.name == name for r in t.rounds)
+        print(f"  {name}: durable: {seats} seats and {events} granted-handshake events committed;"
+              f" {acknowledged} granted answers counted in the rounds" + (" (LOST SOME)" if events < acknowledged
+                                                                          else ""))
 
 
 async def bench(args: argparse.Namespace, folder: Path) -> None:
     stores = args.stores.split(",")
+    modes = args.modes.split(",")
     key, pub = vendor_key(folder / "vendor")
     lic = license_file(key, "BENCH", [device_item("BENCH-1", 50_000_000)])
     bare_port = free_port()
     bare = subprocess.Popen([sys.executable, str(HERE / "bare.py"), str(bare_port), "600"])
     wait_listening(bare_port, bare)
     targets = [Target("bare", [bare_port], [bare], HERE / "post.lua")]
+    # One daemon (or set of nodes) per target name; each is measured in every mode (a Target per mode).
+    daemons: list[Target] = []
     server = pg.start(fsync=args.fsync == "on") if "postgresql" in stores else None
     probe = None
+    trees: list[tuple[str, Path | None]] = [("", None)]
+    if args.baseline:
+        trees.append((" base", Path(args.baseline).resolve()))
     try:
-        if "sqlite" in stores:
-            proc, port = start_daemon(folder / "sqlite", pub, lic)
-            targets.append(Target("sqlite", [port], [proc], HERE / "handshake.lua",
-                                  sqlite=folder / "sqlite" / "state" / "lts-server.sqlite3"))
+        for suffix, tree in trees:
+            tag = suffix.strip()
+            if "sqlite" in stores:
+                proc, port = start_daemon(folder / f"sqlite{tag}", pub, lic, tree=tree)
+                daemons.append(Target(f"sqlite{suffix}", [port], [proc], HERE / "handshake.lua",
+                                      sqlite=folder / f"sqlite{tag}" / "state" / "lts-server.sqlite3"))
+            if server:
+                for workers in (int(w) for w in args.workers.split(",")):
+                    url = await server.new_database()
+                    proc, port = start_daemon(folder / f"w{workers}{tag}", pub, lic, url, workers, tree=tree)
+                    daemons.append(Target(f"pg w={workers}{suffix}", [port], [proc], HERE / "handshake.lua", url=url))
+                if args.nodes > 1:
+                    url = await server.new_database()
+                    nodes = [start_daemon(folder / f"n{i}{tag}", pub, lic if i == 0 else None, url, tree=tree)
+                             for i in range(args.nodes)]
+                    daemons.append(Target(f"pg nodes={args.nodes}{suffix}", [p for _, p in nodes],
+                                          [d for d, _ in nodes], HERE / "handshake.lua", url=url))
         if server:
-            for workers in (int(w) for w in args.workers.split(",")):
-                url = await server.new_database()
-                proc, port = start_daemon(folder / f"w{workers}", pub, lic, url, workers)
-                targets.append(Target(f"pg w={workers}", [port], [proc], HERE / "handshake.lua", url=url))
-            if args.nodes > 1:
-                url = await server.new_database()
-                nodes = [start_daemon(folder / f"n{i}", pub, lic if i == 0 else None, url) for i in range(args.nodes)]
-                targets.append(Target(f"pg nodes={args.nodes}", [p for _, p in nodes], [d for d, _ in nodes],
-                                      HERE / "handshake.lua", url=url))
             probe = await asyncpg.connect(server.url())
-            for t in targets:
+            for t in daemons:
                 if t.url:
                     t.conn = await asyncpg.connect(t.url)
-        for t in targets[1:]:
+        for t in daemons:
             warm_up(t)
             if t.conn:  # a first load, so the tables have rows worth planning with (see measure)
                 await run_wrk(t, 2, args.connections)
+            if "refresh" in modes:
+                await seat(t.ports[0], args.devices)
+        for mode in modes:
+            script = HERE / ("handshake.lua" if mode == "new" else "refresh.lua")
+            targets += [Target(t.name, t.ports, t.procs, script, mode, t.url, t.conn, t.sqlite) for t in daemons]
         probe_pid = await probe.fetchval("SELECT pg_backend_pid()") if probe else 0
         rtt = [await round_trip_us(probe)] if probe else []
         for _ in range(args.rounds):
             for t in targets:
-                await measure(t, args.duration, args.connections, server, probe, probe_pid)
+                await measure(t, args.duration, args.connections, args.devices, server, probe, probe_pid)
         if probe:
             rtt.append(await round_trip_us(probe))
-        durable = {t.name: await count_durable(t) for t in targets[1:]}
+        durable = {t.name: await count_durable(t) for t in daemons}
     finally:
-        for t in targets:
+        for t in daemons:
             if t.conn:
                 await t.conn.close()
         if probe:
             await probe.close()
-        for t in targets:
+        for t in [targets[0], *daemons]:
             for proc in t.procs:
                 proc.terminate()
-        for t in targets:
+        for t in [targets[0], *daemons]:
             for proc in t.procs:
                 proc.wait(30)
         if server:
             server.stop()
     report(args, targets, durable, rtt)
-    if "sqlite" in stores:
-        con = sqlite3.connect(folder / "sqlite" / "state" / "lts-server.sqlite3")
-        lag = con.execute("SELECT MAX(seq) - (SELECT last_seq FROM rollup_state) FROM events").fetchone()[0]
-        print(f"  sqlite: statistics rollups trailing the event log at shutdown: {lag} events")
+    for t in daemons:
+        if t.sqlite:
+            con = sqlite3.connect(t.sqlite)
+            lag = con.execute("SELECT MAX(seq) - (SELECT last_seq FROM rollup_state) FROM events").fetchone()[0]
+            con.close()
+            print(f"  {t.name}: statistics rollups trailing the event log at shutdown: {lag} events")
 
 
 def main() -> None:
@@ -330,9 +389,15 @@ def main() -> None:
     p.add_argument("--stores", default="sqlite", help="comma-separated: sqlite, postgresql")
     p.add_argument("--workers", default="1,2", help="PostgreSQL: one daemon per count, with server.workers = N")
     p.add_argument("--nodes", type=int, default=2, help="PostgreSQL: N separate daemons on one database (0: none)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma-separated: new (every request a new device), refresh (seated devices asking again)")
+    p.add_argument("--devices", type=int, default=5000, help="refresh mode: how many seated devices ask again")
+    p.add_argument("--baseline", help="a source tree to run every lts-server target from a second time, side by side")
     p.add_argument("--fsync", choices=("on", "off"), default="on",
                    help="PostgreSQL's fsync; off shows what the disk's flushes cost (not durable)")
     args = p.parse_args()
+    if set(args.modes.split(",")) - set(MODES):
+        raise SystemExit(f"--modes: each of {', '.join(MODES)}")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     with tempfile.TemporaryDirectory() as tmp:

@@ -212,17 +212,27 @@ GUARD = web.AppKey("connection_guard", ConnectionGuard)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def request_started(request: web.BaseRequest) -> Guarded | None:
+    """Tell the guard a request started (body or busy deadline); the connection to hand to request_ended."""
+    guard = request.app.get(GUARD)
+    conn = guard.by_handler.get(request.protocol) if guard is not None else None
+    if conn is not None:
+        conn.request = request
+        guard.enter(conn, BODY if not request.content.is_eof() else BUSY)
+    return conn
+
+
+def request_ended(conn: Guarded | None) -> None:
+    if conn is not None:
+        conn.request = None
+        conn.guard.enter(conn, IDLE)
+
+
 @web.middleware
 async def track_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Tell the guard when a request starts and ends, so it applies the body and idle deadlines."""
-    guard = request.app.get(GUARD)
-    conn = guard.by_handler.get(request.protocol) if guard is not None else None
-    if conn is None:
-        return await handler(request)
-    conn.request = request
-    guard.enter(conn, BODY if not request.content.is_eof() else BUSY)
+    conn = request_started(request)
     try:
         return await handler(request)
     finally:
-        conn.request = None
-        guard.enter(conn, IDLE)
+        request_ended(conn)

@@ -19,6 +19,7 @@ from lts_server.web.services import SERVICES, Services
 
 JSON = {"Content-Type": "application/json", "Cache-Control": "no-store"}
 _decoder = msgspec.json.Decoder(HandshakeBody)
+_generic = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
@@ -63,10 +64,31 @@ def check_json_text(body: bytes) -> None:
     except UnicodeDecodeError as e:
         raise ApiError(400, f"the body is not valid UTF-8: byte {e.start} (0x{body[e.start]:02x}) "
                             "cannot start or continue a character; JSON must be UTF-8 text") from None
+    if _flat_without_repeats(body):
+        return
     try:
         json.loads(text, object_pairs_hook=_refuse_duplicates)
     except ValueError:
         pass  # not JSON at all: the typed decoder names the problem
+
+
+def _flat_without_repeats(body: bytes) -> bool:
+    """True when the body has no duplicate key, shown cheaply (a fifth of the full check's time): a flat
+    object written without escapes, each of whose keys appears once in the text as "key". Written
+    without escapes, every occurrence of a key is those exact bytes, so a key given twice would appear
+    twice. False means: not shown this way (nested, escaped, a value that equals a key): check fully."""
+    if b"\\" in body:
+        return False
+    try:
+        value = _generic.decode(body)
+    except msgspec.DecodeError:
+        return False
+    if not isinstance(value, dict):
+        return False
+    for key, member in value.items():
+        if isinstance(member, (dict, list)) or body.count(b'"%s"' % key.encode()) != 1:
+            return False
+    return True
 
 
 def to_request(body: HandshakeBody) -> hs.Request:

@@ -74,6 +74,14 @@ def client_gone(request: web.Request, error: Exception) -> bool:
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except Exception as e:
+        return error_answer(request, e)
+
+
+def error_answer(request: web.BaseRequest, error: Exception) -> web.Response:
+    """The JSON answer for a failure; an HTTP exception below 400 (a redirect) is raised again."""
+    try:  # raised again to pick the answer with the except clauses below
+        raise error
     except ApiError as e:
         return error_response(e.status, e.message, e.field)
     except (CodeError, UsageError) as e:

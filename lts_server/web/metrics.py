@@ -13,7 +13,7 @@ import time
 import msgspec
 from aiohttp import web
 
-from lts_server.metrics import CONTENT_TYPE
+from lts_server.metrics import CONTENT_TYPE, Metrics
 from lts_server.web import auth
 from lts_server.web.errors import ApiError
 from lts_server.web.services import SERVICES, Services
@@ -59,18 +59,24 @@ async def device_metrics(request: web.Request, handler):  # noqa: ANN001, ANN201
     path = request.path
     if path != HANDSHAKE and path != USAGE:
         return await handler(request)
-    metrics = request.app[SERVICES].metrics
     started = time.perf_counter()
     response = await handler(request)
+    count_device(request.app[SERVICES].metrics, path, response, time.perf_counter() - started)
+    return response
+
+
+def count_device(metrics: Metrics, path: str, response: web.StreamResponse, seconds: float) -> None:
+    """Count a device request (HANDSHAKE or USAGE) by the outcome its answer shows."""
     if path == HANDSHAKE:
-        metrics.handshake_latency.observe(time.perf_counter() - started)
+        metrics.handshake_latency.observe(seconds)
         outcome = _outcome(response.status)
-        code = "0"
-        if outcome != "granted":
-            try:
-                code = str(_error.decode(_body(response)).error.code or response.status)
-            except msgspec.DecodeError:
-                code = str(response.status)
+        if outcome == "granted":
+            metrics.handshakes_granted.inc()
+            return
+        try:
+            code = str(_error.decode(_body(response)).error.code or response.status)
+        except msgspec.DecodeError:
+            code = str(response.status)
         metrics.handshakes.labels(outcome, code).inc()
     else:
         outcome = {"granted": "accepted"}.get(_outcome(response.status), _outcome(response.status))
@@ -83,7 +89,6 @@ async def device_metrics(request: web.Request, handler):  # noqa: ANN001, ANN201
                 outcome = "duplicate"
             metrics.usage_records.inc(answer.accepted)
         metrics.usage_reports.labels(outcome).inc()
-    return response
 
 
 async def _allowed(request: web.Request, services: Services, admin_port: int | None) -> bool:

@@ -57,10 +57,14 @@ _env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), au
 _env.filters["num"] = lambda value: f"{value:,}" if isinstance(value, int) else value
 
 
+# Sent with every answer: browsers must not guess another content type than the one declared.
+NOSNIFF = ("X-Content-Type-Options", "nosniff")
+
+
 @web.middleware
 async def security_headers(request: web.Request, handler):  # noqa: ANN001, ANN201
     response = await handler(request)
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault(*NOSNIFF)
     if request.path.startswith("/portal"):
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Frame-Options"] = "DENY"

@@ -1,0 +1,183 @@
+"""Microbenchmarks of the handshake hot path's parts, in one process, without HTTP or load.
+
+    .venv/bin/python bench/handshake/micro.py
+
+Each figure is the median of 5 runs, in microseconds of one core:
+- routing: a device POST through the middleware stack vs the device-first path (web/app.py), to a
+  handler that answers at once: what the middlewares cost on their own;
+- the duplicate-key check of a handshake body (web/device.py); a report key; an event's JSON detail;
+- SQLite: write_batch per grant (new devices, refreshes) with synchronous=OFF (the work, not the
+  flush), and folding the events into the rollups per handshake;
+- Ed25519: one signature; two threads signing at once vs one (does signing release the GIL?).
+These are the pieces the bench's CPU per grant is made of; see docs/design.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import timeit
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+
+from aiohttp import web  # noqa: E402
+from aiohttp.test_utils import make_mocked_request  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+
+from lts_server import reportkeys  # noqa: E402
+from lts_server.core.times import utcnow  # noqa: E402
+from lts_server.metrics import Metrics  # noqa: E402
+from lts_server.store import AuthorizationRecord, Event, Seat, WriteBatch, sql  # noqa: E402
+from lts_server.store.sqlite import SQLiteStore, drive  # noqa: E402
+from lts_server.web import app as app_mod  # noqa: E402
+from lts_server.web import device  # noqa: E402
+from lts_server.web.services import SERVICES  # noqa: E402
+
+BODY = (b'{"handshakeCode":"216998-BENCH","clientUuid":"bench-0-1732870000-1-12345","product":"barcode-reader",'
+        b'"deploymentType":"browser"}')
+ANSWER = b'{"authorization":{}}'
+
+
+def median_us(fn: Callable[[], object], number: int) -> float:
+    return statistics.median(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
+
+
+def routing() -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=ANSWER, headers=device.JSON)
+
+    real = device.handshake
+    device.handshake = answer  # type: ignore[assignment]
+    try:
+        app = app_mod.create_app(SimpleNamespace(metrics=Metrics()))  # type: ignore[arg-type]
+    finally:
+        device.handshake = real  # type: ignore[assignment]
+    app.freeze()  # as AppRunner does: only a frozen application runs its middlewares
+    stack = web.Application._handle.__get__(app)  # what the override replaced: the router and the middlewares
+    loop = asyncio.new_event_loop()
+
+    request = make_mocked_request("POST", "/api/v1/handshake", headers={"Content-Type": "application/json"},
+                                  app=app, loop=loop)
+
+    def through(handle: Callable) -> Callable[[], None]:  # type: ignore[type-arg]
+        def one() -> None:  # nothing awaits for real: the coroutine finishes at its first step
+            coro = handle(request)
+            try:
+                coro.send(None)
+            except StopIteration as done:
+                assert done.value.status == 200
+            else:
+                raise AssertionError("the request waited for something")
+        return one
+
+    assert app[SERVICES]
+    base = median_us(through(lambda r: answer(r)), 20000)
+    print(f"routing: middleware stack {median_us(through(stack), 20000) - base:.1f} us,"
+          f" device-first path {median_us(through(app._handle), 20000) - base:.1f} us"
+          f" (beyond the handler; {base:.1f} us for a mocked request and the handler alone)")
+    loop.close()
+
+
+def duplicate_keys() -> None:
+    print(f"duplicate-key check of a handshake body: {median_us(lambda: device.check_json_text(BODY), 50000):.2f} us")
+
+
+def small_parts() -> None:
+    secret = b"s" * 32
+    detail = {"expiresAt": "2027-11-29T11:00:00+00:00"}
+    print(f"report key (keyed HMAC, one of two per grant): {median_us(lambda: reportkeys.report_key(secret, 'A' * 24), 50000):.2f} us;"
+          f" an event's JSON detail: {median_us(lambda: sql._compact_json(detail), 50000):.2f} us")
+
+
+def sqlite_write(g: int = 16, batches: int = 300) -> None:
+    folder = Path(tempfile.mkdtemp())
+    store = SQLiteStore(folder / "bench.sqlite3")
+    asyncio.run(store.open())
+    asyncio.run(store.close())
+    import sqlite3
+    con = sqlite3.connect(folder / "bench.sqlite3", isolation_level=None)
+    con.execute("PRAGMA foreign_keys = OFF")
+    con.execute("PRAGMA synchronous = OFF")
+    con.execute("INSERT INTO items (item_id, license_id, organization_id, product, edition, deployment_type,"
+                " license_type, quantity, period, domain, starts_at, expires_at) VALUES ('BENCH-1', 'L', '216998',"
+                " 'barcode-reader', NULL, 'browser', 'per-device', 50000000, 'yearly', NULL, '2020-01-01T00:00:00Z',"
+                " '2030-01-01T00:00:00Z')")
+    now = utcnow()
+
+    def run(proc: sql.Procedure[object]) -> object:
+        con.execute("BEGIN IMMEDIATE")
+        result = drive(con, proc)
+        con.commit()
+        return result
+
+    def batch(k: int, refresh: bool) -> WriteBatch:
+        b = WriteBatch(at=now)
+        for j in range(g):
+            b.job = j
+            client = f"dev-{0 if refresh else k}-{j}"
+            seat = Seat("BENCH-1", client, now, now, now + timedelta(days=365))
+            b.refresh(seat) if refresh else b.claim(seat, 50_000_000)
+            b.events.append(Event(at=now, type="seat.refreshed" if refresh else "seat.granted", code="216998-BENCH",
+                                  item_id="BENCH-1", client_uuid=client,
+                                  detail={"expiresAt": seat.expires_at.isoformat()}))
+            b.authorizations.append(AuthorizationRecord("216998-BENCH", client, "BENCH-1", 1, now,
+                                                        now + timedelta(days=365)))
+            b.events.append(Event(at=now, type="handshake", code="216998-BENCH", item_id="BENCH-1",
+                                  client_uuid=client, product="barcode-reader", deployment_type="browser", result=0))
+        return b
+
+    run(sql.write_batch(batch(0, False)))  # the devices that refresh
+    for refresh in (False, True):
+        todo = [batch(k + 1, refresh) for k in range(batches)]
+        started = time.process_time()
+        for b in todo:
+            run(sql.write_batch(b))
+        per_grant = (time.process_time() - started) / (batches * g) * 1e6
+        started = time.process_time()
+        folded = 0
+        while done := run(sql.roll_up({"BENCH-1": ("per-device", 50_000_000)}, 500)).processed:  # type: ignore[attr-defined]
+            folded += done
+        per_event = (time.process_time() - started) / max(1, folded) * 1e6
+        print(f"sqlite {'refresh' if refresh else 'new devices'}: write_batch {per_grant:.1f} us per grant"
+              f" (batches of {g}); rollups {per_event:.1f} us per handshake event")
+    con.close()
+
+
+def signing() -> None:
+    key = Ed25519PrivateKey.generate()
+    data = b"x" * 560
+    one = median_us(lambda: key.sign(data), 3000)
+    count = 3000
+
+    def work() -> None:
+        for _ in range(count):
+            key.sign(data)
+
+    started = time.perf_counter()
+    work()
+    alone = time.perf_counter() - started
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    both = time.perf_counter() - started
+    print(f"Ed25519 sign: {one:.1f} us; two threads sign {2 * alone / both:.2f}x as fast as one")
+
+
+if __name__ == "__main__":
+    routing()
+    duplicate_keys()
+    small_parts()
+    sqlite_write()
+    signing()
