@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gzip
 import json
+import math
 import os
 import re
 import shutil
@@ -41,6 +43,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -57,7 +60,7 @@ from common import NOW, device_item, free_port, license_file, vendor_key, write_
 
 from lts_server.archive import archive_line  # noqa: E402
 from lts_server.store import StoredEvent  # noqa: E402
-from lts_server.store.sql import stored_event  # noqa: E402
+from lts_server.store.sql import EVENT_COLUMNS, stored_event  # noqa: E402
 
 ORG = "216998"
 # Two license files of two per-device items each; a code per file (its default code).
@@ -258,8 +261,8 @@ async def bulk_postgres(url: str, n: int) -> None:
             await conn.execute(
                 f"{devices} INSERT INTO events (seq, at_ms, type, code, item_id, client_uuid, product,"
                 " deployment_type, result, detail, units, instances)"
-                f" SELECT {base} + 2 * i + 1, g * 1000, 'seat.granted', code, item, client, NULL, NULL, NULL,"
-                f" '{{\"expiresAt\":\"' || {expiry} || '\"}}', NULL, NULL FROM d UNION ALL"
+                f" SELECT {base} + 2 * i + 1, g * 1000, 'seat.granted', code, item, client, NULL::text, NULL::text,"
+                f" NULL::int, '{{\"expiresAt\":\"' || {expiry} || '\"}}', NULL::bigint, NULL::int FROM d UNION ALL"
                 f" SELECT {base} + 2 * i + 2, g * 1000, 'handshake', code, item, client, 'barcode-reader',"
                 " 'browser', 0, NULL, NULL, NULL FROM d ORDER BY 1")
             await conn.execute("UPDATE items SET seats_used = (SELECT COUNT(*) FROM seats"
@@ -387,6 +390,27 @@ end
 """ + LUA_DONE
 
 
+def lua_cold(n: int, start: int) -> str:
+    """Refreshes of seated devices this run has not touched: device (start + k * stride) mod n for the k-th
+    request (of either thread: they take alternate k), a stride coprime with n, so no device comes twice
+    within n requests. With a bounded device cache, each is a miss."""
+    codes = ",".join(f'"{CODE_OF[i]}"' for i in ITEMS)
+    stride = next(s for s in range(7_919, n + 7_919) if math.gcd(s, n) == 1)
+    return f"""
+local codes = {{{codes}}}
+local counter, threads = 0, {{}}
+function setup(thread) thread:set("tid", #threads); table.insert(threads, thread) end
+function init(args) counter = tid; wrk.method = "POST"; wrk.headers["Content-Type"] = "application/json" end
+function request()
+  local i = ({start} + counter * {stride}) % {n}
+  counter = counter + 2
+  return wrk.format(nil, "/api/v1/handshake", nil, string.format(
+    '{{"handshakeCode":"%s","clientUuid":"%08x-0000-4000-8000-%012x","product":"barcode-reader","deploymentType":"browser"}}',
+    codes[(i % 4) + 1], i, i))
+end
+""" + LUA_DONE
+
+
 def refreshed_devices(n: int) -> list[tuple[str, str]]:
     step = max(1, n // REFRESHED)
     return [(CODE_OF[ITEMS[i % 4]], client_uuid(i)) for i in range(0, n, step)][:REFRESHED]
@@ -452,11 +476,18 @@ def table_totals(sizes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]
 
 
 async def archive_bytes_per_event(state: State, sample: int = 100_000) -> float:
-    """Bytes per event in a gzip'd NDJSON archive (lts_server/archive.py's format), over a sample of the log."""
-    from lts_server.store.sql import EVENT_COLUMNS
-
+    """Bytes per event in a gzip'd NDJSON archive (lts_server/archive.py's format), over the newest events of
+    the log; their client UUIDs replaced by random ones, as real devices have (the built ones compress
+    too well)."""
     rows = (await run_sql(state, [f"SELECT {EVENT_COLUMNS} FROM events ORDER BY seq DESC LIMIT {sample}"]))[0]
-    events: list[StoredEvent] = [stored_event(tuple(r)) for r in rows]
+    randomized: dict[str, str] = {}
+    events: list[StoredEvent] = []
+    for r in reversed(rows):
+        e = stored_event(tuple(r))
+        if e.event.client_uuid:
+            client = randomized.setdefault(e.event.client_uuid, str(uuid.uuid4()))
+            e = StoredEvent(e.seq, dataclasses.replace(e.event, client_uuid=client))
+        events.append(e)
     data = gzip.compress("".join(archive_line(e) for e in events).encode(), compresslevel=6)
     return len(data) / max(1, len(events))
 
@@ -465,7 +496,7 @@ async def archive_bytes_per_event(state: State, sample: int = 100_000) -> float:
 
 
 def mb(n: float) -> str:
-    return f"{n / 1e6:,.1f} MB"
+    return f"{n / 1e9:,.2f} GB" if n >= 1e10 else f"{n / 1e6:,.1f} MB"
 
 
 async def bench(args: argparse.Namespace, work: Path) -> None:
@@ -571,6 +602,10 @@ async def bench_store(args: argparse.Namespace, work: Path, store: str, server: 
                     script = scripts["new"] if kind == "new" else work / f"refresh-{s.devices}.lua"
                     result = run_wrk(s.port, script, args.duration, args.connections, f"{r}{s.devices}")
                     s.rounds.setdefault(kind, []).append(result)
+            # The big state only: the small one has too few devices to go a round without repeats.
+            cold = work / f"cold-{r}.lua"
+            cold.write_text(lua_cold(big.devices, r * big.devices // max(1, args.rounds)))
+            big.rounds.setdefault("cold", []).append(run_wrk(big.port, cold, args.duration, args.connections, "c"))
         for s in states:
             s.rss_after = rss_bytes(s.proc.pid) if s.proc else 0
     finally:
@@ -590,6 +625,11 @@ async def bench_store(args: argparse.Namespace, work: Path, store: str, server: 
         b, sm = med[(kind, big.name)], med[(kind, small.name)]
         print(f"  {kind:8} {'ratio big/small':>22} {b['rps'] / sm['rps']:8.2f} {b['p50'] / sm['p50']:8.2f}"
               f" {b['p99'] / sm['p99']:8.2f}")
+    runs = big.rounds["cold"]
+    m = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99")}
+    print(f"  {'cold':8} {big.name:>22} {m['rps']:8.0f} {m['p50']:8.2f} {m['p99']:8.2f}"
+          f" {sum(int(r['bad']) for r in runs):8d}   (refreshes of devices not touched before in this run:"
+          " each a miss for a bounded device cache)")
     for s in states:
         print(f"  RSS after the rounds, {s.name}: {mb(s.rss_after)}")
     await report_space(big, before[big.name], handshakes_before[big.name])

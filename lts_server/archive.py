@@ -28,6 +28,7 @@ import contextlib
 import gzip
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -47,6 +48,8 @@ READ_PAGE = 5_000
 DELETE_PAGE = 5_000
 FILE_EVENTS = 1_000_000  # events per archive file at most
 SUFFIX = ".ndjson.gz"
+# The names this module gives files (being written, and sealed); nothing else in the folder is touched.
+OWN_NAME = re.compile(r"^events-\d{12}(\.partial|-\d{12}-\d{8}T\d{6}Z\.ndjson\.gz)$")
 
 
 def event_values(stored: StoredEvent) -> tuple[Any, ...]:
@@ -118,8 +121,7 @@ class Archiver:
             logs.event("events.archive_leftover_removed", path=str(leftover))
 
     def _unrecorded(self, named: set[str]) -> list[Path]:
-        return [p for p in self.folder.iterdir()
-                if (p.name.endswith(".partial") or p.name.endswith(SUFFIX)) and str(p) not in named]
+        return [p for p in self.folder.iterdir() if OWN_NAME.match(p.name) and str(p) not in named]
 
     async def _write_file(self, after: int, upto: int, before_ms: int,
                           now: datetime) -> tuple[ArchiveRow | None, int]:
