@@ -664,7 +664,7 @@ async def report_space(state: State, before: dict[str, tuple[int, int]], handsha
     # 12 two-hour and 1 daily bucket a day, marked per code and per item; marks are pruned after 31 days.
     events_day = FLEET * 24 * 2
     marks_day = FLEET * (24 + 12 + 1) * 2
-    print(f"event log: {per_event:.0f} bytes per event in the database (table and its 3 indexes),"
+    print(f"event log: {per_event:.0f} bytes per event in the database (table and indexes),"
           f" {gz:.0f} bytes per event in a gzip'd NDJSON archive")
     print(f"growth per day, {FLEET:,} devices refreshing hourly ({FLEET * 24:,} handshakes, {events_day:,} events):")
     print(f"  event log {mb(events_day * per_event)}/day in the database"

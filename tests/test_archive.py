@@ -14,7 +14,7 @@ import pytest
 from lts_server import server as server_mod
 from lts_server.archive import Archiver
 from lts_server.core.times import iso
-from tests.conftest import Running, item, license_spec
+from tests.conftest import Running, admin_login, item, license_spec
 
 DEVICE_TYPES = {"handshake", "seat.granted", "seat.refreshed", "seat.released", "usage.record", "usage.report"}
 
@@ -32,6 +32,12 @@ async def setup_traffic(r: Running, devices: int = 5) -> None:
     # A refresh, and a refusal (another product), so every kind of device event is in the log.
     assert (await r.handshake(handshakeCode="216998-L1", clientUuid="old-0"))[0] == 200
     assert (await r.handshake(handshakeCode="216998-L1", clientUuid="old-x", product="other"))[0] == 403
+
+
+async def two_days_later(r: Running) -> None:
+    """Move the clock on two days, and log in again: an admin token lasts 12 hours."""
+    r.clock.advance(days=2)
+    r.session.headers["Authorization"] = f"Bearer {await admin_login(r.url)}"
 
 
 async def exported(r: Running) -> list[dict[str, Any]]:
@@ -75,7 +81,7 @@ def archive_folder(r: Running) -> Path:
 
 async def test_archive_moves_old_device_events_to_a_file_and_statistics_stay_the_same(running: Running) -> None:
     await setup_traffic(running)
-    running.clock.advance(days=2)
+    await two_days_later(running)
     assert (await running.handshake(handshakeCode="216998-L1", clientUuid="new-1"))[0] == 200
     await running.server.roll_up()
     stats_before = await statistics(running)
@@ -114,7 +120,7 @@ async def test_events_not_yet_in_the_statistics_are_kept(manual_rollups: None, r
     await running.server.roll_up()
     folded = await exported(running)
     assert (await running.handshake(handshakeCode="216998-L1", clientUuid="late-1"))[0] == 200
-    running.clock.advance(days=2)
+    await two_days_later(running)
     assert (await running.handshake(handshakeCode="216998-L1", clientUuid="new-1"))[0] == 200
 
     status, body = await archive(running, iso(running.clock.now - timedelta(days=1)))
@@ -163,7 +169,7 @@ def crash_once(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 async def test_a_crash_between_the_file_and_the_delete_loses_nothing_and_doubles_nothing(
         running: Running, crash_once: Any, crash_in: str) -> None:
     await setup_traffic(running)
-    running.clock.advance(days=2)
+    await two_days_later(running)
     assert (await running.handshake(handshakeCode="216998-L1", clientUuid="new-1"))[0] == 200
     await running.server.roll_up()
     events_before = await exported(running)
