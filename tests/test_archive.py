@@ -9,12 +9,25 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from lts_server import config as config_mod
 from lts_server import server as server_mod
 from lts_server.archive import Archiver
 from lts_server.core.times import iso
-from tests.conftest import Running, admin_login, item, license_spec
+from lts_server.server import Server
+from tests.conftest import (
+    Clock,
+    Running,
+    Vendor,
+    admin_login,
+    item,
+    license_spec,
+    storage_section,
+    wait_for,
+    write_config,
+)
 
 DEVICE_TYPES = {"handshake", "seat.granted", "seat.refreshed", "seat.released", "usage.record", "usage.report"}
 
@@ -195,3 +208,33 @@ async def test_a_crash_between_the_file_and_the_delete_loses_nothing_and_doubles
         ((1, 13) if crash_in == "delete_archived" else (0, 13))
     assert len(list(archiver.folder.iterdir())) == 1
     assert await statistics(running) == stats_before
+
+
+async def test_retain_days_archives_old_device_events_on_its_own(
+        request: pytest.FixtureRequest, backend: str, tmp_path: Path, vendor: Vendor,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_mod, "ARCHIVE_SECONDS", 0.05)
+    clock = Clock()
+    storage = await storage_section(request, backend, tmp_path)
+    cfg = config_mod.load(write_config(tmp_path, vendor, storage=storage,
+                                       events={"retain_days": 1, "archive_dir": str(tmp_path / "old-events")}),
+                          environ={})
+    server = Server(cfg, clock=clock)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {await admin_login(server.urls[0])}"}) \
+                as session:
+            r = Running(server, server.urls[0], tmp_path, vendor, session, clock)
+            await setup_traffic(r, devices=3)
+            await two_days_later(r)
+            assert (await r.handshake(handshakeCode="216998-L1", clientUuid="new-1"))[0] == 200
+            await r.server.roll_up()
+
+            def old_handshakes_archived() -> bool:  # 3 grants, a refresh, a refusal
+                return [e["type"] for e in archived_lines(tmp_path / "old-events")].count("handshake") == 5
+
+            await wait_for(old_handshakes_archived)
+
+            assert {e["clientUuid"] for e in await exported(r) if e["type"] in DEVICE_TYPES} == {"new-1"}
+    finally:
+        await server.stop()
