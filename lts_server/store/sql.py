@@ -535,9 +535,8 @@ def finish_archive(archive_id: int, done_ms: int) -> Procedure[None]:
     yield Exec("UPDATE event_archives SET done_ms = ? WHERE id = ?", (done_ms, archive_id))
 
 
-def event_archives(unfinished_only: bool) -> Procedure[list[ArchiveRow]]:
-    where = " WHERE done_ms IS NULL" if unfinished_only else ""
-    return [ArchiveRow(*r) for r in (yield Query(f"SELECT {ARCHIVE_COLUMNS} FROM event_archives{where} ORDER BY id"))]
+def event_archives() -> Procedure[list[ArchiveRow]]:
+    return [ArchiveRow(*r) for r in (yield Query(f"SELECT {ARCHIVE_COLUMNS} FROM event_archives ORDER BY id"))]
 
 
 # -- the admin account ------------------------------------------------------------------------------
@@ -639,8 +638,8 @@ class Operations:
     async def finish_archive(self, archive_id: int, done_ms: int) -> None:
         await self._call(finish_archive(archive_id, done_ms))
 
-    async def event_archives(self, unfinished_only: bool = False) -> list[ArchiveRow]:
-        return await self._call(event_archives(unfinished_only))
+    async def event_archives(self) -> list[ArchiveRow]:
+        return await self._call(event_archives())
 
     async def admin_password_hash(self) -> str | None:
         return await self._call(admin_password_hash())

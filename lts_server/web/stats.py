@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
-from lts_server.archive import EVENT_FIELDS, event_values
+from lts_server.archive import EVENT_FIELDS, archive_line, event_values
 from lts_server.core.model import Counts, hard_limit
 from lts_server.core.state import SEVERITY, ItemState, item_state
 from lts_server.core.times import from_ms, iso, parse_iso, to_ms
@@ -225,11 +225,10 @@ async def export_events(request: web.Request) -> web.StreamResponse:
         writer.writerow(EVENT_FIELDS)
     pending = 0
     async for stored in services.store.events(query):
-        values = event_values(stored)
         if as_csv:
-            writer.writerow([csv_cell(v) for v in values])
+            writer.writerow([csv_cell(v) for v in event_values(stored)])
         else:
-            buffer.write(json.dumps(dict(zip(EVENT_FIELDS, values)), separators=(",", ":")) + "\n")
+            buffer.write(archive_line(stored))
         pending += 1
         if pending >= 500:
             await response.write(buffer.getvalue().encode())
