@@ -104,6 +104,9 @@ class State:
     folder: Path
     devices: int
     url: str | None = None  # PostgreSQL
+    # Seats held when the measured daemon starts: the built devices, plus those earlier runs on a
+    # --keep state added through HTTP.
+    seated: int = 0
     build_seconds: float = 0.0
     empty_rss: int = 0
     empty_ready: float = 0.0
@@ -574,6 +577,7 @@ async def bench_store(args: argparse.Namespace, work: Path, store: str, server: 
             if args.keep:
                 (state.folder / "built").write_text(json.dumps({"seconds": state.build_seconds,
                                                                  "rss": state.empty_rss, "ready": state.empty_ready}))
+        state.seated = (await run_sql(state, ["SELECT COUNT(*) FROM seats"]))[0][0][0]
         states.append(state)
     big, small = states
     print(f"\n== {store}: {big.devices:,} seated devices (and {small.devices:,} for comparison) ==", flush=True)
@@ -589,8 +593,8 @@ async def bench_store(args: argparse.Namespace, work: Path, store: str, server: 
         empty = big.empty_rss
         print(f"empty daemon (licenses imported, no seats): RSS {mb(empty)}, ready in {big.empty_ready:.2f} s")
         for s in states:
-            per = (s.rss - empty) / s.devices
-            print(f"{s.name:>22} seats: ready in {s.ready_seconds:6.2f} s, RSS {mb(s.rss)},"
+            per = (s.rss - empty) / s.seated
+            print(f"{s.name:>22} seats ({s.seated:,} held): ready in {s.ready_seconds:6.2f} s, RSS {mb(s.rss)},"
                   f" {per:,.0f} bytes per seated device above empty", flush=True)
         scripts = {"new": work / "new.lua", "refresh": work / "refresh.lua"}
         scripts["new"].write_text(lua_new(CODE_OF[ITEMS[0]]))
@@ -643,8 +647,8 @@ async def report_space(state: State, before: dict[str, tuple[int, int]], handsha
     handshakes = (await run_sql(state, ["SELECT COUNT(*) FROM events WHERE type = 'handshake'"]))[0][0][0]
     total_before = sum(b for b, _ in before.values())
     total_after = sum(b for b, _ in after.values())
-    n = state.devices
-    print(f"database space with {n:,} seated devices (built state, before the HTTP rounds): {mb(total_before)},"
+    n = state.seated
+    print(f"database space with {n:,} seated devices (before the HTTP rounds): {mb(total_before)},"
           f" {total_before / n:,.0f} bytes per seated device")
     print(f"  {'table or index':42} {'bytes':>15} {'rows':>12} {'bytes/row':>10} {'per device':>11}")
     for key in sorted(before, key=lambda k: -before[k][0]):
