@@ -233,7 +233,7 @@ async def test_retain_days_archives_old_device_events_on_its_own(
             def old_handshakes_archived() -> bool:  # 3 grants, a refresh, a refusal
                 return [e["type"] for e in archived_lines(tmp_path / "old-events")].count("handshake") == 5
 
-            await wait_for(old_handshakes_archived)
+            await wait_for(old_handshakes_archived, timeout=30)
 
             assert {e["clientUuid"] for e in await exported(r) if e["type"] in DEVICE_TYPES} == {"new-1"}
     finally:
