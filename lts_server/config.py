@@ -146,6 +146,15 @@ class MetricsSection(_Section):
     token_file: str | None = None
 
 
+class EventsSection(_Section):
+    # Device events (handshakes, seat changes, usage records) older than this many days are moved
+    # out of the database into compressed files in archive_dir; 0 keeps them in the database forever.
+    # Statistics are kept in the rollups and stay exact.
+    retain_days: Annotated[int, msgspec.Meta(ge=0, le=36_500)] = 0
+    # Where the archive files go; unset: <state_dir>/archive.
+    archive_dir: str | None = None
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "text"] = "auto"
@@ -159,6 +168,7 @@ class Config(_Section):
     admin: AdminSection = msgspec.field(default_factory=AdminSection)
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
+    events: EventsSection = msgspec.field(default_factory=EventsSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
     # Where the file was read from; relative paths in it are taken from its folder.
     source: str = ""
@@ -180,6 +190,10 @@ class Config(_Section):
         if self.storage.database:
             return self.path(self.storage.database)
         return self.state_dir / "lts-server.sqlite3"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.path(self.events.archive_dir) if self.events.archive_dir else self.state_dir / "archive"
 
     @property
     def import_dir(self) -> Path:

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from lts_server import config as config_mod
 from lts_server import identity, licensefile, logs
 from lts_server.alerts import Alerter
+from lts_server.archive import Archiver
 from lts_server.config import Config
 from lts_server.core.times import to_ms, utcnow
 from lts_server.core.usage import MAX_LATE
@@ -40,6 +41,8 @@ ROLLUP_SECONDS = 1.0
 # the database thread wait a few milliseconds, not a hundred.
 ROLLUP_PAGE = 500
 PRUNE_SECONDS = 3600.0
+# How often events older than [events] retain_days are archived.
+ARCHIVE_SECONDS = 3600.0
 
 
 def _free_port(host: str) -> int:
@@ -145,7 +148,7 @@ class Server:
 
         importer.on_import = imported
         self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key), alerter,
-                                 metrics, catch_up=self.catch_up if isinstance(store, PostgresStore) else None)
+                                 metrics, Archiver(store, cfg.archive_dir), catch_up=self.catch_up if isinstance(store, PostgresStore) else None)
         if self.leads:
             await importer.scan("start-up")
         separate_admin = cfg.admin.port is not None
@@ -174,6 +177,9 @@ class Server:
                 importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
             self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
         self._tasks.append(asyncio.create_task(self._roller(), name="rollups"))
+        if self.leads and cfg.events.retain_days:
+            self._tasks.append(asyncio.create_task(self._archive_old_events(cfg.events.retain_days),
+                                                   name="event-archive"))
         if isinstance(store, PostgresStore):
             self._tasks.append(asyncio.create_task(self._follow(), name="follow"))
         # A check at start-up, then every check_seconds and whenever asked (in any process: a check
@@ -311,6 +317,19 @@ class Server:
         if pruned:
             logs.event("rollups.pruned", marks=pruned)
         return pruned
+
+    async def _archive_old_events(self, retain_days: int) -> None:
+        """Every ARCHIVE_SECONDS, move device events older than retain_days into the archive folder."""
+        assert self.services is not None
+        archiver = self.services.archiver
+        while not self.stopping.is_set():
+            now = self.clock()
+            try:
+                await archiver.run(now - timedelta(days=retain_days), now)
+            except Exception as e:  # retried at the next tick; nothing was lost (see archive.py)
+                logs.event("events.archive_failed", logs.logging.ERROR, error=str(e))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=ARCHIVE_SECONDS)
 
     async def _check_main(self, session: aiohttp.ClientSession) -> None:
         assert self.services is not None

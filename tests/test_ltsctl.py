@@ -218,3 +218,14 @@ def test_dates_with_a_plus_offset_reach_the_server_intact(daemon: Daemon) -> Non
     assert "216998-L1" in ok(daemon, "stats", "216998-L1", "--since", "2026-01-01T00:00:00+01:00")
     out = ok(daemon, "events", "export", "--since", "2026-01-01T00:00:00+01:00", "--type", "code.created")
     assert [json.loads(line)["code"] for line in out.splitlines()] == ["216998-L1"]
+
+
+def test_events_archive_moves_nothing_recent_and_lists_its_files(daemon: Daemon) -> None:
+    ok(daemon, "login", "--setup")
+    # A fresh server's events are all recent: nothing is old enough to leave the database.
+    out = json.loads(ok(daemon, "--json", "events", "archive", "--before", "2026-01-01T00:00:00Z"))
+    assert (out["events"], out["files"]) == (0, [])
+    assert "archived 0 events into 0 file(s)" in ok(daemon, "events", "archive", "--before", "2026-01-01T00:00:00Z")
+    assert json.loads(ok(daemon, "--json", "events", "archives")) == []
+    too_recent = ctl(daemon, "events", "archive", "--before", "2999-01-01T00:00:00Z")
+    assert too_recent.returncode == 1 and "less than an hour ago" in too_recent.stderr

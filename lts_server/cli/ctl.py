@@ -65,14 +65,16 @@ class Api:
         self.token = token
 
     async def call(self, method: str, path: str, body: Any = None, data: bytes | None = None,
-                   headers: dict[str, str] | None = None, raw: bool = False, auth: bool = True) -> Any:
+                   headers: dict[str, str] | None = None, raw: bool = False, auth: bool = True,
+                   timeout: aiohttp.ClientTimeout | None = None) -> Any:
         h = dict(headers or {})
         if auth:
             if not self.token:
                 raise CtlError(f"not logged in to {self.server}: run `ltsctl --server {self.server} login`", EXIT_AUTH)
             h["Authorization"] = f"Bearer {self.token}"
         try:
-            async with self.session.request(method, self.server + path, json=body, data=data, headers=h) as resp:
+            async with self.session.request(method, self.server + path, json=body, data=data, headers=h,
+                                            **({"timeout": timeout} if timeout else {})) as resp:
                 payload = await resp.read()
                 if resp.status >= 400:
                     try:
@@ -347,6 +349,18 @@ async def run(args: argparse.Namespace) -> int:
                       ["start", "granted", "refused", "units", "devices"])])
         elif cmd == "alerts":
             out, text = await _alerts(api, args)
+        elif cmd == "events" and args.action == "archive":
+            # A large backlog takes minutes: no total deadline, only one for each read.
+            out = await api.call("POST", "/api/v1/admin/events/archive", {"before": args.before},
+                                 timeout=aiohttp.ClientTimeout(total=None, sock_read=3600))
+            text = "\n".join([
+                f"archived {out['events']:,} events into {len(out['files'])} file(s) in {out['folder']}"
+                + (f"; finished {out['resumed']} interrupted archive(s) ({out['resumedEvents']:,} events)"
+                   if out["resumed"] else ""),
+                table(out["files"], ["path", "firstSeq", "lastSeq", "events", "bytes"]) if out["files"] else ""]).rstrip()
+        elif cmd == "events" and args.action == "archives":
+            out = (await api.call("GET", "/api/v1/admin/events/archives"))["archives"]
+            text = table(out, ["id", "createdAt", "before", "events", "bytes", "done", "path"])
         elif cmd == "events":
             # urlencode: a '+' in a time zone offset must not arrive as a space.
             params = urllib.parse.urlencode([(k, v) for k, v in (
@@ -465,6 +479,13 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--code", help="only this handshake code")
     export.add_argument("--item", help="only this item")
     export.add_argument("--type", help="only this event type, e.g. handshake (see docs/api.md)")
+    archive = ev.add_parser("archive", help="move device events before a date into compressed files on the server",
+                            description="Move device events (handshakes, seat changes, usage records) stamped "
+                                        "before --before, and already counted in the statistics, out of the "
+                                        "database into gzip'd NDJSON files in the server's [events] archive_dir.")
+    archive.add_argument("--before", required=True, help="ISO date-time with zone, at least an hour ago, "
+                                                         "e.g. 2026-10-01T00:00:00Z")
+    ev.add_parser("archives", help="archive files written so far")
     return p
 
 

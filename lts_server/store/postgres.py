@@ -47,6 +47,7 @@ WRITE_LOCK = 0x6C7473_0002
 ROLLUP_LOCK = 0x6C7473_0003
 ALERT_LOCK = 0x6C7473_0004
 IMPORT_LOCK = 0x6C7473_0005
+ARCHIVE_LOCK = 0x6C7473_0006
 CONNECT_PAUSE = 1.5
 # No statement waits longer than this for the database: a request fails with 503 instead of hanging.
 COMMAND_TIMEOUT = 10.0

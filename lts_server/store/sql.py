@@ -495,6 +495,77 @@ def prune_rollup_marks(before_ms: int) -> Procedure[int]:
     return total
 
 
+# -- archiving the event log ----------------------------------------------------------------------
+
+# What an archive run may move out of the log: the events written per device contact, the log's bulk.
+# The others (imports, code and item changes, overuse) are few and stay: they are the audit trail, and
+# a deleted code is known to have existed from its code.created event.
+ARCHIVED_TYPES = ("handshake", "seat.granted", "seat.refreshed", "seat.released", "usage.record", "usage.report")
+_ARCHIVED = "type IN (" + ",".join(f"'{t}'" for t in ARCHIVED_TYPES) + ")"
+ARCHIVE_COLUMNS = "id, path, first_seq, last_seq, before_ms, events, bytes, created_ms, done_ms"
+
+
+@dataclass(frozen=True)
+class ArchiveRow:
+    """One archive file: it holds every event of an archived type with first_seq <= seq <= last_seq and
+    at_ms < before_ms. Written once the file is durable; done_ms once those events left the log."""
+
+    id: int
+    path: str
+    first_seq: int
+    last_seq: int
+    before_ms: int
+    events: int
+    bytes: int
+    created_ms: int
+    done_ms: int | None
+
+
+def archive_horizon(before_ms: int) -> Procedure[int]:
+    """The highest event number an archive run before `before_ms` may take.
+
+    Only events the rollups have folded (statistics stay exact), never the newest event (SQLite gives a
+    new event the largest number plus one: deleting the newest would hand its number out again, below
+    the rollups' mark), and no further than the newest event stamped before the horizon (reading on
+    would scan the recent log; a late usage record past it waits for a later run).
+    """
+    folded = (yield Query("SELECT last_seq FROM rollup_state WHERE id = 1"))[0][0]
+    newest = (yield Query("SELECT COALESCE(MAX(seq), 0) FROM events"))[0][0]
+    rows = yield Query("SELECT seq FROM events WHERE at_ms < ? ORDER BY at_ms DESC LIMIT 1", (before_ms,))
+    return min(folded, newest - 1, rows[0][0] if rows else 0)
+
+
+def archivable_page(after: int, upto: int, before_ms: int, limit: int) -> Procedure[list[StoredEvent]]:
+    rows = yield Query(f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? AND seq <= ? AND at_ms < ?"
+                       f" AND {_ARCHIVED} ORDER BY seq LIMIT ?", (after, upto, before_ms, limit))
+    return [stored_event(r) for r in rows]
+
+
+def record_archive(path: str, first_seq: int, last_seq: int, before_ms: int, events: int, size: int,
+                   created_ms: int) -> Procedure[ArchiveRow]:
+    next_id = (yield Query("SELECT COALESCE(MAX(id), 0) + 1 FROM event_archives"))[0][0]
+    row = ArchiveRow(next_id, path, first_seq, last_seq, before_ms, events, size, created_ms, None)
+    yield Exec(f"INSERT INTO event_archives ({ARCHIVE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+               (row.id, row.path, row.first_seq, row.last_seq, row.before_ms, row.events, row.bytes,
+                row.created_ms, row.done_ms))
+    return row
+
+
+def delete_archived(row: ArchiveRow, limit: int) -> Procedure[int]:
+    """Delete up to `limit` of the archive's events still in the log; 0 when none is left."""
+    return (yield Exec(
+        f"DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq >= ? AND seq <= ? AND at_ms < ?"
+        f" AND {_ARCHIVED} ORDER BY seq LIMIT ?)", (row.first_seq, row.last_seq, row.before_ms, limit)))
+
+
+def finish_archive(archive_id: int, done_ms: int) -> Procedure[None]:
+    yield Exec("UPDATE event_archives SET done_ms = ? WHERE id = ?", (done_ms, archive_id))
+
+
+def event_archives() -> Procedure[list[ArchiveRow]]:
+    return [ArchiveRow(*r) for r in (yield Query(f"SELECT {ARCHIVE_COLUMNS} FROM event_archives ORDER BY id"))]
+
+
 # -- the admin account ------------------------------------------------------------------------------
 
 
@@ -586,6 +657,25 @@ class Operations:
 
     async def prune_rollup_marks(self, before_ms: int) -> int:
         return await self._call(prune_rollup_marks(before_ms), self.ROLLUP_LOCK)
+
+    async def archive_horizon(self, before_ms: int) -> int:
+        return await self._call(archive_horizon(before_ms))
+
+    async def archivable_page(self, after: int, upto: int, before_ms: int, limit: int) -> list[StoredEvent]:
+        return await self._call(archivable_page(after, upto, before_ms, limit))
+
+    async def record_archive(self, path: str, first_seq: int, last_seq: int, before_ms: int, events: int,
+                             size: int, created_ms: int) -> ArchiveRow:
+        return await self._call(record_archive(path, first_seq, last_seq, before_ms, events, size, created_ms))
+
+    async def delete_archived(self, row: ArchiveRow, limit: int) -> int:
+        return await self._call(delete_archived(row, limit))
+
+    async def finish_archive(self, archive_id: int, done_ms: int) -> None:
+        await self._call(finish_archive(archive_id, done_ms))
+
+    async def event_archives(self) -> list[ArchiveRow]:
+        return await self._call(event_archives())
 
     async def admin_password_hash(self) -> str | None:
         return await self._call(admin_password_hash())

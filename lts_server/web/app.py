@@ -84,6 +84,8 @@ def create_app(services: Services, admin_port: int | None = None) -> web.Applica
     app.router.add_delete("/api/v1/admin/items/{item_id}/devices/{client_uuid}", admin.release_device)
     app.router.add_get("/api/v1/admin/imports", admin.list_imports)
     app.router.add_get("/api/v1/admin/events", stats.export_events)
+    app.router.add_post("/api/v1/admin/events/archive", stats.archive_events)
+    app.router.add_get("/api/v1/admin/events/archives", stats.list_archives)
     app.router.add_get("/api/v1/admin/stats/codes/{code}", stats.code_stats)
     app.router.add_get("/api/v1/admin/stats/items/{item_id}", stats.item_stats)
     app.router.add_get("/api/v1/openapi.json", openapi.handler)

@@ -140,6 +140,10 @@ ROUTES: list[Route] = [
           statuses=("200", "404"), params=STATS_QUERY),
     Route("/api/v1/admin/events", "get", "Export the event log: NDJSON, or CSV with Accept: text/csv", admin=True,
           params=EVENTS_QUERY, produces=("application/x-ndjson", "text/csv")),
+    Route("/api/v1/admin/events/archive", "post",
+          "Archive device events stamped before `before` (and already in the statistics) into compressed NDJSON "
+          "files on this node, then delete them from the database", schemas.ArchiveBody, admin=True),
+    Route("/api/v1/admin/events/archives", "get", "Archive files written so far, by every node", admin=True),
     Route("/api/v1/admin/alerts", "get", "Alert settings: recipients, webhooks, conditions, SMTP", admin=True),
     Route("/api/v1/admin/alerts/recipients", "get", "E-mail recipients of alerts", admin=True),
     Route("/api/v1/admin/alerts/recipients", "put", "Set the recipients (separated by semicolons)",

@@ -170,3 +170,8 @@ class CodeEditBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, k
 
 class UsageOrderBody(msgspec.Struct, forbid_unknown_fields=True):
     items: ItemIds
+
+
+class ArchiveBody(msgspec.Struct, forbid_unknown_fields=True):
+    # ISO 8601 with a time zone: device events stamped before it are archived.
+    before: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from lts_server.alerts import Alerter
+from lts_server.archive import Archiver
 from lts_server.config import Config
 from lts_server.identity import Identity
 from lts_server.importer import Importer
@@ -28,6 +29,7 @@ class Services:
     signer: BatchSigner
     alerts: Alerter
     metrics: Metrics
+    archiver: Archiver
     started: float = field(default_factory=time.monotonic)
     # A standby whose main server is up does not serve devices.
     main_is_up: bool = False

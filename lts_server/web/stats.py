@@ -1,4 +1,4 @@
-"""Statistics per handshake code and per item (from the rollups), and the event export."""
+"""Statistics per handshake code and per item (from the rollups), the event export and its archives."""
 
 from __future__ import annotations
 
@@ -9,12 +9,16 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
+from lts_server.archive import EVENT_FIELDS, archive_line, event_values
 from lts_server.core.model import Counts, hard_limit
 from lts_server.core.state import SEVERITY, ItemState, item_state
 from lts_server.core.times import from_ms, iso, parse_iso, to_ms
 from lts_server.core.usage import BUCKETS, bucket_start, tolerance
 from lts_server.store import EventQuery, RollupRow
-from lts_server.web.errors import ApiError
+from lts_server.store.sql import ArchiveRow
+from lts_server.web.device import read_json_body
+from lts_server.web.errors import ApiError, decode_json
+from lts_server.web.schemas import ArchiveBody
 from lts_server.web.services import SERVICES, Services
 
 MAX_BUCKETS = 10_000
@@ -23,8 +27,8 @@ MAX_BUCKETS = 10_000
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 DEFAULT_SPAN = {"3m": timedelta(days=1), "2h": timedelta(days=7), "1d": timedelta(days=30)}
-EVENT_COLUMNS = ("seq", "at", "type", "code", "itemId", "clientUuid", "product", "deploymentType", "result",
-                 "units", "instances", "detail")
+# Other nodes of a cluster read the log every follow_ms: an archive leaves them an hour at the least.
+ARCHIVE_MIN_AGE = timedelta(hours=1)
 
 
 def query_time(name: str, value: str) -> datetime:
@@ -218,16 +222,13 @@ async def export_events(request: web.Request) -> web.StreamResponse:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     if as_csv:
-        writer.writerow(EVENT_COLUMNS)
+        writer.writerow(EVENT_FIELDS)
     pending = 0
     async for stored in services.store.events(query):
-        e = stored.event
-        values = (stored.seq, iso(e.at), e.type, e.code, e.item_id, e.client_uuid, e.product, e.deployment_type,
-                  e.result, e.units, e.instances, e.detail)
         if as_csv:
-            writer.writerow([csv_cell(v) for v in values])
+            writer.writerow([csv_cell(v) for v in event_values(stored)])
         else:
-            buffer.write(json.dumps(dict(zip(EVENT_COLUMNS, values)), separators=(",", ":")) + "\n")
+            buffer.write(archive_line(stored))
         pending += 1
         if pending >= 500:
             await response.write(buffer.getvalue().encode())
@@ -237,3 +238,31 @@ async def export_events(request: web.Request) -> web.StreamResponse:
     await response.write(buffer.getvalue().encode())
     await response.write_eof()
     return response
+
+
+def archive_json(row: ArchiveRow) -> dict:
+    return {"id": row.id, "path": row.path, "firstSeq": row.first_seq, "lastSeq": row.last_seq,
+            "before": iso(from_ms(row.before_ms)), "events": row.events, "bytes": row.bytes,
+            "createdAt": iso(from_ms(row.created_ms)), "done": row.done_ms is not None}
+
+
+async def archive_events(request: web.Request) -> web.Response:
+    """Move device events before `before` (and folded into the statistics) into archive files now."""
+    services = request.app[SERVICES]
+    body: ArchiveBody = decode_json(await read_json_body(request), ArchiveBody)
+    before = query_time("before", body.before)
+    now = services.ledger.clock()
+    if before > now - ARCHIVE_MIN_AGE:
+        raise ApiError(400, f"before: {body.before!r} is less than an hour ago; other nodes of a cluster may not "
+                            "have read those events yet", "before")
+    report = await services.archiver.run(before, now)
+    return web.json_response({
+        "events": report.events, "files": [archive_json(r) for r in report.files],
+        "resumed": report.resumed, "resumedEvents": report.resumed_events,
+        "folder": str(services.archiver.folder), "rollupLagEvents": await services.store.rollup_lag(),
+    })
+
+
+async def list_archives(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    return web.json_response({"archives": [archive_json(r) for r in await services.store.event_archives()]})
