@@ -150,3 +150,21 @@ async def test_the_device_list_of_an_item_is_paged(small_cache: Running) -> None
     assert last["next"] is None and [d["clientUuid"] for d in last["devices"]] == ["d4"]
     async with running.session.get(url, params={"limit": "0"}) as resp:
         assert resp.status == 400 and "limit" in (await resp.json())["error"]["message"]
+
+
+async def test_live_concurrent_grants_are_read_at_start_up(small_cache: Running) -> None:
+    """An overused concurrent item grants only its quantity across devices: the grants of devices that are
+    not in memory still count after a restart."""
+    running = small_cache
+    await running.drop("conc.lic", running.vendor.issue(license_spec("C", items=[
+        item("conc", "per-concurrent-device", quantity=1)])))
+    assert (await running.handshake(handshakeCode="216998-C", clientUuid="first"))[0] == 200
+    # As the rollups record it once the overuse allowance (1000 x 1) is used up.
+    await running.sql("UPDATE items SET overuse_used = 1000, overused = 1 WHERE item_id = 'conc'")
+    await running.server.stop()
+    running.server = Server(running.server.config, clock=running.clock)
+    await running.server.start()
+    running.url = running.server.urls[0]
+    assert "first" not in running.ledger.devices
+    status, body = await running.handshake(handshakeCode="216998-C", clientUuid="second")
+    assert status == 403 and body["error"]["code"] == 120 and "1 of 1 devices" in body["error"]["message"]

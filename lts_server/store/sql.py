@@ -111,12 +111,11 @@ def load_snapshot(per_slice_types: tuple[str, ...], now_ms: int) -> Procedure[Sn
     """The catalog and the live authorizations of items counted per time slice; no other device rows
     (those are read per device when it asks: lts_server/devices.py)."""
     snap = yield from load_catalog()
-    if per_slice_types:
-        marks = ",".join("?" * len(per_slice_types))
-        for row in (yield Query(
-                f"SELECT {', '.join('a.' + c for c in AUTHORIZATION_COLUMNS.split(', '))} FROM authorizations a"
-                f" JOIN items i ON i.item_id = a.item_id WHERE i.license_type IN ({marks}) AND a.expires_ms > ?",
-                (*per_slice_types, now_ms))):
+    per_slice = [i.item_id for i in snap.items.values() if i.license_type.value in per_slice_types]
+    if per_slice:  # no index leads there: a scan of the authorizations, only when such items exist
+        for row in (yield from _select_in(
+                f"SELECT {AUTHORIZATION_COLUMNS} FROM authorizations WHERE expires_ms > ? AND item_id", per_slice,
+                now_ms)):
             auth = _authorization(row)
             snap.authorizations[(auth.code, auth.client_uuid)] = auth
     return snap
