@@ -168,6 +168,8 @@ async def test_a_device_keeps_its_seat_on_another_node_and_after_one_stops(clust
     status, again = await b.handshake("laptop")
     assert status == 200 and again["authorization"]["itemId"] == "p1"
     await a.server.stop()
+    # b's counters follow a's claim within follow_ms (its answer "at once" refreshed the seat found in the database).
+    await wait_for(lambda: b.ledger.statuses["p1"].seats_used == 1)
     status, after = await b.handshake("laptop")
     assert status == 200 and after["authorization"]["seats"]["used"] == 1
     assert list((await b.ledger.device("laptop")).seats) == ["p1"]

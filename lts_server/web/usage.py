@@ -35,8 +35,10 @@ async def report_usage(request: web.Request) -> web.Response:
             raise ApiError(400, f"records[{i}].slot: {record.slot.isoformat()} {problem}", f"records[{i}].slot")
     key = await services.ledger.report_key(parsed.handshake_code, parsed.client_uuid)
     mac = request.headers.get(MAC_HEADER)
-    if services.catch_up is not None and mac and (key is None or not mac_matches(key, body, mac)):
-        # Another node may have granted the device (a new report key) since this one last followed the cluster.
+    if services.catch_up is not None and mac and (key is None or not mac_matches(key, body, mac)
+                                                  or parsed.handshake_code not in services.ledger.codes):
+        # Another node may have granted the device (a new report key), or imported the license of its code,
+        # since this one last followed the cluster.
         while not await services.catch_up():
             pass
         key = await services.ledger.report_key(parsed.handshake_code, parsed.client_uuid)
