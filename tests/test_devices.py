@@ -88,7 +88,7 @@ async def small_cache(backend: str, request: pytest.FixtureRequest, tmp_path: Pa
         await running.drop("big.lic", vendor.issue(license_spec("BIG", items=[
             item("first", quantity=5000, period="daily"), item("second", quantity=5000, period="daily")])))
         yield running
-    await server.stop()
+    await running.server.stop()  # the one running now: a test may have restarted it
 
 
 async def test_devices_read_back_from_the_database_keep_their_one_seat(small_cache: Running) -> None:
