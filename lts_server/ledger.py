@@ -269,7 +269,8 @@ class Ledger:
                 waits: list[asyncio.Future[Any]] = [getter] if getter is not None else []
                 if flights:
                     waits.append(flights[0].write)
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if not self._retry:  # jobs to decide again (a conflict landed while draining) go now
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 await self._land(flights)
                 # Jobs to decide again go first: they were queued before anything still waiting.
                 jobs, self._retry = self._retry, []
