@@ -148,6 +148,8 @@ async def test_the_device_list_of_an_item_is_paged(small_cache: Running) -> None
     async with running.session.get(url, params={"offset": "4"}) as resp:
         last = await resp.json()
     assert last["next"] is None and [d["clientUuid"] for d in last["devices"]] == ["d4"]
+    async with running.session.get(url, params={"limit": "5"}) as resp:
+        assert (await resp.json())["next"] is None  # a full last page: nothing after it
     async with running.session.get(url, params={"limit": "0"}) as resp:
         assert resp.status == 400 and "limit" in (await resp.json())["error"]["message"]
 

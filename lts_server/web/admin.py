@@ -222,8 +222,9 @@ async def list_devices(request: web.Request) -> web.Response:
     offset = query_int(request, "offset", 0, 0, NO_BOUND)
     assert limit is not None and offset is not None
     seats = await services.store.item_seats(item_id, limit, offset)
-    return web.json_response({"itemId": item_id, "total": services.ledger.status(item_id).seats_used,
-                              "next": offset + limit if len(seats) == limit else None, "devices": [
+    total = services.ledger.status(item_id).seats_used
+    more = len(seats) == limit and offset + limit < total
+    return web.json_response({"itemId": item_id, "total": total, "next": offset + limit if more else None, "devices": [
         {"clientUuid": s.client_uuid, "grantedAt": iso(s.granted_at), "refreshedAt": iso(s.refreshed_at),
          "expiresAt": iso(s.expires_at)} for s in seats]})
 
