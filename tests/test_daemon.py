@@ -273,7 +273,10 @@ def test_check_config_warns_about_no_vendor_key_and_a_missing_import_folder(tmp_
 
 def test_print_uuid_without_config_says_what_to_do(tmp_path: Path) -> None:
     if Path("/etc/lts-server/lts-server.toml").exists():
-        pytest.skip("this machine has an installed /etc/lts-server/lts-server.toml")
+        message = "this machine has an installed /etc/lts-server/lts-server.toml"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + ": CI machines must not have one")
+        pytest.skip(message)
     proc = subprocess.run([sys.executable, "-m", "lts_server", "--print-uuid"], capture_output=True, text=True,
                           timeout=30, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
