@@ -61,9 +61,6 @@ class DeviceCache:
         """A device a job pinned (a KeyError here is a job touching a device it did not pin)."""
         return self._entries[client_uuid]
 
-    def cached(self) -> Iterable[tuple[str, Device]]:
-        return self._entries.items()
-
     async def pin(self, clients: Collection[str]) -> None:
         """Load the devices and keep them in memory until `unpin`."""
         for c in clients:
