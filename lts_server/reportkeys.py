@@ -16,8 +16,10 @@ import functools
 import hashlib
 import hmac
 
-# The header that carries a usage report's MAC.
-MAC_HEADER = "X-LTS-Report-MAC"
+# The MAC a device sends is the client library's to define (lts-client); the server checks it.
+from lts_client.protocol import MAC_HEADER, mac_matches, report_mac
+
+__all__ = ["MAC_HEADER", "authorization_id", "encode_key", "mac_matches", "report_key", "report_mac"]
 
 
 def _hmac(key: bytes, *parts: str | bytes) -> bytes:
@@ -46,12 +48,3 @@ def report_key(secret: bytes, authorization: str) -> bytes:
 
 def encode_key(key: bytes) -> str:
     return base64.b64encode(key).decode()
-
-
-def report_mac(key: bytes, body: bytes) -> str:
-    """What a device sends in the X-LTS-Report-MAC header: base64 HMAC-SHA256 of the body bytes."""
-    return base64.b64encode(hmac.new(key, body, hashlib.sha256).digest()).decode()
-
-
-def mac_matches(key: bytes, body: bytes, mac: str) -> bool:
-    return hmac.compare_digest(report_mac(key, body).encode(), mac.strip().encode())

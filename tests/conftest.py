@@ -25,10 +25,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from lts_client import MAC_HEADER, report_mac
 from lts_server import config as config_mod
 from lts_server import licensefile
 from lts_server.cli.vendor import payload_from_spec
-from lts_server.reportkeys import MAC_HEADER, report_mac
 from lts_server.server import Server
 from lts_server.store import Store
 from lts_server.store.postgres import PostgresStore, numbered

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from lts_server.client import BadSignature, LicenseRefused, LtsClient, ServerUnavailable, verify
+from lts_client import BadSignature, LicenseRefused, LtsClient, ServerUnavailable, verify
 from tests.conftest import (
     Daemon,
     Vendor,

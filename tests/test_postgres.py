@@ -19,9 +19,8 @@ import aiohttp
 import asyncpg
 import pytest
 
+from lts_client import MAC_HEADER, LtsClient, report_mac
 from lts_server import config as config_mod
-from lts_server.client import LtsClient
-from lts_server.reportkeys import MAC_HEADER, report_mac
 from lts_server.server import Server
 from lts_server.store.postgres import PostgresStore
 from lts_server.store.sqlite import migrations
@@ -134,7 +133,7 @@ async def test_every_node_presents_one_identity(cluster: tuple[Node, Node]) -> N
             infos.append(await resp.json())
     assert infos[0] == infos[1]
     # A grant from one node verifies with the key the other lists.
-    from lts_server.client import verify
+    from lts_client import verify
 
     async with a.session.post(f"{a.url}/api/v1/handshake", json={
             "handshakeCode": "216998-P", "clientUuid": "d1", "product": "barcode-reader",

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lts_client import MAC_HEADER, report_mac
 from lts_server.core.codes import CodeFields
 from lts_server.core.times import iso, slice_start, to_ms
 from lts_server.core.usage import BUCKETS, SIZES
-from lts_server.reportkeys import MAC_HEADER, report_mac
 from lts_server.store import Event, Store, WriteBatch
 from lts_server.store.postgres import PostgresStore
 from tests.conftest import Running, item, license_spec, query
