@@ -403,10 +403,10 @@ class Ledger:
 
     # -- the view the core reads ------------------------------------------
 
-    def default_code(self, organization_id: str) -> str | None:
+    def default_codes(self, organization_id: str) -> list[str]:
+        """The organization's default codes, oldest license first (a code chosen as its default first)."""
         chosen = self.organization_defaults.get(organization_id)
-        if chosen in self.codes:
-            return chosen
+        names = [chosen] if chosen in self.codes else []
         firsts = sorted(
             (r.first_imported_at, r.license.license_id)
             for r in self.licenses.values()
@@ -414,9 +414,9 @@ class Ledger:
         )
         for _, license_id in firsts:
             name = default_code_name(organization_id, license_id)
-            if name in self.codes:
-                return name
-        return None
+            if name in self.codes and name not in names:
+                names.append(name)
+        return names
 
     def open_rejections(self) -> list[ImportRecord]:
         """Rejected files, by path, except those whose exact bytes were imported since (by any path)."""

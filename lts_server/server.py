@@ -31,6 +31,7 @@ from lts_server.store.postgres import IMPORT_LOCK, PostgresStore
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
 from lts_server.web.connections import GUARD, ConnectionGuard, Limits
+from lts_server.web.errors import json_protocol_errors
 from lts_server.web.services import Services
 
 SWEEP_SECONDS = 60.0
@@ -159,7 +160,7 @@ class Server:
         # The guard applies the idle timeout (and the others); aiohttp's own keep-alive timer stays at
         # its long default so that it never closes a connection before the guard can answer 408.
         runner = self.runner = web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None)
-        self.guard = ConnectionGuard(lambda: runner.server(), connection_limits(cfg))
+        self.guard = ConnectionGuard(lambda: json_protocol_errors(runner.server()), connection_limits(cfg))
         app[GUARD] = self.guard
         await runner.setup()
         listener = await self._listen(cfg.server.host, cfg.server.port)

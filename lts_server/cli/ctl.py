@@ -153,6 +153,23 @@ def read_secret(what: str, file: str | None, prompt: bool, env: str | None = Non
         raise CtlError(f"no {what} was typed", EXIT_USAGE) from None
 
 
+def new_password(what: str, file: str | None, env: str | None = None) -> str:
+    """A new password: from a file or the environment as for read_secret; typed on a terminal, asked twice
+    and refused when the two differ (a typo would otherwise lock the admin out)."""
+    if file is not None or (env and os.environ.get(env)) or not sys.stdin.isatty():
+        password = read_secret(what, file, True, env)
+        assert password is not None
+        return password
+    try:
+        first = getpass.getpass(f"new {what}: ")
+        second = getpass.getpass(f"new {what} again: ")
+    except EOFError:
+        raise CtlError(f"no {what} was typed", EXIT_USAGE) from None
+    if first != second:
+        raise CtlError(f"the two {what}s differ; nothing was set. Run the command again", EXIT_USAGE)
+    return first
+
+
 def session_password(args: argparse.Namespace) -> str | None:
     """The session password of codes create/edit: --password, --password-file or --prompt-password."""
     if args.password is not None:
@@ -231,11 +248,13 @@ async def run(args: argparse.Namespace) -> int:
         api = Api(server, session, load_tokens().get(server))
         out: Any = None
         cmd = args.command
-        if cmd == "login":
-            password = read_secret("admin password", args.password_file, True, "LTS_ADMIN_PASSWORD")
-            assert password is not None
-            if args.setup:
+        if cmd in ("login", "setup"):
+            setup = cmd == "setup" or args.setup
+            if setup:
+                password = new_password("admin password", args.password_file, "LTS_ADMIN_PASSWORD")
                 await api.call("POST", "/api/v1/admin/setup", {"password": password}, auth=False)
+            else:
+                password = read_secret("admin password", args.password_file, True, "LTS_ADMIN_PASSWORD") or ""
             result = await api.call("POST", "/api/v1/admin/login", {"password": password}, auth=False)
             save_token(server, result["token"])
             out = {"loggedIn": True, "expiresAt": result["expiresAt"]}
@@ -391,7 +410,11 @@ def parser() -> argparse.ArgumentParser:
                                        "$LTS_ADMIN_PASSWORD or a prompt on the terminal.")
     login.add_argument("--setup", action="store_true", help="set the first admin password (12+ characters), "
                                                             "then log in")
-    login.add_argument("--password-file", metavar="FILE", help="read the admin password from FILE ('-': stdin)")
+    setup = sub.add_parser("setup", help="set the first admin password (12+ characters), then log in",
+                           description="Set the first admin password of a new server, then log in. On a terminal "
+                                       "the password is asked twice; a mismatch sets nothing.")
+    for c in (login, setup):
+        c.add_argument("--password-file", metavar="FILE", help="read the admin password from FILE ('-': stdin)")
     sub.add_parser("logout", help="end this token")
     sub.add_parser("status", help="server UUID, version, uptime, database, import folder")
     lic = sub.add_parser("licenses", help="imported licenses").add_subparsers(dest="action", required=True,

@@ -72,7 +72,7 @@ async def create_code(request: web.Request) -> web.Response:
 def _code(services: Services, name: str) -> HandshakeCode:
     code = services.ledger.codes.get(name)
     if code is None:
-        raise ApiError(404, f"no such handshake code {name}")
+        raise ApiError(404, f"no such handshake code {name}; `ltsctl codes list` shows what exists")
     return code
 
 
@@ -164,7 +164,7 @@ async def get_license(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     license_id = request.match_info["license_id"]
     if license_id not in services.ledger.licenses:
-        raise ApiError(404, f"no such license {license_id}")
+        raise ApiError(404, f"no such license {license_id}; `ltsctl licenses list` shows what exists")
     return web.json_response(license_json(services, license_id, with_text=True))
 
 
@@ -196,7 +196,7 @@ async def list_items(request: web.Request) -> web.Response:
 
 def _item(services: Services, item_id: str) -> str:
     if item_id not in services.ledger.items:
-        raise ApiError(404, f"no such item {item_id}")
+        raise ApiError(404, f"no such item {item_id}; `ltsctl items list` shows what exists")
     return item_id
 
 
