@@ -84,6 +84,9 @@ class ImportSection(_Section):
     directory: str
     rescan_seconds: Positive = 60.0
     watch: bool = True
+    # A file is verified only once it has been unchanged this long, or was renamed into place after its
+    # last write: a file still being copied raises no false rejection.
+    settle_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 2000
 
 
 class VendorSection(_Section):

@@ -140,7 +140,8 @@ class Server:
         await alerter.start()
         importer = Importer(ledger, cfg.import_dir, ident.server_uuid, lambda: self.trusted,
                             lambda: self.config.vendor.allow_unbound,
-                            self._import_turn if isinstance(store, PostgresStore) else contextlib.nullcontext)
+                            self._import_turn if isinstance(store, PostgresStore) else contextlib.nullcontext,
+                            cfg.import_.settle_ms)
 
         def imported(outcome: ImportOutcome) -> None:
             metrics.imports.labels(outcome.state).inc()

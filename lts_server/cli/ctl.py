@@ -344,6 +344,12 @@ async def run(args: argparse.Namespace) -> int:
                     out = await api.call("PUT", f"{base}/{args.name}/usage-order", {"items": args.items})
                 text = f"{args.name} usage order: {', '.join(out['items'])}" + (
                     " (custom)" if out["customOrder"] else " (default)")
+        elif cmd == "imports" and args.action == "dismiss":
+            if not args.name:
+                raise CtlError("imports dismiss: give the rejected file's NAME (its path or file name, as "
+                               "`ltsctl imports --rejected` lists it)", EXIT_USAGE)
+            out = await api.call("POST", "/api/v1/admin/imports/dismiss", {"name": args.name})
+            text = f"dismissed the rejection of {out['path']} ({out['reason']}); a changed file is tried again"
         elif cmd == "imports":
             out = (await api.call("GET", "/api/v1/admin/imports"))["files"]
             if args.rejected:
@@ -353,8 +359,12 @@ async def run(args: argparse.Namespace) -> int:
             if args.action == "list":
                 out = (await api.call("GET", f"/api/v1/admin/items/{args.item}/devices"))["devices"]
                 text = table(out, ["clientUuid", "grantedAt", "refreshedAt", "expiresAt"])
+            elif args.action == "holders":
+                out = await api.call("GET", f"/api/v1/admin/items/{args.item}/holders?limit={args.limit}")
+                text = table(out["holders"], ["clientUuid", "kind", "since", "lastSeen", "code", "expiresAt"]) + (
+                    f"\n{len(out['holders'])} of {out['total']:,} shown" if out["next"] is not None else "")
             else:
-                out = await api.call("DELETE", f"/api/v1/admin/items/{args.item}/devices/{args.client}")
+                out = await api.call("DELETE", f"/api/v1/admin/items/{args.item}/holders/{args.client}")
                 text = f"released {args.client} from {args.item}"
         elif cmd == "stats":
             query = urllib.parse.urlencode({"bucket": args.bucket, **({"from": args.since} if args.since else {})})
@@ -424,6 +434,10 @@ def parser() -> argparse.ArgumentParser:
     lic.add_parser("import", help="upload a license file").add_argument("file", help="the .lic file")
     imports = sub.add_parser("imports", help="every file the server has seen: imported, unchanged or rejected "
                                              "and why")
+    imports.add_argument("action", nargs="?", choices=["list", "dismiss"], default="list",
+                         help="list (the default), or dismiss NAME: end a rejection that needs no fix (it stops "
+                              "alerting; the same bytes are not tried again, a changed file is)")
+    imports.add_argument("name", nargs="?", help="with dismiss: the rejected file's path or file name")
     imports.add_argument("--rejected", action="store_true", help="only the rejected files")
     items = sub.add_parser("items", help="license items").add_subparsers(dest="action", required=True,
                                                                          metavar="ACTION")
@@ -466,7 +480,11 @@ def parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("devices", help="devices holding seats").add_subparsers(dest="action", required=True,
                                                                                 metavar="ACTION")
     dev.add_parser("list", help="devices holding a seat of an item").add_argument("item", help="item id")
-    rel = dev.add_parser("release", help="free a device's seat")
+    holders = dev.add_parser("holders", help="who holds an item: device, since, last seen, code (concurrent "
+                                             "items too)")
+    holders.add_argument("item", help="item id")
+    holders.add_argument("--limit", type=int, default=1000, help="at most this many (default: %(default)s)")
+    rel = dev.add_parser("release", help="free a device's seat (or end its hold on a concurrent item)")
     rel.add_argument("item", help="item id")
     rel.add_argument("client", help="the device's clientUuid")
     stats = sub.add_parser("stats", help="statistics of a handshake code")

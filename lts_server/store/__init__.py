@@ -74,6 +74,21 @@ class SeatChange:
 
 
 @dataclass(frozen=True)
+class Holder:
+    """One device holding part of an item: a seat (seat-counted items) or a live authorization (the others).
+
+    `kind` says which ("seat", "grant"), so other kinds (a borrowed seat and its end) add to the same listing.
+    """
+
+    kind: str
+    client_uuid: str
+    since: datetime
+    last_seen: datetime
+    expires_at: datetime
+    code: str | None
+
+
+@dataclass(frozen=True)
 class Event:
     at: datetime
     type: str
@@ -339,6 +354,9 @@ class Store(Protocol):
     async def lapsed_seats(self, now_ms: int, limit: int) -> list[Seat]: ...
 
     async def item_seats(self, item_id: str, limit: int, offset: int = 0) -> list[Seat]: ...
+
+    async def item_holders(self, item_id: str, seats: bool, now_ms: int, limit: int, offset: int = 0
+                           ) -> tuple[int, list[Holder]]: ...
 
     def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]: ...
 
