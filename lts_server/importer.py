@@ -161,13 +161,16 @@ class Importer:
         sha256 = hashlib.sha256(data).hexdigest()
         try:
             verified = licensefile.verify(data, self._trusted())
-            licensefile.check_binding(verified.license, self.server_uuid, self._allow_unbound())
         except licensefile.LicenseFileError as e:
             outcome = await self.ledger.record_import(path, sha256, None, "", "", str(e))
         else:
-            outcome = await self.ledger.record_import(
-                path, sha256, verified.license, verified.key_id, verified.text, None
-            )
+            try:
+                licensefile.check_binding(verified.license, self.server_uuid, self._allow_unbound())
+                rejection = None
+            except licensefile.LicenseFileError as e:  # signed, but not for here: the rejection names the license
+                rejection = str(e)
+            outcome = await self.ledger.record_import(path, sha256, verified.license, verified.key_id,
+                                                      verified.text, rejection)
         if outcome.recorded:
             logs.event(
                 f"import.{outcome.state}",
