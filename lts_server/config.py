@@ -136,6 +136,10 @@ class AlertsSection(_Section):
     deliver_seconds: Positive = 5.0
     retry_max_seconds: Positive = 600.0
     give_up_hours: Positive = 72.0
+    # Alerts still undelivered this long after they were raised (SMTP was not set up, a receiver was down)
+    # go to each receiver as one summary instead of one message each: "24h", "90m", "2d", "3600s", or a
+    # number of hours.
+    max_age: float | str = "24h"
     smtp: SmtpSection = msgspec.field(default_factory=SmtpSection)
 
 
@@ -330,6 +334,10 @@ def _check(config: Config, path: Path) -> None:
         value = getattr(server, key)
         if value and not os.access(config.path(value), os.R_OK):
             raise ConfigError(f"{path}: key 'server.{key}': cannot read {config.path(value)}")
+    try:
+        duration_seconds(config.alerts.max_age)
+    except ValueError as e:
+        raise ConfigError(f"{path}: key 'alerts.max_age': {e}") from None
     smtp = config.alerts.smtp
     if smtp.starttls and smtp.tls:
         raise ConfigError(f"{path}: key 'alerts.smtp.starttls': choose starttls or tls, not both")
@@ -345,6 +353,24 @@ def _check(config: Config, path: Path) -> None:
     for i, key_path in enumerate(config.public_key_paths):
         if not os.access(key_path, os.R_OK):
             raise ConfigError(f"{path}: key 'vendor.public_keys[{i}]': cannot read {key_path}")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(value: float | str) -> float:
+    """'24h', '90m', '2d', '3600s' (or a number of hours) in seconds."""
+    if isinstance(value, (int, float)):
+        hours = float(value)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", value)
+        if not m:
+            raise ValueError(f"expected a duration such as \"24h\", \"90m\", \"2d\" or a number of hours, "
+                             f"got {value!r}")
+        hours = float(m.group(1)) * _UNITS[m.group(2)] / 3600
+    if hours <= 0:
+        raise ValueError(f"expected a duration above zero, got {value!r}")
+    return hours * 3600
 
 
 def url_problem(url: str) -> str | None:

@@ -356,7 +356,8 @@ class Server:
                     await self._check_main(session)
 
     async def reload(self) -> None:
-        """SIGHUP: re-read the config file's [vendor] section and its key files, then rescan.
+        """SIGHUP: re-read the config file's [vendor] section and its key files, then rescan; and the [alerts]
+        section, whose change retries the outbox at once.
 
         A change of trusted keys makes the rescan try every rejected file again.
         Other sections take effect at the next restart.
@@ -372,6 +373,14 @@ class Server:
                            removed=sorted(set(self.trusted) - set(keys)))
             self.config.vendor = fresh.vendor
             self.trusted = keys
+            # [alerts] too (SMTP set up at last, say): a change retries the outbox now, not after its backoff.
+            if self.services is not None and fresh is not self.config:
+                smtp = fresh.alerts.smtp
+                if self.services.alerts.reconfigure(fresh.alerts, fresh.path(smtp.password_file) if smtp.password_file
+                                                    else None, fresh.path(smtp.ca_file) if smtp.ca_file else None):
+                    self.config.alerts = fresh.alerts
+                    logs.event("reload.alerts_changed", smtp_host=smtp.host)
+                    await self.services.alerts.retry_now()
         if self.services is not None and self.leads:
             report = await self.services.importer.scan("reload")
             logs.event("reload.done", files=report.seen, changed=len(report.outcomes))

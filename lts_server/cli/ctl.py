@@ -232,6 +232,9 @@ async def _alerts(api: Api, args: argparse.Namespace) -> tuple[Any, str]:
     if action == "check":
         out = await api.call("POST", f"{base}/check")
         return out, (f"alert {out['alertId']}: " + ", ".join(out["new"])) if out["new"] else "nothing new"
+    if action == "retry":
+        out = await api.call("POST", f"{base}/retry")
+        return out, f"{out['pending']} pending deliveries are being tried now"
     if action == "open":
         out = (await api.call("GET", f"{base}/open"))["alerts"]
         return out, table(out, ["kind", "subject", "label", "since", "message"])
@@ -508,6 +511,8 @@ def parser() -> argparse.ArgumentParser:
     cond.add_argument("--off", help="comma-separated kinds to switch off")
     al.add_parser("test", help="send a test notification to every recipient and webhook")
     al.add_parser("check", help="check the conditions now")
+    al.add_parser("retry", help="try every pending delivery now, not after its backoff (e.g. once SMTP works); "
+                                "alerts older than [alerts] max_age go out as one summary")
     al.add_parser("open", help="conditions met at the last check")
     hist = al.add_parser("history", help="sent alerts with the state of each delivery")
     hist.add_argument("--limit", type=int, default=20, help="at most this many alerts (default: %(default)s)")
