@@ -26,7 +26,8 @@ from lts_server.importer import Importer
 from lts_server.ledger import MAX_SWEEP, ImportOutcome, Ledger
 from lts_server.metrics import LiveState, Metrics
 from lts_server.signer import BatchSigner
-from lts_server.store import Store
+from lts_server.statelock import StateBusy, StateLock
+from lts_server.store import Store, StoreError
 from lts_server.store.postgres import IMPORT_LOCK, PostgresStore
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
@@ -107,6 +108,7 @@ class Server:
         self._standby_checked = asyncio.Event()
         self.guard: ConnectionGuard | None = None
         self._listeners: list[asyncio.Server] = []
+        self._state_lock: StateLock | None = None
 
     def load_vendor_keys(self, cfg: Config | None = None) -> dict[str, Ed25519PublicKey]:
         return licensefile.load_trusted((cfg or self.config).public_key_paths)
@@ -119,6 +121,12 @@ class Server:
         self._store = store
         store.on_commit = lambda events, seconds: (metrics.commit_events.observe(events),
                                                    metrics.commit_latency.observe(seconds))
+        if not isinstance(store, PostgresStore):  # held while running: migrate refuses to copy a live database
+            self._state_lock = StateLock(cfg.state_dir)
+            try:
+                self._state_lock.share()
+            except (StateBusy, OSError) as e:
+                raise StoreError(str(e)) from None
         await store.open()
         if isinstance(store, PostgresStore):
             ident = await identity.for_cluster(store, cfg.state_dir)
@@ -194,7 +202,8 @@ class Server:
             self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
             await self._standby_checked.wait()  # know the main's state before serving anyone
         logs.event("server.listening", urls=self.urls, server_uuid=ident.server_uuid,
-                   database=str(cfg.database_path), import_dir=str(cfg.import_dir))
+                   database=store.where if isinstance(store, PostgresStore) else str(cfg.database_path),
+                   import_dir=str(cfg.import_dir))
 
     async def _listen(self, host: str, port: int) -> asyncio.Server:
         """Listen with the connection guard in front of aiohttp's protocol."""
@@ -404,4 +413,6 @@ class Server:
             await self.services.ledger.close()
         if self._store is not None:
             await self._store.close()
+        if self._state_lock is not None:
+            self._state_lock.release()
         logs.event("server.stopped")

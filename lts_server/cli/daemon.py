@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs="?", choices=["migrate"],
                    help="migrate: move this SQLite deployment into an empty PostgreSQL database (with --to)")
     p.add_argument("--to", metavar="URL", help="with migrate: postgresql://user@host:port/dbname")
+    p.add_argument("--force", action="store_true",
+                   help="with migrate: replace what the target database holds (refused otherwise)")
     # One of server.workers processes, started by the supervisor.
     p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     return p
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                                       if warnings else ""))
         return 0
     if args.command == "migrate":
-        return migrate.main(cfg, args.to)
+        return migrate.main(cfg, args.to, args.force)
     if args.print_uuid:
         try:
             print(asyncio.run(_server_uuid(cfg)))
