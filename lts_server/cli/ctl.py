@@ -12,6 +12,7 @@ import asyncio
 import getpass
 import json
 import os
+import stat
 import sys
 import urllib.parse
 from pathlib import Path
@@ -168,6 +169,23 @@ def new_password(what: str, file: str | None, env: str | None = None) -> str:
     if first != second:
         raise CtlError(f"the two {what}s differ; nothing was set. Run the command again", EXIT_USAGE)
     return first
+
+
+def write_export(data: bytes, output: str | None) -> None:
+    """An export, owner-only (0600): to --output, or to standard output - which, redirected to a file
+    (`> events.csv`), is made owner-only too, whatever the umask made of it."""
+    if output is not None:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return
+    out = sys.stdout.fileno()
+    info = os.fstat(out)
+    if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid():
+        os.fchmod(out, 0o600)
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
 
 
 def session_password(args: argparse.Namespace) -> str | None:
@@ -400,7 +418,7 @@ async def run(args: argparse.Namespace) -> int:
                 ("type", args.type)) if v])
             headers = {"Accept": "text/csv"} if args.format == "csv" else {}
             data = await api.call("GET", f"/api/v1/admin/events?{params}", headers=headers, raw=True)
-            sys.stdout.buffer.write(data)
+            write_export(data, args.output)
             return 0
         else:
             raise CtlError(f"unknown command {cmd}", EXIT_USAGE)
@@ -525,6 +543,8 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--code", help="only this handshake code")
     export.add_argument("--item", help="only this item")
     export.add_argument("--type", help="only this event type, e.g. handshake (see docs/api.md)")
+    export.add_argument("--output", metavar="FILE", help="write to FILE (owner-only, 0600) instead of standard "
+                                                         "output; a redirected standard output is made 0600 too")
     archive = ev.add_parser("archive", help="move device events before a date into compressed files on the server",
                             description="Move device events (handshakes, seat changes, usage records) stamped "
                                         "before --before, and already counted in the statistics, out of the "
