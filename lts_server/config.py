@@ -68,6 +68,9 @@ class StorageSection(_Section):
     # libpq URL, postgresql://user@host:port/dbname; the password may come from
     # PGPASSWORD or ~/.pgpass instead of the URL.
     url: str | None = None
+    # A file whose first line is the database password (e.g. a systemd credential: the unit sets
+    # LTS_STORAGE__PASSWORD_FILE=%d/db-password); unset: PGPASSWORD or ~/.pgpass, as libpq does.
+    password_file: str | None = None
     # How often a node reads what the other nodes of a PostgreSQL cluster changed.
     follow_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200
     # How long start-up keeps trying to reach PostgreSQL before it gives up (exit 1).
@@ -206,6 +209,13 @@ class Config(_Section):
     def import_dir(self) -> Path:
         return self.path(self.import_.directory)
 
+    def database_password(self) -> str | None:
+        """The PostgreSQL password from storage.password_file (checked readable at load), else None."""
+        if not self.storage.password_file:
+            return None
+        lines = self.path(self.storage.password_file).read_text(encoding="utf-8").splitlines()
+        return lines[0] if lines else ""
+
     @property
     def public_key_paths(self) -> list[Path]:
         return [self.path(p) for p in self.vendor.public_keys]
@@ -323,6 +333,9 @@ def _check(config: Config, path: Path) -> None:
         problem = url_problem(storage.url)
         if problem:
             raise ConfigError(f"{path}: key 'storage.url': {problem}")
+        if storage.password_file and not os.access(config.path(storage.password_file), os.R_OK):
+            raise ConfigError(f"{path}: key 'storage.password_file': cannot read "
+                              f"{config.path(storage.password_file)} (with systemd: LoadCredential= in the unit)")
     elif server.workers > 1:
         raise ConfigError(f"{path}: key 'server.workers': {server.workers} worker processes need "
                           "storage.backend = \"postgresql\"; SQLite has one writer, so use workers = 1")

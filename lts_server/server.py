@@ -83,7 +83,7 @@ def connection_limits(cfg: Config) -> Limits:
 def open_store(cfg: Config) -> Store:
     if cfg.storage.backend == "postgresql":
         assert cfg.storage.url is not None
-        return PostgresStore(cfg.storage.url, cfg.storage.connect_seconds)
+        return PostgresStore(cfg.storage.url, cfg.storage.connect_seconds, cfg.database_password())
     return SQLiteStore(cfg.database_path, cfg.storage.busy_timeout_ms)
 
 

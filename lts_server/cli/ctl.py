@@ -44,12 +44,14 @@ def load_tokens() -> dict[str, str]:
         return {}
 
 
-def save_token(server: str, token: str | None) -> None:
+def save_tokens(servers: list[str], token: str | None) -> None:
+    """Keep (or, with None, forget) the token for each of the servers."""
     tokens = load_tokens()
-    if token is None:
-        tokens.pop(server, None)
-    else:
-        tokens[server] = token
+    for server in servers:
+        if token is None:
+            tokens.pop(server, None)
+        else:
+            tokens[server] = token
     folder = config_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = folder / "tokens.json"
@@ -60,10 +62,17 @@ def save_token(server: str, token: str | None) -> None:
 
 
 class Api:
-    def __init__(self, server: str, session: aiohttp.ClientSession, token: str | None) -> None:
-        self.server = server.rstrip("/")
+    """The admin API of one server, or of a cluster's nodes tried in order: a node that cannot be reached
+    passes the call to the next (tokens live in the cluster's database, so one is valid on every node)."""
+
+    def __init__(self, servers: list[str], session: aiohttp.ClientSession, tokens: dict[str, str]) -> None:
+        self.servers = [s.rstrip("/") for s in servers]
         self.session = session
-        self.token = token
+        self.token = next((tokens[s] for s in self.servers if s in tokens), None)
+
+    @property
+    def server(self) -> str:
+        return self.servers[0]
 
     async def call(self, method: str, path: str, body: Any = None, data: bytes | None = None,
                    headers: dict[str, str] | None = None, raw: bool = False, auth: bool = True,
@@ -73,21 +82,30 @@ class Api:
             if not self.token:
                 raise CtlError(f"not logged in to {self.server}: run `ltsctl --server {self.server} login`", EXIT_AUTH)
             h["Authorization"] = f"Bearer {self.token}"
-        try:
-            async with self.session.request(method, self.server + path, json=body, data=data, headers=h,
-                                            **({"timeout": timeout} if timeout else {})) as resp:
-                payload = await resp.read()
-                if resp.status >= 400:
-                    try:
-                        error = json.loads(payload)["error"]
-                        message = error.get("message", "")
-                    except (ValueError, KeyError, TypeError):
-                        message = payload[:200].decode(errors="replace")
-                    code = EXIT_AUTH if resp.status == 401 else EXIT_FAILED
-                    raise CtlError(f"{method} {path}: HTTP {resp.status}: {message}", code)
-                return payload if raw else json.loads(payload)
-        except aiohttp.ClientError as e:
-            raise CtlError(f"cannot reach {self.server}: {e}") from None
+        unreachable = []
+        for server in list(self.servers):
+            try:
+                async with self.session.request(method, server + path, json=body, data=data, headers=h,
+                                                **({"timeout": timeout} if timeout else {})) as resp:
+                    payload = await resp.read()
+            except aiohttp.ClientConnectionError as e:
+                unreachable.append(f"{server}: {e}")
+                continue  # the next node, if any, serves the same cluster
+            except aiohttp.ClientError as e:
+                raise CtlError(f"cannot reach {server}: {e}") from None
+            if unreachable:  # later calls go to the node that answered first
+                self.servers.remove(server)
+                self.servers.insert(0, server)
+            if resp.status >= 400:
+                try:
+                    error = json.loads(payload)["error"]
+                    message = error.get("message", "")
+                except (ValueError, KeyError, TypeError):
+                    message = payload[:200].decode(errors="replace")
+                code = EXIT_AUTH if resp.status == 401 else EXIT_FAILED
+                raise CtlError(f"{method} {path}: HTTP {resp.status}: {message}", code)
+            return payload if raw else json.loads(payload)
+        raise CtlError("cannot reach " + "; ".join(unreachable))
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -263,10 +281,20 @@ async def _alerts(api: Api, args: argparse.Namespace) -> tuple[Any, str]:
     return out, table(rows, ["id", "createdAt", "type", "subject", "deliveries"])
 
 
+def server_urls(values: list[str] | None) -> list[str]:
+    """--server, repeated or comma-separated (else $LTS_SERVER_URL, the same way), as base URLs."""
+    raw = values or [DEFAULT_SERVER]
+    urls = [server_url(v) for value in raw for v in value.split(",") if v.strip()]
+    if not urls:
+        raise CtlError("--server: give at least one URL such as http://127.0.0.1:48080", EXIT_USAGE)
+    return list(dict.fromkeys(urls))
+
+
 async def run(args: argparse.Namespace) -> int:
-    server = server_url(args.server)
+    servers = server_urls(args.server)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=args.timeout)) as session:
-        api = Api(server, session, load_tokens().get(server))
+        api = Api(servers, session, load_tokens())
+        server = api.server
         out: Any = None
         cmd = args.command
         if cmd in ("login", "setup"):
@@ -277,12 +305,15 @@ async def run(args: argparse.Namespace) -> int:
             else:
                 password = read_secret("admin password", args.password_file, True, "LTS_ADMIN_PASSWORD") or ""
             result = await api.call("POST", "/api/v1/admin/login", {"password": password}, auth=False)
-            save_token(server, result["token"])
-            out = {"loggedIn": True, "expiresAt": result["expiresAt"]}
-            text = f"logged in to {server} until {result['expiresAt']}"
+            # One token for the whole cluster: kept for every node named and every node the server lists.
+            listed = (await api.call("GET", "/api/v1/servers", auth=False))["servers"]
+            nodes = list(dict.fromkeys([*api.servers, *(s.rstrip("/") for s in listed if "://" in s)]))
+            save_tokens(nodes, result["token"])
+            out = {"loggedIn": True, "expiresAt": result["expiresAt"], "servers": nodes}
+            text = f"logged in to {', '.join(nodes)} until {result['expiresAt']}"
         elif cmd == "logout":
             await api.call("POST", "/api/v1/admin/logout")
-            save_token(server, None)
+            save_tokens([s for s, t in load_tokens().items() if t == api.token], None)
             out, text = {"loggedOut": True}, f"logged out of {server}"
         elif cmd == "status":
             out = await api.call("GET", "/api/v1/admin/status")
@@ -430,9 +461,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ltsctl", description="Administer an lts-server over its admin API.",
         epilog="Exit status: 0 ok, 1 the server refused or failed, 2 usage, 3 not logged in or login refused.")
-    p.add_argument("--server", default=DEFAULT_SERVER,
-                   help="the server's URL; http:// is assumed without a scheme (default: %(default)s, "
-                        "or $LTS_SERVER_URL)")
+    p.add_argument("--server", action="append", metavar="URL",
+                   help="the server's URL; http:// is assumed without a scheme (default: "
+                        f"{DEFAULT_SERVER}, or $LTS_SERVER_URL). Repeat it (or separate URLs with commas) "
+                        "for the nodes of a cluster: the first that answers serves; `login` logs in once for all")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
