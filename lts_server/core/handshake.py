@@ -257,7 +257,7 @@ def decide(
     if isinstance(resolved, Refused):
         return resolved
     # Several codes only for a request naming just the organization: its default codes, oldest license first.
-    admitted: list[HandshakeCode] = []
+    admitted: list[tuple[HandshakeCode, list[str]]] = []  # with its usage order
     first_refusal: Refused | None = None
     for code in resolved:
         if code.password_hash is not None and not password_matches(code, req.session_password):
@@ -267,18 +267,18 @@ def decide(
         if invalid is not None:
             first_refusal = first_refusal or Refused(invalid, code.name)
             continue
-        admitted.append(code)
+        admitted.append((code, usage_order(code.items, view.items, code.custom_order)))
     if not admitted:
         assert first_refusal is not None
         return first_refusal
     # One device, one seat: a seat it holds through any of the codes comes before usage order.
-    for code in admitted:
-        held = held_seat(req, view, usage_order(code.items, view.items, code.custom_order), now)
+    for code, order in admitted:
+        held = held_seat(req, view, order, now)
         if held is not None:
             return Grant(code, held)
     best: Refused | None = None
-    for code in admitted:
-        decision = _walk(req, code, view, now)
+    for code, order in admitted:
+        decision = _walk(req, code, order, view, now)
         if isinstance(decision, Grant):
             return decision
         if best is None or _rank(decision.refusal) > _rank(best.refusal):
@@ -287,9 +287,8 @@ def decide(
     return best
 
 
-def _walk(req: Request, code: HandshakeCode, view: View, now: datetime) -> Decision:
+def _walk(req: Request, code: HandshakeCode, order: list[str], view: View, now: datetime) -> Decision:
     """The code's items in usage order: the first that fits, or the refusal of the one that got furthest."""
-    order = usage_order(code.items, view.items, code.custom_order)
     best: tuple[int, Refusal, str] | None = None
     missing: str | None = None
     for item_id in order:
