@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# What running needs (make run), and that plus the test extras (make test).
+RUN_STAMP := $(VENV)/.installed-run
 STAMP  := $(VENV)/.installed
 
 .PHONY: run test bench clean help packages
@@ -11,14 +13,19 @@ help:
 	@echo "make test   run the whole test suite"
 	@echo "make bench  run the benchmarks in bench/"
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+$(RUN_STAMP): pyproject.toml clients/python/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "lts-server needs Python 3.11 or newer; set PYTHON=python3.11")'
 	@$(PYTHON) -m venv $(VENV) || { echo "cannot create a virtualenv: on Debian/Ubuntu run 'apt-get install python3-venv'"; exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e clients/python -e .
+	@touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/python -m pip install --quiet -e clients/python -e ".[test]"
 	@touch $(STAMP)
 
-run: $(STAMP)
+# The demo's state goes to var/demo (config/demo.toml), which .gitignore ignores: git status stays clean.
+run: $(RUN_STAMP)
 	@echo "the commands (lts-server, ltsctl, lts-license) are in $(BIN)/: export PATH=\"$$PWD/$(BIN):\$$PATH\""
 	$(BIN)/lts-server --config config/demo.toml
 

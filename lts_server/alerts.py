@@ -32,7 +32,7 @@ import aiohttp
 
 import lts_server
 from lts_server import logs
-from lts_server.config import AlertsSection
+from lts_server.config import AlertsSection, duration_seconds
 from lts_server.core import alerts as rules
 from lts_server.core.times import from_ms, iso, to_ms
 from lts_server.ledger import Ledger
@@ -151,6 +151,23 @@ class Alerter:
             except Exception as e:  # retried at the next tick
                 logs.event("alerts.check_failed", logs.logging.ERROR, error=str(e))
 
+    def reconfigure(self, config: AlertsSection, smtp_password_path: Path | None, smtp_ca_path: Path | None) -> bool:
+        """A new [alerts] section (SIGHUP); True when it changed, and then the outbox is retried now."""
+        changed = (config, smtp_password_path, smtp_ca_path) != (self.config, self.smtp_password_path,
+                                                                 self.smtp_ca_path)
+        self.config, self.smtp_password_path, self.smtp_ca_path = config, smtp_password_path, smtp_ca_path
+        self.window = rules.FailureWindow(config.failure_window_minutes, config.failure_min_requests)
+        return changed
+
+    async def retry_now(self) -> int:
+        """Every pending delivery is tried at the next round, which starts now (a configuration change,
+        `ltsctl alerts retry`): nothing waits behind the backoff of failures the change may have fixed.
+        Returns how many deliveries are pending."""
+        pending = await self.store.retry_deliveries_now(to_ms(self.ledger.clock()))
+        self._wake_outbox.set()
+        logs.event("alerts.retry_now", pending=pending)
+        return pending
+
     async def send_test(self) -> int:
         """Queue a test notification to every recipient and webhook; returns its alert id."""
         text = (f"This is a test notification from lts-server {self.server_uuid}: alerts reach this receiver.")
@@ -204,8 +221,18 @@ class Alerter:
         hooks = {h.id: h for h in (await self.store.alert_settings()).webhooks}
         blocked: set[tuple[str, str]] = set()
         sent = 0
+        # Alerts older than max_age go to each receiver as one summary, oldest first, before newer ones.
+        stale_before = to_ms(now) - int(duration_seconds(self.config.max_age) * 1000)
+        stale: dict[tuple[str, str], list[Delivery]] = {}
         for d in due:
-            if (d.channel, d.target) in blocked:
+            if d.created_ms < stale_before and d.type == "alert":
+                stale.setdefault((d.channel, d.target), []).append(d)
+        for receiver, group in stale.items():
+            if len(group) > 1:
+                sent += await self._deliver_summary(session, receiver, group, hooks, blocked)
+        summarized = {d.id for group in stale.values() if len(group) > 1 for d in group}
+        for d in due:
+            if (d.channel, d.target) in blocked or d.id in summarized:
                 continue
             now_ms = to_ms(self.ledger.clock())
             if not await self.store.claim_delivery(d.id, now_ms, now_ms + CLAIM_MS):
@@ -227,6 +254,41 @@ class Alerter:
                        target=d.target, attempts=d.attempts + 1)
         return sent
 
+    async def _deliver_summary(self, session: aiohttp.ClientSession, receiver: tuple[str, str],
+                               group: list[Delivery], hooks: dict[int, Webhook], blocked: set[tuple[str, str]]) -> int:
+        """One message for several stale alerts to one receiver; each delivery is marked sent with it."""
+        now_ms = to_ms(self.ledger.clock())
+        claimed = [d for d in group if await self.store.claim_delivery(d.id, now_ms, now_ms + CLAIM_MS)]
+        if not claimed:
+            return 0
+        channel, target = receiver
+        first, last = claimed[0], claimed[-1]
+        n = len(claimed)
+        summary = Delivery(
+            id=first.id, alert_id=last.alert_id, channel=channel, target=target, webhook_id=first.webhook_id,
+            state="pending", attempts=first.attempts, next_ms=now_ms, last_error=None, sent_ms=None,
+            created_ms=first.created_ms, type="summary",
+            subject=f"[lts-server] {n} alerts held back since {iso(from_ms(first.created_ms))}",
+            conditions=[{**c, "alertId": d.alert_id, "raisedAt": iso(from_ms(d.created_ms))}
+                        for d in claimed for c in d.conditions])
+        try:
+            if channel == "email":
+                await self._send_mail(summary, [d.alert_id for d in claimed])
+            else:
+                await self._post(session, summary, hooks.get(first.webhook_id or 0), [d.alert_id for d in claimed])
+        except DeliveryFailed as e:
+            blocked.add(receiver)
+            for d in claimed:
+                await self._failed(d, str(e))
+            return 0
+        for d in claimed:
+            await self.store.mark_delivered(d.id, to_ms(self.ledger.clock()))
+        if self.metrics:
+            self.metrics.alert_deliveries.labels(channel, "sent").inc()
+        logs.event("alerts.delivered_summary", alert_ids=[d.alert_id for d in claimed], channel=channel,
+                   target=target)
+        return 1
+
     async def _failed(self, d: Delivery, error: str) -> None:
         now = self.ledger.clock()
         delay = min(self.config.retry_max_seconds, FIRST_RETRY_SECONDS * 2 ** d.attempts)
@@ -242,16 +304,27 @@ class Alerter:
         base = (self.config.portal_url or "").rstrip("/")
         return base + path if base else path
 
-    def payload(self, d: Delivery) -> dict[str, object]:
-        """The JSON a webhook receives."""
-        return {"alertId": d.alert_id, "type": d.type, "createdAt": iso(from_ms(d.created_ms)),
-                "serverUuid": self.server_uuid, "subject": d.subject,
-                "conditions": [{**c, "link": self._link(str(c["link"]))} for c in d.conditions]}
+    def payload(self, d: Delivery, alert_ids: list[int] | None = None) -> dict[str, object]:
+        """The JSON a webhook receives; a summary also lists the alerts it stands for."""
+        body: dict[str, object] = {
+            "alertId": d.alert_id, "type": d.type, "createdAt": iso(from_ms(d.created_ms)),
+            "serverUuid": self.server_uuid, "subject": d.subject,
+            "conditions": [{**c, "link": self._link(str(c["link"]))} for c in d.conditions]}
+        if alert_ids is not None:
+            body["alertIds"] = alert_ids
+        return body
 
     def mail_text(self, d: Delivery) -> str:
         when = iso(from_ms(d.created_ms))
         if d.type == "test":
             lines = [d.conditions[0]["message"], ""]
+        elif d.type == "summary":
+            ids = sorted({int(c["alertId"]) for c in d.conditions})
+            lines = [f"lts-server {self.server_uuid} could not deliver {len(ids)} alerts for a while; they are "
+                     f"summed up here, oldest first (alerts {', '.join(map(str, ids))}):", ""]
+            for c in d.conditions:
+                lines += [f"- {c['raisedAt']}: {c['message']}", f"  {self._link(str(c['link']))}"]
+            lines.append("")
         else:
             n = len(d.conditions)
             lines = [f"lts-server {self.server_uuid} found {n} new alert condition{'s' if n != 1 else ''} at {when}:",
@@ -262,10 +335,11 @@ class Alerter:
         lines.append(f"Alert {d.alert_id}. Recipients, webhooks and conditions: {self._link('/portal/alerts')}")
         return "\n".join(lines) + "\n"
 
-    async def _post(self, session: aiohttp.ClientSession, d: Delivery, hook: Webhook | None) -> None:
+    async def _post(self, session: aiohttp.ClientSession, d: Delivery, hook: Webhook | None,
+                    alert_ids: list[int] | None = None) -> None:
         if hook is None:
             raise DeliveryFailed("the webhook was removed")
-        body = json.dumps(self.payload(d), separators=(",", ":")).encode()
+        body = json.dumps(self.payload(d, alert_ids), separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature(hook.secret, body),
                    "X-LTS-Alert-Id": str(d.alert_id), "X-LTS-Delivery-Id": str(d.id),
                    "User-Agent": f"lts-server/{lts_server.__version__}"}
@@ -276,7 +350,7 @@ class Alerter:
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             raise DeliveryFailed(f"{d.target}: {type(e).__name__}: {e}") from None
 
-    async def _send_mail(self, d: Delivery) -> None:
+    async def _send_mail(self, d: Delivery, alert_ids: list[int] | None = None) -> None:
         smtp = self.config.smtp
         if not smtp.host:
             raise DeliveryFailed("no SMTP server: set [alerts.smtp] host (the e-mail waits in the outbox)")
@@ -285,8 +359,10 @@ class Alerter:
         msg["To"] = d.target
         msg["Subject"] = d.subject
         msg["Date"] = format_datetime(from_ms(d.created_ms))
-        msg["Message-ID"] = f"<alert-{d.alert_id}.{self.server_uuid}@lts-server>"
-        msg["X-LTS-Alert-Id"] = str(d.alert_id)
+        ids = alert_ids or [d.alert_id]
+        msg["Message-ID"] = (f"<alert-{d.alert_id}.{self.server_uuid}@lts-server>" if alert_ids is None else
+                             f"<alerts-{ids[0]}-{ids[-1]}.{self.server_uuid}@lts-server>")
+        msg["X-LTS-Alert-Id"] = ", ".join(map(str, ids))
         msg.set_content(self.mail_text(d))
         try:
             await asyncio.to_thread(self._smtp_send, msg)

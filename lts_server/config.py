@@ -68,6 +68,9 @@ class StorageSection(_Section):
     # libpq URL, postgresql://user@host:port/dbname; the password may come from
     # PGPASSWORD or ~/.pgpass instead of the URL.
     url: str | None = None
+    # A file whose first line is the database password (e.g. a systemd credential: the unit sets
+    # LTS_STORAGE__PASSWORD_FILE=%d/db-password); unset: PGPASSWORD or ~/.pgpass, as libpq does.
+    password_file: str | None = None
     # How often a node reads what the other nodes of a PostgreSQL cluster changed.
     follow_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200
     # How long start-up keeps trying to reach PostgreSQL before it gives up (exit 1).
@@ -84,6 +87,9 @@ class ImportSection(_Section):
     directory: str
     rescan_seconds: Positive = 60.0
     watch: bool = True
+    # A file is verified only once it has been unchanged this long, or was renamed into place after its
+    # last write: a file still being copied raises no false rejection.
+    settle_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 2000
 
 
 class VendorSection(_Section):
@@ -133,6 +139,10 @@ class AlertsSection(_Section):
     deliver_seconds: Positive = 5.0
     retry_max_seconds: Positive = 600.0
     give_up_hours: Positive = 72.0
+    # Alerts still undelivered this long after they were raised (SMTP was not set up, a receiver was down)
+    # go to each receiver as one summary instead of one message each: "24h", "90m", "2d", "3600s", or a
+    # number of hours.
+    max_age: float | str = "24h"
     smtp: SmtpSection = msgspec.field(default_factory=SmtpSection)
 
 
@@ -198,6 +208,13 @@ class Config(_Section):
     @property
     def import_dir(self) -> Path:
         return self.path(self.import_.directory)
+
+    def database_password(self) -> str | None:
+        """The PostgreSQL password from storage.password_file (checked readable at load), else None."""
+        if not self.storage.password_file:
+            return None
+        lines = self.path(self.storage.password_file).read_text(encoding="utf-8").splitlines()
+        return lines[0] if lines else ""
 
     @property
     def public_key_paths(self) -> list[Path]:
@@ -316,6 +333,9 @@ def _check(config: Config, path: Path) -> None:
         problem = url_problem(storage.url)
         if problem:
             raise ConfigError(f"{path}: key 'storage.url': {problem}")
+        if storage.password_file and not os.access(config.path(storage.password_file), os.R_OK):
+            raise ConfigError(f"{path}: key 'storage.password_file': cannot read "
+                              f"{config.path(storage.password_file)} (with systemd: LoadCredential= in the unit)")
     elif server.workers > 1:
         raise ConfigError(f"{path}: key 'server.workers': {server.workers} worker processes need "
                           "storage.backend = \"postgresql\"; SQLite has one writer, so use workers = 1")
@@ -327,6 +347,10 @@ def _check(config: Config, path: Path) -> None:
         value = getattr(server, key)
         if value and not os.access(config.path(value), os.R_OK):
             raise ConfigError(f"{path}: key 'server.{key}': cannot read {config.path(value)}")
+    try:
+        duration_seconds(config.alerts.max_age)
+    except ValueError as e:
+        raise ConfigError(f"{path}: key 'alerts.max_age': {e}") from None
     smtp = config.alerts.smtp
     if smtp.starttls and smtp.tls:
         raise ConfigError(f"{path}: key 'alerts.smtp.starttls': choose starttls or tls, not both")
@@ -342,6 +366,24 @@ def _check(config: Config, path: Path) -> None:
     for i, key_path in enumerate(config.public_key_paths):
         if not os.access(key_path, os.R_OK):
             raise ConfigError(f"{path}: key 'vendor.public_keys[{i}]': cannot read {key_path}")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(value: float | str) -> float:
+    """'24h', '90m', '2d', '3600s' (or a number of hours) in seconds."""
+    if isinstance(value, (int, float)):
+        hours = float(value)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", value)
+        if not m:
+            raise ValueError(f"expected a duration such as \"24h\", \"90m\", \"2d\" or a number of hours, "
+                             f"got {value!r}")
+        hours = float(m.group(1)) * _UNITS[m.group(2)] / 3600
+    if hours <= 0:
+        raise ValueError(f"expected a duration above zero, got {value!r}")
+    return hours * 3600
 
 
 def url_problem(url: str) -> str | None:

@@ -57,6 +57,37 @@ MESSAGES: dict[Code, str] = {
 }
 
 
+# What to do next, said after every refusal's message: the field to fix or the command to run.
+NEXT: dict[Code, str] = {
+    Code.NOT_SERVING: "retry on the next server of the list (GET /api/v1/servers)",
+    Code.UNKNOWN_CODE: "check handshakeCode; the admin lists the codes with `ltsctl codes list`",
+    Code.WRONG_PASSWORD: "send the code's session password in sessionPassword (the admin sets it with "
+                         "`ltsctl codes edit NAME --prompt-password`)",
+    Code.DOMAIN_MISMATCH: "send the page's domain in domain, or have the admin add it to the code "
+                          "(`ltsctl codes edit NAME --domains ...`)",
+    Code.NO_MATCHING_ITEM: "have the admin add license items to the code (`ltsctl codes edit NAME --items ...`)",
+    Code.BAD_PROTOCOL: "update the client library",
+    Code.PRODUCT_MISMATCH: "check product, or have the admin add an item for it to the code (`ltsctl items list`)",
+    Code.INCOMPATIBLE_VERSION: "use a client version the license allows",
+    Code.DEPLOYMENT_MISMATCH: "check deploymentType, or have the admin add an item for it to the code",
+    Code.EDITION_MISMATCH: "check edition, or have the admin add an item of that edition to the code",
+    Code.EXPIRED: "ask the vendor for a renewed license file and import it (`ltsctl licenses import FILE`)",
+    Code.NOT_YET_EFFECTIVE: "wait for the item's start date, or ask the vendor for a corrected file",
+    Code.REVOKED: "the admin restores it with `ltsctl items restore ITEM`",
+    Code.VALIDATION_FIELD_MISMATCH: "send the value the code allows (appId, processName), or have the admin add it "
+                                    "(`ltsctl codes edit NAME`)",
+    Code.TYPE_INCOMPATIBLE: "send the fields the item's license type needs (a per-domain item needs domain)",
+    Code.LIMIT_EXCEEDED: "free seats (`ltsctl devices list ITEM`, `ltsctl devices release ITEM DEVICE`) or buy more",
+    Code.UNKNOWN_ORGANIZATION: "check organizationId, or send a handshakeCode; `ltsctl codes list` shows the codes",
+    Code.CODE_ORG_MISMATCH: "send the organizationId the code belongs to, or leave organizationId out",
+    Code.NO_CODE_NOR_ORG: "send handshakeCode (or organizationId to use its default codes)",
+    Code.ITEM_MISSING: "have the admin fix the code's items (`ltsctl codes edit NAME --items ...`) or import the "
+                       "license that holds the item",
+    Code.QUOTA_EXCEEDED_BY_REQUEST: "ask for at most the item's quantity in instances",
+    Code.CLONE_DETECTED: "give each device its own clientUuid",
+}
+
+
 def sdk_code(code: Code) -> int:
     """The code as client SDKs see it."""
     return -20000 - int(code)
@@ -71,7 +102,9 @@ class Refusal:
 
     @property
     def message(self) -> str:
-        return f"{MESSAGES[self.code]}: {self.detail}" if self.detail else MESSAGES[self.code]
+        text = f"{MESSAGES[self.code]}: {self.detail}" if self.detail else MESSAGES[self.code]
+        step = NEXT.get(self.code)
+        return f"{text}; {step}" if step else text
 
     def to_json(self) -> dict[str, object]:
         return {"code": int(self.code), "sdkCode": sdk_code(self.code), "message": self.message}

@@ -5,6 +5,12 @@ SIGHUP, and for uploads. Scans never overlap; a file whose bytes did not
 change since it was last seen is skipped, so a rescan records nothing new -
 except that rejected files are tried again whenever the trusted vendor keys
 differ from the last scan's (at start-up and after SIGHUP).
+
+A file still being written is not verified: only once it is settled - renamed
+into place after its last write (its ctime is past its mtime), or unchanged for
+`import.settle_ms` - so a half-copied file raises no false alarm. A rescan is
+scheduled for when the waiting files will have settled. A rejected file that is
+deleted from the folder stops being a rejection (event import.removed).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -41,6 +48,7 @@ class Importer:
         trusted: Callable[[], dict[str, Ed25519PublicKey]],
         allow_unbound: Callable[[], bool],
         turn: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext,
+        settle_ms: int = 2000,
     ) -> None:
         self.ledger = ledger
         self.directory = directory
@@ -56,6 +64,47 @@ class Importer:
         self._keys_seen: frozenset[str] | None = None
         # Told every recorded import's outcome (alerts check at once; metrics count results).
         self.on_import: Callable[[ImportOutcome], None] | None = None
+        self.settle_ns = settle_ms * 1_000_000
+        # Files seen still changing: path -> ((size, mtime_ns), when first seen so, monotonic ns).
+        self._unsettled: dict[str, tuple[tuple[int, int], int]] = {}
+        self._settle_timer: asyncio.TimerHandle | None = None
+        self._settle_scan: asyncio.Task[ScanReport] | None = None
+
+    def _settled(self, path: Path) -> bool | None:
+        """Whether the file is done being written (None: it went away)."""
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        shape = (st.st_size, st.st_mtime_ns)
+        now = time.monotonic_ns()
+        # Renamed (or linked) into place after its last write; or its last write is settle_ms old.
+        if st.st_ctime_ns > st.st_mtime_ns or time.time_ns() - st.st_mtime_ns >= self.settle_ns:
+            self._unsettled.pop(str(path), None)
+            return True
+        seen = self._unsettled.get(str(path))
+        if seen is None or seen[0] != shape:
+            self._unsettled[str(path)] = (shape, now)
+            return False
+        # The same size and mtime for settle_ms (a clock that put the mtime ahead of ours).
+        return now - seen[1] >= self.settle_ns
+
+    def _rescan_when_settled(self) -> None:
+        if not self._unsettled or self._settle_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._settle_timer = None
+            self._settle_scan = loop.create_task(self.scan("settled"))
+
+        self._settle_timer = loop.call_later(self.settle_ns / 1e9 + 0.05, fire)
+
+    def stop(self) -> None:
+        """Cancel a scheduled rescan (the server is stopping)."""
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+            self._settle_timer = None
 
     async def scan(self, reason: str = "rescan") -> ScanReport:
         async with self._lock, self._turn():
@@ -70,10 +119,23 @@ class Importer:
             keys = frozenset(self._trusted())
             retry_rejected = keys != self._keys_seen
             outcomes = {}
+            listed = {str(p) for p in paths}
+            gone = [r.path for r in self.ledger.imports.values() if r.state in ("rejected", "dismissed")
+                    and not r.path.startswith("upload:") and Path(r.path).parent == self.directory
+                    and r.path not in listed]
+            if gone and await self.ledger.clear_removed(gone):
+                logs.event("import.rejections_removed", paths=gone)
+            self._unsettled = {p: v for p, v in self._unsettled.items() if p in listed}
             for path in paths:
                 known = self.ledger.imports.get(str(path))
-                if known is not None and known.state == "rejected" and retry_rejected:
+                if known is not None and (known.state == "removed" or (known.state == "rejected" and retry_rejected)):
                     known = None
+                settled = self._settled(path)
+                if not settled:
+                    if settled is False:
+                        logs.event("import.waiting", logs.logging.DEBUG, path=str(path),
+                                   settle_ms=self.settle_ns // 1_000_000)
+                    continue
                 try:
                     data = await asyncio.to_thread(path.read_bytes)
                 except OSError as e:
@@ -85,6 +147,7 @@ class Importer:
                 if outcome.recorded:
                     outcomes[str(path)] = outcome
             self._keys_seen = keys
+            self._rescan_when_settled()
             if outcomes:
                 logs.event("import.scan", reason=reason, files=len(paths), changed=len(outcomes))
             return ScanReport(len(paths), outcomes)
@@ -98,13 +161,16 @@ class Importer:
         sha256 = hashlib.sha256(data).hexdigest()
         try:
             verified = licensefile.verify(data, self._trusted())
-            licensefile.check_binding(verified.license, self.server_uuid, self._allow_unbound())
         except licensefile.LicenseFileError as e:
             outcome = await self.ledger.record_import(path, sha256, None, "", "", str(e))
         else:
-            outcome = await self.ledger.record_import(
-                path, sha256, verified.license, verified.key_id, verified.text, None
-            )
+            try:
+                licensefile.check_binding(verified.license, self.server_uuid, self._allow_unbound())
+                rejection = None
+            except licensefile.LicenseFileError as e:  # signed, but not for here: the rejection names the license
+                rejection = str(e)
+            outcome = await self.ledger.record_import(path, sha256, verified.license, verified.key_id,
+                                                      verified.text, rejection)
         if outcome.recorded:
             logs.event(
                 f"import.{outcome.state}",
@@ -132,6 +198,7 @@ class Importer:
             await stop.wait()
         finally:
             timer.cancel()
+            self.stop()
 
     async def _timer(self, stop: asyncio.Event, seconds: float) -> None:
         while not stop.is_set():

@@ -102,6 +102,9 @@ class NotFound(Exception):
         self.what = what
 
 
+# Import states that are not a license in use: a rejection, one the admin dismissed, a rejected file deleted.
+REJECTION_STATES = ("rejected", "dismissed", "removed")
+
 # Events after which another node's ledger reads licenses, items and codes again.
 CATALOG_EVENTS = ("import.", "code.", "item.")
 
@@ -403,10 +406,10 @@ class Ledger:
 
     # -- the view the core reads ------------------------------------------
 
-    def default_code(self, organization_id: str) -> str | None:
+    def default_codes(self, organization_id: str) -> list[str]:
+        """The organization's default codes, oldest license first (a code chosen as its default first)."""
         chosen = self.organization_defaults.get(organization_id)
-        if chosen in self.codes:
-            return chosen
+        names = [chosen] if chosen in self.codes else []
         firsts = sorted(
             (r.first_imported_at, r.license.license_id)
             for r in self.licenses.values()
@@ -414,14 +417,23 @@ class Ledger:
         )
         for _, license_id in firsts:
             name = default_code_name(organization_id, license_id)
-            if name in self.codes:
-                return name
-        return None
+            if name in self.codes and name not in names:
+                names.append(name)
+        return names
 
     def open_rejections(self) -> list[ImportRecord]:
-        """Rejected files, by path, except those whose exact bytes were imported since (by any path)."""
-        imported = {r.sha256 for r in self.imports.values() if r.state != "rejected"}
-        return sorted((r for r in self.imports.values() if r.state == "rejected" and r.sha256 not in imported),
+        """Rejected files, by path, except those a fixed file replaced: the exact bytes imported since (by any
+        path), or their license imported later at the same or a higher revision."""
+        imported = {r.sha256 for r in self.imports.values() if r.state not in REJECTION_STATES}
+        fixed = {r.license_id: r for r in self.imports.values()
+                 if r.state not in REJECTION_STATES and r.license_id is not None}
+
+        def replaced(r: ImportRecord) -> bool:
+            later = fixed.get(r.license_id) if r.license_id else None
+            return r.sha256 in imported or (later is not None and later.seen_at >= r.seen_at
+                                            and (later.revision or 0) >= (r.revision or 0))
+
+        return sorted((r for r in self.imports.values() if r.state == "rejected" and not replaced(r)),
                       key=lambda r: r.path)
 
     def organization_known(self, organization_id: str) -> bool:
@@ -749,6 +761,47 @@ class Ledger:
 
         return await self.submit(run)
 
+    async def dismiss_rejection(self, name: str) -> ImportRecord:
+        """The admin dismisses a rejection (by path or file name): it no longer alerts or counts; the same bytes
+        are not tried again, a changed file is."""
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> ImportRecord:
+            found = [r for r in self.imports.values() if r.state == "rejected"
+                     and name in (r.path, r.path.rsplit("/", 1)[-1], r.path.removeprefix("upload:"))]
+            if not found:
+                raise NotFound(f"import rejection {name!r}")
+            if len(found) > 1:
+                raise CodeError("name", f"{name!r} names {len(found)} rejected files; give the full path: "
+                                        + ", ".join(r.path for r in found), status=409)
+            old = found[0]
+            record = dataclasses.replace(old, state="dismissed", seen_at=now)
+            _set(self.imports, old.path, record, undo)
+            batch.imports.append(record)
+            batch.events.append(Event(at=now, type="import.dismissed", detail={
+                "path": old.path, "sha256": old.sha256, "reason": old.reason}))
+            return record
+
+        return await self.submit(run)
+
+    async def clear_removed(self, paths: list[str]) -> int:
+        """Rejected (or dismissed) files no longer in the import folder: their rejection ends, as an event."""
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> int:
+            cleared = 0
+            for path in paths:
+                old = self.imports.get(path)
+                if old is None or old.state not in ("rejected", "dismissed"):
+                    continue
+                record = dataclasses.replace(old, state="removed", seen_at=now)
+                _set(self.imports, path, record, undo)
+                batch.imports.append(record)
+                batch.events.append(Event(at=now, type="import.removed", detail={
+                    "path": path, "sha256": old.sha256, "reason": old.reason, "was": old.state}))
+                cleared += 1
+            return cleared
+
+        return await self.submit(run)
+
     def _import_conflict(self, lic: License) -> str | None:
         existing = self.licenses.get(lic.license_id)
         if existing is not None:
@@ -912,6 +965,26 @@ class Ledger:
             if seat is None:
                 raise NotFound(f"seat of device {client_uuid} on item {item_id}")
             self._release(seat, "forced", None, now, batch, undo)
+
+        await self.submit(run, (client_uuid,))
+
+    async def end_grant(self, item_id: str, client_uuid: str) -> None:
+        """Force-release a device's hold on an item counted without seats (concurrent, units, domain): its
+        running authorizations there end now, so it no longer counts; its next handshake is decided afresh."""
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> None:
+            device = self.devices[client_uuid]
+            running = [a for a in device.authorizations.values() if a.item_id == item_id and a.expires_at > now]
+            if not running:
+                raise NotFound(f"running authorization of device {client_uuid} on item {item_id}")
+            for auth in running:
+                ended = dataclasses.replace(auth, expires_at=now)
+                _set(device.authorizations, auth.code, ended, undo)
+                if self._per_slice(item_id):
+                    _pop(self._concurrent_grants.setdefault(item_id, {}), client_uuid, undo)
+                batch.authorizations.append(ended)
+                batch.events.append(Event(at=now, type="seat.released", code=auth.code, item_id=item_id,
+                                          client_uuid=client_uuid, detail={"reason": "forced"}))
 
         await self.submit(run, (client_uuid,))
 

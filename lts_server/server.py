@@ -26,11 +26,13 @@ from lts_server.importer import Importer
 from lts_server.ledger import MAX_SWEEP, ImportOutcome, Ledger
 from lts_server.metrics import LiveState, Metrics
 from lts_server.signer import BatchSigner
-from lts_server.store import Store
+from lts_server.statelock import StateBusy, StateLock
+from lts_server.store import Store, StoreError
 from lts_server.store.postgres import IMPORT_LOCK, PostgresStore
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
 from lts_server.web.connections import GUARD, ConnectionGuard, Limits
+from lts_server.web.errors import json_protocol_errors
 from lts_server.web.services import Services
 
 SWEEP_SECONDS = 60.0
@@ -81,7 +83,7 @@ def connection_limits(cfg: Config) -> Limits:
 def open_store(cfg: Config) -> Store:
     if cfg.storage.backend == "postgresql":
         assert cfg.storage.url is not None
-        return PostgresStore(cfg.storage.url, cfg.storage.connect_seconds)
+        return PostgresStore(cfg.storage.url, cfg.storage.connect_seconds, cfg.database_password())
     return SQLiteStore(cfg.database_path, cfg.storage.busy_timeout_ms)
 
 
@@ -106,6 +108,7 @@ class Server:
         self._standby_checked = asyncio.Event()
         self.guard: ConnectionGuard | None = None
         self._listeners: list[asyncio.Server] = []
+        self._state_lock: StateLock | None = None
 
     def load_vendor_keys(self, cfg: Config | None = None) -> dict[str, Ed25519PublicKey]:
         return licensefile.load_trusted((cfg or self.config).public_key_paths)
@@ -118,6 +121,12 @@ class Server:
         self._store = store
         store.on_commit = lambda events, seconds: (metrics.commit_events.observe(events),
                                                    metrics.commit_latency.observe(seconds))
+        if not isinstance(store, PostgresStore):  # held while running: migrate refuses to copy a live database
+            self._state_lock = StateLock(cfg.state_dir)
+            try:
+                self._state_lock.share()
+            except (StateBusy, OSError) as e:
+                raise StoreError(str(e)) from None
         await store.open()
         if isinstance(store, PostgresStore):
             ident = await identity.for_cluster(store, cfg.state_dir)
@@ -139,7 +148,8 @@ class Server:
         await alerter.start()
         importer = Importer(ledger, cfg.import_dir, ident.server_uuid, lambda: self.trusted,
                             lambda: self.config.vendor.allow_unbound,
-                            self._import_turn if isinstance(store, PostgresStore) else contextlib.nullcontext)
+                            self._import_turn if isinstance(store, PostgresStore) else contextlib.nullcontext,
+                            cfg.import_.settle_ms)
 
         def imported(outcome: ImportOutcome) -> None:
             metrics.imports.labels(outcome.state).inc()
@@ -159,7 +169,7 @@ class Server:
         # The guard applies the idle timeout (and the others); aiohttp's own keep-alive timer stays at
         # its long default so that it never closes a connection before the guard can answer 408.
         runner = self.runner = web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None)
-        self.guard = ConnectionGuard(lambda: runner.server(), connection_limits(cfg))
+        self.guard = ConnectionGuard(lambda: json_protocol_errors(runner.server()), connection_limits(cfg))
         app[GUARD] = self.guard
         await runner.setup()
         listener = await self._listen(cfg.server.host, cfg.server.port)
@@ -192,7 +202,8 @@ class Server:
             self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
             await self._standby_checked.wait()  # know the main's state before serving anyone
         logs.event("server.listening", urls=self.urls, server_uuid=ident.server_uuid,
-                   database=str(cfg.database_path), import_dir=str(cfg.import_dir))
+                   database=store.where if isinstance(store, PostgresStore) else str(cfg.database_path),
+                   import_dir=str(cfg.import_dir))
 
     async def _listen(self, host: str, port: int) -> asyncio.Server:
         """Listen with the connection guard in front of aiohttp's protocol."""
@@ -354,7 +365,8 @@ class Server:
                     await self._check_main(session)
 
     async def reload(self) -> None:
-        """SIGHUP: re-read the config file's [vendor] section and its key files, then rescan.
+        """SIGHUP: re-read the config file's [vendor] section and its key files, then rescan; and the [alerts]
+        section, whose change retries the outbox at once.
 
         A change of trusted keys makes the rescan try every rejected file again.
         Other sections take effect at the next restart.
@@ -370,6 +382,14 @@ class Server:
                            removed=sorted(set(self.trusted) - set(keys)))
             self.config.vendor = fresh.vendor
             self.trusted = keys
+            # [alerts] too (SMTP set up at last, say): a change retries the outbox now, not after its backoff.
+            if self.services is not None and fresh is not self.config:
+                smtp = fresh.alerts.smtp
+                if self.services.alerts.reconfigure(fresh.alerts, fresh.path(smtp.password_file) if smtp.password_file
+                                                    else None, fresh.path(smtp.ca_file) if smtp.ca_file else None):
+                    self.config.alerts = fresh.alerts
+                    logs.event("reload.alerts_changed", smtp_host=smtp.host)
+                    await self.services.alerts.retry_now()
         if self.services is not None and self.leads:
             report = await self.services.importer.scan("reload")
             logs.event("reload.done", files=report.seen, changed=len(report.outcomes))
@@ -393,4 +413,6 @@ class Server:
             await self.services.ledger.close()
         if self._store is not None:
             await self._store.close()
+        if self._state_lock is not None:
+            self._state_lock.release()
         logs.event("server.stopped")

@@ -101,7 +101,8 @@ def write_config(folder: Path, trusted: Vendor | None, /, **sections: dict[str, 
     base: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout": 5.0},
         "storage": {"state_dir": str(folder / "state")},
-        "import": {"directory": str(folder / "import"), "rescan_seconds": 3600, "watch": False},
+        # settle_ms 0: a file the test just wrote is verified at once (tests/test_imports_lifecycle.py tests the wait).
+        "import": {"directory": str(folder / "import"), "rescan_seconds": 3600, "watch": False, "settle_ms": 0},
         "vendor": {"public_keys": [str(trusted.pub_path)] if trusted else [], "allow_unbound": True},
         "log": {"level": "warning", "format": "json"},
     }

@@ -43,8 +43,8 @@ class FakeView:
     defaults: dict[str, str] = field(default_factory=dict)
     elsewhere: dict[str, int] = field(default_factory=dict)
 
-    def default_code(self, organization_id: str) -> str | None:
-        return self.defaults.get(organization_id)
+    def default_codes(self, organization_id: str) -> list[str]:
+        return [self.defaults[organization_id]] if organization_id in self.defaults else []
 
     def organization_known(self, organization_id: str) -> bool:
         return any(c.organization_id == organization_id for c in self.codes.values())

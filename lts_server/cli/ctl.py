@@ -12,6 +12,7 @@ import asyncio
 import getpass
 import json
 import os
+import stat
 import sys
 import urllib.parse
 from pathlib import Path
@@ -43,12 +44,14 @@ def load_tokens() -> dict[str, str]:
         return {}
 
 
-def save_token(server: str, token: str | None) -> None:
+def save_tokens(servers: list[str], token: str | None) -> None:
+    """Keep (or, with None, forget) the token for each of the servers."""
     tokens = load_tokens()
-    if token is None:
-        tokens.pop(server, None)
-    else:
-        tokens[server] = token
+    for server in servers:
+        if token is None:
+            tokens.pop(server, None)
+        else:
+            tokens[server] = token
     folder = config_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = folder / "tokens.json"
@@ -59,10 +62,17 @@ def save_token(server: str, token: str | None) -> None:
 
 
 class Api:
-    def __init__(self, server: str, session: aiohttp.ClientSession, token: str | None) -> None:
-        self.server = server.rstrip("/")
+    """The admin API of one server, or of a cluster's nodes tried in order: a node that cannot be reached
+    passes the call to the next (tokens live in the cluster's database, so one is valid on every node)."""
+
+    def __init__(self, servers: list[str], session: aiohttp.ClientSession, tokens: dict[str, str]) -> None:
+        self.servers = [s.rstrip("/") for s in servers]
         self.session = session
-        self.token = token
+        self.token = next((tokens[s] for s in self.servers if s in tokens), None)
+
+    @property
+    def server(self) -> str:
+        return self.servers[0]
 
     async def call(self, method: str, path: str, body: Any = None, data: bytes | None = None,
                    headers: dict[str, str] | None = None, raw: bool = False, auth: bool = True,
@@ -72,21 +82,30 @@ class Api:
             if not self.token:
                 raise CtlError(f"not logged in to {self.server}: run `ltsctl --server {self.server} login`", EXIT_AUTH)
             h["Authorization"] = f"Bearer {self.token}"
-        try:
-            async with self.session.request(method, self.server + path, json=body, data=data, headers=h,
-                                            **({"timeout": timeout} if timeout else {})) as resp:
-                payload = await resp.read()
-                if resp.status >= 400:
-                    try:
-                        error = json.loads(payload)["error"]
-                        message = error.get("message", "")
-                    except (ValueError, KeyError, TypeError):
-                        message = payload[:200].decode(errors="replace")
-                    code = EXIT_AUTH if resp.status == 401 else EXIT_FAILED
-                    raise CtlError(f"{method} {path}: HTTP {resp.status}: {message}", code)
-                return payload if raw else json.loads(payload)
-        except aiohttp.ClientError as e:
-            raise CtlError(f"cannot reach {self.server}: {e}") from None
+        unreachable = []
+        for server in list(self.servers):
+            try:
+                async with self.session.request(method, server + path, json=body, data=data, headers=h,
+                                                **({"timeout": timeout} if timeout else {})) as resp:
+                    payload = await resp.read()
+            except aiohttp.ClientConnectionError as e:
+                unreachable.append(f"{server}: {e}")
+                continue  # the next node, if any, serves the same cluster
+            except aiohttp.ClientError as e:
+                raise CtlError(f"cannot reach {server}: {e}") from None
+            if unreachable:  # later calls go to the node that answered first
+                self.servers.remove(server)
+                self.servers.insert(0, server)
+            if resp.status >= 400:
+                try:
+                    error = json.loads(payload)["error"]
+                    message = error.get("message", "")
+                except (ValueError, KeyError, TypeError):
+                    message = payload[:200].decode(errors="replace")
+                code = EXIT_AUTH if resp.status == 401 else EXIT_FAILED
+                raise CtlError(f"{method} {path}: HTTP {resp.status}: {message}", code)
+            return payload if raw else json.loads(payload)
+        raise CtlError("cannot reach " + "; ".join(unreachable))
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -153,6 +172,40 @@ def read_secret(what: str, file: str | None, prompt: bool, env: str | None = Non
         raise CtlError(f"no {what} was typed", EXIT_USAGE) from None
 
 
+def new_password(what: str, file: str | None, env: str | None = None) -> str:
+    """A new password: from a file or the environment as for read_secret; typed on a terminal, asked twice
+    and refused when the two differ (a typo would otherwise lock the admin out)."""
+    if file is not None or (env and os.environ.get(env)) or not sys.stdin.isatty():
+        password = read_secret(what, file, True, env)
+        assert password is not None
+        return password
+    try:
+        first = getpass.getpass(f"new {what}: ")
+        second = getpass.getpass(f"new {what} again: ")
+    except EOFError:
+        raise CtlError(f"no {what} was typed", EXIT_USAGE) from None
+    if first != second:
+        raise CtlError(f"the two {what}s differ; nothing was set. Run the command again", EXIT_USAGE)
+    return first
+
+
+def write_export(data: bytes, output: str | None) -> None:
+    """An export, owner-only (0600): to --output, or to standard output - which, redirected to a file
+    (`> events.csv`), is made owner-only too, whatever the umask made of it."""
+    if output is not None:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return
+    out = sys.stdout.fileno()
+    info = os.fstat(out)
+    if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid():
+        os.fchmod(out, 0o600)
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
 def session_password(args: argparse.Namespace) -> str | None:
     """The session password of codes create/edit: --password, --password-file or --prompt-password."""
     if args.password is not None:
@@ -215,6 +268,9 @@ async def _alerts(api: Api, args: argparse.Namespace) -> tuple[Any, str]:
     if action == "check":
         out = await api.call("POST", f"{base}/check")
         return out, (f"alert {out['alertId']}: " + ", ".join(out["new"])) if out["new"] else "nothing new"
+    if action == "retry":
+        out = await api.call("POST", f"{base}/retry")
+        return out, f"{out['pending']} pending deliveries are being tried now"
     if action == "open":
         out = (await api.call("GET", f"{base}/open"))["alerts"]
         return out, table(out, ["kind", "subject", "label", "since", "message"])
@@ -225,24 +281,39 @@ async def _alerts(api: Api, args: argparse.Namespace) -> tuple[Any, str]:
     return out, table(rows, ["id", "createdAt", "type", "subject", "deliveries"])
 
 
+def server_urls(values: list[str] | None) -> list[str]:
+    """--server, repeated or comma-separated (else $LTS_SERVER_URL, the same way), as base URLs."""
+    raw = values or [DEFAULT_SERVER]
+    urls = [server_url(v) for value in raw for v in value.split(",") if v.strip()]
+    if not urls:
+        raise CtlError("--server: give at least one URL such as http://127.0.0.1:48080", EXIT_USAGE)
+    return list(dict.fromkeys(urls))
+
+
 async def run(args: argparse.Namespace) -> int:
-    server = server_url(args.server)
+    servers = server_urls(args.server)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=args.timeout)) as session:
-        api = Api(server, session, load_tokens().get(server))
+        api = Api(servers, session, load_tokens())
+        server = api.server
         out: Any = None
         cmd = args.command
-        if cmd == "login":
-            password = read_secret("admin password", args.password_file, True, "LTS_ADMIN_PASSWORD")
-            assert password is not None
-            if args.setup:
+        if cmd in ("login", "setup"):
+            setup = cmd == "setup" or args.setup
+            if setup:
+                password = new_password("admin password", args.password_file, "LTS_ADMIN_PASSWORD")
                 await api.call("POST", "/api/v1/admin/setup", {"password": password}, auth=False)
+            else:
+                password = read_secret("admin password", args.password_file, True, "LTS_ADMIN_PASSWORD") or ""
             result = await api.call("POST", "/api/v1/admin/login", {"password": password}, auth=False)
-            save_token(server, result["token"])
-            out = {"loggedIn": True, "expiresAt": result["expiresAt"]}
-            text = f"logged in to {server} until {result['expiresAt']}"
+            # One token for the whole cluster: kept for every node named and every node the server lists.
+            listed = (await api.call("GET", "/api/v1/servers", auth=False))["servers"]
+            nodes = list(dict.fromkeys([*api.servers, *(s.rstrip("/") for s in listed if "://" in s)]))
+            save_tokens(nodes, result["token"])
+            out = {"loggedIn": True, "expiresAt": result["expiresAt"], "servers": nodes}
+            text = f"logged in to {', '.join(nodes)} until {result['expiresAt']}"
         elif cmd == "logout":
             await api.call("POST", "/api/v1/admin/logout")
-            save_token(server, None)
+            save_tokens([s for s, t in load_tokens().items() if t == api.token], None)
             out, text = {"loggedOut": True}, f"logged out of {server}"
         elif cmd == "status":
             out = await api.call("GET", "/api/v1/admin/status")
@@ -325,6 +396,12 @@ async def run(args: argparse.Namespace) -> int:
                     out = await api.call("PUT", f"{base}/{args.name}/usage-order", {"items": args.items})
                 text = f"{args.name} usage order: {', '.join(out['items'])}" + (
                     " (custom)" if out["customOrder"] else " (default)")
+        elif cmd == "imports" and args.action == "dismiss":
+            if not args.name:
+                raise CtlError("imports dismiss: give the rejected file's NAME (its path or file name, as "
+                               "`ltsctl imports --rejected` lists it)", EXIT_USAGE)
+            out = await api.call("POST", "/api/v1/admin/imports/dismiss", {"name": args.name})
+            text = f"dismissed the rejection of {out['path']} ({out['reason']}); a changed file is tried again"
         elif cmd == "imports":
             out = (await api.call("GET", "/api/v1/admin/imports"))["files"]
             if args.rejected:
@@ -334,8 +411,12 @@ async def run(args: argparse.Namespace) -> int:
             if args.action == "list":
                 out = (await api.call("GET", f"/api/v1/admin/items/{args.item}/devices"))["devices"]
                 text = table(out, ["clientUuid", "grantedAt", "refreshedAt", "expiresAt"])
+            elif args.action == "holders":
+                out = await api.call("GET", f"/api/v1/admin/items/{args.item}/holders?limit={args.limit}")
+                text = table(out["holders"], ["clientUuid", "kind", "since", "lastSeen", "code", "expiresAt"]) + (
+                    f"\n{len(out['holders'])} of {out['total']:,} shown" if out["next"] is not None else "")
             else:
-                out = await api.call("DELETE", f"/api/v1/admin/items/{args.item}/devices/{args.client}")
+                out = await api.call("DELETE", f"/api/v1/admin/items/{args.item}/holders/{args.client}")
                 text = f"released {args.client} from {args.item}"
         elif cmd == "stats":
             query = urllib.parse.urlencode({"bucket": args.bucket, **({"from": args.since} if args.since else {})})
@@ -368,7 +449,7 @@ async def run(args: argparse.Namespace) -> int:
                 ("type", args.type)) if v])
             headers = {"Accept": "text/csv"} if args.format == "csv" else {}
             data = await api.call("GET", f"/api/v1/admin/events?{params}", headers=headers, raw=True)
-            sys.stdout.buffer.write(data)
+            write_export(data, args.output)
             return 0
         else:
             raise CtlError(f"unknown command {cmd}", EXIT_USAGE)
@@ -380,9 +461,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ltsctl", description="Administer an lts-server over its admin API.",
         epilog="Exit status: 0 ok, 1 the server refused or failed, 2 usage, 3 not logged in or login refused.")
-    p.add_argument("--server", default=DEFAULT_SERVER,
-                   help="the server's URL; http:// is assumed without a scheme (default: %(default)s, "
-                        "or $LTS_SERVER_URL)")
+    p.add_argument("--server", action="append", metavar="URL",
+                   help="the server's URL; http:// is assumed without a scheme (default: "
+                        f"{DEFAULT_SERVER}, or $LTS_SERVER_URL). Repeat it (or separate URLs with commas) "
+                        "for the nodes of a cluster: the first that answers serves; `login` logs in once for all")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -391,7 +473,11 @@ def parser() -> argparse.ArgumentParser:
                                        "$LTS_ADMIN_PASSWORD or a prompt on the terminal.")
     login.add_argument("--setup", action="store_true", help="set the first admin password (12+ characters), "
                                                             "then log in")
-    login.add_argument("--password-file", metavar="FILE", help="read the admin password from FILE ('-': stdin)")
+    setup = sub.add_parser("setup", help="set the first admin password (12+ characters), then log in",
+                           description="Set the first admin password of a new server, then log in. On a terminal "
+                                       "the password is asked twice; a mismatch sets nothing.")
+    for c in (login, setup):
+        c.add_argument("--password-file", metavar="FILE", help="read the admin password from FILE ('-': stdin)")
     sub.add_parser("logout", help="end this token")
     sub.add_parser("status", help="server UUID, version, uptime, database, import folder")
     lic = sub.add_parser("licenses", help="imported licenses").add_subparsers(dest="action", required=True,
@@ -401,6 +487,10 @@ def parser() -> argparse.ArgumentParser:
     lic.add_parser("import", help="upload a license file").add_argument("file", help="the .lic file")
     imports = sub.add_parser("imports", help="every file the server has seen: imported, unchanged or rejected "
                                              "and why")
+    imports.add_argument("action", nargs="?", choices=["list", "dismiss"], default="list",
+                         help="list (the default), or dismiss NAME: end a rejection that needs no fix (it stops "
+                              "alerting; the same bytes are not tried again, a changed file is)")
+    imports.add_argument("name", nargs="?", help="with dismiss: the rejected file's path or file name")
     imports.add_argument("--rejected", action="store_true", help="only the rejected files")
     items = sub.add_parser("items", help="license items").add_subparsers(dest="action", required=True,
                                                                          metavar="ACTION")
@@ -443,7 +533,11 @@ def parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("devices", help="devices holding seats").add_subparsers(dest="action", required=True,
                                                                                 metavar="ACTION")
     dev.add_parser("list", help="devices holding a seat of an item").add_argument("item", help="item id")
-    rel = dev.add_parser("release", help="free a device's seat")
+    holders = dev.add_parser("holders", help="who holds an item: device, since, last seen, code (concurrent "
+                                             "items too)")
+    holders.add_argument("item", help="item id")
+    holders.add_argument("--limit", type=int, default=1000, help="at most this many (default: %(default)s)")
+    rel = dev.add_parser("release", help="free a device's seat (or end its hold on a concurrent item)")
     rel.add_argument("item", help="item id")
     rel.add_argument("client", help="the device's clientUuid")
     stats = sub.add_parser("stats", help="statistics of a handshake code")
@@ -467,6 +561,8 @@ def parser() -> argparse.ArgumentParser:
     cond.add_argument("--off", help="comma-separated kinds to switch off")
     al.add_parser("test", help="send a test notification to every recipient and webhook")
     al.add_parser("check", help="check the conditions now")
+    al.add_parser("retry", help="try every pending delivery now, not after its backoff (e.g. once SMTP works); "
+                                "alerts older than [alerts] max_age go out as one summary")
     al.add_parser("open", help="conditions met at the last check")
     hist = al.add_parser("history", help="sent alerts with the state of each delivery")
     hist.add_argument("--limit", type=int, default=20, help="at most this many alerts (default: %(default)s)")
@@ -479,6 +575,8 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--code", help="only this handshake code")
     export.add_argument("--item", help="only this item")
     export.add_argument("--type", help="only this event type, e.g. handshake (see docs/api.md)")
+    export.add_argument("--output", metavar="FILE", help="write to FILE (owner-only, 0600) instead of standard "
+                                                         "output; a redirected standard output is made 0600 too")
     archive = ev.add_parser("archive", help="move device events before a date into compressed files on the server",
                             description="Move device events (handshakes, seat changes, usage records) stamped "
                                         "before --before, and already counted in the statistics, out of the "

@@ -12,7 +12,7 @@ import sys
 
 import lts_server
 from lts_server import config as config_mod
-from lts_server import identity, licensefile, logs, migrate
+from lts_server import backup, identity, licensefile, logs, migrate
 from lts_server.cli import workers
 from lts_server.sdnotify import Notifier, watchdog
 from lts_server.server import Server, open_store
@@ -30,9 +30,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--print-uuid", action="store_true", help="print this server's UUID (creating it if needed) and exit")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit")
     p.add_argument("--version", action="version", version=f"lts-server {lts_server.__version__}")
-    p.add_argument("command", nargs="?", choices=["migrate"],
-                   help="migrate: move this SQLite deployment into an empty PostgreSQL database (with --to)")
-    p.add_argument("--to", metavar="URL", help="with migrate: postgresql://user@host:port/dbname")
+    p.add_argument("command", nargs="?", choices=["migrate", "backup"],
+                   help="migrate: move this SQLite deployment into an empty PostgreSQL database (with --to); "
+                        "backup: copy the database and the identity files, owner-only, into the folder --to DIR")
+    p.add_argument("--to", metavar="URL|DIR", help="with migrate: postgresql://user@host:port/dbname; "
+                                                   "with backup: the folder to write")
+    p.add_argument("--force", action="store_true",
+                   help="with migrate: replace what the target database holds (refused otherwise)")
     # One of server.workers processes, started by the supervisor.
     p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     return p
@@ -81,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                                       if warnings else ""))
         return 0
     if args.command == "migrate":
-        return migrate.main(cfg, args.to)
+        return migrate.main(cfg, args.to, args.force)
+    if args.command == "backup":
+        return backup.main(cfg, args.to)
     if args.print_uuid:
         try:
             print(asyncio.run(_server_uuid(cfg)))

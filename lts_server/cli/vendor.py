@@ -189,24 +189,124 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0 if status.startswith("VERIFIED") else EXIT_INVALID
 
 
+# What `lts-license init` writes: every key of a spec, commented, with one item of each common kind.
+SPEC_TEMPLATE = """\
+# A license spec for `lts-license issue SPEC --key vendor.key --out LICENSE.lic`.
+# Keys are snake_case; dates are TOML dates or date-times (UTC when no zone is given).
+# Format reference: docs/license-file-format.md.
+
+# One purchase: 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit.
+license_id = "{license_id}"
+# The licensee: A-Z a-z 0-9 . _ (no hyphen). Handshake codes are named <organization_id>-<custom>.
+organization_id = "{organization_id}"
+# Bind the file to one server: the UUID that `lts-server --print-uuid` prints on the licensee's server.
+# Without it the file is unbound and imports only where [vendor] allow_unbound = true.
+# server_uuid = "00000000-0000-0000-0000-000000000000"
+# A renewal re-issues the same license_id with a higher revision (default 1).
+revision = 1
+# New or Activated (default Activated): only Activated files import.
+# status = "Activated"
+# license_text_version = "2.0"
+# Default: now. The alias defaults to DM_<license_id>_Date<YYYYMMDD of issued_at>.
+# issued_at = {today}T00:00:00Z
+# alias = "DM_{license_id}_Date{today_compact}"
+
+# One [[items]] table per license item (1 to 1000).
+[[items]]
+# Unique across every license the server imports.
+item_id = "{license_id}-1"
+product = "barcode-reader"
+# browser, mobile, desktop, server or embedded.
+deployment_type = "browser"
+# per-device, per-server, per-domain, per-scan, per-page, per-concurrent-device, per-concurrent-instance.
+license_type = "per-device"
+# Seats (per-device, per-server), units (per-scan, per-page), devices or instances at once (concurrent).
+quantity = 10
+# per-device and per-server only: how long a seat lasts: yearly, quarterly, monthly or daily.
+period = "yearly"
+# Optional: the item serves only requests that name this edition.
+# edition = "pro"
+starts_at = {today}
+expires_at = {next_year}
+
+# A per-domain item: every site under the domain, without a seat count.
+# [[items]]
+# item_id = "{license_id}-2"
+# product = "barcode-reader"
+# deployment_type = "browser"
+# license_type = "per-domain"
+# domain = "*.example.com"
+# quantity = 1
+# starts_at = {today}
+# expires_at = {next_year}
+"""
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    out = Path(args.spec)
+    if out.exists() and not args.force:
+        print(f"lts-license: {out} exists; pass --force to replace it", file=sys.stderr)
+        return EXIT_USAGE
+    today = utcnow().date()
+    text = SPEC_TEMPLATE.format(license_id=args.license_id, organization_id=args.organization_id,
+                                today=today.isoformat(), today_compact=today.strftime("%Y%m%d"),
+                                next_year=today.replace(year=today.year + 1, day=min(today.day, 28)).isoformat())
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as e:
+        print(f"lts-license: {out}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{out}: a commented spec; edit it, then: lts-license issue {out} --key vendor.key --out "
+          f"{args.license_id}.lic")
+    return 0
+
+
+def _examples(*lines: str) -> str:
+    return "example:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lts-license", description="Issue and check signed lts-server license files.")
+    p = argparse.ArgumentParser(
+        prog="lts-license", description="Issue and check signed lts-server license files.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples("lts-license keygen --out vendor/                  # once: vendor.key (secret), vendor.pub",
+                         "lts-license init 100028117.toml                    # a commented spec to fill in",
+                         "lts-license issue 100028117.toml --key vendor/vendor.key --out 100028117.lic",
+                         "lts-license verify 100028117.lic --public-key vendor/vendor.pub",
+                         "lts-license show 100028117.lic"))
     sub = p.add_subparsers(dest="command", required=True)
-    k = sub.add_parser("keygen", help="make a vendor key pair")
+
+    def command(name: str, help_text: str, *example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                              epilog=_examples(*example), formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    n = command("init", "write a commented license spec template to fill in",
+                "lts-license init 100028117.toml --license-id 100028117 --organization-id 216998")
+    n.add_argument("spec", help="the TOML file to write, e.g. 100028117.toml")
+    n.add_argument("--license-id", default="100000001", help="the license id to put in (default: %(default)s)")
+    n.add_argument("--organization-id", default="216998", help="the licensee (default: %(default)s)")
+    n.add_argument("--force", action="store_true", help="replace an existing file")
+    n.set_defaults(run=cmd_init)
+    k = command("keygen", "make a vendor key pair",
+                "lts-license keygen --out vendor/   # prints the key id; give vendor.pub to licensees")
     k.add_argument("--out", required=True, help="folder for vendor.key and vendor.pub")
     k.add_argument("--force", action="store_true", help="replace an existing key")
     k.set_defaults(run=cmd_keygen)
-    i = sub.add_parser("issue", help="sign a TOML spec into a license file")
-    i.add_argument("spec")
+    i = command("issue", "sign a TOML spec into a license file",
+                "lts-license issue 100028117.toml --key vendor/vendor.key --out 100028117.lic",
+                "(lts-license init writes a commented spec)")
+    i.add_argument("spec", help="the TOML spec (see lts-license init)")
     i.add_argument("--key", required=True, help="the vendor's private key (vendor.key)")
     i.add_argument("--out", required=True, help="the .lic file to write")
     i.set_defaults(run=cmd_issue)
-    v = sub.add_parser("verify", help="check a license file's signature and content")
-    v.add_argument("file")
+    v = command("verify", "check a license file's signature and content",
+                "lts-license verify 100028117.lic --public-key vendor/vendor.pub   # exit 0 VALID, 1 INVALID")
+    v.add_argument("file", help="the .lic file")
     v.add_argument("--public-key", required=True, action="append", help="a trusted vendor.pub (repeatable)")
     v.set_defaults(run=cmd_verify)
-    s = sub.add_parser("show", help="print a readable summary")
-    s.add_argument("file")
+    s = command("show", "print a readable summary",
+                "lts-license show 100028117.lic --public-key vendor/vendor.pub")
+    s.add_argument("file", help="the .lic file")
     s.add_argument("--public-key", action="append", help="verify against this vendor.pub (repeatable)")
     s.set_defaults(run=cmd_show)
     return p

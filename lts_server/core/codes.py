@@ -41,6 +41,21 @@ def code_name(organization_id: str, custom: str) -> str:
     return f"{organization_id}-{custom}"
 
 
+def _check_custom(organization_id: str, custom: str | None) -> str:
+    if not custom:
+        raise CodeError("custom", "required: give the part of the name after the organization id, 1 to 64 of "
+                                  "A-Z a-z 0-9 . _ -")
+    if not CUSTOM_PART.match(custom):
+        raise CodeError("custom", f"{custom!r} is not a valid custom part: give 1 to 64 of A-Z a-z 0-9 . _ -")
+    prefix = f"{organization_id}-"
+    if custom.startswith(prefix):
+        # The organization id is put in front by the server; typed again, it would be there twice.
+        raise CodeError("custom", f"{custom!r} already starts with the organization id: the code would be named "
+                                  f"{code_name(organization_id, custom)}. Give only the part after {prefix!r}, "
+                                  f"e.g. {custom[len(prefix):] or 'fleet'!r}")
+    return custom
+
+
 def _check_values(field: str, values: tuple[str, ...], pattern: re.Pattern[str] | None = None) -> tuple[str, ...]:
     if len(values) > MAX_VALUES:
         raise CodeError(field, f"at most {MAX_VALUES} values")
@@ -59,7 +74,8 @@ def _check_items(items: tuple[str, ...], organization_id: str, known: Mapping[st
     for i, item_id in enumerate(items):
         item = known.get(item_id)
         if item is None:
-            raise CodeError(f"items[{i}]", f"no imported item has id {item_id!r}", status=400)
+            raise CodeError(f"items[{i}]", f"no imported item has id {item_id!r}; `ltsctl items list` shows the items",
+                            status=400)
         if item.organization_id != organization_id:
             # A code spends its own organization's licenses only (docs/design.md).
             raise CodeError(f"items[{i}]", f"item {item_id} belongs to organization {item.organization_id}, "
@@ -69,9 +85,7 @@ def _check_items(items: tuple[str, ...], organization_id: str, known: Mapping[st
 
 def create(organization_id: str, fields: CodeFields, known: Mapping[str, Item],
            existing: Mapping[str, HandshakeCode]) -> HandshakeCode:
-    if fields.custom is None or not CUSTOM_PART.match(fields.custom):
-        raise CodeError("custom", "1 to 64 of A-Z a-z 0-9 . _ -")
-    name = code_name(organization_id, fields.custom)
+    name = code_name(organization_id, _check_custom(organization_id, fields.custom))
     if name in existing:
         raise CodeError("custom", f"a handshake code named {name} already exists", status=409)
     return HandshakeCode(
@@ -89,10 +103,9 @@ def edit(code: HandshakeCode, fields: CodeFields, known: Mapping[str, Item],
          existing: Mapping[str, HandshakeCode]) -> HandshakeCode:
     changes: dict[str, object] = {}
     if fields.custom is not None:
-        if not CUSTOM_PART.match(fields.custom):
-            raise CodeError("custom", "1 to 64 of A-Z a-z 0-9 . _ -")
         name = code_name(code.organization_id, fields.custom)
         if name != code.name:
+            _check_custom(code.organization_id, fields.custom)
             if code.is_default:
                 raise CodeError("custom", "a default code's name cannot change", status=409)
             if name in existing:

@@ -53,7 +53,9 @@ class View(Protocol):
     codes: Mapping[str, HandshakeCode]
     items: Mapping[str, Item]
 
-    def default_code(self, organization_id: str) -> str | None: ...
+    def default_codes(self, organization_id: str) -> list[str]:
+        """The codes a request naming only the organization may use, in the order they are tried."""
+        ...
 
     def organization_known(self, organization_id: str) -> bool: ...
 
@@ -104,7 +106,8 @@ class Refused:
 Decision = Grant | Refused
 
 
-def resolve_code(req: Request, view: View) -> HandshakeCode | Refused:
+def resolve_codes(req: Request, view: View) -> list[HandshakeCode] | Refused:
+    """The code the request names; or, naming only an organization, every default code of it."""
     if req.handshake_code is not None:
         code = view.codes.get(req.handshake_code)
         if code is None:
@@ -114,13 +117,12 @@ def resolve_code(req: Request, view: View) -> HandshakeCode | Refused:
                 Refusal(Code.CODE_ORG_MISMATCH, f"{code.name} belongs to organization {code.organization_id}"),
                 code.name,
             )
-        return code
+        return [code]
     if req.organization_id is not None:
-        name = view.default_code(req.organization_id)
-        code = view.codes.get(name) if name else None
-        if code is None:
+        codes = [view.codes[n] for n in view.default_codes(req.organization_id) if n in view.codes]
+        if not codes:
             return Refused(Refusal(Code.UNKNOWN_ORGANIZATION, repr(req.organization_id)))
-        return code
+        return codes
     return Refused(Refusal(Code.NO_CODE_NOR_ORG))
 
 
@@ -128,16 +130,22 @@ def check_validation_fields(req: Request, code: HandshakeCode) -> Refusal | None
     """The code's binding for the request's kind of client: domain, app id or process name."""
     if req.deployment_type is DeploymentType.BROWSER and code.domains:
         if not req.domain or not any(domain_matches(p, req.domain) for p in code.domains):
-            return Refusal(Code.DOMAIN_MISMATCH, f"domain {req.domain!r} is not allowed for {code.name}")
+            return Refusal(Code.DOMAIN_MISMATCH, f"{_given('domain', req.domain)} is not allowed for {code.name}")
     elif req.deployment_type is DeploymentType.MOBILE and code.app_ids:
         if req.app_id not in code.app_ids:
-            return Refusal(Code.VALIDATION_FIELD_MISMATCH, f"app id {req.app_id!r} is not allowed for {code.name}")
+            return Refusal(Code.VALIDATION_FIELD_MISMATCH,
+                           f"{_given('appId', req.app_id)} is not allowed for {code.name}")
     elif req.deployment_type not in (DeploymentType.BROWSER, DeploymentType.MOBILE) and code.process_names:
         if req.process_name not in code.process_names:
             return Refusal(
-                Code.VALIDATION_FIELD_MISMATCH, f"process name {req.process_name!r} is not allowed for {code.name}"
+                Code.VALIDATION_FIELD_MISMATCH, f"{_given('processName', req.process_name)} is not allowed for {code.name}"
             )
     return None
+
+
+def _given(field: str, value: str | None) -> str:
+    """How a message names what the request sent in a field: the value, or that it sent none."""
+    return f"{field} {value!r}" if value else f"a request without {field}"
 
 
 # The checks an item goes through, in order; a refusal reports the item that
@@ -219,7 +227,7 @@ def fit(req: Request, item: Item, status: ItemStatus, seat_expiry: datetime | No
 def _rank(refusal: Refusal) -> int:
     if refusal.code is Code.DOMAIN_MISMATCH:
         return CHECKS.index(Code.TYPE_INCOMPATIBLE)
-    return CHECKS.index(refusal.code)
+    return CHECKS.index(refusal.code) if refusal.code in CHECKS else -1
 
 
 def held_seat(req: Request, view: View, order: list[str], now: datetime) -> Fit | None:
@@ -245,19 +253,42 @@ def decide(
     now: datetime,
     password_matches: Callable[[HandshakeCode, str | None], bool],
 ) -> Decision:
-    resolved = resolve_code(req, view)
+    resolved = resolve_codes(req, view)
     if isinstance(resolved, Refused):
         return resolved
-    code = resolved
-    if code.password_hash is not None and not password_matches(code, req.session_password):
-        return Refused(Refusal(Code.WRONG_PASSWORD), code.name)
-    invalid = check_validation_fields(req, code)
-    if invalid is not None:
-        return Refused(invalid, code.name)
-    order = usage_order(code.items, view.items, code.custom_order)
-    held = held_seat(req, view, order, now)
-    if held is not None:
-        return Grant(code, held)
+    # Several codes only for a request naming just the organization: its default codes, oldest license first.
+    admitted: list[tuple[HandshakeCode, list[str]]] = []  # with its usage order
+    first_refusal: Refused | None = None
+    for code in resolved:
+        if code.password_hash is not None and not password_matches(code, req.session_password):
+            first_refusal = first_refusal or Refused(Refusal(Code.WRONG_PASSWORD), code.name)
+            continue
+        invalid = check_validation_fields(req, code)
+        if invalid is not None:
+            first_refusal = first_refusal or Refused(invalid, code.name)
+            continue
+        admitted.append((code, usage_order(code.items, view.items, code.custom_order)))
+    if not admitted:
+        assert first_refusal is not None
+        return first_refusal
+    # One device, one seat: a seat it holds through any of the codes comes before usage order.
+    for code, order in admitted:
+        held = held_seat(req, view, order, now)
+        if held is not None:
+            return Grant(code, held)
+    best: Refused | None = None
+    for code, order in admitted:
+        decision = _walk(req, code, order, view, now)
+        if isinstance(decision, Grant):
+            return decision
+        if best is None or _rank(decision.refusal) > _rank(best.refusal):
+            best = decision
+    assert best is not None
+    return best
+
+
+def _walk(req: Request, code: HandshakeCode, order: list[str], view: View, now: datetime) -> Decision:
+    """The code's items in usage order: the first that fits, or the refusal of the one that got furthest."""
     best: tuple[int, Refusal, str] | None = None
     missing: str | None = None
     for item_id in order:

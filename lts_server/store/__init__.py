@@ -74,6 +74,21 @@ class SeatChange:
 
 
 @dataclass(frozen=True)
+class Holder:
+    """One device holding part of an item: a seat (seat-counted items) or a live authorization (the others).
+
+    `kind` says which ("seat", "grant"), so other kinds (a borrowed seat and its end) add to the same listing.
+    """
+
+    kind: str
+    client_uuid: str
+    since: datetime
+    last_seen: datetime
+    expires_at: datetime
+    code: str | None
+
+
+@dataclass(frozen=True)
 class Event:
     at: datetime
     type: str
@@ -340,6 +355,9 @@ class Store(Protocol):
 
     async def item_seats(self, item_id: str, limit: int, offset: int = 0) -> list[Seat]: ...
 
+    async def item_holders(self, item_id: str, seats: bool, now_ms: int, limit: int, offset: int = 0
+                           ) -> tuple[int, list[Holder]]: ...
+
     def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]: ...
 
     async def size_bytes(self) -> int: ...
@@ -389,6 +407,8 @@ class Store(Protocol):
     async def due_deliveries(self, now_ms: int, limit: int = 100) -> list[Delivery]: ...
 
     async def claim_delivery(self, delivery_id: int, now_ms: int, until_ms: int) -> bool: ...
+
+    async def retry_deliveries_now(self, now_ms: int) -> int: ...
 
     async def mark_delivered(self, delivery_id: int, at_ms: int) -> None: ...
 

@@ -127,8 +127,10 @@ class PostgresStore(sql.Operations, AlertOperations):
     ROLLUP_LOCK = ROLLUP_LOCK
     WRITE_LOCK = WRITE_LOCK
 
-    def __init__(self, url: str, connect_seconds: float = 15.0) -> None:
+    def __init__(self, url: str, connect_seconds: float = 15.0, password: str | None = None) -> None:
         self.url = url
+        # From storage.password_file (a systemd credential): never in the URL, never logged.
+        self._password = password
         self.connect_seconds = connect_seconds
         self._pool: asyncpg.Pool | None = None
         self._writer: asyncpg.Connection | None = None
@@ -157,7 +159,7 @@ class PostgresStore(sql.Operations, AlertOperations):
         while True:
             attempt += 1
             try:
-                self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4,
+                self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4, password=self._password,
                                                        command_timeout=COMMAND_TIMEOUT)
                 self._writer = await self._connect()
                 break
@@ -184,7 +186,8 @@ class PostgresStore(sql.Operations, AlertOperations):
             raise
 
     async def _connect(self) -> asyncpg.Connection:
-        return await asyncpg.connect(self.url, command_timeout=COMMAND_TIMEOUT, timeout=COMMAND_TIMEOUT)
+        return await asyncpg.connect(self.url, command_timeout=COMMAND_TIMEOUT, timeout=COMMAND_TIMEOUT,
+                                     password=self._password)
 
     async def _migrate(self) -> None:
         async with self.pool.acquire() as conn, conn.transaction():

@@ -38,6 +38,7 @@ from lts_server.store import (
     Conflict,
     Event,
     EventQuery,
+    Holder,
     ImportRecord,
     LicenseRecord,
     Reloaded,
@@ -191,6 +192,27 @@ def item_seats(item_id: str, limit: int, offset: int) -> Procedure[list[Seat]]:
     return [_seat(r) for r in (yield Query(
         "SELECT item_id, client_uuid, granted_ms, refreshed_ms, expires_ms FROM seats WHERE item_id = ?"
         " ORDER BY granted_ms, client_uuid LIMIT ? OFFSET ?", (item_id, limit, offset)))]
+
+
+def item_holders(item_id: str, seats: bool, now_ms: int, limit: int, offset: int
+                 ) -> Procedure[tuple[int, list[Holder]]]:
+    """Who holds the item, a page at a time, and how many in all: its seats with the code of the device's
+    latest authorization there (seat-counted items), or its authorizations still running (the others)."""
+    if seats:
+        total = (yield Query("SELECT COUNT(*) FROM seats WHERE item_id = ?", (item_id,)))[0][0]
+        rows = yield Query(
+            "SELECT 'seat', s.client_uuid, s.granted_ms, s.refreshed_ms, s.expires_ms, (SELECT a.code FROM"
+            " authorizations a WHERE a.client_uuid = s.client_uuid AND a.item_id = s.item_id"
+            " ORDER BY a.granted_ms DESC LIMIT 1) FROM seats s WHERE s.item_id = ?"
+            " ORDER BY s.granted_ms, s.client_uuid LIMIT ? OFFSET ?", (item_id, limit, offset))
+    else:
+        total = (yield Query("SELECT COUNT(*) FROM authorizations WHERE item_id = ? AND expires_ms > ?",
+                             (item_id, now_ms)))[0][0]
+        rows = yield Query(
+            "SELECT 'grant', client_uuid, granted_ms, granted_ms, expires_ms, code FROM authorizations"
+            " WHERE item_id = ? AND expires_ms > ? ORDER BY granted_ms, client_uuid, code LIMIT ? OFFSET ?",
+            (item_id, now_ms, limit, offset))
+    return int(total), [Holder(r[0], r[1], from_ms(r[2]), from_ms(r[3]), from_ms(r[4]), r[5]) for r in rows]
 
 
 def _select_in(select: str, values: set[str] | list[str], *before: Any) -> Procedure[list[tuple[Any, ...]]]:
@@ -629,6 +651,10 @@ class Operations:
 
     async def item_seats(self, item_id: str, limit: int, offset: int = 0) -> list[Seat]:
         return await self._call(item_seats(item_id, limit, offset))
+
+    async def item_holders(self, item_id: str, seats: bool, now_ms: int, limit: int, offset: int = 0
+                           ) -> tuple[int, list[Holder]]:
+        return await self._call(item_holders(item_id, seats, now_ms, limit, offset))
 
     async def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]:
         """Stream events in order, a page at a time, so memory stays flat."""

@@ -160,6 +160,13 @@ def claim_delivery(delivery_id: int, now_ms: int, until_ms: int) -> Procedure[bo
     return changed == 1
 
 
+def retry_now(now_ms: int) -> Procedure[int]:
+    """Every pending delivery waiting for a later try becomes due now; returns how many are pending."""
+    yield Exec("UPDATE alert_deliveries SET next_ms = ? WHERE state = 'pending' AND next_ms > ?", (now_ms, now_ms))
+    rows = yield Query("SELECT COUNT(*) FROM alert_deliveries WHERE state = 'pending'")
+    return int(rows[0][0])
+
+
 def mark_delivered(delivery_id: int, at_ms: int) -> Procedure[None]:
     yield Exec("UPDATE alert_deliveries SET state = 'sent', sent_ms = ?, attempts = attempts + 1, last_error = NULL,"
                " claimed_until_ms = NULL WHERE id = ?", (at_ms, delivery_id))
@@ -232,6 +239,9 @@ class AlertOperations:
 
     async def claim_delivery(self, delivery_id: int, now_ms: int, until_ms: int) -> bool:
         return await self._alerts(claim_delivery(delivery_id, now_ms, until_ms))
+
+    async def retry_deliveries_now(self, now_ms: int) -> int:
+        return await self._alerts(retry_now(now_ms))
 
     async def mark_delivered(self, delivery_id: int, at_ms: int) -> None:
         await self._alerts(mark_delivered(delivery_id, at_ms))

@@ -15,6 +15,7 @@ import aiosqlite
 
 from lts_server.store import (
     AuthorizationRecord,
+    Holder,
     SchemaTooNew,
     Seat,
     StoreError,
@@ -204,6 +205,10 @@ class SQLiteStore(sql.Operations, AlertOperations):
 
     async def item_seats(self, item_id: str, limit: int, offset: int = 0) -> list[Seat]:
         return await self._read(sql.item_seats(item_id, limit, offset))
+
+    async def item_holders(self, item_id: str, seats: bool, now_ms: int, limit: int, offset: int = 0
+                           ) -> tuple[int, list[Holder]]:
+        return await self._read(sql.item_holders(item_id, seats, now_ms, limit, offset))
 
     async def write(self, batch: WriteBatch, pipeline: int | None = None) -> None:
         """Make the batch durable in one transaction, in one hop to the database thread.

@@ -14,10 +14,11 @@ from lts_server.core.model import HandshakeCode
 from lts_server.core.times import iso, to_ms
 from lts_server.core.usage import bucket_start
 from lts_server.licensefile import MAX_FILE_BYTES
+from lts_server.store import ImportRecord
 from lts_server.store.sql_alerts import NO_BOUND
 from lts_server.web.device import read_json_body
 from lts_server.web.errors import ApiError, decode_json, query_int
-from lts_server.web.schemas import CodeCreateBody, CodeEditBody, UsageOrderBody
+from lts_server.web.schemas import CodeCreateBody, CodeEditBody, ImportDismissBody, UsageOrderBody
 from lts_server.web.services import SERVICES, Services
 from lts_server.web.stats import item_status, problems_first
 
@@ -72,7 +73,7 @@ async def create_code(request: web.Request) -> web.Response:
 def _code(services: Services, name: str) -> HandshakeCode:
     code = services.ledger.codes.get(name)
     if code is None:
-        raise ApiError(404, f"no such handshake code {name}")
+        raise ApiError(404, f"no such handshake code {name}; `ltsctl codes list` shows what exists")
     return code
 
 
@@ -164,7 +165,7 @@ async def get_license(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     license_id = request.match_info["license_id"]
     if license_id not in services.ledger.licenses:
-        raise ApiError(404, f"no such license {license_id}")
+        raise ApiError(404, f"no such license {license_id}; `ltsctl licenses list` shows what exists")
     return web.json_response(license_json(services, license_id, with_text=True))
 
 
@@ -196,7 +197,7 @@ async def list_items(request: web.Request) -> web.Response:
 
 def _item(services: Services, item_id: str) -> str:
     if item_id not in services.ledger.items:
-        raise ApiError(404, f"no such item {item_id}")
+        raise ApiError(404, f"no such item {item_id}; `ltsctl items list` shows what exists")
     return item_id
 
 
@@ -266,9 +267,18 @@ async def status(request: web.Request) -> web.Response:
 
 async def list_imports(request: web.Request) -> web.Response:
     ledger = request.app[SERVICES].ledger
-    files = [
-        {"path": r.path, "state": r.state, "reason": r.reason, "sha256": r.sha256, "licenseId": r.license_id,
-         "revision": r.revision, "seenAt": iso(r.seen_at)}
-        for r in sorted(ledger.imports.values(), key=lambda r: r.path)
-    ]
+    files = [import_json(r) for r in sorted(ledger.imports.values(), key=lambda r: r.path)]
     return web.json_response({"files": files})
+
+
+def import_json(r: ImportRecord) -> dict:
+    return {"path": r.path, "state": r.state, "reason": r.reason, "sha256": r.sha256, "licenseId": r.license_id,
+            "revision": r.revision, "seenAt": iso(r.seen_at)}
+
+
+async def dismiss_import(request: web.Request) -> web.Response:
+    """Dismiss a rejection (by path or file name): it stops alerting and counting; a changed file is tried again."""
+    body: ImportDismissBody = decode_json(await read_json_body(request), ImportDismissBody)
+    record = await request.app[SERVICES].ledger.dismiss_rejection(body.name)
+    request.app[SERVICES].alerts.request_check()
+    return web.json_response(import_json(record))

@@ -155,6 +155,12 @@ async def history(request: web.Request) -> web.Response:
         "next": alerts[-1].id if len(alerts) == limit else None})
 
 
+async def retry(request: web.Request) -> web.Response:
+    """Try every pending delivery now, instead of after its backoff (say, once SMTP is fixed)."""
+    pending = await request.app[SERVICES].alerts.retry_now()
+    return web.json_response({"pending": pending})
+
+
 def add_routes(app: web.Application) -> None:
     base = "/api/v1/admin/alerts"
     r = app.router
@@ -168,5 +174,6 @@ def add_routes(app: web.Application) -> None:
     r.add_put(f"{base}/conditions", set_conditions)
     r.add_post(f"{base}/test", send_test)
     r.add_post(f"{base}/check", run_check)
+    r.add_post(f"{base}/retry", retry)
     r.add_get(f"{base}/open", open_alerts)
     r.add_get(f"{base}/history", history)

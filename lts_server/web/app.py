@@ -10,9 +10,10 @@ from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 import lts_server
-from lts_server.web import admin, alerts, auth, connections, device, metrics, openapi, portal, stats, usage
+from lts_server.web import admin, alerts, auth, connections, device, holders, metrics, openapi, portal, stats, usage
 from lts_server.web.errors import error_answer, errors_middleware
 from lts_server.web.portal import alerts as portal_alerts
+from lts_server.web.portal import holders as portal_holders
 from lts_server.web.schemas import ServerInfo
 from lts_server.web.services import SERVICES, Services
 
@@ -83,6 +84,8 @@ def create_app(services: Services, admin_port: int | None = None) -> web.Applica
     app.router.add_get("/api/v1/admin/items/{item_id}/devices", admin.list_devices)
     app.router.add_delete("/api/v1/admin/items/{item_id}/devices/{client_uuid}", admin.release_device)
     app.router.add_get("/api/v1/admin/imports", admin.list_imports)
+    app.router.add_post("/api/v1/admin/imports/dismiss", admin.dismiss_import)
+    holders.add_routes(app)
     app.router.add_get("/api/v1/admin/events", stats.export_events)
     app.router.add_post("/api/v1/admin/events/archive", stats.archive_events)
     app.router.add_get("/api/v1/admin/events/archives", stats.list_archives)
@@ -93,6 +96,7 @@ def create_app(services: Services, admin_port: int | None = None) -> web.Applica
     app.router.add_get("/metrics", metrics.handler(admin_port))
     portal.add_routes(app)
     portal_alerts.add_routes(app)
+    portal_holders.add_routes(app)
     # AppRunner builds its server around app._handle: the device routes go first, past the middlewares.
     app._handle = _device_routes_first(app, device_routes, app._handle)  # type: ignore[method-assign]
     return app

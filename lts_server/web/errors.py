@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from lts_server import logs
 from lts_server.core.codes import CodeError
@@ -46,8 +47,12 @@ def validation_error(e: msgspec.ValidationError | msgspec.DecodeError) -> ApiErr
         if msg.startswith(("Object missing required field", "Object contains unknown field")):
             name = msg.split("`")[1]
             field = f"{field}.{name}" if field else name
+            msg = (f"required; add {name} to the JSON body (docs/api.md lists the fields)"
+                   if msg.startswith("Object missing") else "unknown field; remove it (docs/api.md lists the fields)")
+        else:
+            msg = f"{msg}; send a value of that kind"
         return ApiError(400, f"{field}: {msg}" if field else msg, field)
-    return ApiError(400, f"the body is not valid JSON: {text}")
+    return ApiError(400, f"the body is not valid JSON: {text}; send one JSON object")
 
 
 def decode_json(body: bytes, kind: type) -> object:
@@ -78,6 +83,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_answer(request, e)
 
 
+def _where_to_look(what: str) -> str:
+    """The command that lists what exists, for a 404's message."""
+    for noun, command in (("handshake code", "ltsctl codes list"), ("seat", "ltsctl devices list ITEM"),
+                          ("item", "ltsctl items list"), ("license", "ltsctl licenses list"),
+                          ("import", "ltsctl imports")):
+        if what.startswith(noun):
+            return f"`{command}` shows what exists"
+    return "check the name"
+
+
 def error_answer(request: web.BaseRequest, error: Exception) -> web.Response:
     """The JSON answer for a failure; an HTTP exception below 400 (a redirect) is raised again."""
     try:  # raised again to pick the answer with the except clauses below
@@ -87,7 +102,7 @@ def error_answer(request: web.BaseRequest, error: Exception) -> web.Response:
     except (CodeError, UsageError) as e:
         return error_response(getattr(e, "status", 400), str(e), e.field)
     except NotFound as e:
-        return error_response(404, f"no such {e.what}")
+        return error_response(404, f"no such {e.what}; {_where_to_look(e.what)}")
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -115,6 +130,34 @@ def error_answer(request: web.BaseRequest, error: Exception) -> web.Response:
             return error_response(400, CLIENT_GONE)
         logs.log.exception("http.internal_error", extra={"fields": {"path": request.path}})
         return error_response(500, f"internal error ({type(e).__name__}); see the server log")
+
+
+class _JsonErrorsHandler(RequestHandler):
+    """aiohttp's protocol, answering requests it cannot parse in the JSON error format."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # part of an answer is out: nothing more can be said
+            raise ConnectionError("the answer was partly sent; cannot send an error after it")
+        if status >= 500:
+            logs.log.error("http.internal_error", exc_info=exc)
+            text = "internal error; see the server log"
+        else:
+            reason = (getattr(exc, "message", None) or message or str(exc or "") or "bad request").strip()
+            logs.event_limited("http.bad_request", status=status, error=reason)
+            text = f"the request is not valid HTTP ({reason}); send each header once, in a well-formed request"
+        response = error_response(status, text)
+        response.force_close()
+        return response
+
+
+def json_protocol_errors(handler: RequestHandler) -> RequestHandler:
+    """A request aiohttp cannot parse (two Content-Type headers, a bad request line, a head too large) gets
+    the JSON error format too, instead of aiohttp's text/plain page, and one log line, not a traceback."""
+    handler.__class__ = _JsonErrorsHandler  # the same slots: only handle_error differs
+    return handler
 
 
 def query_int(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:

@@ -32,6 +32,11 @@ class HandshakeBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, 
     instances: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1
 
 
+class ImportDismissBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    # The rejected file's path as `ltsctl imports` lists it, or its file name.
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+
+
 class SeatCount(msgspec.Struct, rename="camel"):
     used: int
     quantity: int

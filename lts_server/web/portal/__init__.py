@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import urllib.parse
 from dataclasses import dataclass
@@ -18,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from markupsafe import Markup, escape
 from aiohttp import web
 
 from lts_server import logs
 
 from lts_server.core.codes import CodeError, CodeFields
+from lts_server.core.model import Counts
 from lts_server.core.state import ItemState
 from lts_server.core.times import iso
 from lts_server.ledger import NotFound
@@ -30,7 +33,7 @@ from lts_server.licensefile import MAX_FILE_BYTES
 from lts_server.web import auth
 from lts_server.web.admin import code_json, default_code_refusal, requests_today, status_json
 from lts_server.web.errors import CLIENT_GONE, ApiError, client_gone
-from lts_server.web.portal.charts import GRANTED, REFUSED, UNITS, Line, Slice, donut, trend
+from lts_server.web.portal.charts import DEVICES, GRANTED, REFUSED, UNITS, Line, Slice, donut, trend
 from lts_server.web.services import SERVICES, Services
 from lts_server.web.stats import (
     EARLIEST,
@@ -55,6 +58,16 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
 
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
 _env.filters["num"] = lambda value: f"{value:,}" if isinstance(value, int) else value
+
+
+def _words(value: Any) -> Markup:
+    """Text whose hyphenated words (ids, dates, product names) never break at their hyphens: on a laptop a
+    table sizes its columns to whole words (portal.css: .w); on a phone the card layout may still wrap them."""
+    return Markup("".join(f'<span class="w">{escape(part)}</span>' if "-" in part else escape(part)
+                          for part in re.split(r"(\s+)", str(value))))
+
+
+_env.filters["words"] = _words
 
 
 # Sent with every answer: browsers must not guess another content type than the one declared.
@@ -353,20 +366,44 @@ def _lines(value: Any) -> tuple[str, ...]:
 
 
 def _code_form_context(services: Services, code: dict | None, form: dict) -> dict[str, Any]:
+    """The form's context. The item picker holds the items of the code's organization only (a new code: of
+    the organization chosen, the others hidden until it is chosen instead - portal.js)."""
     orgs = sorted({lic.license.organization_id for lic in services.ledger.licenses.values()})
-    return {"code": code, "form": form, "organizations": orgs, "all_items": _items(services)}
+    org = code["organizationId"] if code else (form.get("organizationId") or (orgs[0] if orgs else ""))
+    items = [{**i, "organizationId": services.ledger.items[i["itemId"]].organization_id} for i in _items(services)]
+    if code:
+        items = [i for i in items if i["organizationId"] == org]
+    return {"code": code, "form": form, "organizations": orgs, "all_items": items, "organization": org}
+
+
+def _typed(form: Any) -> dict[str, Any]:
+    """What the admin typed, to show again when the server refuses it (the session password is not)."""
+    return {"custom": str(form.get("custom", "")), "organizationId": str(form.get("organizationId", "")),
+            "domains": str(form.get("domains", "")), "appIds": str(form.get("appIds", "")),
+            "processNames": str(form.get("processNames", "")), "items": [str(i) for i in form.getall("items", [])]}
+
+
+def _refused_form(request: web.Request, page: dict[str, Any], title: str, action: str, code: dict | None,
+                  form: Any, error: Exception) -> web.Response:
+    """The form again, as typed, with the refusal on top (400): nothing typed is lost."""
+    text = str(error)
+    services = request.app[SERVICES]
+    return _render(request, "code_form.html", title, http_status=400, nav="codes", action=action,
+                   refusal=f"Not saved: {text[0].upper()}{text[1:]}", **_code_form_context(services, code, _typed(form)),
+                   **page)
 
 
 async def code_new_page(request: web.Request) -> web.Response:
     page = await _logged_in(request)
     services = request.app[SERVICES]
-    form = {"custom": "", "organizationId": "", "domains": "", "appIds": "", "processNames": "", "items": []}
+    form = {"custom": "", "organizationId": request.query.get("organizationId", ""), "domains": "", "appIds": "",
+            "processNames": "", "items": []}
     return _render(request, "code_form.html", "Add a handshake code", nav="codes", action="/portal/codes/new",
                    **_code_form_context(services, None, form), **page)
 
 
 async def code_new_submit(request: web.Request) -> web.Response:
-    _, form = await _form(request)
+    page, form = await _form(request)
     services = request.app[SERVICES]
     password = str(form.get("sessionPassword", ""))
     fields = CodeFields(custom=str(form.get("custom", "")), items=tuple(form.getall("items", [])),
@@ -376,7 +413,7 @@ async def code_new_submit(request: web.Request) -> web.Response:
     try:
         code = await services.ledger.create_code(str(form.get("organizationId", "")), fields)
     except CodeError as e:
-        raise _redirect("/portal/codes/new", ("error", f"Not saved: {e}")) from None
+        return _refused_form(request, page, "Add a handshake code", "/portal/codes/new", None, form, e)
     raise _redirect("/portal/codes", ("ok", f"Handshake code {code.name} created."))
 
 
@@ -394,7 +431,7 @@ async def code_edit_page(request: web.Request) -> web.Response:
 
 
 async def code_edit_submit(request: web.Request) -> web.Response:
-    _, form = await _form(request)
+    page, form = await _form(request)
     services = request.app[SERVICES]
     name = request.match_info["name"]
     password = str(form.get("sessionPassword", ""))
@@ -405,8 +442,12 @@ async def code_edit_submit(request: web.Request) -> web.Response:
                         process_names=_lines(form.get("processNames")), password_hash=password_hash)
     try:
         code = await services.ledger.edit_code(name, fields)
-    except (CodeError, NotFound) as e:
-        raise _redirect(f"/portal/codes/{name}/edit", ("error", f"Not saved: {e}")) from None
+    except NotFound:
+        raise _redirect("/portal/codes", ("error", f"No handshake code {name}.")) from None
+    except CodeError as e:
+        old = services.ledger.codes.get(name)
+        data = await code_json(services, old) if old else None
+        return _refused_form(request, page, f"Edit {name}", f"/portal/codes/{name}/edit", data, form, e)
     raise _redirect("/portal/codes", ("ok", f"Handshake code {code.name} saved."))
 
 
@@ -495,9 +536,17 @@ async def _stats_page(request: web.Request, scope: str, key: str, subject: str,
                                ("Today", summary["today"]))]
     series = body["series"]
     labels = [b["start"][5:16].replace("T", " ") for b in series]
-    handshakes = trend(labels, [Line("granted", GRANTED, [b["granted"] for b in series]),
-                                Line("refused", REFUSED, [b["refused"] for b in series])],
-                       "Granted and refused handshakes per bucket")
+    lines = [Line("granted", GRANTED, [b["granted"] for b in series]),
+             Line("refused", REFUSED, [b["refused"] for b in series])]
+    limit, limit_label = None, ""
+    item = services.ledger.items.get(key) if scope == "item" else None
+    if item is not None and item.rules.counts in (Counts.SEATS, Counts.CONCURRENCY):
+        # The item's limit is on devices: chart them against it.
+        lines.append(Line("active devices", DEVICES, [b["devices"] for b in series]))
+        limit = item.quantity
+        limit_label = "seats" if item.rules.counts is Counts.SEATS else "devices at once"
+    handshakes = trend(labels, lines, "Granted and refused handshakes per bucket", limit=limit,
+                       limit_label=limit_label)
     unit_counts = [b["units"] for b in series]
     counts_units = any(i.get("units") for i in items) or any(unit_counts)
     units = trend(labels, [Line("units", UNITS, unit_counts)], "Units (scans, pages) per bucket") if counts_units else None
@@ -505,7 +554,7 @@ async def _stats_page(request: web.Request, scope: str, key: str, subject: str,
     shown, pager = _paged(request, [b for b in series if b["granted"] or b["refused"] or b["units"] or b["devices"]],
                           ROWS_PER_PAGE)
     return _render(request, "stats.html", f"Statistics of {subject}", nav="codes" if scope == "code" else "items",
-                   subject=subject, items=items, donuts=donuts, trend=handshakes, units_trend=units, rows=shown,
+                   subject=subject, items=items, donuts=donuts, trend=handshakes, devices_charted=limit is not None, units_trend=units, rows=shown,
                    pager=pager, summary=summary,
                    day=day.strftime("%Y-%m-%d") if day else None, from_day=start.strftime("%Y-%m-%d"),
                    to_day=(end - timedelta(days=1)).strftime("%Y-%m-%d"), **page)

@@ -11,6 +11,7 @@ GRANTED = "#2f7d4a"
 REFUSED = "#c0392b"
 EMPTY = "#d9dde3"
 UNITS = "#1f5fa8"
+DEVICES = "#7a4fa8"
 
 
 @dataclass(frozen=True)
@@ -51,22 +52,27 @@ class Line:
     values: list[int]
 
 
-def _nice_top(value: int) -> int:
-    """The smallest 1, 2, 2.5 or 5 x 10^n at or above value, so gridlines fall on round numbers."""
-    if value <= 4:
-        return 4
-    magnitude = 10 ** (len(str(value)) - 1)
-    for step in (1, 2, 2.5, 5, 10):
-        if value <= step * magnitude:
-            return int(step * magnitude)
-    return value
+def nice_ticks(value: int, most: int = 5) -> list[int]:
+    """Round y ticks from 0 to at least value: steps of 1, 2 or 5 x 10^n, at most `most` + 1 ticks."""
+    value = max(1, value)
+    magnitude = 1
+    while True:
+        for base in (1, 2, 5):
+            step = base * magnitude
+            if -(-value // step) <= most:
+                top = -(-value // step) * step
+                return list(range(0, top + 1, step))
+        magnitude *= 10
 
 
-def trend(labels: list[str], lines: list[Line], title: str, width: int = 720, height: int = 200) -> Markup:
-    """Lines over buckets with gridlines and values on the y axis; hovering a point shows its values."""
+def trend(labels: list[str], lines: list[Line], title: str, width: int = 720, height: int = 200,
+          limit: int | None = None, limit_label: str = "limit") -> Markup:
+    """Lines over buckets with round gridlines and values on the y axis, and a dashed line at the limit when
+    given; hovering a point shows its values."""
     if not labels:
         return Markup('<p class="muted">No data in this period.</p>')
-    top = _nice_top(max(1, *(v for line in lines for v in line.values)))
+    ticks = nice_ticks(max(1, limit or 0, *(v for line in lines for v in line.values)))
+    top = ticks[-1]
     pad_l, pad_b, pad_t = 56, 20, 10
     inner_w, inner_h = width - pad_l - 10, height - pad_b - pad_t
     step = inner_w / max(1, len(labels) - 1)
@@ -78,10 +84,14 @@ def trend(labels: list[str], lines: list[Line], title: str, width: int = 720, he
         return pad_t + inner_h - inner_h * v / top
 
     grid = []
-    for k in range(5):
-        v = top * k // 4
+    for v in ticks:
         grid.append(f'<line x1="{pad_l}" y1="{y(v):.1f}" x2="{width - 10}" y2="{y(v):.1f}" class="gridline"/>'
                     f'<text x="{pad_l - 6}" y="{y(v) + 3:.1f}" class="axis" text-anchor="end">{v:,}</text>')
+    if limit is not None:
+        grid.append(f'<line x1="{pad_l}" y1="{y(limit):.1f}" x2="{width - 10}" y2="{y(limit):.1f}" class="limit">'
+                    f"<title>{escape(limit_label)}: {limit:,}</title></line>"
+                    f'<text x="{width - 12}" y="{y(limit) - 3:.1f}" class="axis limit-label" text-anchor="end">'
+                    f"{escape(limit_label)} {limit:,}</text>")
     drawn = []
     for line in lines:
         coords = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(line.values))
@@ -94,11 +104,11 @@ def trend(labels: list[str], lines: list[Line], title: str, width: int = 720, he
         + "</title></rect>"
         for i, label in enumerate(labels))
     label_every = max(1, len(labels) // 6)
-    ticks = "".join(
+    ticks_x = "".join(
         f'<text x="{x(i):.1f}" y="{height - 4}" class="axis" text-anchor="middle">{escape(label)}</text>'
         for i, label in enumerate(labels) if i % label_every == 0)
     return Markup(
         f'<svg class="trend" role="img" viewBox="0 0 {width} {height}" width="100%" preserveAspectRatio="none">'
         f"<title>{escape(title)}</title>{''.join(grid)}"
         f'<line x1="{pad_l}" y1="{pad_t + inner_h}" x2="{width - 10}" y2="{pad_t + inner_h}" stroke="#999"/>'
-        f"{''.join(drawn)}{targets}{ticks}</svg>")
+        f"{''.join(drawn)}{targets}{ticks_x}</svg>")

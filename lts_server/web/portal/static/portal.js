@@ -14,3 +14,23 @@ document.addEventListener("submit", (event) => {
     event.preventDefault();
   }
 });
+// The code form's item picker shows the items of the organization chosen, and only those.
+const organization = document.getElementById("organization");
+if (organization) {
+  const pick = () => {
+    document.querySelectorAll("#item-picker .pick").forEach((label) => {
+      const mine = label.dataset.org === organization.value;
+      label.hidden = !mine;
+      const box = label.querySelector("input");
+      box.disabled = !mine;
+      if (!mine) box.checked = false;
+    });
+    const shown = document.getElementById("picker-org");
+    if (shown) shown.textContent = organization.value;
+  };
+  organization.addEventListener("change", pick);
+}
+// A chart wider than the screen opens at its latest data (the right end), not at the empty start.
+document.querySelectorAll(".chart-scroll").forEach((box) => {
+  box.scrollLeft = box.scrollWidth;
+});
