@@ -42,6 +42,7 @@ from lts_server.store import (
     Store,
     StoredEvent,
     StoreError,
+    Unstorable,
     UsageReportRecord,
     WriteBatch,
 )
@@ -212,14 +213,17 @@ class Ledger:
         for auth in snap.authorizations.values():
             self._concurrent_grants.setdefault(auth.item_id, {})[auth.client_uuid] = auth
 
-    async def close(self) -> None:
-        """Finish every queued job, then stop the writer."""
+    async def close(self, timeout: float | None = None) -> None:
+        """Finish every queued job (for at most `timeout` seconds: then what is left is not done), then
+        stop the writer."""
         self._closed = True
         if self._writer is None:
             return
         # Every queued job done - or the writer gone, when a bug stopped it (then nothing is left to wait for).
         joined = asyncio.ensure_future(self._queue.join())
-        await asyncio.wait([joined, self._writer], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([joined, self._writer], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not done:  # commits that cannot finish (the database is away): not acknowledged, so nothing is lost
+            logs.event("ledger.stop_cut", logs.logging.WARNING, seconds=timeout, jobs=self._queue.qsize())
         joined.cancel()
         self._writer.cancel()
         try:
@@ -229,6 +233,8 @@ class Ledger:
         except Exception:  # noqa: S110 - a writer that stopped on a bug was logged by _writer_stopped
             pass
         self._writer = None
+        while not self._queue.empty():
+            _abandon(self._queue.get_nowait())
 
     # -- the writer --------------------------------------------------------
 
@@ -296,6 +302,13 @@ class Ledger:
         finally:
             if getter is not None:
                 getter.cancel()
+            # Stopped with commits unsettled (a stop that could not wait, or a bug): none is acknowledged.
+            for flight in flights:
+                flight.write.cancel()
+                for job in flight.jobs:
+                    _abandon(job)
+            for job in self._retry:
+                _abandon(job)
 
     async def _land(self, flights: deque[_Flight]) -> None:
         """Settle the finished commits at the head of the pipeline, in order; a failed one recovers them all."""
@@ -330,7 +343,7 @@ class Ledger:
         undo: Undo = []
         results: list[Any] = []
         for index, job in enumerate(jobs):
-            batch.job = index
+            batch.begin_job(index)
             assert job.run is not None
             try:
                 results.append(job.run(self.clock(), batch, undo))
@@ -375,9 +388,13 @@ class Ledger:
         # the database holds); on a shared store it is decided again too, on
         # the rows just read. Every other job is decided again (once) on the
         # state as it now is. Any other failure (disk full, lock) fails them all.
+        # A value the database cannot store fails the job that brought it, and only that one: every
+        # other job is decided again without it, however often (each such failure removes one job).
         culprit = None
-        if isinstance(error, Conflict) and error.job is not None and error.job < len(flights[0].jobs):
+        named = isinstance(error, (Conflict, Unstorable)) and error.job is not None
+        if named and error.job < len(flights[0].jobs):
             culprit = flights[0].jobs[error.job]
+        unstorable = isinstance(error, Unstorable) and culprit is not None
         # Nodes racing for an item's last seats can conflict again; each round settles at least one claim.
         retries = SHARED_RETRIES if self.store.shared else 1
         retry: list[_Job[Any]] = []
@@ -385,14 +402,21 @@ class Ledger:
             for job in flight.jobs:
                 if job.future.done():  # refused before it changed anything
                     self._done(job)
-                elif culprit is not None and (job is not culprit or self.store.shared) and job.retries < retries:
+                elif unstorable and job is not culprit:
+                    retry.append(job)
+                elif (not unstorable and culprit is not None and (job is not culprit or self.store.shared)
+                      and job.retries < retries):
                     job.retries += 1
                     retry.append(job)
                 else:
                     job.future.set_exception(failure)
                     self._done(job)
-        logs.event("ledger.commit_failed", logs.logging.ERROR, error=str(failure),
-                   jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
+        if unstorable:  # the request's fault, answered 400: not an error of the server
+            logs.event_limited("ledger.job_unstorable", logs.logging.WARNING, error=str(failure),
+                               jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
+        else:
+            logs.event("ledger.commit_failed", logs.logging.ERROR, error=str(failure),
+                       jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
         self._retry = retry + self._retry
         self._pipeline += 1
 
@@ -920,6 +944,11 @@ class Ledger:
         if code is None:
             raise NotFound(f"handshake code {name}")
         return code
+
+
+def _abandon(job: _Job[Any]) -> None:
+    if not job.future.done():
+        job.future.set_exception(LedgerClosed("the server stopped before this was recorded"))
 
 
 def _writer_stopped(task: asyncio.Task[None]) -> None:
