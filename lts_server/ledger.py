@@ -780,7 +780,7 @@ class Ledger:
             if old.organization_id != lic.organization_id:
                 return (f"organization-changed: license {lic.license_id} belongs to organization "
                         f"{old.organization_id}, the file says {lic.organization_id}")
-            if lic.revision < old.revision or (lic.revision == old.revision and lic != old):
+            if lic.revision < old.revision or (lic.revision == old.revision and not old.same_as(old.renewed_by(lic))):
                 return (f"stale-revision: license {lic.license_id} revision {old.revision} is imported; "
                         f"this file has revision {lic.revision} with different content")
         for item in lic.items:
@@ -796,13 +796,10 @@ class Ledger:
     def _apply_license(self, lic: License, key_id: str, sha256: str, text: str, path: str, now: datetime,
                        batch: WriteBatch, undo: Undo) -> str:
         existing = self.licenses.get(lic.license_id)
-        if existing is not None and existing.license == lic:
+        merged = existing.license.renewed_by(lic) if existing else lic
+        if existing is not None and existing.license.same_as(merged):
             return "unchanged"
         first = existing.first_imported_at if existing else now
-        # A renewal keeps items it no longer lists (see docs/license-file-format.md).
-        listed = {i.item_id for i in lic.items}
-        kept = tuple(i for i in existing.license.items if i.item_id not in listed) if existing else ()
-        merged = dataclasses.replace(lic, items=tuple(lic.items) + kept)
         record = LicenseRecord(merged, key_id, sha256, text, first, now)
         _set(self.licenses, lic.license_id, record, undo)
         new_items = [i.item_id for i in lic.items if i.item_id not in self.items]

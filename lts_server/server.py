@@ -30,7 +30,7 @@ from lts_server.store import Store
 from lts_server.store.postgres import IMPORT_LOCK, PostgresStore
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
-from lts_server.web.connections import GUARD, ConnectionGuard, Limits
+from lts_server.web.connections import GUARD, ConnectionGuard, Limits, ProtocolLog
 from lts_server.web.services import Services
 
 SWEEP_SECONDS = 60.0
@@ -161,7 +161,8 @@ class Server:
         app = create_app(self.services, admin_port)
         # The guard applies the idle timeout (and the others); aiohttp's own keep-alive timer stays at
         # its long default so that it never closes a connection before the guard can answer 408.
-        runner = self.runner = web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None)
+        runner = self.runner = web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None,
+                                             logger=ProtocolLog())
         self.guard = ConnectionGuard(lambda: runner.server(), connection_limits(cfg))
         app[GUARD] = self.guard
         await runner.setup()

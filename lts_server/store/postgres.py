@@ -359,12 +359,18 @@ class PostgresStore(sql.Operations, AlertOperations):
     @contextlib.asynccontextmanager
     async def exclusive(self, key: int) -> AsyncIterator[None]:
         """Hold a cluster-wide lock (a session advisory lock) for the block."""
-        async with self._borrow() as conn:
-            await conn.execute("SELECT pg_advisory_lock($1)", key)
-            try:
-                yield
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", key)
+        try:
+            async with self._borrow() as conn:
+                await conn.execute("SELECT pg_advisory_lock($1)", key)
+                try:
+                    yield
+                finally:
+                    try:
+                        await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                    except FAILURES:  # ending the session releases the lock (and, lost, it is gone anyway)
+                        conn.terminate()
+        except FAILURES as e:
+            raise _translate(e, f"database {self.where}") from None
 
     async def last_event(self) -> int:
         return await self._fetchval("SELECT COALESCE(MAX(seq), 0) FROM events")
