@@ -221,8 +221,8 @@ async def test_json_nested_too_deep_is_a_400_and_one_log_line(running: Running, 
                                             headers={"Content-Type": "application/json"}) as resp:
                 answer = await resp.json()
                 assert resp.status == 400, answer
-                assert answer["error"]["message"] == (f"the body nests arrays and objects {MAX_JSON_DEPTH + 1} levels "
-                                                      f"deep; at most {MAX_JSON_DEPTH} are accepted")
+                assert answer["error"]["message"] == (f"the body nests arrays and objects more than {MAX_JSON_DEPTH} "
+                                                      f"levels deep; at most {MAX_JSON_DEPTH} are accepted")
     deep = [r for r in caplog.records if r.getMessage() == "http.json_too_deep"]
     assert len(deep) == 1 and deep[0].levelno == logging.WARNING and not deep[0].exc_info
     assert not _problems(caplog.records)
@@ -231,3 +231,36 @@ async def test_json_nested_too_deep_is_a_400_and_one_log_line(running: Running, 
                                     headers={"Content-Type": "application/json"}) as resp:
         answer = await resp.json()
         assert resp.status == 400 and "levels deep" not in answer["error"]["message"], answer
+
+
+async def test_hostile_requests_among_good_ones_cost_them_nothing(running: Running) -> None:
+    """The outside test's flood: requests with a NUL, sent in among good ones (so they would share batches),
+    used to make PostgreSQL refuse whole batches and the good requests got 503."""
+    await running.drop("l1.lic", running.vendor.issue(license_spec("L1", items=[item("L1-1", quantity=1000)])))
+    calls = []
+    for n in range(200):
+        calls.append(running.handshake(handshakeCode="216998-L1", clientUuid=f"good-{n}"))
+        if n % 2 == 0:
+            calls.append(running.handshake(handshakeCode="216998-L1", clientUuid=f"bad-{n}",
+                                           product=f"barcode-reader\x00{n}"))
+    answers = await asyncio.gather(*calls)
+    good = [status for status, body in answers if "authorization" in body or body["error"].get("field") != "product"]
+    bad = [body for status, body in answers if status == 400 and body["error"].get("field") == "product"]
+    assert good == [200] * 200 and len(bad) == 100
+    assert await running.sql_value("SELECT COUNT(*) FROM events WHERE type = 'handshake'") == 200
+
+
+@pytest.mark.parametrize(("body", "deep"), [
+    (b"[]", False), (b'{"a":' + b"[" * 15 + b"]" * 15 + b"}", False), (b'{"a":' + b"[" * 16 + b"]" * 16 + b"}", True),
+    (b"[" + b"[]," * 5000 + b"[]]", False),  # wide, not deep
+    (b"[[]" * 20 + b"]" * 20, True),  # deep without a long run of brackets
+    (b'{"a":"' + b"[" * 100 + b'"}', False),  # brackets inside a string
+    (rb'{"a":"\"' + b"[" * 100 + b'"}', False),  # after an escaped quote, still inside the string
+    (rb'{"a":"\\"' + b"," * 3 + b"[" * 20 + b"0" + b"]" * 20 + b"}", True),  # an escaped backslash ends it
+    (b"[" * 40, True),  # never closed
+    (b"]" * 40, False),  # not JSON, but not deep: the decoder says what is wrong
+])
+def test_json_depth_is_measured_on_the_bytes(body: bytes, deep: bool) -> None:
+    from lts_server.web.inputs import json_too_deep
+
+    assert json_too_deep(body) is deep
