@@ -313,11 +313,12 @@ class Ledger:
     async def _land(self, flights: deque[_Flight]) -> None:
         """Settle the finished commits at the head of the pipeline, in order; a failed one recovers them all."""
         while flights and flights[0].write.done():
-            flight = flights.popleft()
+            flight = flights[0]  # still in flights while recovering: a stop meanwhile abandons its jobs
             if flight.write.cancelled() or flight.write.exception() is not None:
-                await self._recover([flight, *flights])
+                await self._recover(list(flights))
                 flights.clear()
             else:
+                flights.popleft()
                 self._settle(flight)
 
     async def _drain(self, flights: deque[_Flight]) -> None:
