@@ -123,6 +123,8 @@ class DeviceCache:
                 self._entries.setdefault(c, device)
         for c in wanted:
             future = self._loading.pop(c)
+            if future.done():  # cancelled: every job that waited for it went away (a stop)
+                continue
             if error is not None:
                 future.set_exception(error)
             else:

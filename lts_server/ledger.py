@@ -42,6 +42,7 @@ from lts_server.store import (
     Store,
     StoredEvent,
     StoreError,
+    Unstorable,
     UsageReportRecord,
     WriteBatch,
 )
@@ -215,14 +216,17 @@ class Ledger:
         for auth in snap.authorizations.values():
             self._concurrent_grants.setdefault(auth.item_id, {})[auth.client_uuid] = auth
 
-    async def close(self) -> None:
-        """Finish every queued job, then stop the writer."""
+    async def close(self, timeout: float | None = None) -> None:
+        """Finish every queued job (for at most `timeout` seconds: then what is left is not done), then
+        stop the writer."""
         self._closed = True
         if self._writer is None:
             return
         # Every queued job done - or the writer gone, when a bug stopped it (then nothing is left to wait for).
         joined = asyncio.ensure_future(self._queue.join())
-        await asyncio.wait([joined, self._writer], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([joined, self._writer], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not done:  # commits that cannot finish (the database is away): not acknowledged, so nothing is lost
+            logs.event("ledger.stop_cut", logs.logging.WARNING, seconds=timeout, jobs=self._queue.qsize())
         joined.cancel()
         self._writer.cancel()
         try:
@@ -232,6 +236,8 @@ class Ledger:
         except Exception:  # noqa: S110 - a writer that stopped on a bug was logged by _writer_stopped
             pass
         self._writer = None
+        while not self._queue.empty():
+            _abandon(self._queue.get_nowait())
 
     # -- the writer --------------------------------------------------------
 
@@ -299,15 +305,23 @@ class Ledger:
         finally:
             if getter is not None:
                 getter.cancel()
+            # Stopped with commits unsettled (a stop that could not wait, or a bug): none is acknowledged.
+            for flight in flights:
+                flight.write.cancel()
+                for job in flight.jobs:
+                    _abandon(job)
+            for job in self._retry:
+                _abandon(job)
 
     async def _land(self, flights: deque[_Flight]) -> None:
         """Settle the finished commits at the head of the pipeline, in order; a failed one recovers them all."""
         while flights and flights[0].write.done():
-            flight = flights.popleft()
+            flight = flights[0]  # still in flights while recovering: a stop meanwhile abandons its jobs
             if flight.write.cancelled() or flight.write.exception() is not None:
-                await self._recover([flight, *flights])
+                await self._recover(list(flights))
                 flights.clear()
             else:
+                flights.popleft()
                 self._settle(flight)
 
     async def _drain(self, flights: deque[_Flight]) -> None:
@@ -333,7 +347,7 @@ class Ledger:
         undo: Undo = []
         results: list[Any] = []
         for index, job in enumerate(jobs):
-            batch.job = index
+            batch.begin_job(index)
             assert job.run is not None
             try:
                 results.append(job.run(self.clock(), batch, undo))
@@ -378,9 +392,13 @@ class Ledger:
         # the database holds); on a shared store it is decided again too, on
         # the rows just read. Every other job is decided again (once) on the
         # state as it now is. Any other failure (disk full, lock) fails them all.
+        # A value the database cannot store fails the job that brought it, and only that one: every
+        # other job is decided again without it, however often (each such failure removes one job).
         culprit = None
-        if isinstance(error, Conflict) and error.job is not None and error.job < len(flights[0].jobs):
+        named = isinstance(error, (Conflict, Unstorable)) and error.job is not None
+        if named and error.job < len(flights[0].jobs):
             culprit = flights[0].jobs[error.job]
+        unstorable = isinstance(error, Unstorable) and culprit is not None
         # Nodes racing for an item's last seats can conflict again; each round settles at least one claim.
         retries = SHARED_RETRIES if self.store.shared else 1
         retry: list[_Job[Any]] = []
@@ -388,14 +406,21 @@ class Ledger:
             for job in flight.jobs:
                 if job.future.done():  # refused before it changed anything
                     self._done(job)
-                elif culprit is not None and (job is not culprit or self.store.shared) and job.retries < retries:
+                elif unstorable and job is not culprit:
+                    retry.append(job)
+                elif (not unstorable and culprit is not None and (job is not culprit or self.store.shared)
+                      and job.retries < retries):
                     job.retries += 1
                     retry.append(job)
                 else:
                     job.future.set_exception(failure)
                     self._done(job)
-        logs.event("ledger.commit_failed", logs.logging.ERROR, error=str(failure),
-                   jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
+        if unstorable:  # the request's fault, answered 400: not an error of the server
+            logs.event_limited("ledger.job_unstorable", logs.logging.WARNING, error=str(failure),
+                               jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
+        else:
+            logs.event("ledger.commit_failed", logs.logging.ERROR, error=str(failure),
+                       jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
         self._retry = retry + self._retry
         self._pipeline += 1
 
@@ -809,7 +834,7 @@ class Ledger:
             if old.organization_id != lic.organization_id:
                 return (f"organization-changed: license {lic.license_id} belongs to organization "
                         f"{old.organization_id}, the file says {lic.organization_id}")
-            if lic.revision < old.revision or (lic.revision == old.revision and lic != old):
+            if lic.revision < old.revision or (lic.revision == old.revision and not old.same_as(old.renewed_by(lic))):
                 return (f"stale-revision: license {lic.license_id} revision {old.revision} is imported; "
                         f"this file has revision {lic.revision} with different content")
         for item in lic.items:
@@ -825,13 +850,10 @@ class Ledger:
     def _apply_license(self, lic: License, key_id: str, sha256: str, text: str, path: str, now: datetime,
                        batch: WriteBatch, undo: Undo) -> str:
         existing = self.licenses.get(lic.license_id)
-        if existing is not None and existing.license == lic:
+        merged = existing.license.renewed_by(lic) if existing else lic
+        if existing is not None and existing.license.same_as(merged):
             return "unchanged"
         first = existing.first_imported_at if existing else now
-        # A renewal keeps items it no longer lists (see docs/license-file-format.md).
-        listed = {i.item_id for i in lic.items}
-        kept = tuple(i for i in existing.license.items if i.item_id not in listed) if existing else ()
-        merged = dataclasses.replace(lic, items=tuple(lic.items) + kept)
         record = LicenseRecord(merged, key_id, sha256, text, first, now)
         _set(self.licenses, lic.license_id, record, undo)
         new_items = [i.item_id for i in lic.items if i.item_id not in self.items]
@@ -993,6 +1015,11 @@ class Ledger:
         if code is None:
             raise NotFound(f"handshake code {name}")
         return code
+
+
+def _abandon(job: _Job[Any]) -> None:
+    if not job.future.done():
+        job.future.set_exception(LedgerClosed("the server stopped before this was recorded"))
 
 
 def _writer_stopped(task: asyncio.Task[None]) -> None:

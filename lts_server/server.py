@@ -31,7 +31,7 @@ from lts_server.store import Store, StoreError
 from lts_server.store.postgres import IMPORT_LOCK, PostgresStore
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
-from lts_server.web.connections import GUARD, ConnectionGuard, Limits
+from lts_server.web.connections import GUARD, ConnectionGuard, Limits, ProtocolLog
 from lts_server.web.errors import json_protocol_errors
 from lts_server.web.services import Services
 
@@ -45,6 +45,9 @@ ROLLUP_PAGE = 500
 PRUNE_SECONDS = 3600.0
 # How often events older than [events] retain_days are archived.
 ARCHIVE_SECONDS = 3600.0
+# Seconds a stop still gets after the last in-flight request if those took all of shutdown_timeout:
+# to flush the ledger's commits and close the database, when it answers.
+STOP_GRACE = 1.0
 
 
 def _free_port(host: str) -> int:
@@ -168,7 +171,8 @@ class Server:
         app = create_app(self.services, admin_port)
         # The guard applies the idle timeout (and the others); aiohttp's own keep-alive timer stays at
         # its long default so that it never closes a connection before the guard can answer 408.
-        runner = self.runner = web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None)
+        runner = self.runner = web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None,
+                                             logger=ProtocolLog())
         self.guard = ConnectionGuard(lambda: json_protocol_errors(runner.server()), connection_limits(cfg))
         app[GUARD] = self.guard
         await runner.setup()
@@ -395,24 +399,49 @@ class Server:
             logs.event("reload.done", files=report.seen, changed=len(report.outcomes))
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish, flush the ledger, close the database."""
+        """Stop accepting, let in-flight requests finish, flush the ledger, close the database.
+
+        Within server.shutdown_timeout whatever the database does, or STOP_GRACE after the last request
+        when those took it all: what cannot finish by then (a commit to a database that went away, a
+        connection asyncpg still counts as in use) is cut, and was never acknowledged to anyone."""
+        loop = asyncio.get_running_loop()
+        timeout = self.config.server.shutdown_timeout
+        deadline = loop.time() + timeout
+
+        def left() -> float:
+            return max(deadline - loop.time(), 0.01)
+
         self.stopping.set()
         for listener in self._listeners:
             listener.close()  # stop accepting; open connections finish below
         if self.runner is not None:
-            await self.runner.cleanup()
+            cleanup = asyncio.ensure_future(self.runner.cleanup())
+            if not (await asyncio.wait([cleanup], timeout=timeout))[0]:
+                # Requests still waiting, on commits or reads the database does not answer: stop the
+                # ledger and the database now, so they end (503) instead of aiohttp waiting as long again.
+                logs.event("server.stop_cut_requests", logs.logging.WARNING, seconds=timeout)
+                if self.services is not None:
+                    await self.services.ledger.close(0)
+                if self._store is not None:
+                    await self._store.close(0)
+                await asyncio.wait([cleanup], timeout=STOP_GRACE)
+        deadline = max(deadline, loop.time() + STOP_GRACE)
         if self.services is not None:
             try:
-                await asyncio.wait_for(self.services.alerts.idle(), self.config.server.shutdown_timeout)
+                await asyncio.wait_for(self.services.alerts.idle(), left())
             except TimeoutError:
                 logs.event("alerts.stop_cut_delivery", logs.logging.WARNING)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            done, _ = await asyncio.wait(self._tasks, timeout=left())
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: a task that failed on its way out says so in the log itself
         if self.services is not None:
-            await self.services.ledger.close()
+            await self.services.ledger.close(left())
         if self._store is not None:
-            await self._store.close()
+            await self._store.close(left())
         if self._state_lock is not None:
             self._state_lock.release()
         logs.event("server.stopped")

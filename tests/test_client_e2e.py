@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -82,6 +84,29 @@ async def test_client_fails_over_verifies_and_caches(daemon: Daemon, tmp_path: P
     cached.write_text(json.dumps(data))
     async with LtsClient([daemon.url], cache_dir=cache) as client:
         assert client._read_cached(cached) is None
+
+
+@pytest.mark.sqlite_only
+async def test_a_stopped_first_server_costs_the_client_one_timeout_not_one_per_call(
+        daemon: Daemon, tmp_path: Path, vendor: Vendor) -> None:
+    """The first server SIGSTOPped (it accepts connections, answers nothing): the first handshake waits for
+    it once, the next ones go to the second server at once (lts_client/failover.py)."""
+    (tmp_path / "stopped" / "import").mkdir(parents=True)
+    stopped = start_daemon(write_config(tmp_path / "stopped", vendor), tmp_path / "stopped")
+    stopped.proc.send_signal(signal.SIGSTOP)
+    try:
+        async with LtsClient([stopped.url, daemon.url], timeout=2) as client:
+            took = []
+            for _ in range(3):
+                started = time.monotonic()
+                auth = await client.handshake(handshake_code="216998-L1", client_uuid="dev-s",
+                                              product="barcode-reader", deployment_type="browser")
+                took.append(time.monotonic() - started)
+                assert auth.server == daemon.url
+    finally:
+        stopped.proc.send_signal(signal.SIGCONT)
+        stop_daemon(stopped)
+    assert took[0] >= 1.9 and max(took[1:]) < 1.0, took
 
 
 async def test_client_raises_refusals_with_codes(daemon: Daemon) -> None:

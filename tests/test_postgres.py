@@ -605,7 +605,12 @@ async def test_kill_9_one_of_three_nodes_under_load_keeps_every_seat_and_answer(
         await asyncio.sleep(3)
         nodes[0] = await asyncio.to_thread(daemon_factory, configs[0], port=ports[0])
         back_at = time.monotonic()
-        await asyncio.sleep(3)
+
+        def back_on_node_0() -> bool:  # once their back-off of it ends (lts_client/failover.py)
+            return {a.device for a in answers if a.at > back_at + 0.5 and a.server == urls[0]} == set(devices[::3])
+
+        await wait_for(back_on_node_0, timeout=30)
+        await asyncio.sleep(1)
     finally:
         stop.set()
         await load  # a device that could not carry on fails the test here, with its error

@@ -6,7 +6,7 @@ which fields it needs, its grace); everything else asks it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -135,6 +135,19 @@ class License:
     issued_at: datetime
     items: tuple[Item, ...]
     server_uuid: str | None = None
+
+    def renewed_by(self, new: License) -> License:
+        """What importing `new` over this license stores: its fields and items, and the items of this one
+        it no longer lists (a renewal keeps them; see docs/license-file-format.md)."""
+        listed = {i.item_id for i in new.items}
+        return replace(new, items=new.items + tuple(i for i in self.items if i.item_id not in listed))
+
+    def same_as(self, other: License) -> bool:
+        """The same license, whatever order each lists its items in (a file in its own order, the
+        database by item id)."""
+        return (replace(self, items=()) == replace(other, items=())
+                and {i.item_id: i for i in self.items} == {i.item_id: i for i in other.items}
+                and len(self.items) == len(other.items))
 
 
 @dataclass(frozen=True)

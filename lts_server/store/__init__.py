@@ -9,7 +9,7 @@ backend implements the same `Store` protocol.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from enum import Enum
 from typing import Any, Protocol
@@ -25,6 +25,10 @@ class StoreUnavailable(StoreError):
     """Locked by another process, or otherwise temporarily unusable: retry later."""
 
 
+class StoreUnreachable(StoreUnavailable):
+    """The database server cannot be reached (stopped, restarting, the network): retry later."""
+
+
 class StoreFull(StoreError):
     """The disk (or the database's size limit) is full."""
 
@@ -38,6 +42,22 @@ class Conflict(StoreError):
 
     `job` is the index, within its batch, of the job whose change conflicted,
     so the ledger can fail that job alone and decide the others again.
+    """
+
+    def __init__(self, message: str, job: int | None = None) -> None:
+        super().__init__(message)
+        self.job = job
+
+
+class Unstorable(StoreError):
+    """The database refused a value as such: text it cannot hold (a NUL, a character its encoding lacks),
+    a number out of its range. The request that brought it is at fault, not the database.
+
+    From `write`, `job` is the index of the job whose rows hold the value (the store finds it by
+    writing the batch's jobs one by one, `WriteBatch.parts`, in a transaction it rolls back): the
+    ledger fails that job alone and writes the batch again without it, so a hostile request never
+    costs its neighbours their answers. A store that cannot name the job raises a plain StoreError.
+    From a read, `job` is None: the value asked about cannot be in the database.
     """
 
     def __init__(self, message: str, job: int | None = None) -> None:
@@ -200,8 +220,31 @@ class WriteBatch:
     events: list[Event] = field(default_factory=list)
     # When the changes were made: stamps rows that keep a modification time.
     at: datetime | None = None
-    # The index of the job now adding changes (set by the ledger), for SeatChange.job.
+    # The index of the job now adding changes (set by begin_job), for SeatChange.job.
     job: int = 0
+    # Where each job's rows begin: (job, the length of every row list when it began).
+    job_starts: list[tuple[int, dict[str, int]]] = field(default_factory=list, repr=False)
+
+    def begin_job(self, job: int) -> None:
+        """Rows added from now on are job `job`'s (the ledger calls this before it runs each job)."""
+        self.job = job
+        self.job_starts.append((job, {name: len(getattr(self, name)) for name in _ROW_LISTS}))
+
+    def parts(self) -> list[tuple[int | None, WriteBatch]]:
+        """The batch cut into the rows each job added, in the order they were added, each a batch of its
+        own; then (None) what the jobs share: the per-item and per-organization totals, and rows added
+        outside any job. Written in this order they make the same changes as the whole batch."""
+        bounds = [*self.job_starts, (None, {name: len(getattr(self, name)) for name in _ROW_LISTS})]
+        empty = {name: [] for name in _ROW_LISTS}
+        found: list[tuple[int | None, WriteBatch]] = []
+        for (job, start), (_, end) in zip(bounds, bounds[1:]):
+            rows = {name: getattr(self, name)[start[name]:end[name]] for name in _ROW_LISTS}
+            found.append((job, replace(self, organization_defaults={}, revocations={}, unit_charges={},
+                                       job_starts=[], **rows)))
+        first = bounds[0][1]
+        before = {name: getattr(self, name)[:first[name]] for name in _ROW_LISTS}
+        found.append((None, replace(self, job_starts=[], **{**empty, **before})))
+        return [(job, part) for job, part in found if part]
 
     def claim(self, seat: Seat, limit: int, exclusive_of: tuple[str, ...] = ()) -> None:
         self.seat_changes.append(SeatChange(SeatOp.CLAIM, seat, limit, self.job, exclusive_of))
@@ -231,6 +274,10 @@ class WriteBatch:
                 self.events,
             )
         )
+
+
+# WriteBatch's lists of rows, each row added by one job (the dicts are totals the jobs share).
+_ROW_LISTS = tuple(f.name for f in fields(WriteBatch) if f.default_factory is list and f.name != "job_starts")
 
 
 @dataclass
@@ -337,7 +384,7 @@ class Store(Protocol):
 
     async def open(self) -> None: ...
 
-    async def close(self) -> None: ...
+    async def close(self, timeout: float | None = None) -> None: ...
 
     async def ready(self) -> bool: ...
 

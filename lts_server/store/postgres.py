@@ -11,6 +11,9 @@ particular to several nodes sharing one database:
   (`changes_since`) hands it only what the other nodes did.
 - Migrations run under an advisory lock: nodes starting together on an
   empty database migrate it once.
+- A connection that failed because the server went away is terminated, never
+  handed back to the pool, and stopping never waits longer than it is given
+  (see `_borrow` and `close`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from lts_server.store import (
     StoreError,
     StoreFull,
     StoreUnavailable,
+    StoreUnreachable,
+    Unstorable,
     WriteBatch,
     sql,
 )
@@ -97,19 +102,27 @@ async def drive(conn: asyncpg.Connection, proc: sql.Procedure[T]) -> T:
         return done.value
 
 
-# The database server is away (stopped, restarting, unreachable): retry later.
+# A value the database cannot store or compare: the server's data exceptions (SQLSTATE class 22: text
+# with NUL, a character the database's encoding lacks, a number out of range) and the client's own
+# refusal to encode a parameter (asyncpg's InterfaceError-based DataError).
+UNSTORABLE = (asyncpg.DataError, asyncpg.exceptions._base.DataError)
+# The database server is away (stopped, restarting, unreachable): retry later. InternalClientError is
+# asyncpg confused by a connection lost mid-operation ("cannot switch to state 15; another operation
+# is in progress"), seen when PostgreSQL is killed under load.
 AWAY = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-        asyncpg.exceptions.OperatorInterventionError)
+        asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InternalClientError)
 FAILURES = (asyncpg.PostgresError, *AWAY)
 
 
 def _translate(e: Exception, where: str) -> StoreError:
+    if isinstance(e, UNSTORABLE):
+        return Unstorable(f"{where}: {e}")
     if isinstance(e, asyncpg.DiskFullError):
         return StoreFull(f"{where}: the database server's disk is full; free space, then retry")
     if isinstance(e, (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError, asyncpg.SerializationError)):
         return StoreUnavailable(f"{where}: {e}")
     if isinstance(e, AWAY):
-        return StoreUnavailable(f"{where}: the database server is unreachable: {e}")
+        return StoreUnreachable(f"{where}: the database server is unreachable: {e}")
     return StoreError(f"{where}: {e}")
 
 
@@ -190,7 +203,7 @@ class PostgresStore(sql.Operations, AlertOperations):
                                      password=self._password)
 
     async def _migrate(self) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._borrow() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
@@ -202,17 +215,49 @@ class PostgresStore(sql.Operations, AlertOperations):
             for version, _name, script in known[current:]:
                 await conn.execute(dialect(script))
                 await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+            encoding = await conn.fetchval("SHOW server_encoding")
+        if encoding != "UTF8":  # text outside the encoding fails its request with 400 (store.Unstorable)
+            logs.event("store.not_utf8", logs.logging.WARNING, database=self.where, encoding=encoding,
+                       hint="create the database with ENCODING 'UTF8': text this encoding lacks cannot be stored")
+
+    @contextlib.asynccontextmanager
+    async def _borrow(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the pool, for the block. One that failed because the server went away (or that
+        is closed) is terminated rather than handed back: asyncpg does not always free the pool's slot
+        of a connection lost mid-operation (seen when PostgreSQL is killed under load: the slot stays
+        taken, the pool shrinks by one, and Pool.close() waits for it for ever)."""
+        async with self.pool.acquire(timeout=COMMAND_TIMEOUT) as conn:
+            try:
+                yield conn
+            except BaseException as e:
+                with contextlib.suppress(asyncpg.InterfaceError):  # released already: the pool was terminated
+                    if (isinstance(e, AWAY) and not isinstance(e, UNSTORABLE)) or conn.is_closed():
+                        conn.terminate()
+                raise
 
     async def schema_version(self) -> int:
-        return await self.pool.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        async with self._borrow() as conn:
+            return await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
 
-    async def close(self) -> None:
+    async def close(self, timeout: float | None = None) -> None:
+        """Close the connections, waiting at most `timeout` seconds for those still in use; then they are
+        terminated (a statement cut this way was never acknowledged to anyone)."""
         writer, self._writer = self._writer, None
         pool, self._pool = self._pool, None
-        if writer is not None:
-            await writer.close()
-        if pool is not None:
-            await pool.close()
+        try:
+            async with asyncio.timeout(timeout):
+                if writer is not None:
+                    await writer.close()
+                if pool is not None:
+                    await pool.close()
+        except (TimeoutError, *FAILURES) as e:
+            held = sum(1 for holder in pool._holders if holder._in_use is not None) if pool is not None else 0
+            logs.event("store.close_terminated", logs.logging.WARNING, database=self.where,
+                       error=str(e) or type(e).__name__, connections_in_use=held)
+            if writer is not None:
+                writer.terminate()
+            if pool is not None:
+                pool.terminate()
 
     async def ready(self) -> bool:
         if self._pool is None:
@@ -227,13 +272,14 @@ class PostgresStore(sql.Operations, AlertOperations):
 
     async def _fetchval(self, statement: str, *args: Any) -> Any:
         try:
-            return await self.pool.fetchval(statement, *args)
+            async with self._borrow() as conn:
+                return await conn.fetchval(statement, *args)
         except FAILURES as e:
             raise _translate(e, f"database {self.where}") from None
 
     async def _call(self, proc: sql.Procedure[T], lock: int | None = None) -> T:
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with self._borrow() as conn, conn.transaction():
                 if lock is not None:
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
                 return await drive(conn, proc)
@@ -261,6 +307,8 @@ class PostgresStore(sql.Operations, AlertOperations):
             except BaseException as e:
                 if pipeline is not None:
                     self._failed_pipeline = pipeline
+                if isinstance(e, UNSTORABLE) and self._writer is not None and not self._writer.is_closed():
+                    raise await self._unstorable(self._writer, batch, e) from None
                 if isinstance(e, AWAY) and self._writer is not None:
                     self._writer.terminate()
                     self._writer = None
@@ -271,6 +319,34 @@ class PostgresStore(sql.Operations, AlertOperations):
                 self._own.append((before, after))
         if self.on_commit is not None:
             self.on_commit(len(batch.events), time.perf_counter() - started)
+
+    async def _unstorable(self, writer: asyncpg.Connection, batch: WriteBatch, error: Exception) -> StoreError:
+        """The Unstorable that names the job whose rows hold the value the database refused: the batch's
+        parts written one by one, each in a savepoint, in a transaction rolled back whatever happens."""
+        where = f"database {self.where}"
+        try:
+            transaction = writer.transaction()
+            await transaction.start()
+            try:
+                await writer.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+                for job, part in batch.parts():
+                    try:
+                        async with writer.transaction():
+                            await drive(writer, sql.write_batch(part))
+                    except UNSTORABLE as e:
+                        if job is None:  # in what the jobs share: no one job to blame
+                            break
+                        return Unstorable(f"{where}: {e}", job)
+                    except (asyncpg.PostgresError, StoreError):
+                        continue  # a conflict of this part without its neighbours: not what is looked for
+            finally:
+                await transaction.rollback()
+        except FAILURES as e:
+            if isinstance(e, AWAY):
+                writer.terminate()
+                self._writer = None
+            return _translate(e, where)
+        return StoreError(f"{where}: {error}")
 
     async def changes_since(self, after: int) -> Changes:
         """Events other nodes wrote after event `after` (this node's own are skipped)."""
@@ -286,12 +362,18 @@ class PostgresStore(sql.Operations, AlertOperations):
     @contextlib.asynccontextmanager
     async def exclusive(self, key: int) -> AsyncIterator[None]:
         """Hold a cluster-wide lock (a session advisory lock) for the block."""
-        async with self.pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock($1)", key)
-            try:
-                yield
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", key)
+        try:
+            async with self._borrow() as conn:
+                await conn.execute("SELECT pg_advisory_lock($1)", key)
+                try:
+                    yield
+                finally:
+                    try:
+                        await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                    except FAILURES:  # ending the session releases the lock (and, lost, it is gone anyway)
+                        conn.terminate()
+        except FAILURES as e:
+            raise _translate(e, f"database {self.where}") from None
 
     async def last_event(self) -> int:
         return await self._fetchval("SELECT COALESCE(MAX(seq), 0) FROM events")

@@ -21,6 +21,7 @@ from lts_server.store import (
     StoreError,
     StoreFull,
     StoreUnavailable,
+    Unstorable,
     WriteBatch,
     sql,
 )
@@ -28,6 +29,9 @@ from lts_server.store.sql_alerts import AlertOperations
 
 T = TypeVar("T")
 MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# A value SQLite (or the sqlite3 module binding it) cannot take: text that is not Unicode (a lone
+# surrogate), an integer beyond 64 bits, a string or blob over SQLite's size limit.
+UNSTORABLE = (UnicodeEncodeError, OverflowError, sqlite3.DataError)
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -144,7 +148,8 @@ class SQLiteStore(sql.Operations, AlertOperations):
         async with self.db.execute("SELECT MAX(version) FROM schema_version") as cur:
             return (await cur.fetchone() or (0,))[0] or 0
 
-    async def close(self) -> None:
+    async def close(self, timeout: float | None = None) -> None:
+        # Nothing to cut short: a call on the database thread ends within busy_timeout.
         if self._reader is not None:
             reader, self._reader = self._reader, None
             await reader.close()
@@ -186,6 +191,8 @@ class SQLiteStore(sql.Operations, AlertOperations):
             # aiosqlite runs every call on its one thread, in order; _execute
             # runs a whole transaction there instead of one hop per statement.
             return await self.db._execute(self._run, proc)
+        except UNSTORABLE as e:
+            raise Unstorable(f"database {self.path}: {e}") from None
         except sqlite3.Error as e:
             raise _translate(e, self.path) from None
 
@@ -194,6 +201,8 @@ class SQLiteStore(sql.Operations, AlertOperations):
             raise StoreUnavailable("the database is not open")
         try:
             return await self._reader._execute(_read_in_thread, self._reader._conn, proc)
+        except UNSTORABLE as e:
+            raise Unstorable(f"database {self.path}: {e}") from None
         except sqlite3.Error as e:
             raise _translate(e, self.path) from None
 
@@ -232,10 +241,33 @@ class SQLiteStore(sql.Operations, AlertOperations):
             raise StoreError("not written: an earlier write of the same batch pipeline failed")
         try:
             self._run(sql.write_batch(batch))
-        except BaseException:
+        except BaseException as e:
             if pipeline is not None:
                 self._failed_pipeline = pipeline
+            if isinstance(e, UNSTORABLE):
+                raise self._unstorable(batch, e) from None
             raise
+
+    def _unstorable(self, batch: WriteBatch, error: Exception) -> StoreError:
+        """The Unstorable that names the job whose rows hold the value SQLite refused: the batch's parts
+        written one by one, each in a savepoint, in a transaction rolled back whatever happens."""
+        con: sqlite3.Connection = self.db._conn
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            for job, part in batch.parts():
+                con.execute("SAVEPOINT part")
+                try:
+                    drive(con, sql.write_batch(part))
+                except UNSTORABLE as e:
+                    if job is None:  # in what the jobs share: no one job to blame
+                        break
+                    return Unstorable(f"database {self.path}: {e}", job)
+                except (sqlite3.Error, StoreError):
+                    con.execute("ROLLBACK TO part")  # a conflict of this part without its neighbours
+                con.execute("RELEASE part")
+        finally:
+            con.rollback()
+        return StoreError(f"database {self.path}: cannot store a value: {error}")
 
 
 def _read_in_thread(con: sqlite3.Connection, proc: sql.Procedure[T]) -> T:

@@ -10,7 +10,20 @@ from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 import lts_server
-from lts_server.web import admin, alerts, auth, connections, device, holders, metrics, openapi, portal, stats, usage
+from lts_server.web import (
+    admin,
+    alerts,
+    auth,
+    connections,
+    device,
+    holders,
+    inputs,
+    metrics,
+    openapi,
+    portal,
+    stats,
+    usage,
+)
 from lts_server.web.errors import error_answer, errors_middleware
 from lts_server.web.portal import alerts as portal_alerts
 from lts_server.web.portal import holders as portal_holders
@@ -49,7 +62,7 @@ async def servers(request: web.Request) -> web.Response:
 def create_app(services: Services, admin_port: int | None = None) -> web.Application:
     """The application; with admin_port set, admin paths answer only on that port."""
     middlewares = [connections.track_requests, portal.security_headers, metrics.device_metrics, errors_middleware,
-                   portal.html_errors]
+                   portal.html_errors, inputs.refuse_unstorable_urls]
     if admin_port is not None:
         middlewares.append(_admin_only_on(admin_port))
     middlewares.append(auth.auth_middleware)

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from lts_server import logs
 
@@ -236,3 +238,19 @@ async def track_requests(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     finally:
         request_ended(conn)
+
+
+class ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server logger, but a request it cannot parse (a head over 8 KB, a bad request line,
+    a malformed header) is one rate-limited warning line, not an error with a traceback: aiohttp
+    already answered 400, and anyone can send such bytes as fast as the log can take them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+
+    def exception(self, msg: object, *args: object, exc_info: object = True, **kw: object) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            logs.event_limited("http.bad_request", logs.logging.WARNING, key=f"http.bad_request:{type(exc_info)}",
+                               kind=type(exc_info).__name__, error=str(exc_info)[:200])
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kw)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from lts_server.core import handshake as hs
 from lts_server.core.model import Counts, ItemStatus
 from lts_server.core.times import iso
 from lts_server.errors import Code, Refusal
+from lts_server.web import inputs
 from lts_server.web.errors import ApiError, validation_error
 from lts_server.web.schemas import MAX_BODY, Authorization, HandshakeBody, SeatCount
 from lts_server.web.services import SERVICES, Services
@@ -64,6 +65,7 @@ def check_json_text(body: bytes) -> None:
     except UnicodeDecodeError as e:
         raise ApiError(400, f"the body is not valid UTF-8: byte {e.start} (0x{body[e.start]:02x}) "
                             "cannot start or continue a character; JSON must be UTF-8 text") from None
+    inputs.check_json(body, text)  # nesting and NUL first: the checks below decode recursively
     if _flat_without_repeats(body):
         return
     try:

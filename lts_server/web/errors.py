@@ -17,7 +17,7 @@ from aiohttp.web_protocol import RequestHandler
 from lts_server import logs
 from lts_server.core.codes import CodeError
 from lts_server.ledger import JobFailed, LedgerClosed, NotFound, UsageError
-from lts_server.store import StoreError, StoreFull, StoreUnavailable
+from lts_server.store import StoreError, StoreFull, StoreUnavailable, StoreUnreachable, Unstorable
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -64,6 +64,7 @@ def decode_json(body: bytes, kind: type) -> object:
 
 
 CLIENT_GONE = "the connection was closed before the request was complete"
+UNSTORABLE = "the request holds a value this server's database cannot store; nothing was recorded"
 
 
 def client_gone(request: web.Request, error: Exception) -> bool:
@@ -111,10 +112,14 @@ def error_answer(request: web.BaseRequest, error: Exception) -> web.Response:
                                                                          if k.lower() == "allow"})
     # The store's messages name the database file: the log gets them, clients a plain reason. A locked
     # or full database fails every request alike: one line per interval says so.
+    except Unstorable as e:  # the request's own value (the text checks at the edge let nothing known through)
+        logs.event_limited("http.unstorable", logs.logging.WARNING, path=request.path, error=str(e))
+        return error_response(400, UNSTORABLE)
     except StoreUnavailable as e:
         logs.event_limited("http.store_unavailable", logs.logging.ERROR, path=request.path, error=str(e))
-        return error_response(503, "storage unavailable (the database is locked or busy), nothing was recorded; "
-                                   "retry later", headers={"Retry-After": "5"})
+        why = "the database cannot be reached" if isinstance(e, StoreUnreachable) else "the database is locked or busy"
+        return error_response(503, f"storage unavailable ({why}), nothing was recorded; retry later",
+                              headers={"Retry-After": "5"})
     except StoreFull as e:
         logs.event_limited("http.store_error", logs.logging.ERROR, path=request.path, error=str(e))
         return error_response(503, "storage full, nothing was recorded; retry later", headers={"Retry-After": "30"})

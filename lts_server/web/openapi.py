@@ -29,14 +29,17 @@ DATE_TIME = {"type": "string", "format": "date-time"}
 
 # What each status means, for every operation that can return it.
 STATUS_TEXT = {
-    "200": "OK", "201": "Created", "202": "Accepted: under way", "400": "Malformed request: the message (and `field`) say what",
+    "200": "OK", "201": "Created", "202": "Accepted: under way",
+    "400": "Malformed request: the message (and `field`) say what. Includes JSON nested over 16 levels, text "
+           "with U+0000 or a lone surrogate (body, path, query), and a value the database cannot store",
     "401": "Missing, unknown or expired admin token (login: wrong password; usage: no X-LTS-Report-MAC)",
     "403": "Admin setup required (device endpoints: a licensing refusal, code 100-151)",
     "404": "No such thing", "408": "The request head or body did not arrive in time",
     "409": "Conflicts with the current state (name taken, setup already done, default code)",
     "422": "License file rejected: `reason` says why",
     "429": "Too many failed password attempts from this address",
-    "503": "Not now: storage unavailable or full, a standby whose main is up (code 100), shutting down, "
+    "503": "Not now: storage unavailable (locked, busy or unreachable) or full, a standby whose main is up "
+           "(code 100), shutting down, "
            "or too many open connections; retry after Retry-After seconds",
 }
 # Every operation can meet these: a malformed request, a slow client, a busy server.

@@ -27,6 +27,7 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from lts_client.failover import Failover
 from lts_client.protocol import MAC_HEADER, report_mac
 
 
@@ -98,6 +99,8 @@ class LtsClient:
         if not servers:
             raise ValueError("at least one server URL is needed")
         self.servers = [s.rstrip("/") for s in servers]
+        # Servers that failed lately are asked after the others (lts_client/failover.py).
+        self.failover = Failover(self.servers)
         self.cache_dir = cache_dir
         self.public_keys = dict(public_keys or {})
         self.timeout = aiohttp.ClientTimeout(total=timeout)
@@ -139,17 +142,21 @@ class LtsClient:
                 self._latest[(cached.fields["handshakeCode"], client_uuid)] = cached
                 return cached
         errors: list[str] = []
-        for url in self.servers:
+        for url in self.failover.order():
             try:
                 auth = await self._handshake_at(url, body)
             except LicenseRefused as refused:
                 if refused.code == 100:  # a standby that will not serve: try the next server
+                    self.failover.failed(url)
                     errors.append(f"{url}: {refused.message}")
                     continue
+                self.failover.answered(url)
                 raise
             except (aiohttp.ClientError, TimeoutError, OSError, ServerUnavailable) as e:
+                self.failover.failed(url)
                 errors.append(f"{url}: {e}")
                 continue
+            self.failover.answered(url)
             if cache_file is not None:
                 self._write_cached(cache_file, auth)
             self._latest[(auth.fields["handshakeCode"], client_uuid)] = auth
@@ -198,19 +205,22 @@ class LtsClient:
         headers = {"Content-Type": "application/json",
                    MAC_HEADER: report_mac(base64.b64decode(auth.report_key), body)}
         errors = []
-        for url in self.servers:
+        for url in self.failover.order():
             try:
                 async with self.session.post(f"{url}/api/v1/usage", data=body, headers=headers) as resp:
                     data = await resp.read()
-                    if resp.status == 200:
-                        return json.loads(data)
                     if resp.status >= 500:
+                        self.failover.failed(url)
                         errors.append(f"{url}: HTTP {resp.status}")
                         continue
+                    self.failover.answered(url)
+                    if resp.status == 200:
+                        return json.loads(data)
                     error = _error(data)
                     raise LicenseRefused(int(error.get("code", resp.status)), error.get("sdkCode"),
                                          str(error.get("message", "")), resp.status)
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                self.failover.failed(url)
                 errors.append(f"{url}: {e}")
         raise ServerUnavailable("; ".join(errors))
 

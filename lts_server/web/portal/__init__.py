@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import urllib.parse
@@ -28,11 +29,12 @@ from lts_server.core.codes import CodeError, CodeFields
 from lts_server.core.model import Counts
 from lts_server.core.state import ItemState
 from lts_server.core.times import iso
-from lts_server.ledger import NotFound
+from lts_server.ledger import LedgerClosed, NotFound
 from lts_server.licensefile import MAX_FILE_BYTES
-from lts_server.web import auth
+from lts_server.store import StoreError
+from lts_server.web import auth, inputs
 from lts_server.web.admin import code_json, default_code_refusal, requests_today, status_json
-from lts_server.web.errors import CLIENT_GONE, ApiError, client_gone
+from lts_server.web.errors import CLIENT_GONE, ApiError, client_gone, error_answer
 from lts_server.web.portal.charts import DEVICES, GRANTED, REFUSED, UNITS, Line, Slice, donut, trend
 from lts_server.web.services import SERVICES, Services
 from lts_server.web.stats import (
@@ -105,6 +107,12 @@ async def html_errors(request: web.Request, handler):  # noqa: ANN001, ANN201
         return _error_page(request, e.status, message)
     except ApiError as e:  # a refusal from the shared operations (the API's JSON errors)
         return _error_page(request, e.status, e.message)
+    except (StoreError, LedgerClosed) as e:  # the database away or full: the API's status, words and Retry-After
+        answer = error_answer(request, e)
+        page = _error_page(request, answer.status, json.loads(answer.text or "{}")["error"]["message"])
+        if "Retry-After" in answer.headers:
+            page.headers["Retry-After"] = answer.headers["Retry-After"]
+        return page
     except Exception as e:  # the admin gets a page, the log gets the traceback
         if client_gone(request, e):
             return _error_page(request, 400, CLIENT_GONE)
@@ -184,9 +192,11 @@ async def _logged_in(request: web.Request) -> dict[str, Any]:
 async def _post(request: web.Request) -> Any:
     """The submitted form; bytes that are not text in the form's charset are a 400, not a 500."""
     try:
-        return await request.post()
+        form = await request.post()
     except (UnicodeDecodeError, LookupError):
         raise ApiError(400, "the form is not valid text in its charset (UTF-8 expected)") from None
+    inputs.check_form(form)
+    return form
 
 
 async def _form(request: web.Request) -> tuple[dict[str, Any], Any]:
