@@ -151,7 +151,7 @@ class _JsonErrorsHandler(RequestHandler):
             text = "internal error; see the server log"
         else:
             reason = (getattr(exc, "message", None) or message or str(exc or "") or "bad request").strip()
-            logs.event_limited("http.bad_request", status=status, error=reason)
+            logs.event_limited("http.bad_request", logs.logging.WARNING, status=status, error=reason)
             text = f"the request is not valid HTTP ({reason}); send each header once, in a well-formed request"
         response = error_response(status, text)
         response.force_close()
