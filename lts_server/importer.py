@@ -41,10 +41,13 @@ class Importer:
         trusted: Callable[[], dict[str, Ed25519PublicKey]],
         allow_unbound: Callable[[], bool],
         turn: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext,
+        server_key: str | None = None,
     ) -> None:
         self.ledger = ledger
         self.directory = directory
         self.server_uuid = server_uuid
+        # This server's identity key (base64): a file bound to another key is rejected (wrong-server-key).
+        self.server_key = server_key
         self._trusted = trusted
         self._allow_unbound = allow_unbound
         # Held while importing: on a cluster, one node at a time, after taking in the others' imports,
@@ -98,12 +101,12 @@ class Importer:
         sha256 = hashlib.sha256(data).hexdigest()
         try:
             verified = licensefile.verify(data, self._trusted())
-            licensefile.check_binding(verified.license, self.server_uuid, self._allow_unbound())
+            licensefile.check_binding(verified.license, self.server_uuid, self._allow_unbound(), self.server_key)
         except licensefile.LicenseFileError as e:
             outcome = await self.ledger.record_import(path, sha256, None, "", "", str(e))
         else:
             outcome = await self.ledger.record_import(
-                path, sha256, verified.license, verified.key_id, verified.text, None
+                path, sha256, verified.license, verified.key_id, verified.text, None, verified.binding
             )
         if outcome.recorded:
             logs.event(

@@ -45,7 +45,7 @@ def _moment(value: Any) -> Any:
 
 
 def payload_from_spec(spec: dict[str, Any], now: datetime) -> licensefile.Payload:
-    known = {"license_id", "alias", "organization_id", "server_uuid", "revision", "status",
+    known = {"license_id", "alias", "organization_id", "server_uuid", "server_key", "revision", "status",
              "license_text_version", "issued_at", "items"}
     item_keys = {"item_id", "product", "edition", "deployment_type", "license_type", "quantity",
                  "period", "domain", "starts_at", "expires_at"}
@@ -128,6 +128,8 @@ def cmd_issue(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"lts-license: --key: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if payload.server_key is not None:
+        payload = licensefile.make_binding(payload, key)
     data = licensefile.sign(licensefile.encode_payload(payload), key)
     out = Path(args.out)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -176,6 +178,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"  license      {lic.license_id} (alias {lic.alias}), revision {lic.revision}, {lic.status}")
     print(f"  organization {lic.organization_id}, license text {lic.license_text_version}")
     print(f"  bound to     {lic.server_uuid or 'no server (unbound)'}")
+    if lic.server_key:
+        print(f"  server key   {lic.server_key} (devices verify authorizations up to your key)")
     print(f"  issued       {iso(lic.issued_at)}")
     for item in lic.items:
         extra = ", ".join(

@@ -35,6 +35,8 @@ class Kind(StrEnum):
     FAILURES = "failures"  # failed authorizations per handshake code
     EXPIRY = "expiry"  # items expiring soon, or expired
     IMPORT = "import"  # license files the importer rejected
+    CLOCK = "clock"  # the server's clock fell behind its records (an alert when it happens)
+    CLONE = "clone"  # a client UUID asked from a second device (an alert when it happens)
 
 
 SEAT_LEVELS = (60, 80, 100)
