@@ -113,13 +113,14 @@ def default_alias(license_id: str, activated: datetime) -> str:
     return f"DM_{license_id}_Date{activated:%Y%m%d}"
 
 
-def problems(payload: Payload) -> list[tuple[str, str]]:
-    """Rules a typed payload must also obey: (field path, what is wrong)."""
+def problems(payload: Payload, signed: bool = True) -> list[tuple[str, str]]:
+    """Rules a typed payload must also obey: (field path, what is wrong). `signed`: a file's payload (a spec's
+    has no binding yet: lts-license makes it)."""
     found: list[tuple[str, str]] = []
     seen: set[str] = set()
     if payload.server_key is not None and payload.server_uuid is None:
         found.append(("serverKey", "requires serverUuid: a key is bound together with the server it belongs to"))
-    if payload.server_key is not None and (payload.binding is None or payload.binding_signature is None):
+    if signed and payload.server_key is not None and (payload.binding is None or payload.binding_signature is None):
         found.append(("binding", "binding and bindingSignature are required with serverKey (lts-license issue "
                                  "writes them)"))
     if payload.server_key is None and (payload.binding is not None or payload.binding_signature is not None):
@@ -317,6 +318,11 @@ def check_binding(lic: License, server_uuid: str, allow_unbound: bool, server_ke
         raise LicenseFileError(
             "wrong-server-key", f"the file is bound to identity key {lic.server_key}; this server's identity key is "
             f"{server_key} (`ltsctl identity`): ask the vendor for a file with this key")
+
+
+def raw_public_key(b64: str) -> Ed25519PublicKey:
+    """A public key from base64 of its raw 32 bytes (serverKey)."""
+    return Ed25519PublicKey.from_public_bytes(base64.b64decode(b64))
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
