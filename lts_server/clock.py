@@ -104,11 +104,15 @@ class ClockGuard:
         self._was_behind = status.behind is not None
         return status
 
+    def tick_ms(self) -> int:
+        """What a tick records: the clock, or a later time this process already made durable (a grant)."""
+        return max(to_ms(self.clock()), self._latest_ms)
+
     async def run(self, tick: Callable[[int], object], stopping: asyncio.Event) -> None:
         """Record the clock every TICK_SECONDS (`tick` stores it and returns the stored row)."""
         while not stopping.is_set():
             try:
-                row = await tick(to_ms(self.clock()))  # type: ignore[misc]
+                row = await tick(self.tick_ms())  # type: ignore[misc]
                 self.load(row)
             except Exception as e:  # the database is away: the last state holds, the next tick tries again
                 logs.event_limited("clock.tick_failed", logs.logging.ERROR, error=str(e))

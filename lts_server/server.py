@@ -412,6 +412,9 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.services is not None:
             await self.services.ledger.close()
+            if self.services.clock is not None:  # what this process recorded last, for the next start
+                with contextlib.suppress(Exception):
+                    await self.services.store.clock_tick(self.services.clock.tick_ms())  # type: ignore[attr-defined]
         if self._store is not None:
             await self._store.close()
         logs.event("server.stopped")
