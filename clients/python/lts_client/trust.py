@@ -256,9 +256,9 @@ def check_validity(fields: Mapping[str, Any], now: datetime, tolerance: timedelt
                               f"({now.isoformat()}) allows")
 
 
-def check_binding(fields: Mapping[str, Any], binding: BindingEnvelope,
-                  vendor_keys: Mapping[str, Ed25519PublicKey], tolerance: timedelta) -> Ed25519PublicKey:
-    """Verify the vendor's binding and that it covers the authorization; returns the server key it names."""
+def open_binding(binding: BindingEnvelope, vendor_keys: Mapping[str, Ed25519PublicKey]) -> tuple[bytes,
+                                                                                                  BindingStatement]:
+    """The binding statement's bytes and fields, once the vendor's signature of them verifies."""
     vendor = vendor_keys.get(binding.key_id)
     if vendor is None:
         raise UntrustedKey(f"the binding is signed by vendor key {binding.key_id}, which this device does not trust")
@@ -268,7 +268,11 @@ def check_binding(fields: Mapping[str, Any], binding: BindingEnvelope,
         raise BadBinding("the binding statement is not base64") from None
     _verify(vendor, binding.signature, statement, f"the vendor's signature of the binding (key {binding.key_id})",
             BadBinding)
-    bound = parse_binding(statement)
+    return statement, parse_binding(statement)
+
+
+def check_covered(fields: Mapping[str, Any], statement: bytes, bound: BindingStatement, tolerance: timedelta) -> None:
+    """The binding covers the authorization: same server, license and organization, one of its items, its dates."""
     if fields.get("bindingSha256") != hashlib.sha256(statement).hexdigest():
         raise BadBinding("the authorization does not name this binding (bindingSha256)")
     for name, value in (("serverUuid", bound.server_uuid), ("licenseId", bound.license_id),
@@ -291,8 +295,6 @@ def check_binding(fields: Mapping[str, Any], binding: BindingEnvelope,
     if _time(fields, "issuedAt") < starts - tolerance or _time(fields, "expiresAt") > ends:
         raise BadBinding(f"the authorization runs {fields.get('issuedAt')} to {fields.get('expiresAt')}, outside "
                          f"item {item.item_id}'s {item.starts_at} to {item.expires_at} and its 7 days of grace")
-    server_key = public_key(bound.server_key, "the binding's serverKey")
-    return server_key
 
 
 def verify_answer(body: bytes | Envelope, *, request: Mapping[str, Any], now: datetime,
@@ -315,13 +317,15 @@ def verify_answer(body: bytes | Envelope, *, request: Mapping[str, Any], now: da
     vendors = vendor_keys or {}
     trust: Trust | None = None
     key: Ed25519PublicKey | None = None
+    bound: tuple[bytes, BindingStatement] | None = None
     if vendors and envelope.binding is not None:
         try:
-            key = check_binding(fields, envelope.binding, vendors, tolerance)
+            bound = open_binding(envelope.binding, vendors)
         except UntrustedKey:
             if envelope.key_id not in (pinned_keys or {}):  # another vendor's binding, but the key is pinned
                 raise
         else:
+            key = public_key(bound[1].server_key, "the binding's serverKey")
             if key_id(raw_bytes(key)) != envelope.key_id:
                 raise UntrustedKey(f"the answer names key {envelope.key_id}; the vendor bound the license to key "
                                    f"{key_id(raw_bytes(key))}")
@@ -336,6 +340,8 @@ def verify_answer(body: bytes | Envelope, *, request: Mapping[str, Any], now: da
                                "trust" + ("" if vendors else " (give the server's key, or the vendor's key)"))
     assert key is not None
     _verify(key, envelope.signature, raw, "the authorization's signature")
+    if trust is Trust.VENDOR and bound is not None:
+        check_covered(fields, bound[0], bound[1], tolerance)
     check_request(fields, request, server_uuids)
     check_validity(fields, now, tolerance)
     return Verified(fields, raw, envelope.signature, envelope.key_id, envelope.report_key, trust, envelope.binding)
