@@ -32,6 +32,7 @@ PAGES = {
     "stats-item-units": "/portal/stats/item/scans",
     "alerts": "/portal/alerts",
     "security": "/portal/security",
+    "devices": "/portal/devices",
     "not-found": "/portal/no-such-page",
     "unknown-code": "/portal/stats/code/216998-never",
 }
