@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from datetime import datetime, timedelta
@@ -117,10 +118,9 @@ def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: 
     item = grant.item
     fit = grant.fit
     terms = services.config.authorizations
-    expires = fit.expires_at
-    if terms.max_offline_hours:
-        expires = min(expires, issued + timedelta(hours=terms.max_offline_hours))
-    refresh_by = min(expires, issued + timedelta(minutes=terms.refresh_minutes))
+    refresh, offline = _terms(terms.refresh_minutes, terms.max_offline_hours)
+    expires = fit.expires_at if offline is None else min(fit.expires_at, issued + offline)
+    refresh_by = min(expires, issued + refresh)
     seats = units = None
     if item.rules.counts is Counts.SEATS:
         seats = SeatCount(status.seats_used, item.quantity, fit.limit, max(0, fit.limit - status.seats_used))
@@ -139,7 +139,7 @@ def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: 
         client_uuid=req.client_uuid,
         issued_at=iso(issued),
         expires_at=iso(expires),
-        refresh_by=iso(refresh_by),
+        refresh_by=refresh_by,
         edition=item.edition,
         domain=req.domain if item.domain else None,
         instances=fit.instances if item.rules.counts is Counts.INSTANCES else None,
@@ -147,6 +147,12 @@ def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: 
         units=units,
         binding_sha256=binding.sha256 if binding is not None else None,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _terms(refresh_minutes: float, max_offline_hours: float) -> tuple[timedelta, timedelta | None]:
+    """[authorizations] as durations, made once rather than per grant."""
+    return timedelta(minutes=refresh_minutes), timedelta(hours=max_offline_hours) if max_offline_hours else None
 
 
 def standby_refusal(services: Services) -> web.Response | None:
