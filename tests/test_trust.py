@@ -233,3 +233,46 @@ async def test_the_client_follows_refresh_by_and_a_refusal_ends_its_cache(runnin
             await client.handshake(**REQUEST, now=running.clock.now)
         assert refused.value.code == 120
     assert not list(cache.glob("auth-*"))
+
+
+async def test_no_key_or_password_reaches_the_log_and_state_is_owner_only(tmp_path: Path, vendor: Any) -> None:
+    import os
+    import stat
+
+    from lts_server import identity
+    from tests.conftest import ADMIN_PASSWORD, admin_login, start_daemon, stop_daemon
+
+    ident = identity.load_or_create(tmp_path / "state")
+    (tmp_path / "import").mkdir()
+    (tmp_path / "import" / "l1.lic").write_bytes(vendor.issue(license_spec(
+        "L1", server_uuid=ident.server_uuid, server_key=ident.public_key_b64)))
+    cfg = write_config(tmp_path, vendor, log={"level": "debug", "format": "json"})
+    daemon = start_daemon(cfg, tmp_path)
+    seen: list[str] = []
+    try:
+        token = await admin_login(daemon.url)
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
+            async with s.patch(f"{daemon.url}/api/v1/admin/handshake-codes/216998-L1",
+                               json={"sessionPassword": "hunter2-session"}) as resp:
+                assert resp.status == 200
+            for password in ("hunter2-session", "wrong-password-x"):
+                async with s.post(f"{daemon.url}/api/v1/handshake", json={
+                        "handshakeCode": "216998-L1", "clientUuid": "d", "product": "barcode-reader",
+                        "deploymentType": "browser", "sessionPassword": password,
+                        "deviceFingerprint": "fp"}) as resp:
+                    body = await resp.json()
+                    if resp.status == 200:
+                        seen.append(body["reportKey"])
+            async with s.get(f"{daemon.url}/api/v1/usage/export") as resp:
+                assert resp.status == 200
+    finally:
+        assert stop_daemon(daemon) == 0
+    log = daemon.log()
+    pem = identity.to_pem(ident.signing_key).decode().splitlines()[1]
+    for secret in (*seen, "hunter2-session", "wrong-password-x", ADMIN_PASSWORD, token, pem, ident.secret.hex()):
+        assert secret not in log
+    state = tmp_path / "state"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    for entry in os.scandir(state):
+        if entry.is_file():
+            assert stat.S_IMODE(entry.stat().st_mode) == 0o600, entry.name
