@@ -122,10 +122,10 @@ class Alerter:
         facts = rules.Facts(self.ledger.items, self.ledger.statuses, requests, rejected)
         return now, rules.conditions(facts, now, self.window, enabled)
 
-    def raise_now(self, kind: rules.Kind, subject: str, label: str, message: str, link: str) -> None:
-        """An alert for something that happened rather than a condition a check finds (a clock behind its
-        records, a clone): queued at once, at most once per RAISE_SECONDS per subject, unless the kind is off."""
-        key = f"{kind.value}:{subject}"
+    def raise_now(self, kind: str, subject: str, label: str, message: str, link: str) -> None:
+        """An alert for something that happened rather than a condition a check finds (rules.CLOCK_ALERT,
+        rules.CLONE_ALERT): queued at once to every receiver, at most once per RAISE_SECONDS per subject."""
+        key = f"{kind}:{subject}"
         now = time.monotonic()
         if key in self._raised and now - self._raised[key] < RAISE_SECONDS:
             return
@@ -134,14 +134,12 @@ class Alerter:
         self._raising.add(task)
         task.add_done_callback(self._raising.discard)
 
-    async def _raise(self, key: str, kind: rules.Kind, subject: str, label: str, message: str, link: str) -> None:
+    async def _raise(self, key: str, kind: str, subject: str, label: str, message: str, link: str) -> None:
         try:
-            if kind.value in (await self.store.alert_settings()).disabled_kinds:
-                return
-            condition = {"key": key, "kind": kind.value, "subject": subject, "level": 1, "label": label,
+            condition = {"key": key, "kind": kind, "subject": subject, "level": 1, "label": label,
                          "message": message, "link": link}
             alert_id = await self.store.enqueue_notification(to_ms(self.ledger.clock()), Notification(
-                "alert", f"[lts-server] alert: {kind.value} {subject} {label}", [condition]))
+                "alert", f"[lts-server] alert: {kind} {subject} {label}", [condition]))
         except Exception as e:  # the log has it; the next occurrence after RAISE_SECONDS tries again
             self._raised.pop(key, None)
             logs.event("alerts.raise_failed", logs.logging.ERROR, key=key, error=str(e))

@@ -152,7 +152,7 @@ class Server:
 
         def clock_behind(status: ClockStatus) -> None:
             assert status.behind is not None and status.latest is not None
-            alerter.raise_now(alert_rules.Kind.CLOCK, ident.server_uuid, "clock behind",
+            alerter.raise_now(alert_rules.CLOCK_ALERT, ident.server_uuid, "clock behind",
                               f"The server's clock ({iso(status.now)}) is {round(status.behind.total_seconds()):,} s "
                               f"behind the latest time it recorded ({iso(status.latest)}): nothing is granted (error "
                               "160) until it catches up or the admin accepts it (ltsctl clock accept).", "/portal/")

@@ -270,3 +270,22 @@ def test_statement_lines_are_the_documented_bytes() -> None:
     previous = base64.b64decode("A" * 43 + "=")
     import hashlib
     assert usagechain.link(previous, body) == hashlib.sha256(previous + body).digest()
+
+
+async def test_events_no_statement_covered_are_not_archived(running: Running, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from datetime import timedelta
+
+    await running.drop("l1.lic", bound_license(running))
+    await traffic(running, 2, prefix="covered")
+    first = await export(running)
+    await traffic(running, 2, prefix="uncovered")
+    await running.server.roll_up()
+    running.clock.advance(days=2)
+    report = await running.server.services.archiver.run(running.clock.now - timedelta(days=1), running.clock.now)
+    assert report.events > 0
+    left = {c for (c,) in await running.sql("SELECT client_uuid FROM events WHERE type = 'handshake'")}
+    assert not any(c.startswith("covered") for c in left if c)
+    assert {"uncovered-0", "uncovered-1"} <= left
+    status, out = check(tmp_path, running, await export(running), previous=first, capsys=capsys)
+    assert status == 0, out

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from lts_server import logs, reportkeys
 from lts_server.core import handshake as hs
-from lts_server.core.alerts import Kind
+from lts_server.core.alerts import CLONE_ALERT
 from lts_server.core.model import Counts, ItemStatus
 from lts_server.bindings import ItemBinding
 from lts_server.core.times import iso
@@ -121,6 +121,7 @@ def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: 
     refresh, offline = _terms(terms.refresh_minutes, terms.max_offline_hours)
     expires = fit.expires_at if offline is None else min(fit.expires_at, issued + offline)
     refresh_by = min(expires, issued + refresh)
+    refresh_by = refresh_by.replace(microsecond=refresh_by.microsecond // 1000 * 1000)  # milliseconds, as iso()
     seats = units = None
     if item.rules.counts is Counts.SEATS:
         seats = SeatCount(status.seats_used, item.quantity, fit.limit, max(0, fit.limit - status.seats_used))
@@ -207,7 +208,7 @@ async def handshake(request: web.Request) -> web.Response:
     decision = outcome.decision
     if isinstance(decision, hs.Refused):
         if outcome.clone:
-            services.alerts.raise_now(Kind.CLONE, req.client_uuid, "clone detected",
+            services.alerts.raise_now(CLONE_ALERT, req.client_uuid, "clone detected",
                                       f"Client UUID {req.client_uuid} asked for {decision.code_name or 'a code'} "
                                       "from a device with another fingerprint than the one it was first granted on "
                                       "(error 151). Reset its binding if the device was replaced.",

@@ -25,8 +25,6 @@ KIND_NAMES = {
     Kind.FAILURES: "Failed authorizations per handshake code (10% to 100%)",
     Kind.EXPIRY: "Items expiring within 30 and 7 days, and expired",
     Kind.IMPORT: "License files rejected by the importer",
-    Kind.CLOCK: "The server's clock fell behind its records (nothing is granted)",
-    Kind.CLONE: "A device clone: one client UUID asking from a second device (error 151)",
 }
 
 
