@@ -38,6 +38,8 @@ GENESIS_TAG = b"lts-usage-chain-1"
 # deployment_type, result, detail (compact JSON text or None), units, instances.
 Row = tuple[Any, ...]
 _encode = msgspec.json.Encoder().encode
+_Raw = msgspec.Raw
+_sha256 = hashlib.sha256
 # Tries to extend a head another process moved meanwhile (only when two processes share a chain).
 APPEND_TRIES = 5
 
@@ -58,23 +60,22 @@ def line(chain: int, chain_seq: int, row: Row) -> bytes:
     """The canonical bytes of one event: [chain, chainSeq, atMs, type, code, itemId, clientUuid, product,
     deploymentType, result, units, instances, detail], compact JSON, UTF-8, the detail as its stored JSON."""
     at_ms, kind, code, item_id, client, product, deployment, result, detail, units, instances = row
-    return _encode([chain, chain_seq, at_ms, kind, code, item_id, client, product, deployment, result, units,
-                    instances, msgspec.Raw(detail.encode() if isinstance(detail, str) else detail)
-                    if detail is not None else None])
+    return _encode((chain, chain_seq, at_ms, kind, code, item_id, client, product, deployment, result, units,
+                    instances, None if detail is None else _Raw(detail.encode() if isinstance(detail, str) else detail)))
 
 
 def link(previous: bytes, body: bytes) -> bytes:
-    return hashlib.sha256(previous + body).digest()
+    return _sha256(previous + body).digest()
 
 
 def _linked(head: Head, rows: Sequence[Row]) -> tuple[Head, list[Row]]:
-    seq, digest = head.seq, head.hash
+    chain, seq, digest = head.chain, head.seq, head.hash
     out = []
     for row in rows:
         seq += 1
-        digest = link(digest, line(head.chain, seq, row))
-        out.append((*row, head.chain, seq, digest))
-    return Head(head.chain, head.name, seq, digest), out
+        digest = _sha256(digest + line(chain, seq, row)).digest()
+        out.append((*row, chain, seq, digest))
+    return Head(chain, head.name, seq, digest), out
 
 
 def append(head: Head, rows: Sequence[Row], now_ms: int) -> _sql.Procedure[tuple[Head, list[Row]]]:

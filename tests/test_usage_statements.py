@@ -281,8 +281,8 @@ async def test_events_no_statement_covered_are_not_archived(running: Running, tm
     first = await export(running)
     await traffic(running, 2, prefix="uncovered")
     await running.server.roll_up()
-    running.clock.advance(days=2)
-    report = await running.server.services.archiver.run(running.clock.now - timedelta(days=1), running.clock.now)
+    later = running.clock.now + timedelta(days=2)  # the archiver is told the time: the admin token stays valid
+    report = await running.server.services.archiver.run(later - timedelta(days=1), later)
     assert report.events > 0
     left = {c for (c,) in await running.sql("SELECT client_uuid FROM events WHERE type = 'handshake'")}
     assert not any(c.startswith("covered") for c in left if c)
