@@ -414,7 +414,8 @@ class Server:
             await self.services.ledger.close()
             if self.services.clock is not None:  # what this process recorded last, for the next start
                 with contextlib.suppress(Exception):
-                    await self.services.store.clock_tick(self.services.clock.tick_ms())  # type: ignore[attr-defined]
+                    await asyncio.wait_for(self.services.store.clock_tick(  # type: ignore[attr-defined]
+                        self.services.clock.tick_ms()), 5)
         if self._store is not None:
             await self._store.close()
         logs.event("server.stopped")

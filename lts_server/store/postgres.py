@@ -217,7 +217,11 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
         if writer is not None:
             await writer.close()
         if pool is not None:
-            await pool.close()
+            try:  # a connection a cancelled task never gave back would make close() wait for ever
+                await asyncio.wait_for(pool.close(), COMMAND_TIMEOUT)
+            except TimeoutError:
+                logs.event("store.close_timeout", logs.logging.WARNING, database=self.where)
+                pool.terminate()
 
     async def ready(self) -> bool:
         if self._pool is None:
