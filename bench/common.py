@@ -32,9 +32,22 @@ def vendor_key(folder: Path) -> tuple[Ed25519PrivateKey, Path]:
     return key, pub
 
 
-def license_file(key: Ed25519PrivateKey, license_id: str, items: list[dict[str, Any]], org: str = "216998") -> bytes:
-    spec = {"license_id": license_id, "organization_id": org, "items": items}
-    return licensefile.sign(licensefile.encode_payload(payload_from_spec(spec, NOW)), key)
+def license_file(key: Ed25519PrivateKey, license_id: str, items: list[dict[str, Any]], org: str = "216998",
+                 **bound: str) -> bytes:
+    """A signed license file; `bound` (server_uuid, server_key) binds it to a server's identity key."""
+    spec = {"license_id": license_id, "organization_id": org, "items": items, **bound}
+    payload = payload_from_spec(spec, NOW)
+    if payload.server_key is not None:
+        payload = licensefile.make_binding(payload, key)
+    return licensefile.sign(licensefile.encode_payload(payload), key)
+
+
+def bound_to(state_dir: Path) -> dict[str, str]:
+    """The identity a daemon with this state folder will have (made now), as license spec keys."""
+    from lts_server import identity
+
+    ident = identity.load_or_create(state_dir)
+    return {"server_uuid": ident.server_uuid, "server_key": ident.public_key_b64}
 
 
 def device_item(item_id: str, quantity: int, product: str = "barcode-reader") -> dict[str, Any]:

@@ -44,6 +44,8 @@ FIRST_RETRY_SECONDS = 5.0
 WEBHOOK_TIMEOUT_SECONDS = 10.0
 # How long a sender holds a delivery it tries: longer than any one try can take.
 CLAIM_MS = 5 * 60 * 1000
+# An alert for something that happened (a clock behind, a clone) is raised at most this often per subject.
+RAISE_SECONDS = 3600.0
 
 
 class DeliveryFailed(Exception):
@@ -80,6 +82,9 @@ class Alerter:
         # The notified level per open condition, as of the last check: lets a
         # usage report tell cheaply whether it crossed a level.
         self._levels: dict[str, int] = {}
+        # When each happening was last raised (raise_now), and the notifications being queued.
+        self._raised: dict[str, float] = {}
+        self._raising: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._levels = {c.key: c.level for c in await self.store.open_conditions()}
@@ -116,6 +121,33 @@ class Alerter:
         rejected = tuple(rules.RejectedFile(r.path, r.reason or "rejected") for r in self.ledger.open_rejections())
         facts = rules.Facts(self.ledger.items, self.ledger.statuses, requests, rejected)
         return now, rules.conditions(facts, now, self.window, enabled)
+
+    def raise_now(self, kind: str, subject: str, label: str, message: str, link: str) -> None:
+        """An alert for something that happened rather than a condition a check finds (rules.CLOCK_ALERT,
+        rules.CLONE_ALERT): queued at once to every receiver, at most once per RAISE_SECONDS per subject."""
+        key = f"{kind}:{subject}"
+        now = time.monotonic()
+        if key in self._raised and now - self._raised[key] < RAISE_SECONDS:
+            return
+        self._raised[key] = now
+        task = asyncio.ensure_future(self._raise(key, kind, subject, label, message, link))
+        self._raising.add(task)
+        task.add_done_callback(self._raising.discard)
+
+    async def _raise(self, key: str, kind: str, subject: str, label: str, message: str, link: str) -> None:
+        try:
+            condition = {"key": key, "kind": kind, "subject": subject, "level": 1, "label": label,
+                         "message": message, "link": link}
+            alert_id = await self.store.enqueue_notification(to_ms(self.ledger.clock()), Notification(
+                "alert", f"[lts-server] alert: {kind} {subject} {label}", [condition]))
+        except Exception as e:  # the log has it; the next occurrence after RAISE_SECONDS tries again
+            self._raised.pop(key, None)
+            logs.event("alerts.raise_failed", logs.logging.ERROR, key=key, error=str(e))
+            return
+        if self.metrics:
+            self.metrics.alerts.labels("alert").inc()
+        logs.event("alerts.raised", alert_id=alert_id, conditions=[key])
+        self._wake_outbox.set()
 
     def request_check(self) -> None:
         """Ask for a check at once (after an import, or a report that crossed a level)."""

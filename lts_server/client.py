@@ -3,6 +3,19 @@
 This name stays so that scripts written against `lts_server.client` keep working.
 """
 
-from lts_client import Authorization, BadSignature, LicenseRefused, LtsClient, ServerUnavailable, verify
+from lts_client import (
+    Authorization,
+    BadBinding,
+    BadSignature,
+    LicenseRefused,
+    LtsClient,
+    NotRequested,
+    OutsideValidity,
+    ServerUnavailable,
+    Trust,
+    UntrustedKey,
+    verify,
+)
 
-__all__ = ["Authorization", "BadSignature", "LicenseRefused", "LtsClient", "ServerUnavailable", "verify"]
+__all__ = ["Authorization", "BadBinding", "BadSignature", "LicenseRefused", "LtsClient", "NotRequested",
+           "OutsideValidity", "ServerUnavailable", "Trust", "UntrustedKey", "verify"]

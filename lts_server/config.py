@@ -165,6 +165,22 @@ class EventsSection(_Section):
     archive_dir: str | None = None
 
 
+class ClockSection(_Section):
+    # Seconds the clock may read before the latest time the server has recorded: past that it grants
+    # nothing (error 160) until the clock catches up or the admin accepts it (`ltsctl clock accept`).
+    tolerance: Annotated[float, msgspec.Meta(ge=1, le=86_400)] = 300.0
+
+
+class AuthorizationsSection(_Section):
+    # refreshBy = issuedAt + this (never past expiresAt): an online device asks the server again then,
+    # so a released seat or a revoked item reaches it within this time.
+    refresh_minutes: Annotated[float, msgspec.Meta(gt=0, le=525_600)] = 60.0
+    # The longest an authorization lasts, so the longest a released device may run offline on it;
+    # 0: as long as its license type allows (per-device and per-server: the period; per-domain: a day;
+    # per-scan, per-page and the concurrent types: an hour). Never past the item's expiry and grace.
+    max_offline_hours: Annotated[float, msgspec.Meta(ge=0, le=24 * 366)] = 0.0
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "text"] = "auto"
@@ -179,6 +195,8 @@ class Config(_Section):
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
     events: EventsSection = msgspec.field(default_factory=EventsSection)
+    clock: ClockSection = msgspec.field(default_factory=ClockSection)
+    authorizations: AuthorizationsSection = msgspec.field(default_factory=AuthorizationsSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
     # Where the file was read from; relative paths in it are taken from its folder.
     source: str = ""

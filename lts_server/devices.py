@@ -26,15 +26,16 @@ from dataclasses import dataclass, field
 
 from lts_server.store import AuthorizationRecord, Seat
 
-Lookup = Callable[[set[str]], Awaitable[tuple[list[Seat], list[AuthorizationRecord]]]]
+Lookup = Callable[[set[str]], Awaitable[tuple[list[Seat], list[AuthorizationRecord], dict[str, str]]]]
 
 
 @dataclass
 class Device:
-    """One device's rows: its seats by item, its latest authorization by code."""
+    """One device's rows: its seats by item, its latest authorization by code, the fingerprint it is bound to."""
 
     seats: dict[str, Seat] = field(default_factory=dict)
     authorizations: dict[str, AuthorizationRecord] = field(default_factory=dict)
+    fingerprint: str | None = None
 
 
 class DeviceCache:
@@ -53,6 +54,10 @@ class DeviceCache:
 
     def __contains__(self, client_uuid: str) -> bool:
         return client_uuid in self._entries
+
+    def items(self) -> list[tuple[str, Device]]:
+        """Every device in memory (a snapshot of the list)."""
+        return list(self._entries.items())
 
     def get(self, client_uuid: str) -> Device | None:
         return self._entries.get(client_uuid)
@@ -110,11 +115,12 @@ class DeviceCache:
         task = asyncio.ensure_future(self._lookup(wanted))
         task.add_done_callback(lambda t: self._loaded(t, wanted))
 
-    def _loaded(self, task: asyncio.Future[tuple[list[Seat], list[AuthorizationRecord]]], wanted: set[str]) -> None:
+    def _loaded(self, task: asyncio.Future[tuple[list[Seat], list[AuthorizationRecord], dict[str, str]]],
+                wanted: set[str]) -> None:
         error = task.exception() if not task.cancelled() else asyncio.CancelledError()
         if error is None:
-            seats, auths = task.result()
-            found: dict[str, Device] = {c: Device() for c in wanted}
+            seats, auths, bound = task.result()
+            found: dict[str, Device] = {c: Device(fingerprint=bound.get(c)) for c in wanted}
             for seat in seats:
                 found[seat.client_uuid].seats[seat.item_id] = seat
             for auth in auths:

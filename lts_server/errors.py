@@ -29,6 +29,7 @@ class Code(IntEnum):
     ITEM_MISSING = 124
     QUOTA_EXCEEDED_BY_REQUEST = 130
     CLONE_DETECTED = 151
+    CLOCK_BEHIND = 160
 
 
 MESSAGES: dict[Code, str] = {
@@ -54,6 +55,7 @@ MESSAGES: dict[Code, str] = {
     Code.ITEM_MISSING: "a license item the handshake code depends on is missing",
     Code.QUOTA_EXCEEDED_BY_REQUEST: "the request asks for more than the license item's quantity",
     Code.CLONE_DETECTED: "device clone detected: the same client UUID is in use on another device",
+    Code.CLOCK_BEHIND: "server clock is behind its records",
 }
 
 
@@ -84,7 +86,10 @@ NEXT: dict[Code, str] = {
     Code.ITEM_MISSING: "have the admin fix the code's items (`ltsctl codes edit NAME --items ...`) or import the "
                        "license that holds the item",
     Code.QUOTA_EXCEEDED_BY_REQUEST: "ask for at most the item's quantity in instances",
-    Code.CLONE_DETECTED: "give each device its own clientUuid",
+    Code.CLONE_DETECTED: "give each device its own clientUuid; a replaced machine's binding is reset by the admin "
+                         "(`ltsctl devices reset-binding CLIENT`)",
+    Code.CLOCK_BEHIND: "ask the next server of the list; the admin fixes the server's clock or runs "
+                       "`ltsctl clock accept`",
 }
 
 

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 UUID_FILE = "server-uuid"
 KEY_FILE = "server-key.pem"
 SECRET_FILE = "server-secret"
+# Names this machine's writers of the usage chain (lts_server/usagechain.py): every node has its own.
+NODE_FILE = "node-id"
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -114,6 +116,15 @@ def load_or_create(state_dir: Path) -> Identity:
     if not secret_path.exists():
         _write_new(secret_path, secrets.token_bytes(32), mode=0o600)
     return Identity(server_uuid, key, secret_path.read_bytes())
+
+
+def node_id(state_dir: Path) -> str:
+    """This machine's node id, made once in the state folder (also on PostgreSQL, where the identity is shared)."""
+    make_state_dir(state_dir)
+    path = state_dir / NODE_FILE
+    if not path.exists():
+        _write_new(path, (str(uuid.uuid4()) + "\n").encode(), mode=0o600)
+    return str(uuid.UUID(path.read_text().strip()))
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:

@@ -49,10 +49,13 @@ class Importer:
         allow_unbound: Callable[[], bool],
         turn: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext,
         settle_ms: int = 2000,
+        server_key: str | None = None,
     ) -> None:
         self.ledger = ledger
         self.directory = directory
         self.server_uuid = server_uuid
+        # This server's identity key (base64): a file bound to another key is rejected (wrong-server-key).
+        self.server_key = server_key
         self._trusted = trusted
         self._allow_unbound = allow_unbound
         # Held while importing: on a cluster, one node at a time, after taking in the others' imports,
@@ -165,12 +168,13 @@ class Importer:
             outcome = await self.ledger.record_import(path, sha256, None, "", "", str(e))
         else:
             try:
-                licensefile.check_binding(verified.license, self.server_uuid, self._allow_unbound())
+                licensefile.check_binding(verified.license, self.server_uuid, self._allow_unbound(), self.server_key)
                 rejection = None
             except licensefile.LicenseFileError as e:  # signed, but not for here: the rejection names the license
                 rejection = str(e)
             outcome = await self.ledger.record_import(path, sha256, verified.license, verified.key_id,
-                                                      verified.text, rejection)
+                                                      verified.text, rejection,
+                                                      verified.binding if rejection is None else None)
         if outcome.recorded:
             logs.event(
                 f"import.{outcome.state}",

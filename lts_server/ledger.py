@@ -12,6 +12,7 @@ nothing acknowledged is lost and no seat is granted twice.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -19,16 +20,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
+from lts_server import bindings as binding_index
 from lts_server import logs, reportkeys
 from lts_server.core import codes as code_rules
 from lts_server.core import handshake as hs
 from lts_server.core.codes import CodeError, CodeFields
-from lts_server.core.model import LICENSE_TYPES, Counts, HandshakeCode, Item, ItemStatus, License
+from lts_server.core.model import EXPIRY_GRACE, LICENSE_TYPES, Counts, HandshakeCode, Item, ItemStatus, License
 from lts_server.core.ordering import usage_order
-from lts_server.core.times import to_ms, utcnow
+from lts_server.core.times import from_ms, to_ms, utcnow
 from lts_server.core.usage import tolerance
 from lts_server.devices import Device, DeviceCache
 from lts_server.errors import Code, Refusal
+from lts_server.licensefile import Binding
 from lts_server.passwords import session_hash, session_matches
 from lts_server.store import (
     AuthorizationRecord,
@@ -46,6 +49,7 @@ from lts_server.store import (
     UsageReportRecord,
     WriteBatch,
 )
+from lts_server.store import sql_trust
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -142,6 +146,10 @@ class HandshakeOutcome:
     # Granted only: the authorization's id and the key its device MACs usage reports with.
     authorization_id: str | None = None
     report_key: bytes | None = None
+    # Granted from an item whose license is bound to this server's key: the vendor's binding to hand on.
+    binding: binding_index.ItemBinding | None = None
+    # Refused because the client UUID is bound to another device's fingerprint (151).
+    clone: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,13 +211,37 @@ class Ledger:
         self._concurrent_grants: dict[str, dict[str, AuthorizationRecord]] = {}
         # Report ids counted lately; older ones are found in the database.
         self._recent_reports: dict[str, datetime] = {}
+        # The vendor's bindings by item (lts_server/bindings.py), from the stored binding of each revision.
+        self.bindings: dict[str, binding_index.ItemBinding] = {}
+        self._binding_rows: list[sql_trust.BindingRow] = []
+        # item -> authorizations granted before this ended (a renewal replaced the item's license).
+        self.cutoffs: dict[str, datetime] = {}
+        # The earliest time time-limited items and seats may be judged at (lts_server/clock.py), if any.
+        self.time_floor: Callable[[datetime], datetime] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
         self._load(await self.store.load(PER_SLICE_TYPES, to_ms(self.clock())))
+        await self._load_trust()
         self._writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
         self._writer.add_done_callback(_writer_stopped)
+
+    async def _load_trust(self) -> None:
+        """The bindings and the authorization cutoffs (stores without them, e.g. in tests, have none)."""
+        if not isinstance(self.store, sql_trust.TrustOperations):
+            return
+        self._binding_rows = await self.store.load_bindings()
+        self._index_bindings()
+        self.cutoffs = {item: from_ms(ms) for item, ms in (await self.store.load_cutoffs()).items()}
+
+    def _index_bindings(self) -> None:
+        bound = {r.license.license_id for r in self.licenses.values() if r.license.server_key is not None}
+        self.bindings = binding_index.index(self._binding_rows, bound)
+
+    def judged(self, now: datetime) -> datetime:
+        """When time-limited items and seats are judged: now, unless the clock is behind its records."""
+        return self.time_floor(now) if self.time_floor is not None else now
 
     def _load(self, snap: Snapshot) -> None:
         self._apply_catalog(snap)
@@ -499,16 +531,24 @@ class Ledger:
 
     # -- jobs ----------------------------------------------------------------
 
-    async def handshake(self, req: hs.Request) -> HandshakeOutcome:
+    async def handshake(self, req: hs.Request, fingerprint: str | None = None) -> HandshakeOutcome:
+        """`fingerprint`: the SHA-256 (hex) of the device's deviceFingerprint, when it sent one."""
+
         def run(now: datetime, batch: WriteBatch, undo: Undo) -> HandshakeOutcome:
-            decision = hs.decide(req, self, now, self.password_matches)
+            device = self.devices[req.client_uuid]
+            if fingerprint is not None and device.fingerprint not in (None, fingerprint):
+                return self._clone_refused(req, now, batch)
+            decision = hs.decide(req, self, now, self.password_matches, self.judged(now))
             if isinstance(decision, hs.Refused):
                 batch.events.append(_handshake_event(req, now, decision.code_name, decision.item_id,
                                                      int(decision.refusal.code)))
                 return HandshakeOutcome(decision)
             fit = decision.fit
             item_id = fit.item.item_id
-            device = self.devices[req.client_uuid]
+            if fingerprint is not None and device.fingerprint is None:  # the first grant binds the client UUID
+                device.fingerprint = fingerprint
+                undo.append(lambda: setattr(device, "fingerprint", None))
+                batch.extras.append(sql_trust.bind_device_extra(req.client_uuid, fingerprint, to_ms(now), batch.job))
             if fit.seat is hs.SeatAction.CLAIM:
                 seat = Seat(item_id, req.client_uuid, now, now, fit.expires_at)
                 _set(device.seats, item_id, seat, undo)
@@ -535,9 +575,36 @@ class Ledger:
             batch.events.append(_handshake_event(req, now, decision.code.name, item_id, 0))
             authorization_id = self.authorization_id(auth)
             return HandshakeOutcome(decision, self.status(item_id), authorization_id,
-                                    reportkeys.report_key(self._secret, authorization_id))
+                                    reportkeys.report_key(self._secret, authorization_id), self.bindings.get(item_id))
 
         return await self.submit(run, (req.client_uuid,))
+
+    def _clone_refused(self, req: hs.Request, now: datetime, batch: WriteBatch) -> HandshakeOutcome:
+        """The client UUID is bound to another device's fingerprint: 151, an event, and the clone's time stored."""
+        resolved = hs.resolve_code(req, self)
+        code = resolved.code_name if isinstance(resolved, hs.Refused) else resolved.name
+        refusal = Refusal(Code.CLONE_DETECTED, f"client UUID {req.client_uuid} is bound to another device's "
+                                               "fingerprint; the admin can reset its binding")
+        batch.events.append(_handshake_event(req, now, code, None, int(refusal.code)))
+        batch.events.append(Event(at=now, type="device.clone_detected", code=code, client_uuid=req.client_uuid,
+                                  product=req.product, deployment_type=req.deployment_type.value))
+        batch.extras.append(sql_trust.clone_extra(req.client_uuid, to_ms(now)))
+        return HandshakeOutcome(hs.Refused(refusal, code), clone=True)
+
+    async def reset_device_binding(self, client_uuid: str) -> None:
+        """Forget the fingerprint a client UUID is bound to: its next grant binds it again."""
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> None:
+            device = self.devices[client_uuid]
+            if device.fingerprint is None:
+                raise NotFound(f"fingerprint binding of device {client_uuid}")
+            old = device.fingerprint
+            device.fingerprint = None
+            undo.append(lambda: setattr(device, "fingerprint", old))
+            batch.extras.append(sql_trust.unbind_device_extra(client_uuid))
+            batch.events.append(Event(at=now, type="device.binding_reset", client_uuid=client_uuid))
+
+        await self.submit(run, (client_uuid,))
 
     async def report_usage(self, report: UsageReport) -> UsageOutcome:
         """Count one usage report, once; see docs/api.md for what each license type counts."""
@@ -551,7 +618,11 @@ class Ledger:
             auth = self.devices[report.client_uuid].authorizations.get(code.name)
             if auth is None:
                 return UsageOutcome(refusal=Refusal(
-                    Code.NO_MATCHING_ITEM, f"device {report.client_uuid} holds no authorization for {code.name}"))
+                    Code.NO_MATCHING_ITEM, f"device {report.client_uuid} holds no authorization for {code.name} "
+                                           "(none granted, or it ended: a seat released, a code deleted); handshake again"))
+            ended = self._ended(auth, now)
+            if ended is not None:
+                return UsageOutcome(refusal=ended)
             targets = []
             for i, record in enumerate(report.records):
                 item_id = record.item_id or auth.item_id
@@ -585,6 +656,31 @@ class Ledger:
 
         return await self.submit(run, (report.client_uuid,))
 
+    def _ended(self, auth: AuthorizationRecord, now: datetime) -> Refusal | None:
+        """Why usage reports under this authorization are refused now, if they are: its license was replaced,
+        its item revoked, or past its expiry and grace (judged as handshakes are)."""
+        cutoff = self.cutoffs.get(auth.item_id)
+        if cutoff is not None and auth.granted_at < cutoff:
+            return Refusal(Code.NO_MATCHING_ITEM, f"the authorization on item {auth.item_id} ended when its license was "
+                                                  "replaced; handshake again")
+        item = self.items.get(auth.item_id)
+        if item is None:
+            return Refusal(Code.ITEM_MISSING, f"item {auth.item_id} no longer exists")
+        if self.status(auth.item_id).revoked:
+            return Refusal(Code.REVOKED, f"item {auth.item_id} is revoked")
+        if self.judged(now) >= item.expires_at + EXPIRY_GRACE:
+            return Refusal(Code.EXPIRED, f"item {auth.item_id} expired at {item.expires_at.isoformat()}")
+        return None
+
+    def _end_authorizations(self, client_uuid: str, item_id: str, batch: WriteBatch, undo: Undo) -> None:
+        """The device's authorizations on the item end (a forced release): its report keys with them."""
+        device = self.devices[client_uuid]
+        for code, auth in list(device.authorizations.items()):
+            if auth.item_id == item_id:
+                _pop(device.authorizations, code, undo)
+        _pop(self._concurrent_grants.get(item_id, {}), client_uuid, undo)
+        batch.extras.append(sql_trust.end_authorizations_extra(client_uuid=client_uuid, item_ids=(item_id,)))
+
     def _refresh_seat(self, item_id: str, client_uuid: str, now: datetime, batch: WriteBatch, undo: Undo) -> bool:
         seats = self.devices[client_uuid].seats
         seat = seats.get(item_id)
@@ -592,7 +688,7 @@ class Ledger:
         if seat is None or item is None:
             return False
         new = dataclasses.replace(seat, refreshed_at=now,
-                                  expires_at=max(seat.expires_at, hs.authorization_end(item, now)))
+                                  expires_at=max(seat.expires_at, hs.authorization_end(item, now, self.judged(now))))
         _set(seats, item_id, new, undo)
         batch.refresh(new)
         batch.events.append(_seat_event("seat.refreshed", new, None, now))
@@ -636,7 +732,10 @@ class Ledger:
         async def read_and_apply() -> None:
             # Committed elsewhere: applied without an undo.
             if catalog:
+                known = set(self.codes)
                 self._apply_catalog(await self.store.load_catalog())
+                await self._load_trust()
+                self._drop_code_authorizations(known - set(self.codes))
             self._apply_reloaded(await self.store.reload(items | self._items_held_by(clients), clients), clients)
             for report_id in reports:
                 self._recent_reports[report_id] = self.clock()
@@ -666,6 +765,21 @@ class Ledger:
                     self._recent_reports[report.report_id] = b.at or self.clock()
         self._apply_reloaded(await self.store.reload(items | self._items_held_by(clients), clients), clients)
 
+    def _drop_code_authorizations(self, codes: set[str], undo: Undo | None = None) -> None:
+        """Forget in memory the authorizations of deleted codes (the database's go with them)."""
+        for client, device in self.devices.items():
+            for code in codes & device.authorizations.keys():
+                if undo is None:
+                    del device.authorizations[code]
+                else:
+                    _pop(device.authorizations, code, undo)
+        for grants in self._concurrent_grants.values():
+            for client in [c for c, a in grants.items() if a.code in codes]:
+                if undo is None:
+                    del grants[client]
+                else:
+                    _pop(grants, client, undo)
+
     def _per_slice(self, item_id: str | None) -> bool:
         item = self.items.get(item_id) if item_id else None
         return item is not None and item.rules.per_slice
@@ -684,7 +798,7 @@ class Ledger:
 
     def _apply_reloaded(self, reloaded: Reloaded, clients: set[str]) -> None:
         """Rows as stored now replace what memory holds of `clients` (devices not in memory stay out)."""
-        fresh = {c: Device() for c in clients if c in self.devices}
+        fresh = {c: Device(fingerprint=reloaded.bindings.get(c)) for c in clients if c in self.devices}
         for grants in self._concurrent_grants.values():
             for client in clients:
                 grants.pop(client, None)
@@ -721,10 +835,11 @@ class Ledger:
 
     async def sweep(self) -> int:
         """Free seats whose active period has lapsed (at most MAX_SWEEP a call); returns how many."""
-        lapsed = await self.store.lapsed_seats(to_ms(self.clock()), MAX_SWEEP)
+        lapsed = await self.store.lapsed_seats(to_ms(self.judged(self.clock())), MAX_SWEEP)
         self._prune_concurrent_grants(self.clock())
 
         def run(now: datetime, batch: WriteBatch, undo: Undo) -> int:
+            now = self.judged(now)  # a clock set back never keeps a lapsed seat
             freed = 0
             # The database lists what lapsed as committed; memory is the truth for the devices
             # (a refresh or release may be in flight), so a listed seat only counts if it still lapsed.
@@ -755,7 +870,8 @@ class Ledger:
         )
 
     async def record_import(
-        self, path: str, sha256: str, verified_license: License | None, key_id: str, text: str, rejection: str | None
+        self, path: str, sha256: str, verified_license: License | None, key_id: str, text: str, rejection: str | None,
+        binding: Binding | None = None,
     ) -> ImportOutcome:
         """Import one verified file, or record why it was rejected; one transaction either way."""
 
@@ -778,6 +894,8 @@ class Ledger:
                 return ImportOutcome("rejected", record.license_id, reason)
             assert verified_license is not None
             state = self._apply_license(verified_license, key_id, sha256, text, path, now, batch, undo)
+            if state != "unchanged":
+                self._apply_binding(verified_license, binding, state, now, batch, undo)
             record = ImportRecord(path, sha256, state, now, None, verified_license.license_id,
                                   verified_license.revision)
             _set(self.imports, path, record, undo)
@@ -879,6 +997,26 @@ class Ledger:
         return state
 
 
+    def _apply_binding(self, lic: License, binding: Binding | None, state: str, now: datetime, batch: WriteBatch,
+                       undo: Undo) -> None:
+        """Keep the revision's binding; a renewal ends the authorizations on the license's items."""
+        if binding is not None:
+            row = sql_trust.BindingRow(binding.license_id, binding.revision, binding.key_id,
+                                       base64.b64encode(binding.statement).decode(), binding.signature,
+                                       binding.item_ids)
+            rows = self._binding_rows
+            self._binding_rows = [*rows, row]
+            undo.append(lambda: setattr(self, "_binding_rows", rows))
+            batch.extras.append(sql_trust.bindings_extra([row]))
+        indexed = self.bindings
+        self._index_bindings()
+        undo.append(lambda: setattr(self, "bindings", indexed))
+        if state == "renewed":
+            items = tuple(i.item_id for i in self.licenses[lic.license_id].license.items)
+            for item_id in items:
+                _set(self.cutoffs, item_id, now, undo)
+            batch.extras.append(sql_trust.cutoff_extra(items, to_ms(now)))
+
     def _create_default_code(self, lic: License, now: datetime, batch: WriteBatch, undo: Undo,
                              **detail: Any) -> HandshakeCode:
         """The license's default code, holding all of its items."""
@@ -937,6 +1075,8 @@ class Ledger:
             _pop(self.codes, name, undo)
             batch.codes_deleted.append(name)
             batch.events.append(Event(at=now, type="code.deleted", code=name, detail=_code_detail(code)))
+            self._drop_code_authorizations({name}, undo)
+            batch.extras.append(sql_trust.end_authorizations_extra(code=name))
 
         await self.submit(run)
 
@@ -987,6 +1127,7 @@ class Ledger:
             if seat is None:
                 raise NotFound(f"seat of device {client_uuid} on item {item_id}")
             self._release(seat, "forced", None, now, batch, undo)
+            self._end_authorizations(client_uuid, item_id, batch, undo)
 
         await self.submit(run, (client_uuid,))
 

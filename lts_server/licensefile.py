@@ -28,6 +28,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+# The binding statement's format is the device's to define (lts-client); lts-license writes it, the server checks it.
+from lts_client.trust import BadBinding, BindingStatement, BoundItem, binding_statement, parse_binding
+
 from lts_server.core.model import (
     LICENSE_TYPES,
     DeploymentType,
@@ -36,6 +39,7 @@ from lts_server.core.model import (
     LicenseType,
     Period,
 )
+from lts_server.core.times import iso
 from lts_server.identity import key_id
 
 FORMAT_VERSION = 1
@@ -58,6 +62,11 @@ Uuid = Annotated[
     str, msgspec.Meta(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 ]
 Moment = Annotated[datetime, msgspec.Meta(tz=True)]
+# base64 of a raw 32-byte Ed25519 public key, and of a 64-byte signature.
+RawKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9+/]{43}=$")]
+Base64 = Annotated[str, msgspec.Meta(pattern=r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$",
+                                     max_length=4 * MAX_FILE_BYTES // 3)]
+SignatureText = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9+/]{86}==$")]
 
 
 class ItemPayload(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -81,6 +90,11 @@ class Payload(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_onl
     license_text_version: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
     status: Literal["New", "Activated"]
     server_uuid: Uuid | None = None
+    # The binding to the server's identity key (docs/authorization-format.md): the key, and the vendor's
+    # statement naming it with the license's items (base64 of its exact bytes), signed by the same vendor key.
+    server_key: RawKey | None = None
+    binding: Base64 | None = None
+    binding_signature: SignatureText | None = None
     revision: Annotated[int, msgspec.Meta(ge=1)]
     issued_at: Moment
     items: Annotated[list[ItemPayload], msgspec.Meta(min_length=1, max_length=1000)]
@@ -99,10 +113,18 @@ def default_alias(license_id: str, activated: datetime) -> str:
     return f"DM_{license_id}_Date{activated:%Y%m%d}"
 
 
-def problems(payload: Payload) -> list[tuple[str, str]]:
-    """Rules a typed payload must also obey: (field path, what is wrong)."""
+def problems(payload: Payload, signed: bool = True) -> list[tuple[str, str]]:
+    """Rules a typed payload must also obey: (field path, what is wrong). `signed`: a file's payload (a spec's
+    has no binding yet: lts-license makes it)."""
     found: list[tuple[str, str]] = []
     seen: set[str] = set()
+    if payload.server_key is not None and payload.server_uuid is None:
+        found.append(("serverKey", "requires serverUuid: a key is bound together with the server it belongs to"))
+    if signed and payload.server_key is not None and (payload.binding is None or payload.binding_signature is None):
+        found.append(("binding", "binding and bindingSignature are required with serverKey (lts-license issue "
+                                 "writes them)"))
+    if payload.server_key is None and (payload.binding is not None or payload.binding_signature is not None):
+        found.append(("binding", "only a file with serverKey has a binding"))
     for i, item in enumerate(payload.items):
         at = f"items[{i}]"
         rules = LICENSE_TYPES[item.license_type]
@@ -153,6 +175,7 @@ def to_license(payload: Payload) -> License:
         issued_at=payload.issued_at,
         items=items,
         server_uuid=payload.server_uuid,
+        server_key=payload.server_key,
     )
 
 
@@ -168,11 +191,67 @@ def sign(payload_bytes: bytes, private_key: Ed25519PrivateKey) -> bytes:
 
 
 @dataclass(frozen=True)
+class Binding:
+    """The vendor's signed binding of a license to a server's identity key, as a device receives it."""
+
+    license_id: str
+    revision: int
+    key_id: str  # the vendor key that signed it
+    statement: bytes
+    signature: str
+    item_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Verified:
     license: License
     key_id: str
     sha256: str
     text: str
+    binding: Binding | None = None
+
+
+def bound_items(payload: Payload) -> list[BoundItem]:
+    """The items' terms as the binding statement states them."""
+    return [BoundItem(item_id=i.item_id, product=i.product, deployment_type=i.deployment_type.value,
+                      license_type=i.license_type.value, starts_at=iso(i.starts_at), expires_at=iso(i.expires_at),
+                      edition=i.edition, domain=i.domain.lower() if i.domain else None) for i in payload.items]
+
+
+def make_binding(payload: Payload, private_key: Ed25519PrivateKey) -> Payload:
+    """The payload with its binding statement and the vendor's signature of it (needs serverUuid, serverKey)."""
+    assert payload.server_uuid is not None and payload.server_key is not None
+    statement = binding_statement(license_id=payload.license_id, revision=payload.revision,
+                                  organization_id=payload.organization_id, server_uuid=payload.server_uuid,
+                                  server_key=payload.server_key, issued_at=iso(payload.issued_at),
+                                  items=bound_items(payload))
+    return msgspec.structs.replace(payload, binding=base64.b64encode(statement).decode(),
+                                   binding_signature=base64.b64encode(private_key.sign(statement)).decode())
+
+
+def _check_binding_statement(payload: Payload, vendor: Ed25519PublicKey, kid: str) -> Binding:
+    """The statement is signed by the file's vendor key and says exactly what the payload says."""
+    assert payload.binding is not None and payload.binding_signature is not None
+    statement = base64.b64decode(payload.binding)
+    try:
+        vendor.verify(base64.b64decode(payload.binding_signature), statement)
+    except InvalidSignature:
+        raise LicenseFileError("bad-binding", "the binding's signature does not verify with the file's vendor key")
+    try:
+        bound: BindingStatement = parse_binding(statement)
+    except BadBinding as e:
+        raise LicenseFileError("bad-binding", str(e)) from None
+    facts = (("licenseId", bound.license_id, payload.license_id), ("revision", bound.revision, payload.revision),
+             ("organizationId", bound.organization_id, payload.organization_id),
+             ("serverUuid", bound.server_uuid, payload.server_uuid), ("serverKey", bound.server_key, payload.server_key),
+             ("issuedAt", bound.issued_at, iso(payload.issued_at)))
+    for name, stated, actual in facts:
+        if stated != actual:
+            raise LicenseFileError("bad-binding", f"the binding says {name} {stated!r}, the file {actual!r}")
+    if bound.items != bound_items(payload):
+        raise LicenseFileError("bad-binding", "the binding's items differ from the file's items")
+    return Binding(payload.license_id, payload.revision, kid, statement, payload.binding_signature,
+                   tuple(i.item_id for i in payload.items))
 
 
 def verify(data: bytes, trusted: dict[str, Ed25519PublicKey]) -> Verified:
@@ -214,7 +293,8 @@ def verify(data: bytes, trusted: dict[str, Ed25519PublicKey]) -> Verified:
     found = problems(payload)
     if found:
         raise LicenseFileError("bad-field", "; ".join(f"{path}: {what}" for path, what in found))
-    return Verified(to_license(payload), kid, hashlib.sha256(data).hexdigest(), data.decode("utf-8"))
+    binding = _check_binding_statement(payload, public_key, kid) if payload.server_key is not None else None
+    return Verified(to_license(payload), kid, hashlib.sha256(data).hexdigest(), data.decode("utf-8"), binding)
 
 
 def _field_message(text: str) -> str:
@@ -222,7 +302,7 @@ def _field_message(text: str) -> str:
     return f"{where.rstrip('`').lstrip('.')}: {msg}" if where else msg
 
 
-def check_binding(lic: License, server_uuid: str, allow_unbound: bool) -> None:
+def check_binding(lic: License, server_uuid: str, allow_unbound: bool, server_key: str | None = None) -> None:
     if lic.status != "Activated":
         raise LicenseFileError("not-activated", f"license status is {lic.status}; only Activated licenses import")
     if lic.server_uuid is None:
@@ -234,6 +314,15 @@ def check_binding(lic: License, server_uuid: str, allow_unbound: bool) -> None:
         raise LicenseFileError(
             "wrong-server", f"the file is bound to server {lic.server_uuid}, this server is {server_uuid}"
         )
+    if lic.server_key is not None and server_key is not None and lic.server_key != server_key:
+        raise LicenseFileError(
+            "wrong-server-key", f"the file is bound to identity key {lic.server_key}; this server's identity key is "
+            f"{server_key} (`ltsctl identity`): ask the vendor for a file with this key")
+
+
+def raw_public_key(b64: str) -> Ed25519PublicKey:
+    """A public key from base64 of its raw 32 bytes (serverKey)."""
+    return Ed25519PublicKey.from_public_bytes(base64.b64decode(b64))
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:

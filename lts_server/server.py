@@ -19,8 +19,10 @@ from lts_server import config as config_mod
 from lts_server import identity, licensefile, logs
 from lts_server.alerts import Alerter
 from lts_server.archive import Archiver
+from lts_server.clock import ClockGuard, ClockStatus
 from lts_server.config import Config
-from lts_server.core.times import to_ms, utcnow
+from lts_server.core import alerts as alert_rules
+from lts_server.core.times import iso, to_ms, utcnow
 from lts_server.core.usage import MAX_LATE
 from lts_server.importer import Importer
 from lts_server.ledger import MAX_SWEEP, ImportOutcome, Ledger
@@ -137,7 +139,13 @@ class Server:
             self._followed = await store.last_event()
         else:
             ident = identity.load_or_create(cfg.state_dir)
+        # Each process writes a usage chain of its own, continued after a restart (lts_server/usagechain.py).
+        chain = await store.claim_chain(f"{identity.node_id(cfg.state_dir)}/{self.worker}", ident.server_uuid,
+                                        to_ms(self.clock()))
+        guard = ClockGuard(self.clock, timedelta(seconds=cfg.clock.tolerance))
+        guard.load(await store.clock_tick(to_ms(self.clock())))
         ledger = Ledger(store, ident.secret, self.clock, self.config.storage.device_cache)
+        ledger.time_floor = guard.judged
         await ledger.start()
         try:  # the folder operators drop files into: there from the first start, so watching works
             cfg.import_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -152,7 +160,16 @@ class Server:
         importer = Importer(ledger, cfg.import_dir, ident.server_uuid, lambda: self.trusted,
                             lambda: self.config.vendor.allow_unbound,
                             self._import_turn if isinstance(store, PostgresStore) else contextlib.nullcontext,
-                            cfg.import_.settle_ms)
+                            cfg.import_.settle_ms, server_key=ident.public_key_b64)
+
+        def clock_behind(status: ClockStatus) -> None:
+            assert status.behind is not None and status.latest is not None
+            alerter.raise_now(alert_rules.CLOCK_ALERT, ident.server_uuid, "clock behind",
+                              f"The server's clock ({iso(status.now)}) is {round(status.behind.total_seconds()):,} s "
+                              f"behind the latest time it recorded ({iso(status.latest)}): nothing is granted (error "
+                              "160) until it catches up or the admin accepts it (ltsctl clock accept).", "/portal/")
+
+        guard.on_behind = clock_behind
 
         def imported(outcome: ImportOutcome) -> None:
             metrics.imports.labels(outcome.state).inc()
@@ -161,7 +178,9 @@ class Server:
 
         importer.on_import = imported
         self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key), alerter,
-                                 metrics, Archiver(store, cfg.archive_dir), catch_up=self.catch_up if isinstance(store, PostgresStore) else None)
+                                 metrics, Archiver(store, cfg.archive_dir), catch_up=self.catch_up if isinstance(store, PostgresStore) else None,
+                                 clock=guard)
+        guard.check()
         if self.leads:
             await importer.scan("start-up")
         separate_admin = cfg.admin.port is not None
@@ -186,6 +205,7 @@ class Server:
         else:
             self.admin_url = self.urls[0]
         self._tasks.append(asyncio.create_task(self.guard.run(self.stopping), name="connection-guard"))
+        self._tasks.append(asyncio.create_task(guard.run(store.clock_tick, self.stopping), name="clock"))
         if self.leads:
             self._tasks.append(asyncio.create_task(
                 importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
@@ -205,7 +225,7 @@ class Server:
         if cfg.server.standby_of:
             self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
             await self._standby_checked.wait()  # know the main's state before serving anyone
-        logs.event("server.listening", urls=self.urls, server_uuid=ident.server_uuid,
+        logs.event("server.listening", urls=self.urls, server_uuid=ident.server_uuid, usage_chain=chain.chain,
                    database=store.where if isinstance(store, PostgresStore) else str(cfg.database_path),
                    import_dir=str(cfg.import_dir))
 
@@ -440,6 +460,10 @@ class Server:
                     task.exception()  # retrieved: a task that failed on its way out says so in the log itself
         if self.services is not None:
             await self.services.ledger.close(left())
+            if self.services.clock is not None:  # what this process recorded last, for the next start
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.services.store.clock_tick(  # type: ignore[attr-defined]
+                        self.services.clock.tick_ms()), max(0.1, min(5, left())))
         if self._store is not None:
             await self._store.close(left())
         if self._state_lock is not None:

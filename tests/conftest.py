@@ -47,6 +47,8 @@ class Vendor:
     def issue(self, spec: dict[str, Any]) -> bytes:
         """Sign a spec (snake_case, as lts-license takes it) into license file bytes."""
         payload = payload_from_spec(spec, NOW)
+        if payload.server_key is not None:
+            payload = licensefile.make_binding(payload, self.key)
         return licensefile.sign(licensefile.encode_payload(payload), self.key)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import signal
 import time
@@ -72,15 +73,17 @@ async def test_client_fails_over_verifies_and_caches(daemon: Daemon, tmp_path: P
         again = await client.handshake(handshake_code="216998-L1", client_uuid="dev-a", product="barcode-reader",
                                        deployment_type="browser")
         assert again.raw == auth.raw  # served from the cache, no new request
-        later = datetime.now(UTC) + timedelta(days=400)
+        later = datetime.now(UTC) + timedelta(hours=2)
         fresh = await client.handshake(handshake_code="216998-L1", client_uuid="dev-a", product="barcode-reader",
                                        deployment_type="browser", now=later)
-        assert fresh.raw != auth.raw  # the cached one lapsed: asked again
+        assert fresh.raw != auth.raw  # past the cached one's refreshBy: asked again
     assert await query_database(daemon.database, "SELECT COUNT(*) FROM events WHERE type = 'handshake'") == [(2,)]
     # A cache edited by hand is not trusted.
     cached = next(cache.glob("auth-*.json"))
     data = json.loads(cached.read_text())
-    data["signature"] = data["signature"][::-1]
+    signature = json.loads(base64.b64decode(data["answer"]))["signature"]
+    data["answer"] = base64.b64encode(base64.b64decode(data["answer"]).replace(
+        signature.encode(), signature[::-1].encode())).decode()
     cached.write_text(json.dumps(data))
     async with LtsClient([daemon.url], cache_dir=cache) as client:
         assert client._read_cached(cached) is None

@@ -25,12 +25,12 @@ class Rows:
         self.lookups: list[set[str]] = []
         self.fail: Exception | None = None
 
-    async def __call__(self, clients: set[str]) -> tuple[list[Seat], list[AuthorizationRecord]]:
+    async def __call__(self, clients: set[str]) -> tuple[list[Seat], list[AuthorizationRecord], dict[str, str]]:
         self.lookups.append(set(clients))
         await asyncio.sleep(0)
         if self.fail is not None:
             raise self.fail
-        return [s for s in self.seats if s.client_uuid in clients], []
+        return [s for s in self.seats if s.client_uuid in clients], [], {}
 
 
 def seat(client: str, item_id: str = "i") -> Seat:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -137,3 +138,38 @@ def test_expiry_relative_to_now_in_fixtures() -> None:
     # Guards the fixtures themselves: test data is made relative to now, so it never expires.
     lic = SAMPLE_LICENSE
     assert lic.items[0].starts_at < NOW + timedelta(seconds=1) < lic.items[0].expires_at
+
+
+def _bound_payload(vendor_key: Any) -> Any:
+    spec = license_spec("L1", server_uuid="0feb6cf8-698d-47b4-8f64-dc3580f5a7a9",
+                        server_key="8T+rnoEwMqyvt5cfrYRN/9Ympz/a+7Xk4N3XUkMDsPo=")
+    return licensefile.make_binding(payload_from_spec(spec, NOW), vendor_key)
+
+
+def test_a_binding_that_does_not_say_what_the_file_says_is_rejected(vendor: Any) -> None:
+    import base64
+    import json as json_mod
+
+    import msgspec
+
+    trusted = licensefile.load_trusted([vendor.pub_path])
+    good = _bound_payload(vendor.key)
+    verified = licensefile.verify(licensefile.sign(licensefile.encode_payload(good), vendor.key), trusted)
+    assert verified.binding is not None and verified.license.server_key == good.server_key
+    statement = json_mod.loads(base64.b64decode(good.binding))
+    statement["items"][0]["expiresAt"] = "2099-01-01T00:00:00Z"
+    forged = base64.b64encode(json_mod.dumps(statement, separators=(",", ":")).encode()).decode()
+    for payload, reason in (
+            (msgspec.structs.replace(good, binding=forged), "bad-binding"),  # the vendor did not sign that
+            (msgspec.structs.replace(good, binding_signature=None), "bad-field"),
+            (msgspec.structs.replace(good, revision=2), "bad-binding")):  # the statement says revision 1
+        with pytest.raises(licensefile.LicenseFileError) as refused:
+            licensefile.verify(licensefile.sign(licensefile.encode_payload(payload), vendor.key), trusted)
+        assert refused.value.kind == reason, str(refused.value)
+    # A statement the vendor signed, for other items than the file's.
+    other = dict(statement, items=statement["items"][:0])
+    raw = json_mod.dumps(other, separators=(",", ":")).encode()
+    payload = msgspec.structs.replace(good, binding=base64.b64encode(raw).decode(),
+                                      binding_signature=base64.b64encode(vendor.key.sign(raw)).decode())
+    with pytest.raises(licensefile.LicenseFileError, match="items differ"):
+        licensefile.verify(licensefile.sign(licensefile.encode_payload(payload), vendor.key), trusted)

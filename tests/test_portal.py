@@ -86,7 +86,7 @@ async def test_values_from_license_files_and_users_are_escaped(running: Running)
 
 
 @pytest.mark.parametrize("page", ["/portal/", "/portal/items", "/portal/codes", "/portal/codes/new",
-                                  "/portal/security", "/portal/stats/code/216998-L1",
+                                  "/portal/security", "/portal/devices", "/portal/stats/code/216998-L1",
                                   "/portal/stats/item/L1-1", "/portal/codes/216998-L1/order"])
 async def test_pages_render_under_200_kb(running: Running, page: str) -> None:
     await running.drop("a.lic", running.vendor.issue(license_spec("L1", items=[item("L1-1"), item("L1-2")])))
@@ -99,3 +99,24 @@ async def test_pages_render_under_200_kb(running: Running, page: str) -> None:
         assert b"Traceback" not in body
     finally:
         await s.close()
+
+
+async def test_the_devices_page_lists_clones_and_resets_a_binding(running: Running) -> None:
+    await running.drop("a.lic", running.vendor.issue(license_spec("L1", items=[item("L1-1")])))
+    assert (await running.handshake(handshakeCode="216998-L1", deviceFingerprint="machine-a"))[0] == 200
+    assert (await running.handshake(handshakeCode="216998-L1", deviceFingerprint="machine-b"))[0] == 403
+    s = await portal_session(running)
+    try:
+        async with s.get(running.url + "/portal/") as resp:
+            home = await resp.text()
+        assert running.server.services.identity.public_key_b64 in home
+        async with s.get(running.url + "/portal/devices") as resp:
+            html = await resp.text()
+        assert "device-1" in html
+        async with s.post(running.url + "/portal/devices/reset", data={"csrf": csrf(html), "client": "device-1"}) as resp:
+            assert resp.status == 200 and "is reset" in await resp.text()
+        async with s.post(running.url + "/portal/devices/reset", data={"csrf": csrf(html), "client": "nobody"}) as resp:
+            assert "not bound" in await resp.text()
+    finally:
+        await s.close()
+    assert (await running.handshake(handshakeCode="216998-L1", deviceFingerprint="machine-b"))[0] == 200

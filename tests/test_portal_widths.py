@@ -32,6 +32,7 @@ PAGES = {
     "stats-item-units": "/portal/stats/item/scans",
     "alerts": "/portal/alerts",
     "security": "/portal/security",
+    "devices": "/portal/devices",
     "not-found": "/portal/no-such-page",
     "unknown-code": "/portal/stats/code/216998-never",
 }
@@ -67,6 +68,9 @@ async def fill(running: Running) -> None:
         assert resp.status == 201, await resp.text()
     end = running.clock.now
     running.clock.now = end - timedelta(days=7)
+    # A week of history, made by setting the clock back: the server grants nothing until it is accepted.
+    async with running.session.post(running.url + "/api/v1/admin/clock/accept") as resp:
+        assert resp.status == 200, await resp.text()
     n = 0
     while running.clock.now < end:
         await running.handshake(handshakeCode="216998-fleet", clientUuid=f"dev-{n % 7}",

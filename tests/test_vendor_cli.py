@@ -93,3 +93,43 @@ def test_demo_files_verify_with_the_demo_key() -> None:
     for f in files:
         out = cli("verify", str(f), "--public-key", str(root / "license_files" / "demo-vendor" / "vendor.pub"))
         assert out.returncode == 0, out.stdout
+
+
+SERVER_KEY = "8T+rnoEwMqyvt5cfrYRN/9Ympz/a+7Xk4N3XUkMDsPo="
+
+
+def test_issue_binds_the_server_key_and_show_prints_it(tmp_path: Path, keys: Path) -> None:
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC.replace('server_uuid = ', f'server_key = "{SERVER_KEY}"\nserver_uuid = '))
+    out = cli("issue", str(spec), "--key", str(keys / "vendor.key"), "--out", str(tmp_path / "a.lic"))
+    assert out.returncode == 0, out.stderr
+    text = (tmp_path / "a.lic").read_text()
+    assert f'"serverKey": "{SERVER_KEY}"' in text and '"binding": ' in text and '"bindingSignature": ' in text
+    assert cli("verify", str(tmp_path / "a.lic"), "--public-key", str(keys / "vendor.pub")).returncode == 0
+    shown = cli("show", str(tmp_path / "a.lic"), "--public-key", str(keys / "vendor.pub")).stdout
+    assert f"server key   {SERVER_KEY}" in shown
+
+
+def test_a_server_key_needs_a_server_uuid(tmp_path: Path, keys: Path) -> None:
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC.replace('server_uuid = "0feb6cf8-698d-47b4-8f64-dc3580f5a7a9"', f'server_key = "{SERVER_KEY}"'))
+    out = cli("issue", str(spec), "--key", str(keys / "vendor.key"), "--out", str(tmp_path / "a.lic"))
+    assert out.returncode == 2 and "server_key: requires serverUuid" in out.stderr
+    assert not (tmp_path / "a.lic").exists()
+
+
+def test_verify_usage_finds_the_vendor_key_in_the_key_store(tmp_path: Path, keys: Path) -> None:
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC.replace('server_uuid = ', f'server_key = "{SERVER_KEY}"\nserver_uuid = '))
+    cli("issue", str(spec), "--key", str(keys / "vendor.key"), "--out", str(tmp_path / "a.lic"))
+    (tmp_path / "s.statement").write_text("not a statement\n")
+    # The key store: found by the license file's Key-Id; the statement is then judged (and is broken).
+    out = cli("verify-usage", str(tmp_path / "s.statement"), "--license", str(tmp_path / "a.lic"), "--keys", str(keys))
+    assert out.returncode == 1 and "not a usage statement" in out.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = cli("verify-usage", str(tmp_path / "s.statement"), "--license", str(tmp_path / "a.lic"), "--keys", str(empty))
+    assert out.returncode == 2 and "unknown-key" in out.stderr and str(empty) in out.stderr
+    out = cli("verify-usage", str(tmp_path / "missing"), "--license", str(tmp_path / "a.lic"), "--keys", str(keys))
+    assert out.returncode == 2

@@ -8,13 +8,16 @@ Each figure is the median of 5 runs, in microseconds of one core:
 - the duplicate-key check of a handshake body (web/device.py); a report key; an event's JSON detail;
 - SQLite: write_batch per grant (new devices, refreshes) with synchronous=OFF (the work, not the
   flush), and folding the events into the rollups per handshake;
-- Ed25519: one signature; two threads signing at once vs one (does signing release the GIL?).
+- Ed25519: one signature; two threads signing at once vs one (does signing release the GIL?);
+- trust (issue 20): the usage chain per grant (two events linked: canonical lines and SHA-256), write_batch
+  with and without the chain side by side, and the answer's new parts (refreshBy, the binding's bytes).
 These are the pieces the bench's CPU per grant is made of; see docs/design.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import statistics
 import sys
 import tempfile
@@ -33,8 +36,9 @@ from aiohttp import web  # noqa: E402
 from aiohttp.test_utils import make_mocked_request  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from lts_server import reportkeys  # noqa: E402
-from lts_server.core.times import utcnow  # noqa: E402
+from lts_server import bindings, reportkeys, usagechain  # noqa: E402
+from lts_server.core.times import iso, utcnow  # noqa: E402
+from lts_server.store.sql_trust import BindingRow  # noqa: E402
 from lts_server.metrics import Metrics  # noqa: E402
 from lts_server.store import AuthorizationRecord, Event, Seat, WriteBatch, sql  # noqa: E402
 from lts_server.store.sqlite import SQLiteStore, drive  # noqa: E402
@@ -98,7 +102,33 @@ def small_parts() -> None:
           f" an event's JSON detail: {median_us(lambda: sql._compact_json(detail), 50000):.2f} us")
 
 
-def sqlite_write(g: int = 16, batches: int = 300) -> None:
+def sqlite_write(g: int = 16, batches: int = 300, chained: bool = False) -> None:
+    rounds = _sqlite_rounds(g, batches, chained)
+    for refresh in (False, True):
+        per_grant, per_event = next(rounds)(refresh)
+        print(f"sqlite {'refresh' if refresh else 'new devices'}{' (chained)' if chained else ''}: write_batch"
+              f" {per_grant:.1f} us per grant (batches of {g}); rollups {per_event:.1f} us per handshake event")
+
+
+def chain_write(g: int = 16, batches: int = 150, rounds: int = 9) -> None:
+    """write_batch with the chain and without, in alternating rounds on two databases (this machine's noise is
+    +-10 us between runs of the same code): the medians and the median of the rounds' differences."""
+    plain, chained = _sqlite_rounds(g, batches, False), _sqlite_rounds(g, batches, True)
+    first_plain, first_chained = next(plain), next(chained)
+    for refresh in (False, True):
+        pairs = []
+        for _ in range(rounds):
+            a = first_plain(refresh)[0]
+            b = first_chained(refresh)[0]
+            pairs.append((a, b))
+        base = statistics.median(a for a, _ in pairs)
+        with_chain = statistics.median(b for _, b in pairs)
+        delta = statistics.median(b - a for a, b in pairs)
+        print(f"sqlite {'refresh' if refresh else 'new devices'}: write_batch {base:.1f} us per grant unchained,"
+              f" {with_chain:.1f} chained: the chain costs {delta:+.1f} us per grant (median of {rounds} pairs)")
+
+
+def _sqlite_rounds(g: int, batches: int, chained: bool):  # noqa: ANN202 - a generator of round runners
     folder = Path(tempfile.mkdtemp())
     store = SQLiteStore(folder / "bench.sqlite3")
     asyncio.run(store.open())
@@ -119,6 +149,14 @@ def sqlite_write(g: int = 16, batches: int = 300) -> None:
         con.commit()
         return result
 
+    chain = run(usagechain.claim("bench/0", "0feb6cf8-698d-47b4-8f64-dc3580f5a7a9", 0)) if chained else None
+
+    def write(b: WriteBatch) -> None:
+        nonlocal chain
+        head = run(sql.write_batch(b, chain))  # type: ignore[arg-type]
+        if head is not None:
+            chain = head
+
     def batch(k: int, refresh: bool) -> WriteBatch:
         b = WriteBatch(at=now)
         for j in range(g):
@@ -135,21 +173,24 @@ def sqlite_write(g: int = 16, batches: int = 300) -> None:
                                   client_uuid=client, product="barcode-reader", deployment_type="browser", result=0))
         return b
 
-    run(sql.write_batch(batch(0, False)))  # the devices that refresh
-    for refresh in (False, True):
-        todo = [batch(k + 1, refresh) for k in range(batches)]
+    write(batch(0, False))  # the devices that refresh
+    made = [0]
+
+    def one_round(refresh: bool) -> tuple[float, float]:
+        todo = [batch(made[0] + k + 1, refresh) for k in range(batches)]
+        made[0] += batches
         started = time.process_time()
         for b in todo:
-            run(sql.write_batch(b))
+            write(b)
         per_grant = (time.process_time() - started) / (batches * g) * 1e6
         started = time.process_time()
         folded = 0
         while done := run(sql.roll_up({"BENCH-1": ("per-device", 50_000_000)}, 500)).processed:  # type: ignore[attr-defined]
             folded += done
-        per_event = (time.process_time() - started) / max(1, folded) * 1e6
-        print(f"sqlite {'refresh' if refresh else 'new devices'}: write_batch {per_grant:.1f} us per grant"
-              f" (batches of {g}); rollups {per_event:.1f} us per handshake event")
-    con.close()
+        return per_grant, (time.process_time() - started) / max(1, folded) * 1e6
+
+    while True:
+        yield one_round
 
 
 def signing() -> None:
@@ -175,9 +216,57 @@ def signing() -> None:
     print(f"Ed25519 sign: {one:.1f} us; two threads sign {2 * alone / both:.2f}x as fast as one")
 
 
+def trust_parts() -> None:
+    """What issue 20 adds per grant outside the database: link two events onto the chain (on the database
+    thread), and the answer's refreshBy and binding bytes (on the event loop), each against its absence."""
+    import msgspec
+
+    from lts_server.web import device as device_mod
+
+    now = utcnow()
+    head = usagechain.Head(1, "bench/0", 1000, b"h" * 32)
+    rows = [(1764000000000, "seat.granted", "216998-BENCH", "BENCH-1", "bench-0-1732870000-1-12345", None, None, None,
+             '{"expiresAt":"2027-11-29T11:00:00+00:00"}', None, None),
+            (1764000000000, "handshake", "216998-BENCH", "BENCH-1", "bench-0-1732870000-1-12345", "barcode-reader",
+             "browser", 0, None, None, None)]
+    chain_us = median_us(lambda: usagechain._linked(head, rows), 20000)
+    statement = base64.b64encode(b"x" * 600).decode()
+    bound = bindings.item_binding(BindingRow("L", 1, "f22983345d3afc83", statement, "s" * 88, ("BENCH-1",)))
+    auth = b"a" * 560
+    expires = now + timedelta(days=365)
+
+    class With(msgspec.Struct):
+        expires_at: str
+        refresh_by: object
+        binding_sha256: str | None
+
+    class Without(msgspec.Struct):
+        expires_at: str
+
+    encode = msgspec.json.Encoder().encode
+
+    def new(binding: bindings.ItemBinding | None) -> bytes:
+        refresh, _ = device_mod._terms(60.0, 0.0)
+        body = encode(With(iso(expires), min(expires, now + refresh), binding.sha256 if binding else None))
+        return b'{"authorization":%s,"signature":"%s","keyId":"%s","reportKey":"%s"%s}' % (
+            auth + body, b"s" * 88, b"k" * 16, b"r" * 44, binding.answer_member if binding is not None else b"")
+
+    def old() -> bytes:
+        body = encode(Without(iso(expires)))
+        return b'{"authorization":%s,"signature":"%s","keyId":"%s","reportKey":"%s"}' % (
+            auth + body, b"s" * 88, b"k" * 16, b"r" * 44)
+
+    base = median_us(old, 50000)
+    print(f"trust: the chain links a grant's two events in {chain_us:.2f} us (database thread); refreshBy, "
+          f"bindingSha256 and the binding's bytes add {median_us(lambda: new(bound), 50000) - base:.2f} us to the "
+          f"answer (event loop; {median_us(lambda: new(None), 50000) - base:.2f} us without a binding)")
+
+
 if __name__ == "__main__":
     routing()
     duplicate_keys()
     small_parts()
     sqlite_write()
+    chain_write()
+    trust_parts()
     signing()

@@ -52,6 +52,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -62,6 +63,7 @@ sys.path.insert(0, str(HERE.parent.parent / "tests"))
 
 import pg  # noqa: E402  (tests/pg.py: a throwaway PostgreSQL server)
 from common import (  # noqa: E402
+    bound_to,
     cpu_us,
     device_item,
     free_port,
@@ -233,10 +235,15 @@ async def seat(port: int, devices: int) -> None:
 
 
 def start_daemon(folder: Path, pub: Path, lic: bytes | None, url: str | None = None,
-                 workers: int = 1, tree: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
-    """A daemon on a free port; with `tree`, lts_server imported from that source tree instead of this one."""
+                 workers: int = 1, tree: Path | None = None,
+                 key: Any = None) -> tuple[subprocess.Popen[bytes], int]:
+    """A daemon on a free port; with `tree`, lts_server imported from that source tree instead of this one.
+    With the vendor `key` (this tree only), the license is issued bound to the daemon's identity key, so
+    every answer carries the vendor's binding."""
     port = free_port()
     cfg = write_config(folder, pub, port, url=url, workers=workers)
+    if lic and key is not None and tree is None:
+        lic = license_file(key, "BENCH", [device_item("BENCH-1", 50_000_000)], **bound_to(folder / "state"))
     if lic:
         (folder / "import" / "bench.lic").write_bytes(lic)
     env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None
@@ -322,17 +329,17 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
         for suffix, tree in trees:
             tag = suffix.strip()
             if "sqlite" in stores:
-                proc, port = start_daemon(folder / f"sqlite{tag}", pub, lic, tree=tree)
+                proc, port = start_daemon(folder / f"sqlite{tag}", pub, lic, tree=tree, key=key)
                 daemons.append(Target(f"sqlite{suffix}", [port], [proc], HERE / "handshake.lua",
                                       sqlite=folder / f"sqlite{tag}" / "state" / "lts-server.sqlite3"))
             if server:
                 for workers in (int(w) for w in args.workers.split(",")):
                     url = await server.new_database()
-                    proc, port = start_daemon(folder / f"w{workers}{tag}", pub, lic, url, workers, tree=tree)
+                    proc, port = start_daemon(folder / f"w{workers}{tag}", pub, lic, url, workers, tree=tree, key=key)
                     daemons.append(Target(f"pg w={workers}{suffix}", [port], [proc], HERE / "handshake.lua", url=url))
                 if args.nodes > 1:
                     url = await server.new_database()
-                    nodes = [start_daemon(folder / f"n{i}{tag}", pub, lic if i == 0 else None, url, tree=tree)
+                    nodes = [start_daemon(folder / f"n{i}{tag}", pub, lic if i == 0 else None, url, tree=tree, key=key)
                              for i in range(args.nodes)]
                     daemons.append(Target(f"pg nodes={args.nodes}{suffix}", [p for _, p in nodes],
                                           [d for d, _ in nodes], HERE / "handshake.lua", url=url))

@@ -290,6 +290,52 @@ def server_urls(values: list[str] | None) -> list[str]:
     return list(dict.fromkeys(urls))
 
 
+async def _usage_export(api: Api, args: argparse.Namespace) -> tuple[Any, str]:
+    """Stream a usage statement into --out: a temp file (0600) renamed once its signed last line is in."""
+    query = urllib.parse.urlencode([(k, v) for k, v in (
+        ("since", args.since), ("until", args.until), ("statement", args.statement)) if v])
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    if not api.token:
+        raise CtlError(f"not logged in to {api.server}: run `ltsctl --server {api.server} login`", EXIT_AUTH)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as e:
+        raise CtlError(f"--out {out}: {e.strerror}", EXIT_USAGE) from None
+    last = b""
+    try:
+        with os.fdopen(fd, "wb") as f:
+            async with api.session.get(f"{api.server}/api/v1/usage/export?{query}",
+                                       headers={"Authorization": f"Bearer {api.token}"},
+                                       timeout=aiohttp.ClientTimeout(total=None, sock_read=3600)) as resp:
+                if resp.status >= 400:
+                    payload = await resp.read()
+                    try:
+                        message = json.loads(payload)["error"]["message"]
+                    except (ValueError, KeyError, TypeError):
+                        message = payload[:200].decode(errors="replace")
+                    raise CtlError(f"GET /api/v1/usage/export: HTTP {resp.status}: {message}",
+                                   EXIT_AUTH if resp.status == 401 else EXIT_FAILED)
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    f.write(chunk)
+                    last = (last + chunk)[-(1 << 16):]
+            f.flush()
+            os.fsync(f.fileno())
+        lines = last.rstrip(b"\n").rsplit(b"\n", 1)
+        if not last.endswith(b"\n") or not lines[-1].startswith(b"S "):
+            raise CtlError("the server ended the statement before its signed summary (see the server log); "
+                           f"nothing written to {out}")
+        tmp.replace(out)
+    except aiohttp.ClientError as e:
+        raise CtlError(f"cannot reach {api.server}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    summary = json.loads(lines[-1].split(b" ", 2)[2])
+    return ({"out": str(out), **{k: summary[k] for k in ("statementId", "since", "until", "events", "items")}},
+            f"{out}: usage statement {summary['statementId']}, {summary['events']:,} events, "
+            f"{summary['since'] or 'the start'} to {summary['until']}")
+
+
 async def run(args: argparse.Namespace) -> int:
     servers = server_urls(args.server)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=args.timeout)) as session:
@@ -315,6 +361,33 @@ async def run(args: argparse.Namespace) -> int:
             await api.call("POST", "/api/v1/admin/logout")
             save_tokens([s for s, t in load_tokens().items() if t == api.token], None)
             out, text = {"loggedOut": True}, f"logged out of {server}"
+        elif cmd == "identity":
+            out = await api.call("GET", "/api/v1/server", auth=False)
+            out = {"serverUuid": out["serverUuid"], "keyId": out["keyId"], "identityKey": out["publicKey"]}
+            text = "\n".join([
+                f"server UUID    {out['serverUuid']}", f"identity key   {out['identityKey']}",
+                f"key id         {out['keyId']}", "",
+                "Send both with your license request; the vendor's spec takes them as:",
+                f'  server_uuid = "{out["serverUuid"]}"', f'  server_key = "{out["identityKey"]}"'])
+        elif cmd == "clock":
+            if args.action == "accept":
+                out = await api.call("POST", "/api/v1/admin/clock/accept")
+                text = (f"accepted the clock ({out['now']}), {out['acceptedBehindSeconds']:,} s behind the records; "
+                        f"time-limited items are judged no earlier than {out['floor']}")
+            else:
+                out = await api.call("GET", "/api/v1/admin/clock")
+                text = "\n".join([
+                    f"clock           {out['now']}", f"latest recorded {out['latestRecorded'] or '-'}",
+                    f"floor           {out['floor'] or '-'}",
+                    f"state           " + (f"BEHIND by {out['behindSeconds']:,} s: nothing is granted (error 160); "
+                                           "fix the clock or `ltsctl clock accept`" if out["behind"] else "ok"),
+                    f"accepted        {out['acceptedAt'] or 'never'}"])
+        elif cmd == "usage":
+            if args.action == "export":
+                out, text = await _usage_export(api, args)
+            else:
+                out = (await api.call("GET", "/api/v1/admin/usage/statements"))["statements"]
+                text = table(out, ["statementId", "createdAt", "since", "until", "sha256"])
         elif cmd == "status":
             out = await api.call("GET", "/api/v1/admin/status")
             d = out["importDirectory"]
@@ -407,6 +480,15 @@ async def run(args: argparse.Namespace) -> int:
             if args.rejected:
                 out = [f for f in out if f["state"] == "rejected"]
             text = table(out, ["path", "state", "licenseId", "revision", "seenAt", "reason"])
+        elif cmd == "devices" and args.action == "binding":
+            out = await api.call("GET", f"/api/v1/admin/devices/{urllib.parse.quote(args.client, safe='')}/binding")
+            text = "\n".join(f"{k:12} {_cell(v)}" for k, v in out.items())
+        elif cmd == "devices" and args.action == "reset-binding":
+            out = await api.call("DELETE", f"/api/v1/admin/devices/{urllib.parse.quote(args.client, safe='')}/binding")
+            text = f"reset the fingerprint binding of {args.client}: its next grant binds it again"
+        elif cmd == "devices" and args.action == "clones":
+            out = (await api.call("GET", f"/api/v1/admin/devices/clones?days={args.days}"))["clones"]
+            text = table(out, ["clientUuid", "lastCloneAt", "clones", "boundAt"])
         elif cmd == "devices":
             if args.action == "list":
                 out = (await api.call("GET", f"/api/v1/admin/items/{args.item}/devices"))["devices"]
@@ -480,6 +562,27 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--password-file", metavar="FILE", help="read the admin password from FILE ('-': stdin)")
     sub.add_parser("logout", help="end this token")
     sub.add_parser("status", help="server UUID, version, uptime, database, import folder")
+    sub.add_parser("identity", help="the server UUID and identity public key to send with a license request",
+                   description="Print the server UUID and its identity public key (base64 raw Ed25519): the vendor "
+                               "binds license files to both (server_uuid, server_key), so devices holding only the "
+                               "vendor's key can verify this server's authorizations. No login needed.")
+    clock = sub.add_parser("clock", help="the server's clock against its records; accept a clock set back")
+    clock.add_argument("action", nargs="?", choices=["show", "accept"], default="show",
+                       help="show (default); accept: serve again with the clock as it is (an event; time-limited "
+                            "items are still judged no earlier than the latest time recorded)")
+    usage = sub.add_parser("usage", help="usage statements for the vendor").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    exp = usage.add_parser("export", help="write the next usage statement (signed, for lts-license verify-usage)",
+                           description="Write the next usage statement: every usage chain's events since the last "
+                                       "statement (the first: since --since), up to --until (default now), and "
+                                       "the totals per item, signed by the server's identity key. The file is "
+                                       "written only once complete (mode 0600).")
+    exp.add_argument("--since", help="ISO date-time with zone; the first statement starts here (later ones start "
+                                     "where the previous ended)")
+    exp.add_argument("--until", help="ISO date-time with zone, not in the future (default: now)")
+    exp.add_argument("--out", required=True, help="the statement file to write")
+    exp.add_argument("--statement", type=int, help="write statement ID again, byte for byte, instead")
+    usage.add_parser("statements", help="statements exported so far")
     lic = sub.add_parser("licenses", help="imported licenses").add_subparsers(dest="action", required=True,
                                                                               metavar="ACTION")
     lic.add_parser("list", help="every imported license")
@@ -537,9 +640,15 @@ def parser() -> argparse.ArgumentParser:
                                              "items too)")
     holders.add_argument("item", help="item id")
     holders.add_argument("--limit", type=int, default=1000, help="at most this many (default: %(default)s)")
-    rel = dev.add_parser("release", help="free a device's seat (or end its hold on a concurrent item)")
+    rel = dev.add_parser("release", help="free a device's seat or end its hold on a concurrent item (its authorizations on the item end)")
     rel.add_argument("item", help="item id")
     rel.add_argument("client", help="the device's clientUuid")
+    dev.add_parser("binding", help="the fingerprint binding of a device (clone detection)").add_argument(
+        "client", help="the device's clientUuid")
+    dev.add_parser("reset-binding", help="forget a device's fingerprint (a replaced machine): its next grant "
+                                         "binds it again").add_argument("client", help="the device's clientUuid")
+    clones = dev.add_parser("clones", help="devices refused as clones (error 151) lately")
+    clones.add_argument("--days", type=int, default=30, help="over the last DAYS days (default: %(default)s)")
     stats = sub.add_parser("stats", help="statistics of a handshake code")
     stats.add_argument("code", help="e.g. 216998-vehicleCode (also a deleted one)")
     stats.add_argument("--bucket", default="1d", choices=["3m", "2h", "1d"], help="bucket size (default: 1d)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tomllib
@@ -45,7 +46,7 @@ def _moment(value: Any) -> Any:
 
 
 def payload_from_spec(spec: dict[str, Any], now: datetime) -> licensefile.Payload:
-    known = {"license_id", "alias", "organization_id", "server_uuid", "revision", "status",
+    known = {"license_id", "alias", "organization_id", "server_uuid", "server_key", "revision", "status",
              "license_text_version", "issued_at", "items"}
     item_keys = {"item_id", "product", "edition", "deployment_type", "license_type", "quantity",
                  "period", "domain", "starts_at", "expires_at"}
@@ -83,7 +84,7 @@ def payload_from_spec(spec: dict[str, Any], now: datetime) -> licensefile.Payloa
             where = f"{where}.{field}" if where else field
             msg = "required"
         raise SpecError(f"{where}: {msg}" if where else msg) from None
-    found = licensefile.problems(payload)
+    found = licensefile.problems(payload, signed=False)
     if found:
         raise SpecError("; ".join(f"{_snake(p)}: {w}" for p, w in found))
     return payload
@@ -91,7 +92,9 @@ def payload_from_spec(spec: dict[str, Any], now: datetime) -> licensefile.Payloa
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.is_dir():  # it will hold the private key: the owner's only
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(out, 0o700)
     key_path, pub_path = out / "vendor.key", out / "vendor.pub"
     if key_path.exists() and not args.force:
         print(f"lts-license: {key_path} exists; pass --force to replace it", file=sys.stderr)
@@ -128,6 +131,8 @@ def cmd_issue(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"lts-license: --key: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if payload.server_key is not None:
+        payload = licensefile.make_binding(payload, key)
     data = licensefile.sign(licensefile.encode_payload(payload), key)
     out = Path(args.out)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -176,6 +181,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"  license      {lic.license_id} (alias {lic.alias}), revision {lic.revision}, {lic.status}")
     print(f"  organization {lic.organization_id}, license text {lic.license_text_version}")
     print(f"  bound to     {lic.server_uuid or 'no server (unbound)'}")
+    if lic.server_key:
+        print(f"  server key   {lic.server_key} (devices verify authorizations up to your key)")
     print(f"  issued       {iso(lic.issued_at)}")
     for item in lic.items:
         extra = ", ".join(
@@ -202,6 +209,9 @@ organization_id = "{organization_id}"
 # Bind the file to one server: the UUID that `lts-server --print-uuid` prints on the licensee's server.
 # Without it the file is unbound and imports only where [vendor] allow_unbound = true.
 # server_uuid = "00000000-0000-0000-0000-000000000000"
+# And to its identity key (what `ltsctl identity` prints), so devices that hold only your public key can
+# verify that server's authorizations offline. Needs server_uuid.
+# server_key = "base64 of the raw 32-byte Ed25519 public key"
 # A renewal re-issues the same license_id with a higher revision (default 1).
 revision = 1
 # New or Activated (default Activated): only Activated files import.
@@ -265,6 +275,76 @@ def _examples(*lines: str) -> str:
     return "example:\n" + "\n".join(f"  {line}" for line in lines)
 
 
+
+def key_store(args: argparse.Namespace) -> list[Path]:
+    """The folders of trusted vendor public keys (*.pub): --keys, else $LTS_LICENSE_KEYS, else
+    ~/.config/lts-license/keys."""
+    if args.keys:
+        return [Path(k) for k in args.keys]
+    if os.environ.get("LTS_LICENSE_KEYS"):
+        return [Path(p) for p in os.environ["LTS_LICENSE_KEYS"].split(os.pathsep) if p]
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return [Path(base) / "lts-license" / "keys"]
+
+
+def cmd_verify_usage(args: argparse.Namespace) -> int:
+    """Check a usage statement against the license file it reports on (and the previous statement)."""
+    from lts_server import statements  # the server's store modules: only this command needs them
+
+    try:
+        license_data = Path(args.license).read_bytes()
+        if args.vendor_key:
+            trusted = licensefile.load_trusted([Path(p) for p in args.vendor_key])
+        else:
+            folders = key_store(args)
+            trusted = licensefile.load_trusted(sorted(p for f in folders if f.is_dir() for p in f.glob("*.pub")))
+        data = Path(args.file).read_bytes()
+        previous_data = Path(args.previous).read_bytes() if args.previous else None
+    except (OSError, ValueError) as e:
+        print(f"lts-license: {getattr(e, 'filename', None) or ''}{': ' if getattr(e, 'filename', None) else ''}"
+              f"{getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        verified = licensefile.verify(license_data, trusted)
+    except licensefile.LicenseFileError as e:
+        where = "" if args.vendor_key else f" (key store: {', '.join(str(f) for f in key_store(args))}; or give " \
+                                           "--vendor-key)"
+        print(f"lts-license: --license {args.license}: {e}{where if e.kind == 'unknown-key' else ''}", file=sys.stderr)
+        return EXIT_USAGE
+    lic = verified.license
+    if lic.server_key is None or lic.server_uuid is None:
+        print(f"lts-license: --license {args.license}: license {lic.license_id} has no serverKey: a usage statement "
+              "can be checked only against a file bound to the server's identity key (issue it with server_key)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    key = licensefile.raw_public_key(lic.server_key)
+    previous = None
+    try:
+        if previous_data is not None:
+            try:
+                previous = statements.verify(previous_data, lic.server_uuid, key)
+            except statements.Broken as e:
+                print(f"BROKEN {args.previous} (the previous statement): {e}")
+                return EXIT_INVALID
+        checked = statements.verify(data, lic.server_uuid, key, previous)
+    except statements.Broken as e:
+        print(f"BROKEN {args.file}: {e}")
+        return EXIT_INVALID
+    summary = checked.summary
+    if args.json:
+        print(json.dumps({"valid": True, **{k: summary[k] for k in (
+            "statementId", "serverUuid", "since", "until", "events", "chains", "items", "codes")}}, indent=2))
+        return 0
+    chains = ", ".join(f"{c['chain']}:{c['start']['seq']}-{c['end']['seq']}" for c in summary["chains"])
+    print(f"VALID {args.file}: statement {summary['statementId']} of server {summary['serverUuid']}, "
+          f"{summary['since'] or 'the start'} to {summary['until']}, {summary['events']:,} events (chains {chains})"
+          + (f", continues statement {previous.summary['statementId']}" if previous else
+             ("" if summary.get("previous") is None else
+              f"; give --previous to check that it continues statement {summary['previous']['statementId']}")))
+    print(statements.totals_table(summary, (i.item_id for i in lic.items)))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lts-license", description="Issue and check signed lts-server license files.",
@@ -309,6 +389,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("file", help="the .lic file")
     s.add_argument("--public-key", action="append", help="verify against this vendor.pub (repeatable)")
     s.set_defaults(run=cmd_show)
+    u = sub.add_parser("verify-usage", help="check a licensee's usage statement against its license file",
+                       description="Check a usage statement (ltsctl usage export): the server's signature, that the "
+                                   "server is the one the license binds, that every usage chain has no gap, edit or "
+                                   "reorder (and continues --previous), and print the totals per item. Exit 0 "
+                                   "valid, 1 broken (the first event where it breaks is named), 2 usage.")
+    u.add_argument("file", help="the statement")
+    u.add_argument("--license", required=True, help="the license file the statement reports on (with serverKey)")
+    u.add_argument("--vendor-key", action="append", help="the vendor.pub that signed the license (repeatable); "
+                                                         "default: the key store")
+    u.add_argument("--keys", action="append", help="a key store folder of *.pub files (repeatable; default "
+                                                   "$LTS_LICENSE_KEYS or ~/.config/lts-license/keys)")
+    u.add_argument("--previous", help="the statement before this one: this one must continue it")
+    u.add_argument("--json", action="store_true", help="print the totals as JSON")
+    u.set_defaults(run=cmd_verify_usage)
     return p
 
 

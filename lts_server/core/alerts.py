@@ -26,6 +26,12 @@ from lts_server.core.model import (
 )
 
 
+# Alerts raised when something happens rather than found by a check; always on: a server that
+# grants nothing, or a client UUID in use on two machines, always needs someone's attention.
+CLOCK_ALERT = "clock"  # the server's clock fell behind its records
+CLONE_ALERT = "clone"  # a client UUID asked from a second device (151)
+
+
 class Kind(StrEnum):
     """The conditions an admin can switch on or off, by name."""
 

@@ -163,9 +163,11 @@ CHECKS = (
 )
 
 
-def authorization_end(item: Item, now: datetime) -> datetime:
-    """How long an authorization from this item lasts (see docs/api.md)."""
-    cap = item.expires_at if now < item.expires_at else item.expires_at + EXPIRY_GRACE
+def authorization_end(item: Item, now: datetime, judged: datetime | None = None) -> datetime:
+    """How long an authorization from this item lasts (see docs/api.md). `judged`: the time the item's dates
+    are judged at when the clock is behind the server's records (lts_server/clock.py); never earlier than now."""
+    at = judged or now
+    cap = item.expires_at if at < item.expires_at else item.expires_at + EXPIRY_GRACE
     if item.period is not None:
         length = PERIOD_LENGTH[item.period]
     elif item.license_type is LicenseType.PER_DOMAIN:
@@ -176,18 +178,20 @@ def authorization_end(item: Item, now: datetime) -> datetime:
 
 
 def fit(req: Request, item: Item, status: ItemStatus, seat_expiry: datetime | None, now: datetime,
-        instances_elsewhere: int = 0) -> Refusal | Fit:
-    """Whether one item authorizes the request, or the first check it fails."""
+        instances_elsewhere: int = 0, judged: datetime | None = None) -> Refusal | Fit:
+    """Whether one item authorizes the request, or the first check it fails. The item's start, expiry and
+    grace are judged at `judged` when given (a clock set back never extends them), else at now."""
     rules = item.rules
+    at = judged or now
     if item.product.casefold() != req.product.casefold():
         return Refusal(Code.PRODUCT_MISMATCH, f"item {item.item_id} is for {item.product}")
     if item.deployment_type is not req.deployment_type:
         return Refusal(Code.DEPLOYMENT_MISMATCH, f"item {item.item_id} is for {item.deployment_type.value}")
     if item.edition is not None and (req.edition or "").casefold() != item.edition.casefold():
         return Refusal(Code.EDITION_MISMATCH, f"item {item.item_id} is for edition {item.edition}")
-    if now < item.starts_at:
+    if at < item.starts_at:
         return Refusal(Code.NOT_YET_EFFECTIVE, f"item {item.item_id} starts at {item.starts_at.isoformat()}")
-    if now >= item.expires_at + EXPIRY_GRACE:
+    if at >= item.expires_at + EXPIRY_GRACE:
         return Refusal(Code.EXPIRED, f"item {item.item_id} expired at {item.expires_at.isoformat()}")
     if status.revoked:
         return Refusal(Code.REVOKED, f"item {item.item_id} is revoked")
@@ -221,7 +225,7 @@ def fit(req: Request, item: Item, status: ItemStatus, seat_expiry: datetime | No
             Code.LIMIT_EXCEEDED,
             f"item {item.item_id} is overused; {instances_elsewhere} of {item.quantity} {what} are in use",
         )
-    return Fit(item, seat, authorization_end(item, now), instances, limit)
+    return Fit(item, seat, authorization_end(item, now, judged), instances, limit)
 
 
 def _rank(refusal: Refusal) -> int:
@@ -230,7 +234,7 @@ def _rank(refusal: Refusal) -> int:
     return CHECKS.index(refusal.code) if refusal.code in CHECKS else -1
 
 
-def held_seat(req: Request, view: View, order: list[str], now: datetime) -> Fit | None:
+def held_seat(req: Request, view: View, order: list[str], now: datetime, judged: datetime | None = None) -> Fit | None:
     """The seat this device already holds on one of the code's items, if that item still covers the request.
 
     One device, one seat per code: a device seated on a later item keeps it
@@ -241,7 +245,7 @@ def held_seat(req: Request, view: View, order: list[str], now: datetime) -> Fit 
         item = view.items.get(item_id)
         if expiry is None or item is None:
             continue
-        outcome = fit(req, item, view.status(item_id), expiry, now)
+        outcome = fit(req, item, view.status(item_id), expiry, now, judged=judged)
         if isinstance(outcome, Fit):
             return outcome
     return None
@@ -252,6 +256,7 @@ def decide(
     view: View,
     now: datetime,
     password_matches: Callable[[HandshakeCode, str | None], bool],
+    judged: datetime | None = None,
 ) -> Decision:
     resolved = resolve_codes(req, view)
     if isinstance(resolved, Refused):
@@ -273,12 +278,12 @@ def decide(
         return first_refusal
     # One device, one seat: a seat it holds through any of the codes comes before usage order.
     for code, order in admitted:
-        held = held_seat(req, view, order, now)
+        held = held_seat(req, view, order, now, judged)
         if held is not None:
             return Grant(code, held)
     best: Refused | None = None
     for code, order in admitted:
-        decision = _walk(req, code, order, view, now)
+        decision = _walk(req, code, order, view, now, judged)
         if isinstance(decision, Grant):
             return decision
         if best is None or _rank(decision.refusal) > _rank(best.refusal):
@@ -287,7 +292,8 @@ def decide(
     return best
 
 
-def _walk(req: Request, code: HandshakeCode, order: list[str], view: View, now: datetime) -> Decision:
+def _walk(req: Request, code: HandshakeCode, order: list[str], view: View, now: datetime,
+          judged: datetime | None = None) -> Decision:
     """The code's items in usage order: the first that fits, or the refusal of the one that got furthest."""
     best: tuple[int, Refusal, str] | None = None
     missing: str | None = None
@@ -302,7 +308,7 @@ def _walk(req: Request, code: HandshakeCode, order: list[str], view: View, now: 
             if status.overused and item.rules.per_slice
             else 0
         )
-        outcome = fit(req, item, status, view.seat_expiry(item_id, req.client_uuid), now, elsewhere)
+        outcome = fit(req, item, status, view.seat_expiry(item_id, req.client_uuid), now, elsewhere, judged)
         if isinstance(outcome, Fit):
             return Grant(code, outcome)
         if best is None or _rank(outcome) > best[0]:

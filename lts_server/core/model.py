@@ -135,6 +135,8 @@ class License:
     issued_at: datetime
     items: tuple[Item, ...]
     server_uuid: str | None = None
+    # The server's identity key the vendor bound the file to (base64 raw Ed25519), with server_uuid.
+    server_key: str | None = None
 
     def renewed_by(self, new: License) -> License:
         """What importing `new` over this license stores: its fields and items, and the items of this one

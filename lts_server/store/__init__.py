@@ -8,7 +8,7 @@ backend implements the same `Store` protocol.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from enum import Enum
@@ -218,6 +218,9 @@ class WriteBatch:
     usage_reports: list[tuple[int, UsageReportRecord]] = field(default_factory=list)
     unit_charges: dict[str, int] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
+    # More statements of the batch's transaction (store/sql.py procedures), for tables of their own modules:
+    # license bindings, device bindings, the clock, authorizations ended, usage statements.
+    extras: list[Callable[[], Generator[Any, Any, None]]] = field(default_factory=list)
     # When the changes were made: stamps rows that keep a modification time.
     at: datetime | None = None
     # The index of the job now adding changes (set by begin_job), for SeatChange.job.
@@ -272,6 +275,7 @@ class WriteBatch:
                 self.usage_reports,
                 self.unit_charges,
                 self.events,
+                self.extras,
             )
         )
 
@@ -287,6 +291,8 @@ class Reloaded:
     statuses: dict[str, ItemStatus]
     seats: list[Seat]
     authorizations: list[AuthorizationRecord]
+    # client uuid -> the fingerprint it is bound to (clone detection)
+    bindings: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -396,7 +402,7 @@ class Store(Protocol):
 
     async def reload(self, items: set[str], clients: set[str]) -> Reloaded: ...
 
-    async def device_rows(self, clients: set[str]) -> tuple[list[Seat], list[AuthorizationRecord]]: ...
+    async def device_rows(self, clients: set[str]) -> tuple[list[Seat], list[AuthorizationRecord], dict[str, str]]: ...
 
     async def lapsed_seats(self, now_ms: int, limit: int) -> list[Seat]: ...
 

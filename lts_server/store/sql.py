@@ -25,6 +25,7 @@ from lts_server.core.model import (
     LicenseType,
     Period,
 )
+from lts_server import usagechain
 from lts_server.core.times import from_ms, iso, parse_iso, to_ms, utcnow
 from lts_server.core.usage import (
     BUCKETS,
@@ -133,12 +134,12 @@ def load_catalog() -> Procedure[Snapshot]:
         items_by_license.setdefault(item.license_id, []).append(item)
     for row in (yield Query(
         "SELECT license_id, alias, organization_id, license_text_version, status, revision, server_uuid,"
-        " issued_at, key_id, sha256, file_text, first_imported_ms, updated_ms FROM licenses"
+        " issued_at, key_id, sha256, file_text, first_imported_ms, updated_ms, server_key FROM licenses"
     )):
         lic = License(
             license_id=row[0], alias=row[1], organization_id=row[2], license_text_version=row[3], status=row[4],
             revision=row[5], server_uuid=row[6], issued_at=parse_iso(row[7]),
-            items=tuple(items_by_license.get(row[0], ())),
+            items=tuple(items_by_license.get(row[0], ())), server_key=row[13],
         )
         snap.licenses[lic.license_id] = LicenseRecord(lic, row[8], row[9], row[10], from_ms(row[11]),
                                                       from_ms(row[12]))
@@ -162,22 +163,24 @@ def load_catalog() -> Procedure[Snapshot]:
     return snap
 
 
-def device_rows(clients: set[str]) -> Procedure[tuple[list[Seat], list[AuthorizationRecord]]]:
-    """Every seat and authorization of `clients`."""
+def device_rows(clients: set[str]) -> Procedure[tuple[list[Seat], list[AuthorizationRecord], dict[str, str]]]:
+    """Every seat and authorization of `clients`, and the fingerprints they are bound to."""
     seats = [_seat(r) for r in (yield from _select_in(
         "SELECT item_id, client_uuid, granted_ms, refreshed_ms, expires_ms FROM seats WHERE client_uuid", clients))]
     auths = [_authorization(r) for r in (yield from _select_in(
         f"SELECT {AUTHORIZATION_COLUMNS} FROM authorizations WHERE client_uuid", clients))]
-    return seats, auths
+    bound = dict((yield from _select_in("SELECT client_uuid, fingerprint FROM device_bindings WHERE client_uuid",
+                                        clients)))
+    return seats, auths, bound
 
 
 def reload(items: set[str], clients: set[str]) -> Procedure[Reloaded]:
     """What other nodes may have changed: the counters of `items` (and of the items the devices sit on),
     every seat and authorization of `clients`."""
-    seats, auths = yield from device_rows(clients)
+    seats, auths, bound = yield from device_rows(clients)
     rows = yield from _select_in(f"SELECT item_id, {STATUS_COLUMNS} FROM items WHERE item_id",
                                  items | {s.item_id for s in seats})
-    return Reloaded({r[0]: _status(r[1:]) for r in rows}, seats, auths)
+    return Reloaded({r[0]: _status(r[1:]) for r in rows}, seats, auths, bound)
 
 
 def lapsed_seats(now_ms: int, limit: int) -> Procedure[list[Seat]]:
@@ -252,22 +255,24 @@ def _authorization(row: tuple[Any, ...]) -> AuthorizationRecord:
 # -- writing ----------------------------------------------------------------------------------------
 
 
-def write_batch(b: WriteBatch) -> Procedure[None]:
-    """Every change of the batch, in one transaction (the caller's)."""
+def write_batch(b: WriteBatch, chain: usagechain.Head | None = None) -> Procedure[usagechain.Head | None]:
+    """Every change of the batch, in one transaction (the caller's). With a chain, the events are linked onto
+    it and its head moves with them; returns the new head (the caller keeps it once the commit is done)."""
     if b.licenses:
         yield Many(
             "INSERT INTO licenses (license_id, alias, organization_id, license_text_version, status,"
-            " revision, server_uuid, issued_at, key_id, sha256, file_text, first_imported_ms, updated_ms)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " revision, server_uuid, issued_at, key_id, sha256, file_text, first_imported_ms, updated_ms, server_key)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (license_id) DO UPDATE SET alias = excluded.alias,"
             " organization_id = excluded.organization_id,"
             " license_text_version = excluded.license_text_version, status = excluded.status,"
             " revision = excluded.revision, server_uuid = excluded.server_uuid,"
             " issued_at = excluded.issued_at, key_id = excluded.key_id, sha256 = excluded.sha256,"
-            " file_text = excluded.file_text, updated_ms = excluded.updated_ms",
+            " file_text = excluded.file_text, updated_ms = excluded.updated_ms, server_key = excluded.server_key",
             [(r.license.license_id, r.license.alias, r.license.organization_id, r.license.license_text_version,
               r.license.status, r.license.revision, r.license.server_uuid, iso(r.license.issued_at), r.key_id,
-              r.sha256, r.file_text, to_ms(r.first_imported_at), to_ms(r.updated_at)) for r in b.licenses],
+              r.sha256, r.file_text, to_ms(r.first_imported_at), to_ms(r.updated_at), r.license.server_key)
+             for r in b.licenses],
         )
         yield Many(
             f"INSERT INTO items ({ITEM_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -335,14 +340,19 @@ def write_batch(b: WriteBatch) -> Procedure[None]:
             raise Conflict(f"usage report {r.report_id} was already counted", job)
     for item_id, units in b.unit_charges.items():
         yield Exec("UPDATE items SET units_used = units_used + ? WHERE item_id = ?", (units, item_id))
+    for extra in b.extras:
+        yield from extra()
     if b.events:
-        yield Many(
-            "INSERT INTO events (at_ms, type, code, item_id, client_uuid, product, deployment_type, result,"
-            " detail, units, instances) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            [(to_ms(e.at), e.type, e.code, e.item_id, e.client_uuid, e.product, e.deployment_type, e.result,
-              _compact_json(e.detail) if e.detail else None, e.units, e.instances)
-             for e in b.events],
-        )
+        rows = [(to_ms(e.at), e.type, e.code, e.item_id, e.client_uuid, e.product, e.deployment_type, e.result,
+                 _compact_json(e.detail) if e.detail else None, e.units, e.instances) for e in b.events]
+        if chain is None:
+            yield Many("INSERT INTO events (at_ms, type, code, item_id, client_uuid, product, deployment_type, result,"
+                       " detail, units, instances) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+        else:
+            chain, rows = yield from usagechain.append(chain, rows, now_ms)
+            yield Many("INSERT INTO events (at_ms, type, code, item_id, client_uuid, product, deployment_type, result,"
+                       " detail, units, instances, chain, chain_seq, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+    return chain
 
 
 def _seat_change(change: SeatChange) -> Procedure[None]:
@@ -553,7 +563,27 @@ def archive_horizon(before_ms: int) -> Procedure[int]:
     folded = (yield Query("SELECT last_seq FROM rollup_state WHERE id = 1"))[0][0]
     newest = (yield Query("SELECT COALESCE(MAX(seq), 0) FROM events"))[0][0]
     rows = yield Query("SELECT seq FROM events WHERE at_ms < ? ORDER BY at_ms DESC LIMIT 1", (before_ms,))
-    return min(folded, newest - 1, rows[0][0] if rows else 0)
+    # Once usage statements are exported, the next one starts at the last one's heads: events after them
+    # stay in the log until a statement has covered them.
+    stated = yield from statement_horizon()
+    return min(folded, newest - 1, rows[0][0] if rows else 0, stated)
+
+
+def statement_horizon() -> Procedure[int]:
+    """The highest event number below which every chained event is covered by the last usage statement
+    (no statement yet: no bound). Each chain's first uncovered event is found by its (chain, chain_seq) index."""
+    rows = yield Query("SELECT heads FROM usage_statements ORDER BY id DESC LIMIT 1")
+    if not rows:
+        return 2**62
+    covered: dict[str, list[Any]] = json.loads(rows[0][0])
+    bound = 2**62
+    for (chain,) in (yield Query("SELECT chain FROM usage_chains")):
+        upto = covered.get(str(chain), [0])[0]
+        after = yield Query("SELECT seq FROM events WHERE chain = ? AND chain_seq > ? ORDER BY chain_seq LIMIT 1",
+                            (chain, upto))
+        if after:
+            bound = min(bound, after[0][0] - 1)
+    return bound
 
 
 def archivable_page(after: int, upto: int, before_ms: int, limit: int) -> Procedure[list[StoredEvent]]:
@@ -643,7 +673,7 @@ class Operations:
     async def reload(self, items: set[str], clients: set[str]) -> Reloaded:
         return await self._call(reload(items, clients))
 
-    async def device_rows(self, clients: set[str]) -> tuple[list[Seat], list[AuthorizationRecord]]:
+    async def device_rows(self, clients: set[str]) -> tuple[list[Seat], list[AuthorizationRecord], dict[str, str]]:
         return await self._call(device_rows(clients))
 
     async def lapsed_seats(self, now_ms: int, limit: int) -> list[Seat]:

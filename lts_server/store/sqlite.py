@@ -26,6 +26,8 @@ from lts_server.store import (
     sql,
 )
 from lts_server.store.sql_alerts import AlertOperations
+from lts_server.store.sql_trust import TrustOperations
+from lts_server.usagechain import Head
 
 T = TypeVar("T")
 MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -60,7 +62,7 @@ def _translate(e: sqlite3.Error, path: Path) -> StoreError:
     return StoreError(f"database {path}: {text}")
 
 
-class SQLiteStore(sql.Operations, AlertOperations):
+class SQLiteStore(sql.Operations, AlertOperations, TrustOperations):
     shared = False  # this process is the only writer
 
     def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
@@ -71,6 +73,8 @@ class SQLiteStore(sql.Operations, AlertOperations):
         # the commits and their flushes on the writer's; they need committed rows only (devices.py).
         self._reader: aiosqlite.Connection | None = None
         self._failed_pipeline: int | None = None
+        # The usage chain this store's batches extend (claim_chain); None: events are written unchained.
+        self.chain: Head | None = None
         # Told (events, seconds) after each durable write: the metrics' hook.
         self.on_commit: Callable[[int, float], None] | None = None
 
@@ -206,7 +210,7 @@ class SQLiteStore(sql.Operations, AlertOperations):
         except sqlite3.Error as e:
             raise _translate(e, self.path) from None
 
-    async def device_rows(self, clients: set[str]) -> tuple[list[Seat], list[AuthorizationRecord]]:
+    async def device_rows(self, clients: set[str]) -> tuple[list[Seat], list[AuthorizationRecord], dict[str, str]]:
         return await self._read(sql.device_rows(clients))
 
     async def lapsed_seats(self, now_ms: int, limit: int) -> list[Seat]:
@@ -218,6 +222,11 @@ class SQLiteStore(sql.Operations, AlertOperations):
     async def item_holders(self, item_id: str, seats: bool, now_ms: int, limit: int, offset: int = 0
                            ) -> tuple[int, list[Holder]]:
         return await self._read(sql.item_holders(item_id, seats, now_ms, limit, offset))
+
+    async def claim_chain(self, name: str, server_uuid: str, now_ms: int) -> Head:
+        """Take the usage chain `name` (made when new); this store's batches extend it from now on."""
+        self.chain = await super().claim_chain(name, server_uuid, now_ms)
+        return self.chain
 
     async def write(self, batch: WriteBatch, pipeline: int | None = None) -> None:
         """Make the batch durable in one transaction, in one hop to the database thread.
@@ -240,7 +249,9 @@ class SQLiteStore(sql.Operations, AlertOperations):
         if pipeline is not None and pipeline == self._failed_pipeline:
             raise StoreError("not written: an earlier write of the same batch pipeline failed")
         try:
-            self._run(sql.write_batch(batch))
+            head = self._run(sql.write_batch(batch, self.chain))
+            if head is not None:  # committed: the chain goes on from here
+                self.chain = head
         except BaseException as e:
             if pipeline is not None:
                 self._failed_pipeline = pipeline

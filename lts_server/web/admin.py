@@ -250,6 +250,9 @@ async def status_json(services: Services) -> dict:
     dir_state["rejected"] = len(ledger.open_rejections())
     return {
         "serverUuid": services.identity.server_uuid,
+        "identityKey": services.identity.public_key_b64,
+        "keyId": services.identity.key_id,
+        "clock": services.clock.status().to_json() if services.clock is not None else None,
         "version": lts_server.__version__,
         "uptimeSeconds": round(time.monotonic() - services.started),
         "databaseBytes": await services.store.size_bytes(),

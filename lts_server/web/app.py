@@ -22,6 +22,7 @@ from lts_server.web import (
     openapi,
     portal,
     stats,
+    trust,
     usage,
 )
 from lts_server.web.errors import error_answer, errors_middleware
@@ -106,6 +107,7 @@ def create_app(services: Services, admin_port: int | None = None) -> web.Applica
     app.router.add_get("/api/v1/admin/stats/items/{item_id}", stats.item_stats)
     app.router.add_get("/api/v1/openapi.json", openapi.handler)
     alerts.add_routes(app)
+    trust.add_routes(app)
     app.router.add_get("/metrics", metrics.handler(admin_port))
     portal.add_routes(app)
     portal_alerts.add_routes(app)
@@ -159,7 +161,8 @@ def _admin_only_on(admin_port: int):  # noqa: ANN202
     @web.middleware
     async def middleware(request: web.Request, handler):  # noqa: ANN001, ANN202
         path = request.path
-        if path.startswith(auth.ADMIN_PREFIX) or path.startswith("/portal") or path == "/metrics":
+        if path.startswith(auth.ADMIN_PREFIX) or path.startswith("/portal") or path == "/metrics" \
+                or path in auth.ADMIN_PATHS:
             sockname = request.transport.get_extra_info("sockname") if request.transport else None
             if not sockname or sockname[1] != admin_port:
                 raise web.HTTPNotFound(text="not found: the admin API is served on its own address")

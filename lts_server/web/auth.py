@@ -24,6 +24,8 @@ from lts_server.web.services import SERVICES, Services
 
 ADMIN_PREFIX = "/api/v1/admin/"
 OPEN_PATHS = {"/api/v1/admin/setup", "/api/v1/admin/login"}
+# Admin endpoints outside ADMIN_PREFIX.
+ADMIN_PATHS = {"/api/v1/usage/export"}
 # Failed logins per address within the window: slowed after SLOW_AFTER, refused after LOCK_AFTER.
 WINDOW_SECONDS = 15 * 60
 SLOW_AFTER = 3
@@ -238,7 +240,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
-    if not path.startswith(ADMIN_PREFIX) or path in OPEN_PATHS:
+    if not (path.startswith(ADMIN_PREFIX) or path in ADMIN_PATHS) or path in OPEN_PATHS:
         return await handler(request)
     services = request.app[SERVICES]
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import msgspec
 from aiohttp import web
 
-from lts_server import reportkeys
+from lts_server import logs, reportkeys
 from lts_server.core import handshake as hs
+from lts_server.core.alerts import CLONE_ALERT
 from lts_server.core.model import Counts, ItemStatus
+from lts_server.bindings import ItemBinding
 from lts_server.core.times import iso
 from lts_server.errors import Code, Refusal
 from lts_server.web import inputs
@@ -22,6 +26,7 @@ JSON = {"Content-Type": "application/json", "Cache-Control": "no-store"}
 _decoder = msgspec.json.Decoder(HandshakeBody)
 _generic = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
+MAX_FINGERPRINT = 256
 
 
 async def read_json_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
@@ -111,9 +116,14 @@ def to_request(body: HandshakeBody) -> hs.Request:
 
 
 def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: ItemStatus, issued: datetime,
-                  authorization_id: str) -> Authorization:
+                  authorization_id: str, binding: ItemBinding | None = None) -> Authorization:
     item = grant.item
     fit = grant.fit
+    terms = services.config.authorizations
+    refresh, offline = _terms(terms.refresh_minutes, terms.max_offline_hours)
+    expires = fit.expires_at if offline is None else min(fit.expires_at, issued + offline)
+    refresh_by = min(expires, issued + refresh)
+    refresh_by = refresh_by.replace(microsecond=refresh_by.microsecond // 1000 * 1000)  # milliseconds, as iso()
     seats = units = None
     if item.rules.counts is Counts.SEATS:
         seats = SeatCount(status.seats_used, item.quantity, fit.limit, max(0, fit.limit - status.seats_used))
@@ -131,13 +141,21 @@ def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: 
         license_type=item.license_type.value,
         client_uuid=req.client_uuid,
         issued_at=iso(issued),
-        expires_at=iso(fit.expires_at),
+        expires_at=iso(expires),
+        refresh_by=refresh_by,
         edition=item.edition,
         domain=req.domain if item.domain else None,
         instances=fit.instances if item.rules.counts is Counts.INSTANCES else None,
         seats=seats,
         units=units,
+        binding_sha256=binding.sha256 if binding is not None else None,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _terms(refresh_minutes: float, max_offline_hours: float) -> tuple[timedelta, timedelta | None]:
+    """[authorizations] as durations, made once rather than per grant."""
+    return timedelta(minutes=refresh_minutes), timedelta(hours=max_offline_hours) if max_offline_hours else None
 
 
 def standby_refusal(services: Services) -> web.Response | None:
@@ -146,6 +164,32 @@ def standby_refusal(services: Services) -> web.Response | None:
     refusal = Refusal(Code.NOT_SERVING, f"this is a standby and the main server {services.config.server.standby_of} is up")
     return web.Response(status=503, body=b'{"error":' + _encoder.encode(refusal.to_json()) + b"}",
                         headers={**JSON, "Retry-After": "30"})
+
+
+def clock_refusal(services: Services, now: datetime) -> web.Response | None:
+    """503 with 160 while the server's clock is behind its records (lts_server/clock.py): nothing is granted."""
+    guard = services.clock
+    behind = guard.behind(now) if guard is not None else None
+    if behind is None:
+        return None
+    assert guard is not None
+    guard.check()
+    refusal = Refusal(Code.CLOCK_BEHIND, f"the clock reads {iso(now)}, {round(behind.total_seconds()):,} s before the "
+                                         "latest time this server recorded; fix it, or the admin accepts it")
+    logs.event_limited("clock.refused", logs.logging.ERROR, behind_seconds=round(behind.total_seconds()))
+    return web.Response(status=503, body=b'{"error":' + _encoder.encode(refusal.to_json()) + b"}",
+                        headers={**JSON, "Retry-After": "30"})
+
+
+def fingerprint_hash(fingerprint: str | None) -> str | None:
+    """What the server keeps of a device's fingerprint: its SHA-256 (hex); over 256 bytes is a 400."""
+    if fingerprint is None:
+        return None
+    data = fingerprint.encode()
+    if len(data) > MAX_FINGERPRINT:
+        raise ApiError(400, f"deviceFingerprint: {len(data)} bytes; at most {MAX_FINGERPRINT} bytes of UTF-8 are "
+                            "accepted", "deviceFingerprint")
+    return hashlib.sha256(data).hexdigest()
 
 
 async def handshake(request: web.Request) -> web.Response:
@@ -158,20 +202,36 @@ async def handshake(request: web.Request) -> web.Response:
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise validation_error(e) from None
     req = to_request(parsed)
+    fingerprint = fingerprint_hash(parsed.device_fingerprint)
     issued = services.ledger.clock()
-    outcome = await services.ledger.handshake(req)
+    if (refused := clock_refusal(services, issued)) is not None:
+        return refused
+    outcome = await services.ledger.handshake(req, fingerprint)
     decision = outcome.decision
     if isinstance(decision, hs.Refused):
+        if outcome.clone:
+            services.alerts.raise_now(CLONE_ALERT, req.client_uuid, "clone detected",
+                                      f"Client UUID {req.client_uuid} asked for {decision.code_name or 'a code'} "
+                                      "from a device with another fingerprint than the one it was first granted on "
+                                      "(error 151). Reset its binding if the device was replaced.",
+                                      "/portal/devices")
         return web.Response(
             status=403, body=b'{"error":' + _encoder.encode(decision.refusal.to_json()) + b"}", headers=JSON
         )
     assert outcome.status is not None and outcome.authorization_id and outcome.report_key
-    auth = _encoder.encode(authorization(services, req, decision, outcome.status, issued, outcome.authorization_id))
+    if services.clock is not None:
+        services.clock.recorded(issued)
+    binding = outcome.binding
+    auth = _encoder.encode(authorization(services, req, decision, outcome.status, issued, outcome.authorization_id,
+                                         binding))
     # The signature covers these exact bytes; they are sent verbatim as the
     # first member, so a client can verify without re-serialising. The report
     # key is the device's secret: outside the signed part, never cached by a proxy.
+    # The vendor's binding (built once per license revision) goes last, outside the signature: it is signed
+    # by the vendor.
     signature = await services.signer.sign(auth)
-    out = b'{"authorization":%s,"signature":"%s","keyId":"%s","reportKey":"%s"}' % (
-        auth, signature, services.identity.key_id.encode(), reportkeys.encode_key(outcome.report_key).encode()
+    out = b'{"authorization":%s,"signature":"%s","keyId":"%s","reportKey":"%s"%s}' % (
+        auth, signature, services.identity.key_id.encode(), reportkeys.encode_key(outcome.report_key).encode(),
+        binding.answer_member if binding is not None else b""
     )
     return web.Response(body=out, headers=JSON)

@@ -33,14 +33,14 @@ STATUS_TEXT = {
     "400": "Malformed request: the message (and `field`) say what. Includes JSON nested over 16 levels, text "
            "with U+0000 or a lone surrogate (body, path, query), and a value the database cannot store",
     "401": "Missing, unknown or expired admin token (login: wrong password; usage: no X-LTS-Report-MAC)",
-    "403": "Admin setup required (device endpoints: a licensing refusal, code 100-151)",
+    "403": "Admin setup required (device endpoints: a licensing refusal, code 100-160)",
     "404": "No such thing", "408": "The request head or body did not arrive in time",
-    "409": "Conflicts with the current state (name taken, setup already done, default code)",
+    "409": "Conflicts with the current state (name taken, setup already done, default code, nothing to accept)",
     "422": "License file rejected: `reason` says why",
     "429": "Too many failed password attempts from this address",
     "503": "Not now: storage unavailable (locked, busy or unreachable) or full, a standby whose main is up "
-           "(code 100), shutting down, "
-           "or too many open connections; retry after Retry-After seconds",
+           "(code 100), a clock behind the server's records (code 160), shutting down, or too many open "
+           "connections; retry after Retry-After seconds",
 }
 # Every operation can meet these: a malformed request, a slow client, a busy server.
 ALWAYS = ("400", "408", "503")
@@ -86,7 +86,8 @@ class Route:
 ROUTES: list[Route] = [
     Route("/healthz", "get", "Process alive", response=schemas.Health),
     Route("/readyz", "get", "Database open, migrated and writable", response=schemas.Health),
-    Route("/api/v1/server", "get", "Server UUID, version and signing key", response=schemas.ServerInfo),
+    Route("/api/v1/server", "get", "Server UUID, version and identity key (it signs authorizations)",
+          response=schemas.ServerInfo),
     Route("/api/v1/servers", "get", "Server URL list (main, standby) for clients", response=schemas.ServerList),
     Route("/api/v1/openapi.json", "get", "This document"),
     Route("/api/v1/handshake", "post", "Device handshake: a signed authorization or a licensing error",
@@ -180,6 +181,25 @@ ROUTES: list[Route] = [
     Route("/api/v1/admin/alerts/history", "get", "Sent alerts, newest first, with each delivery's state",
           admin=True, params=(query("limit", "At most this many (1-200, default 50)", {"type": "integer"}),
                               query("before", "Only alerts older than this id (paging)", {"type": "integer"}))),
+    Route("/api/v1/usage/export", "get",
+          "The next usage statement (text, docs/authorization-format.md): every usage chain's events since the "
+          "last statement, per-item totals, signed by the identity key", admin=True, statuses=("200", "404", "409"),
+          params=(query("since", "The first statement starts at events stamped here", DATE_TIME),
+                  query("until", "Up to the last event recorded by then, not in the future (default now)", DATE_TIME),
+                  query("statement", "Write this earlier statement again, byte for byte", {"type": "integer"})),
+          produces=("text/plain",)),
+    Route("/api/v1/admin/usage/statements", "get", "Usage statements exported so far", admin=True),
+    Route("/api/v1/admin/clock", "get", "The clock against the latest time the server recorded", admin=True),
+    Route("/api/v1/admin/clock/accept", "post",
+          "Accept a clock set back: serve again (time-limited items are still judged no earlier than the "
+          "records' latest time); an event", admin=True, statuses=("200", "409")),
+    Route("/api/v1/admin/devices/clones", "get", "Devices refused as clones (151) lately", admin=True,
+          params=(query("days", "Over the last DAYS days (1-3650, default 30)", {"type": "integer"}),)),
+    Route("/api/v1/admin/devices/{client_uuid}/binding", "get", "The fingerprint binding of a device", admin=True,
+          statuses=("200", "404")),
+    Route("/api/v1/admin/devices/{client_uuid}/binding", "delete",
+          "Reset a device's fingerprint binding (an event): its next grant binds it again", admin=True,
+          statuses=("200", "404")),
     Route("/metrics", "get", "Prometheus metrics: a bearer token ([metrics] token_file, or an admin token) on the "
           "device listener", statuses=("200", "401", "404"), produces=(METRICS_TYPE.split(";")[0],)),
 ]

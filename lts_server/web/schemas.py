@@ -30,6 +30,9 @@ class HandshakeBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, 
     app_id: Field | None = None
     process_name: Field | None = None
     instances: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1
+    # Opaque, computed by the device (lts_client derives one); at most 256 bytes of UTF-8. The first grant
+    # binds the client UUID to it; another one later is a clone (151).
+    device_fingerprint: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
 
 
 class ImportDismissBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
@@ -57,11 +60,24 @@ class Authorization(msgspec.Struct, rename="camel", omit_defaults=True):
     client_uuid: str
     issued_at: str
     expires_at: str
+    # When the device should ask again (it may run on this authorization offline until expiresAt). A datetime:
+    # msgspec writes RFC 3339 (UTC, "Z") itself, a tenth of what formatting it here costs per grant.
+    refresh_by: datetime
     edition: str | None = None
     domain: str | None = None
     instances: int | None = None
     seats: SeatCount | None = None
     units: SeatCount | None = None
+    # With a license bound to this server's identity key: SHA-256 (hex) of the vendor's binding statement.
+    binding_sha256: str | None = None
+
+
+class BindingAnswer(msgspec.Struct, rename="camel"):
+    """The vendor's binding of the license to this server (docs/authorization-format.md)."""
+
+    key_id: str
+    statement: str
+    signature: str
 
 
 class HandshakeAnswer(msgspec.Struct, rename="camel"):
@@ -72,6 +88,7 @@ class HandshakeAnswer(msgspec.Struct, rename="camel"):
     key_id: str
     # The device's secret for signing its usage reports (X-LTS-Report-MAC); outside the signed part.
     report_key: str
+    binding: BindingAnswer | None = None
 
 
 class ServerInfo(msgspec.Struct, rename="camel"):

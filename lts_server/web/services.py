@@ -10,6 +10,7 @@ from aiohttp import web
 
 from lts_server.alerts import Alerter
 from lts_server.archive import Archiver
+from lts_server.clock import ClockGuard
 from lts_server.config import Config
 from lts_server.identity import Identity
 from lts_server.importer import Importer
@@ -35,6 +36,8 @@ class Services:
     main_is_up: bool = False
     # On a cluster (PostgreSQL): take in what the other nodes committed; True once nothing is left.
     catch_up: Callable[[], Awaitable[bool]] | None = None
+    # The clock against the server's records (lts_server/clock.py); None: not watched (tests of parts).
+    clock: ClockGuard | None = None
 
 
 SERVICES = web.AppKey("services", Services)

@@ -8,7 +8,7 @@ from aiohttp import web
 from lts_server.core.usage import slot_problem
 from lts_server.ledger import UsageRecord, UsageReport
 from lts_server.reportkeys import MAC_HEADER, mac_matches
-from lts_server.web.device import JSON, read_json_body, standby_refusal
+from lts_server.web.device import JSON, clock_refusal, read_json_body, standby_refusal
 from lts_server.web.errors import ApiError, validation_error
 from lts_server.web.schemas import UsageBody
 from lts_server.web.services import SERVICES
@@ -29,6 +29,8 @@ async def report_usage(request: web.Request) -> web.Response:
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise validation_error(e) from None
     now = services.ledger.clock()
+    if (refused := clock_refusal(services, now)) is not None:  # a slot would be judged by a wrong clock
+        return refused
     for i, record in enumerate(parsed.records):
         problem = slot_problem(record.slot, now)
         if problem:

@@ -28,7 +28,7 @@ from lts_server import logs
 from lts_server.core.codes import CodeError, CodeFields
 from lts_server.core.model import Counts
 from lts_server.core.state import ItemState
-from lts_server.core.times import iso
+from lts_server.core.times import from_ms, iso, to_ms
 from lts_server.ledger import LedgerClosed, NotFound
 from lts_server.licensefile import MAX_FILE_BYTES
 from lts_server.store import StoreError
@@ -287,6 +287,33 @@ async def security_submit(request: web.Request) -> web.Response:
     response = _redirect("/portal/security", ("ok", "Password changed; other sessions were logged out."))
     response.set_cookie(SESSION, token, path="/portal", httponly=True, samesite="Strict", secure=request.secure)
     raise response
+
+
+# -- devices (clone detection) ---------------------------------------------------------------
+
+CLONES_DAYS = 30
+
+
+async def devices_page(request: web.Request) -> web.Response:
+    page = await _logged_in(request)
+    services = request.app[SERVICES]
+    since = services.ledger.clock() - timedelta(days=CLONES_DAYS)
+    rows = await services.store.recent_clones(to_ms(since))  # type: ignore[attr-defined]
+    clones = [{"clientUuid": r.client_uuid, "lastCloneAt": iso(from_ms(r.clone_ms or 0)),
+               "boundAt": iso(from_ms(r.bound_ms)), "clones": r.clones} for r in rows]
+    return _render(request, "devices.html", "Devices", nav="devices", clones=clones, days=CLONES_DAYS, **page)
+
+
+async def devices_reset(request: web.Request) -> web.Response:
+    _, form = await _form(request)
+    client = str(form.get("client", "")).strip()
+    if not client or len(client) > 128:
+        raise _redirect("/portal/devices", ("error", "Give the device's client UUID (1-128 characters)."))
+    try:
+        await request.app[SERVICES].ledger.reset_device_binding(client)
+    except NotFound:
+        raise _redirect("/portal/devices", ("error", f"Device {client} is not bound to a fingerprint.")) from None
+    raise _redirect("/portal/devices", ("ok", f"The binding of {client} is reset: its next grant binds it again."))
 
 
 # -- items -------------------------------------------------------------------------------
@@ -601,6 +628,8 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/portal/login", login_submit)
     r.add_post("/portal/logout", logout)
     r.add_get("/portal/security", security_page)
+    r.add_get("/portal/devices", devices_page)
+    r.add_post("/portal/devices/reset", devices_reset)
     r.add_post("/portal/security", security_submit)
     r.add_get("/portal/items", items_page)
     r.add_post("/portal/items/import", items_import)
