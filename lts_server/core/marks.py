@@ -18,6 +18,8 @@ bit 1 (2): also two months before; 0 when no month is recent (converted from all
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from lts_server.core.usage import SLICES_PER_HOUR, DayMarks, KeyDay
 
 SAME, INSTANCES = 1, 2
@@ -26,6 +28,9 @@ HOUR_MASK = (1 << SLICES_PER_HOUR) - 1
 
 
 def _varint(n: int, out: bytearray) -> None:
+    if n < 0x80:
+        out.append(n)
+        return
     while n > 0x7F:
         out.append(n & 0x7F | 0x80)
         n >>= 7
@@ -54,17 +59,24 @@ def _bits(n: int) -> list[int]:
 
 
 def _body(kd: KeyDay) -> bytes:
-    out = bytearray(kd.hours.to_bytes(3, "little"))
-    for hour in _bits(kd.hours):
-        mask = (kd.slices >> (hour * SLICES_PER_HOUR)) & HOUR_MASK
+    if not kd.instances:
+        return _slices_body(kd.hours, kd.slices)
+    out = bytearray(_slices_body(kd.hours, kd.slices))
+    for s in _bits(kd.slices):
+        _varint(kd.instances.get(s, 0), out)
+    return bytes(out)
+
+
+@lru_cache(maxsize=1 << 16)  # devices active in the same slices share a body (all of a slice's new devices)
+def _slices_body(hours: int, slices: int) -> bytes:
+    out = bytearray(hours.to_bytes(3, "little"))
+    for hour in _bits(hours):
+        mask = (slices >> (hour * SLICES_PER_HOUR)) & HOUR_MASK
         if mask and not mask & (mask - 1):
             out.append(mask.bit_length() - 1)
         else:
             out.append(MASK)
             out += mask.to_bytes(3, "little")
-    if kd.instances:
-        for s in _bits(kd.slices):
-            _varint(kd.instances.get(s, 0), out)
     return bytes(out)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from typing import NamedTuple
 
 from lts_server.core.model import CONCURRENT_TOLERANCE_FACTOR, SLICE
 
@@ -79,9 +80,8 @@ def slot_problem(slot: datetime, now: datetime) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class EventFacts:
-    """What the rollups need of one event."""
+class EventFacts(NamedTuple):
+    """What the rollups need of one event (a row of the event log's columns, in this order)."""
 
     seq: int
     at_ms: int
@@ -107,8 +107,7 @@ Bucket = tuple[str, str, str, int]  # scope, key, size, bucket start (ms)
 Key = tuple[str, str]  # scope ('code' or 'item'), code name or item id
 
 
-@dataclass(frozen=True)
-class Activity:
+class Activity(NamedTuple):
     """A device active on a code or an item in every 3-minute slice from start_ms (a slice start) up to
     end_ms: it counts once in each bucket those slices fall in. `instances` (items only): the instances
     it ran, for items counted per instance."""
@@ -121,16 +120,17 @@ class Activity:
     instances: int = 0
 
 
-def activities(e: EventFacts) -> list[Activity]:
-    """Who an event shows active, where: a granted handshake or a usage record, in its own slice."""
-    if not e.client_uuid or not (e.type == "usage.record" or (e.type == "handshake" and e.result == 0)):
-        return []
-    slot = e.at_ms - e.at_ms % SLICE_MS
+def activities(events: Iterable[EventFacts]) -> list[Activity]:
+    """Who the events show active, where: granted handshakes and usage records, each in its own slice."""
     out = []
-    if e.code:
-        out.append(Activity("code", e.code, e.client_uuid, slot, slot + SLICE_MS))
-    if e.item_id:
-        out.append(Activity("item", e.item_id, e.client_uuid, slot, slot + SLICE_MS, e.instances or 0))
+    for e in events:
+        if not e.client_uuid or not (e.type == "usage.record" or (e.type == "handshake" and e.result == 0)):
+            continue
+        slot = e.at_ms - e.at_ms % SLICE_MS
+        if e.code:
+            out.append(Activity("code", e.code, e.client_uuid, slot, slot + SLICE_MS))
+        if e.item_id:
+            out.append(Activity("item", e.item_id, e.client_uuid, slot, slot + SLICE_MS, e.instances or 0))
     return out
 
 
@@ -165,7 +165,7 @@ def count_events(events: Iterable[EventFacts]) -> dict[Bucket, Counters]:
 # -- device marks: who was already counted where -------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class KeyDay:
     """What one device did on one code or item in one UTC day: the day row's part for that key."""
 
@@ -198,16 +198,15 @@ class Marks:
     changed_days: set[tuple[str, int]] = field(default_factory=set)
 
 
-def day_of(at_ms: int) -> int:
-    return at_ms // DAY_MS
-
-
 def days_touched(acts: Iterable[Activity]) -> set[tuple[str, int]]:
     """The (client, day) rows folding `acts` reads."""
     out = set()
     for a in acts:
-        for day in range(day_of(a.start_ms), day_of(a.end_ms - 1) + 1):
-            out.add((a.client_uuid, day))
+        first, last = a.start_ms // DAY_MS, (a.end_ms - 1) // DAY_MS
+        if first == last:
+            out.add((a.client_uuid, first))
+        else:
+            out.update((a.client_uuid, day) for day in range(first, last + 1))
     return out
 
 
@@ -219,68 +218,95 @@ class Fold:
     growth: dict[tuple[str, int], int]
 
 
-def fold(events: Iterable[EventFacts], marks: Marks, key_ids: Mapping[Key, int],
-         per_device: Iterable[str] = (), per_instance: Iterable[str] = (), monthly_from_ms: int = 0,
-         extra: Iterable[Activity] = ()) -> Fold:
+NEW_3M, NEW_2H, NEW_DAY, NEW_MONTH, NEW_ALL = 1, 2, 4, 8, 16
+NEW_SIZES = ((NEW_3M, "3m"), (NEW_2H, "2h"), (NEW_DAY, "1d"), (NEW_MONTH, MONTH), (NEW_ALL, "all"))
+
+
+def fold(events: Iterable[EventFacts], acts: Iterable[Activity], marks: Marks, key_ids: Mapping[Key, int],
+         per_device: Iterable[str] = (), per_instance: Iterable[str] = (), monthly_from_ms: int = 0) -> Fold:
     """What a run of events adds to the rollups, given the marks of the devices they name (updated in place).
 
-    A device counts once per bucket of each size for each code and item it was active on, whenever its
-    events come (a usage record up to 30 days late), so the counters equal a recount of the raw events.
-    `per_device`, `per_instance`: the items whose slices are counted for overuse (by devices, by
-    instances). `extra`: activities that are not in the event log itself (a later change may add some).
-    Month buckets starting before monthly_from_ms count no devices (an older release kept no month marks).
+    `acts`: who was active where: the events' own activities (`activities`), and any that are not in the
+    event log itself (a later change may add some). A device counts once per bucket of each size for each
+    code and item it was active on, whenever its events come (a usage record up to 30 days late), so the
+    counters equal a recount of the raw events. `per_device`, `per_instance`: the items whose slices are
+    counted for overuse (by devices, by instances). Month buckets starting before monthly_from_ms count no
+    devices (an older release kept no month marks).
     """
-    events = list(events)
     counters = count_events(events)
     growth: dict[tuple[str, int], int] = {}
     devices, instances = set(per_device), set(per_instance)
+    # Per (scope, key, slice, which sizes' buckets are new for the device): how many devices; turned into
+    # the counters of those buckets at the end. This runs per device and slice: one dictionary step each.
+    seen: dict[tuple[str, str, int, int], int] = {}
+    grown: dict[Bucket, int] = {}
+    clients, days = marks.clients, marks.days
+    changed_clients, changed_days = marks.changed_clients, marks.changed_days
 
-    def bump(bucket: Bucket, n: int = 1, column: str = "devices") -> None:
-        c = counters.get(bucket)
-        if c is None:
-            c = counters[bucket] = Counters()
-        setattr(c, column, getattr(c, column) + n)
-
-    acts = [a for e in events for a in activities(e)]
-    acts.extend(extra)
-    for a in acts:
-        kid = key_ids[(a.scope, a.key)]
-        client = marks.clients[a.client_uuid]
-        months = client.keys.get(kid)
+    for scope, key, client, start_ms, end_ms, n in acts:
+        kid = key_ids[(scope, key)]
+        keys = clients[client].keys
+        months = keys.get(kid)
+        new_all = NEW_ALL if months is None else 0
         if months is None:
-            months = client.keys[kid] = set()
-            marks.changed_clients.add(a.client_uuid)
-            bump((a.scope, a.key, "all", 0))
-        for slot in range(a.start_ms, a.end_ms, SLICE_MS):
-            month = month_index(slot)
-            if _note_month(months, month):
-                marks.changed_clients.add(a.client_uuid)
-                if month_start_ms(month) >= monthly_from_ms:
-                    bump((a.scope, a.key, MONTH, month_start_ms(month)))
+            months = keys[kid] = set()
+            changed_clients.add(client)
+        slot = start_ms
+        while slot < end_ms:
             day = slot // DAY_MS
-            row = marks.days.setdefault((a.client_uuid, day), {})
-            kd = row.get(kid)
+            s = (slot - day * DAY_MS) // SLICE_MS
+            at = (client, day)
+            row = days.get(at)
+            kd = row.get(kid) if row is not None else None
+            if kd is not None and (kd.slices >> s) & 1 and not (n and n > kd.instances.get(s, 0)):
+                # Counted in this slice already, so in its day, hours and month too: nothing new.
+                slot += SLICE_MS
+                continue
+            new = new_all
+            new_all = 0
+            month = _month_of_day(day)
+            if month not in months and _note_month(months, month):
+                changed_clients.add(client)
+                if month_start_ms(month) >= monthly_from_ms:
+                    new |= NEW_MONTH
+            if row is None:
+                row = days[at] = {}
             if kd is None:
                 kd = row[kid] = KeyDay()
-                bump((a.scope, a.key, "1d", day * DAY_MS))
-            s = (slot - day * DAY_MS) // SLICE_MS
-            hour = s // SLICES_PER_HOUR
-            fresh = not (kd.slices >> s) & 1
-            if fresh or (a.instances and a.instances > kd.instances.get(s, 0)):
-                marks.changed_days.add((a.client_uuid, day))
-            if not (kd.hours >> (hour & ~1)) & 3:
-                bump((a.scope, a.key, "2h", day * DAY_MS + (hour & ~1) * HOUR_MS))
-            if fresh:
+                new |= NEW_DAY
+            if not (kd.slices >> s) & 1:
+                changed_days.add(at)
+                if not (kd.hours >> (s // SLICES_PER_HOUR & ~1)) & 3:
+                    new |= NEW_2H
                 kd.slices |= 1 << s
-                kd.hours |= 1 << hour
-                bump((a.scope, a.key, "3m", slot))
-                if a.scope == "item" and a.key in devices:
-                    growth[(a.key, slot)] = growth.get((a.key, slot), 0) + 1
-            if a.instances and a.instances > (before := kd.instances.get(s, 0)):
-                kd.instances[s] = a.instances
-                if a.scope == "item" and a.key in instances:
-                    bump((a.scope, a.key, "3m", slot), a.instances - before, "instances")
-                    growth[(a.key, slot)] = growth.get((a.key, slot), 0) + a.instances - before
+                kd.hours |= 1 << s // SLICES_PER_HOUR
+                new |= NEW_3M
+                if key in devices and scope == "item":
+                    growth[(key, slot)] = growth.get((key, slot), 0) + 1
+            if new:
+                k = (scope, key, slot, new)
+                seen[k] = seen.get(k, 0) + 1
+            if n and n > (before := kd.instances.get(s, 0)):
+                kd.instances[s] = n
+                changed_days.add(at)
+                if key in instances and scope == "item":
+                    b = (scope, key, "3m", slot)
+                    grown[b] = grown.get(b, 0) + n - before
+                    growth[(key, slot)] = growth.get((key, slot), 0) + n - before
+            slot += SLICE_MS
+    for (scope, key, slot, new), count in seen.items():
+        for bit, size in NEW_SIZES:
+            if new & bit:
+                b = (scope, key, size, bucket_start(slot, size))
+                c = counters.get(b)
+                if c is None:
+                    c = counters[b] = Counters()
+                c.devices += count
+    for b, count in grown.items():
+        c = counters.get(b)
+        if c is None:
+            c = counters[b] = Counters()
+        c.instances += count
     return Fold(counters, growth)
 
 

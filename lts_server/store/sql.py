@@ -436,8 +436,10 @@ UPSERT_COUNTERS = (
     " instances = rollups.instances + excluded.instances")
 
 
-def roll_up(quantities: dict[str, tuple[str, int]], limit: int, key_ids: dict[Key, int]) -> Procedure[RollupResult]:
+def roll_up(quantities: dict[str, tuple[str, int]], limit: int,
+            key_ids: dict[Key, int] | None = None) -> Procedure[RollupResult]:
     """Fold the next events of the log into the rollups (`key_ids`: the store's cache of rollup_keys)."""
+    key_ids = {} if key_ids is None else key_ids
     last, next_client, monthly_from, conversion = (yield Query(ROLLUP_STATE))[0]
     if conversion:  # the marks of the release before are still being converted (convert_marks)
         return RollupResult(0, last, {})
@@ -450,13 +452,13 @@ def roll_up(quantities: dict[str, tuple[str, int]], limit: int, key_ids: dict[Ke
     if len(rows) == limit:
         end = rows[-1][0]
     events = [EventFacts(*r) for r in rows]
-    acts = [a for e in events for a in activities(e)]
+    acts = activities(events)
     ids = yield from _key_ids({(s, k) for e in events for s, k in (("code", e.code), ("item", e.item_id)) if k},
                               key_ids)
     marks, next_client = yield from _read_marks({a.client_uuid for a in acts}, days_touched(acts), next_client)
     per_device = {i for i, (kind, _) in quantities.items() if kind == LicenseType.PER_CONCURRENT_DEVICE}
     per_instance = {i for i, (kind, _) in quantities.items() if kind == LicenseType.PER_CONCURRENT_INSTANCE}
-    folded = fold(events, marks, ids, per_device, per_instance, monthly_from)
+    folded = fold(events, acts, marks, ids, per_device, per_instance, monthly_from)
     overuse: dict[str, int] = {}
     slots: dict[str, list[int]] = {}
     for item_id, slot in folded.growth:
