@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 from lts_server import config as config_mod
 from lts_server import migrate as migrate_mod
-from lts_server.core.marks import decode_client, decode_day, encode_client, encode_day
+from lts_server.core.marks import KeyDay, decode_client, decode_day, encode_client, encode_day
 from lts_server.core.times import from_ms, iso, parse_iso, slice_start, to_ms
-from lts_server.core.usage import DAY_MS, MONTH, SLICES_PER_HOUR, KeyDay, bucket_start, month_index
+from lts_server.core.usage import DAY_MS, MONTH, SLICES_PER_HOUR, bucket_start, month_index
 from lts_server.server import Server
 from lts_server.store import Event, RollupResult, Store, WriteBatch
 from lts_server.store import sql as sql_mod
@@ -65,14 +65,15 @@ def test_day_rows_read_back_as_written(row: dict[int, KeyDay], copies: list[int]
     assert decode_day(encode_day(row)) == row
 
 
-def test_a_device_active_hourly_takes_a_few_bytes_a_day() -> None:
+def test_a_device_active_hourly_takes_a_day_row_of_66_bytes() -> None:
     kd = KeyDay()
     for hour in range(24):
         s = hour * SLICES_PER_HOUR + 7
         kd.slices |= 1 << s
         kd.hours |= 1 << hour
     code_and_item = {1: kd, 2: KeyDay(kd.hours, kd.slices)}
-    assert len(encode_day(code_and_item)) == 1 + 3 + 24 + 1  # the item's entry: "the same as the code's"
+    # The code's entry: its number, the hours, the slices up to the last (467: 59 bytes); the item's: "the same".
+    assert len(encode_day(code_and_item)) == 1 + 3 + 1 + 59 + 1
 
 
 @settings(max_examples=300)

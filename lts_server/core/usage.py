@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import NamedTuple
 
+from lts_server.core.marks import KeyDay, Marks
 from lts_server.core.model import CONCURRENT_TOLERANCE_FACTOR, SLICE
 
 MAX_LATE = timedelta(days=30)
@@ -162,40 +163,7 @@ def count_events(events: Iterable[EventFacts]) -> dict[Bucket, Counters]:
     return counters
 
 
-# -- device marks: who was already counted where -------------------------------------------------
-
-
-@dataclass(slots=True)
-class KeyDay:
-    """What one device did on one code or item in one UTC day: the day row's part for that key."""
-
-    hours: int = 0  # bit h: active in hour h (0-23)
-    slices: int = 0  # bit s: active in 3-minute slice s of the day (0-479); bit s sets bit s // 20 of hours
-    instances: dict[int, int] = field(default_factory=dict)  # slice -> the most instances run in it
-
-
-@dataclass
-class ClientMarks:
-    """Per device for good: the codes and items it was ever active on (key ids), and for each the months it
-    was active in, the latest three at most (a record comes at most 30 days late)."""
-
-    id: int
-    keys: dict[int, set[int]] = field(default_factory=dict)
-
-
-# The day rows of the devices a fold touches, per (client UUID, day number since 1970): key id -> KeyDay.
-DayMarks = dict[int, KeyDay]
-
-
-@dataclass
-class Marks:
-    """The marks a fold reads and updates, as the store read them (an absent one: nothing recorded yet);
-    `changed_*` say which to write back."""
-
-    clients: dict[str, ClientMarks] = field(default_factory=dict)
-    days: dict[tuple[str, int], DayMarks] = field(default_factory=dict)
-    changed_clients: set[str] = field(default_factory=set)
-    changed_days: set[tuple[str, int]] = field(default_factory=set)
+# -- device marks: who was already counted where (core/marks.py) ------------------------------------
 
 
 def days_touched(acts: Iterable[Activity]) -> set[tuple[str, int]]:
@@ -245,12 +213,6 @@ def fold(events: Iterable[EventFacts], acts: Iterable[Activity], marks: Marks, k
 
     for scope, key, client, start_ms, end_ms, n in acts:
         kid = key_ids[(scope, key)]
-        keys = clients[client].keys
-        months = keys.get(kid)
-        new_all = NEW_ALL if months is None else 0
-        if months is None:
-            months = keys[kid] = set()
-            changed_clients.add(client)
         slot = start_ms
         while slot < end_ms:
             day = slot // DAY_MS
@@ -258,22 +220,29 @@ def fold(events: Iterable[EventFacts], acts: Iterable[Activity], marks: Marks, k
             at = (client, day)
             row = days.get(at)
             kd = row.get(kid) if row is not None else None
-            if kd is not None and (kd.slices >> s) & 1 and not (n and n > kd.instances.get(s, 0)):
+            new = 0
+            if kd is None:
+                # The first time that day on this key; a day row's entry is written with the device's marks
+                # of the key, so those are needed only now.
+                keys = clients[client].keys
+                months = keys.get(kid)
+                if months is None:
+                    months = keys[kid] = set()
+                    changed_clients.add(client)
+                    new = NEW_ALL
+                month = _month_of_day(day)
+                if month not in months and _note_month(months, month):
+                    changed_clients.add(client)
+                    if month_start_ms(month) >= monthly_from_ms:
+                        new |= NEW_MONTH
+                if row is None:
+                    row = days[at] = {}
+                kd = row[kid] = KeyDay()
+                new |= NEW_DAY
+            elif (kd.slices >> s) & 1 and not (n and n > kd.instances.get(s, 0)):
                 # Counted in this slice already, so in its day, hours and month too: nothing new.
                 slot += SLICE_MS
                 continue
-            new = new_all
-            new_all = 0
-            month = _month_of_day(day)
-            if month not in months and _note_month(months, month):
-                changed_clients.add(client)
-                if month_start_ms(month) >= monthly_from_ms:
-                    new |= NEW_MONTH
-            if row is None:
-                row = days[at] = {}
-            if kd is None:
-                kd = row[kid] = KeyDay()
-                new |= NEW_DAY
             if not (kd.slices >> s) & 1:
                 changed_days.add(at)
                 if not (kd.hours >> (s // SLICES_PER_HOUR & ~1)) & 3:

@@ -26,18 +26,16 @@ from lts_server.core.model import (
     Period,
 )
 from lts_server.core.times import from_ms, iso, parse_iso, to_ms, utcnow
-from lts_server.core.marks import decode_client, decode_day, encode_client, encode_day
+from lts_server.core.marks import ClientMarks, Marks, decode_day, encode_client, encode_day
 from lts_server.core.usage import (
     DAY_MS,
     MARKS_DAYS,
     MONTH,
     SLICE_MS,
     Bucket,
-    ClientMarks,
     Counters,
     EventFacts,
     Key,
-    Marks,
     activities,
     bucket_start,
     convert_mark,
@@ -509,7 +507,7 @@ def _read_marks(clients: set[str], days: set[tuple[str, int]], next_client: int)
     marks = Marks()
     for client, cid, data in (yield from _select_in(
             "SELECT client_uuid, id, marks FROM rollup_clients WHERE client_uuid", clients)):
-        marks.clients[client] = ClientMarks(cid, decode_client(bytes(data)))
+        marks.clients[client] = ClientMarks(cid, bytes(data))
     for client in sorted(clients - marks.clients.keys()):
         marks.clients[client] = ClientMarks(next_client)
         marks.changed_clients.add(client)
