@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 import shutil
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -321,6 +322,33 @@ async def test_counters_are_pruned_by_their_tier_and_months_stay(running: Runnin
                                    params={"bucket": "1mo", "from": iso(running.clock() - timedelta(days=800))}) as resp:
         body = await resp.json()
     assert sum(b["granted"] for b in body["series"]) == 1 and body["summary"]["all"]["granted"] == 1
+
+
+async def test_the_portal_says_when_detail_is_no_longer_kept_and_shows_months_for_old_periods(
+        running: Running) -> None:
+    from tests.test_portal import portal_session
+
+    await running.drop("D.lic", running.vendor.issue(license_spec("D", items=[item("dev", quantity=50)])))
+    assert (await running.handshake(handshakeCode="216998-D", clientUuid="dev-0"))[0] == 200
+    await running.server.roll_up()
+    s = await portal_session(running)
+    try:
+        today = running.clock().date()
+        async with s.get(f"{running.url}/portal/stats/code/216998-D", params={"day": str(today)}) as resp:
+            assert 'id="retention"' not in await resp.text()
+        async with s.get(f"{running.url}/portal/stats/code/216998-D",
+                         params={"day": str(today - timedelta(days=100))}) as resp:
+            text = await resp.text()
+        assert resp.status == 200 and "3-minute detail is kept from" in text
+        # Three years: older than the daily buckets kept (730 days), so one row per month.
+        async with s.get(f"{running.url}/portal/stats/code/216998-D",
+                         params={"from": str(today - timedelta(days=1095)), "to": str(today)}) as resp:
+            text = await resp.text()
+        assert resp.status == 200 and 'id="retention"' not in text
+        labels = set(re.findall(r"\b\d\d-(\d\d) 00:00\b", text))
+        assert labels == {"01"}  # the first of each month, no other day
+    finally:
+        await s.close()
 
 
 @pytest.mark.parametrize(("stats", "needle"), [
