@@ -345,6 +345,7 @@ async def test_the_portal_says_when_detail_is_no_longer_kept_and_shows_months_fo
                          params={"from": str(today - timedelta(days=1095)), "to": str(today)}) as resp:
             text = await resp.text()
         assert resp.status == 200 and 'id="retention"' not in text
+        assert "<h2>Per month</h2>" in text
         labels = set(re.findall(r"\b\d\d-(\d\d) 00:00\b", text))
         assert labels == {"01"}  # the first of each month, no other day
     finally:

@@ -511,7 +511,7 @@ async def _stats_page(request: web.Request, scope: str, key: str, subject: str,
                           ROWS_PER_PAGE)
     return _render(request, "stats.html", f"Statistics of {subject}", nav="codes" if scope == "code" else "items",
                    subject=subject, items=items, donuts=donuts, trend=handshakes, units_trend=units, rows=shown,
-                   pager=pager, summary=summary, pruned=pruned,
+                   pager=pager, summary=summary, pruned=pruned, bucket=bucket,
                    day=day.strftime("%Y-%m-%d") if day else None, from_day=start.strftime("%Y-%m-%d"),
                    to_day=(end - timedelta(days=1)).strftime("%Y-%m-%d"), **page)
 
