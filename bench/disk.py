@@ -9,8 +9,10 @@ own code and the daemon's settings (stats.hourly_days 90, stats.daily_days 730):
 
 - the day's events are written as a refresh writes them (`seat.refreshed` with its expiry, then
   `handshake`), hour by hour, with bulk SQL (the ledger is not the subject here);
-- the rollup job folds them as the daemon does, in pages of 500 events (`Store.roll_up`), and the hourly
+- the rollup job folds each hour's as the daemon does, in pages of 500 events (`Store.roll_up`), and the
   prune runs at the end of the day (`Server.prune_rollups`: day rows past 31 days, counters past their tier);
+- on PostgreSQL, VACUUM after each hour of the tables the rollups and refreshes rewrite, and after each day
+  of the event log: what autovacuum does over a real day, which it cannot over a simulated one of seconds;
 - device events older than `--retain-days` leave the log: the daemon's archiver (lts_server/archive.py:
   gzip'd NDJSON, fsynced) every `--archive-every`-th day, and on the other days a bulk DELETE of the same
   events with the bytes counted at the archiver's measured bytes per event (its work is the same every
@@ -169,6 +171,16 @@ class Fleet:
                                (f"DELETE FROM events WHERE {where}", (before_ms,))])
         return rows[0][0][0]
 
+    async def vacuum(self, tables: tuple[str, ...]) -> None:
+        """PostgreSQL: what autovacuum does in a real day (it cannot keep up with days that last seconds):
+        the tables the rollups rewrite every hour, and the event log once a day after its deletes."""
+        if self.url:
+            conn = await asyncpg.connect(self.url)
+            try:
+                await conn.execute(f"VACUUM {', '.join(tables)}")
+            finally:
+                await conn.close()
+
     async def space(self) -> dict[str, int]:
         """Bytes per table, its indexes included."""
         if self.url:
@@ -221,20 +233,24 @@ async def run_store(args: argparse.Namespace, name: str, work: Path, server: pg.
     fleet = Fleet(store, args.devices, start_ms, folder)
     archiver = Archiver(store, folder / "archive")
     await fleet.setup()
-    timings = {"write": 0.0, "fold": 0.0, "prune": 0.0, "archive": 0.0}
+    timings = {"write": 0.0, "fold": 0.0, "prune": 0.0, "archive": 0.0, "vacuum": 0.0}
     archived = archive_bytes = dropped = folded = 0
     checkpoints: dict[int, dict[str, int]] = {}
     started = time.perf_counter()
     try:
         for day in range(args.days):
             day_ms = start_ms + day * DAY_MS
-            t0 = t = time.perf_counter()
+            t0 = time.perf_counter()
             for hour in range(24):
+                t = time.perf_counter()
                 await fleet.write_hour(day_ms + hour * HOUR_MS)
-            timings["write"] += time.perf_counter() - t
-            t = time.perf_counter()
-            folded += await fleet.roll_up()
-            timings["fold"] += time.perf_counter() - t
+                timings["write"] += time.perf_counter() - t
+                t = time.perf_counter()
+                folded += await fleet.roll_up()
+                timings["fold"] += time.perf_counter() - t
+                t = time.perf_counter()
+                await fleet.vacuum(("rollup_days", "rollup_clients", "rollups", "seats", "authorizations"))
+                timings["vacuum"] += time.perf_counter() - t
             now_ms = day_ms + DAY_MS
             t = time.perf_counter()
             await fleet.prune(now_ms)
@@ -250,6 +266,9 @@ async def run_store(args: argparse.Namespace, name: str, work: Path, server: pg.
                 else:
                     dropped += await fleet.drop_old_events(before)
             timings["archive"] += time.perf_counter() - t
+            t = time.perf_counter()
+            await fleet.vacuum(("events",))
+            timings["vacuum"] += time.perf_counter() - t
             if day + 1 in (31, 91, 181, args.days):
                 checkpoints[day + 1] = await fleet.space()
             if (day + 1) % 10 == 0 or day + 1 == args.days:
@@ -272,7 +291,7 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     t = r["timings"]
     print(f"time: writing events {t['write']:.0f} s, folding {r['folded']:,} handshakes {t['fold']:.0f} s"
           f" ({t['fold'] / max(1, r['folded']) * 1e6:.1f} us each), pruning {t['prune']:.0f} s,"
-          f" archiving and deleting {t['archive']:.0f} s")
+          f" archiving and deleting {t['archive']:.0f} s, vacuuming (PostgreSQL) {t['vacuum']:.0f} s")
     print(f"  {'table (with its indexes)':28} {'bytes':>15} {'rows':>12} {'per device':>11}")
     for table, size in sorted(sizes.items(), key=lambda kv: -kv[1]):
         if size >= 50_000:
