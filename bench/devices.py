@@ -9,9 +9,9 @@ empty, then stopped; the benchmark then writes N seated devices straight into
 the database with bulk SQL, exactly the rows a granted handshake writes (a
 seat, an authorization, a `seat.granted` and a `handshake` event, the item's
 `seats_used`), and the statistics those grants make (rollup counters per
-bucket, the all-time device marks; the grants lie 35-330 days back, so the
-3-minute, 2-hour and daily device marks are already pruned as the daemon
-would have), with `rollup_state` past them, so the statistics are exact. The
+bucket, each device's all-time marks; the grants lie 35-330 days back, so
+their day rows are already pruned as the daemon would have), with
+`rollup_state` past them, so the statistics are exact. The
 same is built with 10,000 devices. Both daemons then start (spawn to
 `/readyz` answering 200 is the start-up time; RSS from /proc after it) and
 wrk drives them in alternating rounds through HTTP: new devices, and
@@ -77,7 +77,7 @@ YEAR_MS = 365 * DAY_MS
 OLDEST_S = int((NOW - timedelta(days=330)).timestamp())
 SPAN_S = int(timedelta(days=295).total_seconds())
 FLEET = 1_000_000  # the fleet of the growth estimate: devices refreshing hourly
-SIZES = ("3m", "2h", "1d")
+SIZES = ("3m", "2h", "1d", "1mo")
 WIDTH_MS = {"3m": 180_000, "2h": 7_200_000, "1d": DAY_MS}
 
 
@@ -216,29 +216,42 @@ def bulk_sqlite(path: Path, n: int) -> None:
         f" SELECT {base} + 2 * i + 2, g * 1000, 'handshake', code, item, client, 'barcode-reader', 'browser',"
         " 0, NULL, NULL, NULL FROM d ORDER BY 1")
     con.execute("UPDATE items SET seats_used = (SELECT COUNT(*) FROM seats WHERE seats.item_id = items.item_id)")
-    rollups_sql(con.execute, base, "sqlite")
+    rollups_sql(con.execute, base, "sqlite", n)
     con.execute("UPDATE rollup_state SET last_seq = (SELECT MAX(seq) FROM events) WHERE id = 1")
     con.execute("COMMIT")
     con.execute("PRAGMA journal_mode = WAL")
     con.close()
 
 
-def rollups_sql(execute: Any, base: int, dialect: str) -> None:
-    """The rollups of the bulk grants, as the rollup job folds them (core/usage.py aggregate):
-    counters per code and item and bucket; device marks of the all-time bucket (the others are
-    older than the 31 days the daemon keeps them)."""
+def rollups_sql(execute: Any, base: int, dialect: str, n: int) -> None:
+    """The rollups of the bulk grants, as the rollup job folds them (core/usage.py fold): counters per code
+    and item and bucket; each device's all-time marks (rollup_clients; its day rows are older than the 31
+    days the daemon keeps them, and its months than the three it remembers)."""
     grants = f"FROM events WHERE seq > {base} AND type = 'handshake'"
+    month = ("CAST(strftime('%s', at_ms / 1000, 'unixepoch', 'start of month') AS INTEGER) * 1000"
+             if dialect == "sqlite" else
+             "(extract(epoch FROM date_trunc('month', to_timestamp(at_ms / 1000) AT TIME ZONE 'UTC')))::bigint * 1000")
     for scope, column in (("code", "code"), ("item", "item_id")):
         for size in SIZES:
-            bucket = f"at_ms - at_ms % {WIDTH_MS[size]}"
+            bucket = month if size == "1mo" else f"at_ms - at_ms % {WIDTH_MS[size]}"
             execute(f"INSERT INTO rollups (scope, key, size, bucket_ms, granted, refused, units, devices, instances)"
                     f" SELECT '{scope}', {column}, '{size}', {bucket}, COUNT(*), 0, 0, COUNT(*), 0 {grants}"
                     f" GROUP BY {column}, {bucket}")
         execute(f"INSERT INTO rollups (scope, key, size, bucket_ms, granted, refused, units, devices, instances)"
                 f" SELECT '{scope}', {column}, 'all', 0, COUNT(*), 0, 0, COUNT(*), 0 {grants} GROUP BY {column}")
-        # Per-device items record no instances in their marks (only concurrent-instance items do).
-        execute(f"INSERT INTO rollup_devices (scope, key, size, bucket_ms, client_uuid, instances)"
-                f" SELECT '{scope}', {column}, 'all', 0, client_uuid, 0 {grants} ORDER BY {column}, client_uuid")
+    # Codes and items by number; device i (item i % 4 and its code) is number i + 1, its marks those two
+    # numbers with no recent month (core/marks.py).
+    codes = sorted(set(CODE_OF.values()))
+    kid = {("code", c): k + 1 for k, c in enumerate(codes)} | {("item", i): len(codes) + k + 1
+                                                                 for k, i in enumerate(ITEMS)}
+    execute("INSERT INTO rollup_keys (id, scope, key) VALUES "
+            + ", ".join(f"({v}, '{scope}', '{key}')" for (scope, key), v in kid.items()))
+    blob = {k: bytes([kid[("code", CODE_OF[i])], 0, kid[("item", i)], 0]).hex() for k, i in enumerate(ITEMS)}
+    literal = (lambda h: f"X'{h}'") if dialect == "sqlite" else (lambda h: f"decode('{h}', 'hex')")
+    marks = " ".join(f"WHEN {k} THEN {literal(h)}" for k, h in blob.items())
+    execute(f"INSERT INTO rollup_clients (client_uuid, id, marks) SELECT client_uuid, (seq - {base}) / 2,"
+            f" CASE ((seq - {base}) / 2 - 1) % 4 {marks} END {grants} ORDER BY client_uuid")
+    execute(f"UPDATE rollup_state SET next_client = {n + 1} WHERE id = 1")
 
 
 async def bulk_postgres(url: str, n: int) -> None:
@@ -271,7 +284,7 @@ async def bulk_postgres(url: str, n: int) -> None:
             await conn.execute("UPDATE items SET seats_used = (SELECT COUNT(*) FROM seats"
                                " WHERE seats.item_id = items.item_id)")
             statements: list[str] = []
-            rollups_sql(statements.append, base, "postgresql")
+            rollups_sql(statements.append, base, "postgresql", n)
             for statement in statements:
                 await conn.execute(statement)
             await conn.execute("UPDATE rollup_state SET last_seq = (SELECT MAX(seq) FROM events) WHERE id = 1")
@@ -317,8 +330,11 @@ async def reset_probe(state: State) -> None:
     statements = [
         "DELETE FROM seats WHERE client_uuid = 'probe-device'",
         "DELETE FROM authorizations WHERE client_uuid = 'probe-device'",
-        "DELETE FROM rollup_devices",
+        "DELETE FROM rollup_days",
+        "DELETE FROM rollup_clients",
+        "DELETE FROM rollup_keys",
         "DELETE FROM rollups",
+        "UPDATE rollup_state SET next_client = 1",
         "UPDATE items SET seats_used = 0",
         "DELETE FROM events WHERE client_uuid = 'probe-device'",
         "UPDATE rollup_state SET last_seq = (SELECT COALESCE(MAX(seq), 0) FROM events)",
@@ -664,13 +680,10 @@ async def report_space(state: State, before: dict[str, tuple[int, int]], handsha
     totals = table_totals(before)
     ev_bytes, ev_rows = totals["events"]
     per_event = ev_bytes / ev_rows
-    marks_bytes, marks_rows = totals["rollup_devices"]
-    per_mark = marks_bytes / max(1, marks_rows)
+    clients_bytes, _ = totals["rollup_clients"]
     gz = await archive_bytes_per_event(state)
-    # A refresh writes two events (seat.refreshed, handshake); hourly, each device is active in 24 3-minute,
-    # 12 two-hour and 1 daily bucket a day, marked per code and per item; marks are pruned after 31 days.
+    # A refresh writes two events (seat.refreshed, handshake).
     events_day = FLEET * 24 * 2
-    marks_day = FLEET * (24 + 12 + 1) * 2
     print(f"event log: {per_event:.0f} bytes per event in the database (table and indexes),"
           f" {gz:.0f} bytes per event in a gzip'd NDJSON archive")
     print(f"growth per day, {FLEET:,} devices refreshing hourly ({FLEET * 24:,} handshakes, {events_day:,} events):")
@@ -678,8 +691,8 @@ async def report_space(state: State, before: dict[str, tuple[int, int]], handsha
           f" ({mb(events_day * per_event * 365)} a year kept forever);"
           f" with [events] retain_days = 30 it stays at {mb(events_day * per_event * 30)}"
           f" and the archive files grow {mb(events_day * gz)}/day")
-    print(f"  rollup device marks (rollup_devices, {per_mark:.0f} bytes each): {marks_day:,} a day,"
-          f" {mb(marks_day * per_mark)}/day, pruned after 31 days: steady {mb(marks_day * per_mark * 31)}")
+    print(f"  rollup device marks: {clients_bytes / n:.0f} bytes a device for good (rollup_clients), and a day row"
+          " per device active that day, kept 31 days (rollup_days: see bench/disk.py)")
 
 
 async def measure_archive(state: State) -> None:

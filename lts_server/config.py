@@ -17,6 +17,8 @@ from typing import Annotated, Literal, get_args, get_origin
 
 import msgspec
 
+from lts_server.core.usage import MARKS_DAYS
+
 DEFAULT_PATH = Path("/etc/lts-server/lts-server.toml")
 ENV_PREFIX = "LTS_"
 
@@ -181,6 +183,14 @@ class AuthorizationsSection(_Section):
     max_offline_hours: Annotated[float, msgspec.Meta(ge=0, le=24 * 366)] = 0.0
 
 
+class StatsSection(_Section):
+    # Retention tiers of the statistics: 3-minute and 2-hour buckets are kept this many days, daily buckets
+    # daily_days; monthly and all-time ones for good. 0 keeps that tier for good. At least 31 (a usage
+    # record may come 30 days late), and daily_days at least hourly_days.
+    hourly_days: Annotated[int, msgspec.Meta(ge=0, le=36_500)] = 90
+    daily_days: Annotated[int, msgspec.Meta(ge=0, le=36_500)] = 730
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "text"] = "auto"
@@ -197,6 +207,7 @@ class Config(_Section):
     events: EventsSection = msgspec.field(default_factory=EventsSection)
     clock: ClockSection = msgspec.field(default_factory=ClockSection)
     authorizations: AuthorizationsSection = msgspec.field(default_factory=AuthorizationsSection)
+    stats: StatsSection = msgspec.field(default_factory=StatsSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
     # Where the file was read from; relative paths in it are taken from its folder.
     source: str = ""
@@ -381,6 +392,15 @@ def _check(config: Config, path: Path) -> None:
     token_file = config.metrics.token_file
     if token_file and not os.access(config.path(token_file), os.R_OK):
         raise ConfigError(f"{path}: key 'metrics.token_file': cannot read {config.path(token_file)}")
+    stats = config.stats
+    for key in ("hourly_days", "daily_days"):
+        days = getattr(stats, key)
+        if 0 < days < MARKS_DAYS:
+            raise ConfigError(f"{path}: key 'stats.{key}': {days} days is too short: a usage record may come 30 "
+                              f"days late, so keep at least {MARKS_DAYS} (or 0: for good)")
+    if stats.daily_days and not 0 < stats.hourly_days <= stats.daily_days:
+        raise ConfigError(f"{path}: key 'stats.daily_days': daily buckets must be kept at least as long as the "
+                          f"3-minute and 2-hour ones (stats.hourly_days = {stats.hourly_days}; 0 is for good)")
     for i, key_path in enumerate(config.public_key_paths):
         if not os.access(key_path, os.R_OK):
             raise ConfigError(f"{path}: key 'vendor.public_keys[{i}]': cannot read {key_path}")

@@ -115,8 +115,11 @@ async def _copy_all(database: Path, url: str, where: str, ident: identity.Identi
             counts: dict[str, int] = {}
             for table in tables:
                 counts[table] = await _copy(con, conn, table)
-            last = con.execute("SELECT last_seq FROM rollup_state WHERE id = 1").fetchone()[0]
-            await conn.execute("UPDATE rollup_state SET last_seq = $1 WHERE id = 1", last)
+            # How far the rollups are, and where the conversion of an older release's marks stands.
+            state = [r[1] for r in con.execute("PRAGMA table_info(rollup_state)") if r[1] != "id"]
+            values = con.execute(f"SELECT {', '.join(state)} FROM rollup_state WHERE id = 1").fetchone()
+            await conn.execute(f"UPDATE rollup_state SET {', '.join(f'{c} = ${i}' for i, c in enumerate(state, 1))}"
+                               " WHERE id = 1", *values)
             await conn.execute("SELECT setval(pg_get_serial_sequence('events', 'seq'),"
                                " GREATEST((SELECT COALESCE(MAX(seq), 0) FROM events), 1))")
             await conn.execute(

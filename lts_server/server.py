@@ -23,7 +23,7 @@ from lts_server.clock import ClockGuard, ClockStatus
 from lts_server.config import Config
 from lts_server.core import alerts as alert_rules
 from lts_server.core.times import iso, to_ms, utcnow
-from lts_server.core.usage import MAX_LATE
+from lts_server.core.usage import DAY_MS, MARKS_DAYS
 from lts_server.importer import Importer
 from lts_server.ledger import MAX_SWEEP, ImportOutcome, Ledger
 from lts_server.metrics import LiveState, Metrics
@@ -45,6 +45,9 @@ ROLLUP_SECONDS = 1.0
 # the database thread wait a few milliseconds, not a hundred.
 ROLLUP_PAGE = 500
 PRUNE_SECONDS = 3600.0
+# Rows per transaction when pruning the rollups, and old-release device marks per conversion step.
+PRUNE_PAGE = 5000
+CONVERT_PAGE = 2000
 # How often events older than [events] retain_days are archived.
 ARCHIVE_SECONDS = 3600.0
 # Seconds a stop still gets after the last in-flight request if those took all of shutdown_timeout:
@@ -106,6 +109,7 @@ class Server:
         self.urls: list[str] = []
         self.admin_url = ""
         self._rollup_lock = asyncio.Lock()
+        self._marks_converted = False
         self._store: Store | None = None
         # The change feed of a PostgreSQL cluster: read up to this event.
         self._followed = 0
@@ -311,7 +315,23 @@ class Server:
         assert self.services is not None
         ledger, store = self.services.ledger, self.services.store
         async with self._rollup_lock:  # one roll-up at a time, so overuse is mirrored in order
+            if not self._marks_converted:
+                await self._convert_marks(store)
             return await self._roll_up_pages(ledger, store, self.services.alerts.after_usage)
+
+    async def _convert_marks(self, store: Store) -> None:
+        """Convert the device marks an older release left (rollup_devices) before folding more events: a step
+        of CONVERT_PAGE marks per transaction, so devices' commits wait little and a stop loses nothing."""
+        total, logged = 0, time.monotonic()
+        while done := await store.convert_marks(to_ms(self.clock()), CONVERT_PAGE):
+            total += done
+            if time.monotonic() - logged > 60:
+                logged = time.monotonic()
+                logs.event("rollups.converting", marks=total)
+            await asyncio.sleep(0)
+        if total:
+            logs.event("rollups.converted", marks=total)
+        self._marks_converted = True
 
     @staticmethod
     async def _roll_up_pages(ledger: Ledger, store: Store,
@@ -340,18 +360,33 @@ class Server:
                     await self.roll_up()
                     if time.monotonic() - last_prune > PRUNE_SECONDS:
                         last_prune = time.monotonic()
-                        await self.prune_rollup_marks()
+                        await self.prune_rollups()
                 except Exception as e:  # retried at the next tick; the event log is the truth
                     logs.event("rollups.failed", logs.logging.ERROR, error=str(e))
 
-    async def prune_rollup_marks(self) -> int:
-        """Drop device marks of buckets no usage report can reach any more (older than the 30-day window)."""
+    async def prune_rollups(self) -> tuple[int, int]:
+        """Drop the day rows of device marks no usage record can reach any more (31 days), and the counters
+        past their tier ([stats] hourly_days for 3-minute and 2-hour buckets, daily_days for daily ones),
+        PRUNE_PAGE rows per transaction. Returns (day rows, counter rows) deleted."""
         assert self.services is not None
-        horizon = self.clock() - MAX_LATE - timedelta(days=1)
-        pruned = await self.services.store.prune_rollup_marks(to_ms(horizon))
-        if pruned:
-            logs.event("rollups.pruned", marks=pruned)
-        return pruned
+        store, stats = self.services.store, self.config.stats
+        now_ms = to_ms(self.clock())
+        marks = counters = 0
+        while True:
+            marks += (done := await store.prune_marks(now_ms // DAY_MS - MARKS_DAYS, PRUNE_PAGE))
+            if done < PRUNE_PAGE:
+                break
+            await asyncio.sleep(0)
+        horizons = {size: now_ms - days * DAY_MS for size, days in
+                    (("3m", stats.hourly_days), ("2h", stats.hourly_days), ("1d", stats.daily_days)) if days}
+        while horizons:
+            counters += (done := await store.prune_counters(horizons, PRUNE_PAGE))
+            if done < PRUNE_PAGE:
+                break
+            await asyncio.sleep(0)
+        if marks or counters:
+            logs.event("rollups.pruned", day_rows=marks, counters=counters)
+        return marks, counters
 
     async def _archive_old_events(self, retain_days: int) -> None:
         """Every ARCHIVE_SECONDS, move device events older than retain_days into the archive folder."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,6 +64,13 @@ async def test_the_bulk_built_state_is_what_the_daemon_would_have_written(
         assert devices.handshake(state.port, devices.CODE_OF["BDEV2-2"], device) == 200
         items = {i["itemId"]: i["seats"]["used"] for i in get(state.port, "/api/v1/admin/items", token)["items"]}
         assert items == seats
+        # The built device marks count it once: it is no new device of the item, but new this month.
+        deadline = time.monotonic() + 30
+        while (stats := get(state.port, "/api/v1/admin/stats/items/BDEV2-2?bucket=1mo", token))["rollupLagEvents"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert stats["summary"]["all"] == {"granted": N // 4 + 1, "refused": 0, "units": 0, "devices": N // 4}
+        assert stats["series"][-1]["devices"] == 1 and stats["series"][-1]["granted"] == 1
         devices_on = get(state.port, "/api/v1/admin/items/BDEV2-2/devices", token)["devices"]
         assert device in {d["clientUuid"] for d in devices_on}
     finally:

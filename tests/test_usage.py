@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from lts_client import MAC_HEADER, report_mac
 from lts_server.core.codes import CodeFields
 from lts_server.core.times import iso, slice_start, to_ms
-from lts_server.core.usage import BUCKETS, SIZES
+from lts_server.core.usage import SIZES, bucket_start
 from lts_server.store import Event, Store, WriteBatch
 from lts_server.store.postgres import PostgresStore
 from tests.conftest import Running, item, license_spec, query
@@ -258,9 +258,7 @@ def brute_force(events: list[Event]) -> dict[tuple, tuple[int, int, int, int]]:
             if key is None:
                 continue
             for size in SIZES:
-                width = BUCKETS.get(size)
-                ms = to_ms(e.at)
-                k = (scope, key, size, ms - ms % width if width else 0)
+                k = (scope, key, size, bucket_start(to_ms(e.at), size))
                 if e.type == "handshake":
                     if e.result == 0:
                         granted[k] += 1
@@ -324,13 +322,12 @@ async def test_instances_count_when_handshake_and_report_fall_in_different_pages
 async def test_device_marks_are_pruned_after_the_lateness_window_and_totals_stay(unit: Running) -> None:
     await report(unit, "r", [rec(unit, 2)])
     await unit.server.roll_up()
-    marks = await unit.sql_value("SELECT COUNT(*) FROM rollup_devices")
-    assert marks > 0
-    assert await unit.server.prune_rollup_marks() == 0  # nothing is old yet
+    assert await unit.sql_value("SELECT COUNT(*) FROM rollup_days") == 1  # one row: the device's day
+    assert await unit.server.prune_rollups() == (0, 0)  # nothing is old yet
     unit.clock.advance(days=32)
-    pruned = await unit.server.prune_rollup_marks()
-    kept = await unit.sql("SELECT size FROM rollup_devices")
-    assert pruned == marks - len(kept) and {k[0] for k in kept} == {"all"}
+    assert await unit.server.prune_rollups() == (1, 0)
+    assert await unit.sql_value("SELECT COUNT(*) FROM rollup_days") == 0
+    assert await unit.sql_value("SELECT COUNT(*) FROM rollup_clients") == 1  # the all-time marks stay
     totals = await unit.sql_value("SELECT SUM(units) FROM rollups WHERE scope = 'item' AND size = '3m'")
     assert totals == 2
 

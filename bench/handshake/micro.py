@@ -6,8 +6,9 @@ Each figure is the median of 5 runs, in microseconds of one core:
 - routing: a device POST through the middleware stack vs the device-first path (web/app.py), to a
   handler that answers at once: what the middlewares cost on their own;
 - the duplicate-key check of a handshake body (web/device.py); a report key; an event's JSON detail;
-- SQLite: write_batch per grant (new devices, refreshes) with synchronous=OFF (the work, not the
-  flush), and folding the events into the rollups per handshake;
+- SQLite: write_batch per grant (new devices; refreshes of 1,600 devices within the slice of their grant,
+  and an hour after their last) with synchronous=OFF (the work, not the flush), and folding the events
+  into the rollups per handshake;
 - Ed25519: one signature; two threads signing at once vs one (does signing release the GIL?);
 - trust (issue 20): the usage chain per grant (two events linked: canonical lines and SHA-256), write_batch
   with and without the chain side by side, and the answer's new parts (refreshBy, the binding's bytes).
@@ -102,11 +103,14 @@ def small_parts() -> None:
           f" an event's JSON detail: {median_us(lambda: sql._compact_json(detail), 50000):.2f} us")
 
 
+MODES = ("new devices", "refresh", "hourly refresh")
+
+
 def sqlite_write(g: int = 16, batches: int = 300, chained: bool = False) -> None:
     rounds = _sqlite_rounds(g, batches, chained)
-    for refresh in (False, True):
-        per_grant, per_event = next(rounds)(refresh)
-        print(f"sqlite {'refresh' if refresh else 'new devices'}{' (chained)' if chained else ''}: write_batch"
+    for mode in MODES:
+        per_grant, per_event = next(rounds)(mode)
+        print(f"sqlite {mode}{' (chained)' if chained else ''}: write_batch"
               f" {per_grant:.1f} us per grant (batches of {g}); rollups {per_event:.1f} us per handshake event")
 
 
@@ -115,16 +119,16 @@ def chain_write(g: int = 16, batches: int = 150, rounds: int = 9) -> None:
     +-10 us between runs of the same code): the medians and the median of the rounds' differences."""
     plain, chained = _sqlite_rounds(g, batches, False), _sqlite_rounds(g, batches, True)
     first_plain, first_chained = next(plain), next(chained)
-    for refresh in (False, True):
+    for mode in MODES:
         pairs = []
         for _ in range(rounds):
-            a = first_plain(refresh)[0]
-            b = first_chained(refresh)[0]
+            a = first_plain(mode)[0]
+            b = first_chained(mode)[0]
             pairs.append((a, b))
         base = statistics.median(a for a, _ in pairs)
         with_chain = statistics.median(b for _, b in pairs)
         delta = statistics.median(b - a for a, b in pairs)
-        print(f"sqlite {'refresh' if refresh else 'new devices'}: write_batch {base:.1f} us per grant unchained,"
+        print(f"sqlite {mode}: write_batch {base:.1f} us per grant unchained,"
               f" {with_chain:.1f} chained: the chain costs {delta:+.1f} us per grant (median of {rounds} pairs)")
 
 
@@ -157,28 +161,41 @@ def _sqlite_rounds(g: int, batches: int, chained: bool):  # noqa: ANN202 - a gen
         if head is not None:
             chain = head
 
-    def batch(k: int, refresh: bool) -> WriteBatch:
-        b = WriteBatch(at=now)
+    seeded = 100  # batches of devices that refresh: 1,600 devices
+
+    def batch(k: int, refresh: bool, hours: int = 0) -> WriteBatch:
+        at = now + timedelta(hours=hours)
+        b = WriteBatch(at=at)
         for j in range(g):
             b.job = j
-            client = f"dev-{0 if refresh else k}-{j}"
-            seat = Seat("BENCH-1", client, now, now, now + timedelta(days=365))
+            client = f"dev-{k % seeded if refresh else k + seeded}-{j}"
+            seat = Seat("BENCH-1", client, at, at, at + timedelta(days=365))
             b.refresh(seat) if refresh else b.claim(seat, 50_000_000)
-            b.events.append(Event(at=now, type="seat.refreshed" if refresh else "seat.granted", code="216998-BENCH",
+            b.events.append(Event(at=at, type="seat.refreshed" if refresh else "seat.granted", code="216998-BENCH",
                                   item_id="BENCH-1", client_uuid=client,
                                   detail={"expiresAt": seat.expires_at.isoformat()}))
-            b.authorizations.append(AuthorizationRecord("216998-BENCH", client, "BENCH-1", 1, now,
-                                                        now + timedelta(days=365)))
-            b.events.append(Event(at=now, type="handshake", code="216998-BENCH", item_id="BENCH-1",
+            b.authorizations.append(AuthorizationRecord("216998-BENCH", client, "BENCH-1", 1, at,
+                                                        at + timedelta(days=365)))
+            b.events.append(Event(at=at, type="handshake", code="216998-BENCH", item_id="BENCH-1",
                                   client_uuid=client, product="barcode-reader", deployment_type="browser", result=0))
         return b
 
-    write(batch(0, False))  # the devices that refresh
+    for k in range(seeded):
+        write(batch(k - seeded, False))
+    while run(sql.roll_up({}, 500)).processed:  # type: ignore[attr-defined]
+        pass
     made = [0]
+    hours = [0]
 
-    def one_round(refresh: bool) -> tuple[float, float]:
-        todo = [batch(made[0] + k + 1, refresh) for k in range(batches)]
-        made[0] += batches
+    def one_round(mode: str) -> tuple[float, float]:
+        """mode "new devices"; "refresh": the seeded devices again within the 3-minute slice of their grant;
+        "hourly refresh": each an hour after its last handshake (a fleet handshaking hourly)."""
+        if mode == "hourly refresh":
+            todo = [batch(k, True, hours[0] + 1 + k // seeded) for k in range(batches)]
+            hours[0] += 1 + batches // seeded
+        else:
+            todo = [batch(made[0] + k, mode == "refresh") for k in range(batches)]
+            made[0] += batches
         started = time.process_time()
         for b in todo:
             write(b)

@@ -651,7 +651,8 @@ def parser() -> argparse.ArgumentParser:
     clones.add_argument("--days", type=int, default=30, help="over the last DAYS days (default: %(default)s)")
     stats = sub.add_parser("stats", help="statistics of a handshake code")
     stats.add_argument("code", help="e.g. 216998-vehicleCode (also a deleted one)")
-    stats.add_argument("--bucket", default="1d", choices=["3m", "2h", "1d"], help="bucket size (default: 1d)")
+    stats.add_argument("--bucket", default="1d", choices=["3m", "2h", "1d", "1mo"],
+                       help="bucket size (default: 1d; 1mo: calendar months)")
     stats.add_argument("--since", help="ISO date-time with zone, e.g. 2026-11-01T00:00:00Z")
     al = sub.add_parser("alerts", help="usage alerts: recipients, webhooks, conditions, history").add_subparsers(
         dest="action", required=True, metavar="ACTION")

@@ -27,10 +27,23 @@ from lts_server.core.model import (
 )
 from lts_server import usagechain
 from lts_server.core.times import from_ms, iso, parse_iso, to_ms, utcnow
+from lts_server.core.marks import ClientMarks, Marks, decode_day, encode_client, encode_day
 from lts_server.core.usage import (
-    BUCKETS,
+    DAY_MS,
+    MARKS_DAYS,
+    MONTH,
+    SLICE_MS,
+    Bucket,
+    Counters,
     EventFacts,
-    aggregate,
+    Key,
+    activities,
+    bucket_start,
+    convert_mark,
+    days_touched,
+    fold,
+    month_index,
+    month_start_ms,
     overuse_delta,
     tolerance,
 )
@@ -444,10 +457,22 @@ def rollup_series(scope: str, key: str, size: str, start_ms: int, end_ms: int) -
 
 # -- rollups ------------------------------------------------------------------------------------------
 
+ROLLUP_STATE = "SELECT last_seq, next_client, monthly_from_ms, conversion FROM rollup_state WHERE id = 1"
+UPSERT_COUNTERS = (
+    "INSERT INTO rollups (scope, key, size, bucket_ms, granted, refused, units, devices, instances)"
+    " VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (scope, key, size, bucket_ms) DO UPDATE SET"
+    " granted = rollups.granted + excluded.granted, refused = rollups.refused + excluded.refused,"
+    " units = rollups.units + excluded.units, devices = rollups.devices + excluded.devices,"
+    " instances = rollups.instances + excluded.instances")
 
-def roll_up(quantities: dict[str, tuple[str, int]], limit: int) -> Procedure[RollupResult]:
-    """Fold the next events of the log into the rollups."""
-    last = (yield Query("SELECT last_seq FROM rollup_state WHERE id = 1"))[0][0]
+
+def roll_up(quantities: dict[str, tuple[str, int]], limit: int,
+            key_ids: dict[Key, int] | None = None) -> Procedure[RollupResult]:
+    """Fold the next events of the log into the rollups (`key_ids`: the store's cache of rollup_keys)."""
+    key_ids = {} if key_ids is None else key_ids
+    last, next_client, monthly_from, conversion = (yield Query(ROLLUP_STATE))[0]
+    if conversion:  # the marks of the release before are still being converted (convert_marks)
+        return RollupResult(0, last, {})
     # The end first, then the events up to it: on PostgreSQL each statement sees what is committed when it
     # starts, so an end read after the events could pass events committed in between, never to be folded.
     end = (yield Query("SELECT COALESCE(MAX(seq), 0) FROM events"))[0][0]
@@ -456,58 +481,31 @@ def roll_up(quantities: dict[str, tuple[str, int]], limit: int) -> Procedure[Rol
                        (last, end, limit))
     if len(rows) == limit:
         end = rows[-1][0]
-    result = yield from _apply_rollup([EventFacts(*r) for r in rows], quantities, end)
-    yield Exec("UPDATE rollup_state SET last_seq = ? WHERE id = 1", (end,))
-    return result
-
-
-def _apply_rollup(events: list[EventFacts], quantities: dict[str, tuple[str, int]],
-                  end: int) -> Procedure[RollupResult]:
-    agg = aggregate(events)
-    yield Many(
-        "INSERT INTO rollups (scope, key, size, bucket_ms, granted, refused, units) VALUES (?,?,?,?,?,?,?)"
-        " ON CONFLICT (scope, key, size, bucket_ms) DO UPDATE SET granted = rollups.granted + excluded.granted,"
-        " refused = rollups.refused + excluded.refused, units = rollups.units + excluded.units",
-        [(*k, c.granted, c.refused, c.units) for k, c in agg.counters.items()],
-    )
+    events = [EventFacts(*r) for r in rows]
+    acts = activities(events)
+    ids = yield from _key_ids({(s, k) for e in events for s, k in (("code", e.code), ("item", e.item_id)) if k},
+                              key_ids)
+    marks, next_client = yield from _read_marks({a.client_uuid for a in acts}, days_touched(acts), next_client)
+    per_device = {i for i, (kind, _) in quantities.items() if kind == LicenseType.PER_CONCURRENT_DEVICE}
+    per_instance = {i for i, (kind, _) in quantities.items() if kind == LicenseType.PER_CONCURRENT_INSTANCE}
+    folded = fold(events, acts, marks, ids, per_device, per_instance, monthly_from)
     overuse: dict[str, int] = {}
-    for (scope, key, size, bucket), seen in agg.devices.items():
-        bucket_key = (scope, key, size, bucket)
-        # Who of these was already counted in the bucket, with the instances recorded for it.
-        known: dict[str, int] = dict((yield from _select_in(
-            "SELECT client_uuid, instances FROM rollup_devices WHERE scope = ? AND key = ? AND size = ?"
-            " AND bucket_ms = ? AND client_uuid", list(seen), *bucket_key)))
-        fresh = [(client, instances) for client, instances in seen.items() if client not in known]
-        if fresh:
-            yield Many("INSERT INTO rollup_devices (scope, key, size, bucket_ms, client_uuid, instances)"
-                       " VALUES (?,?,?,?,?,?)", [(*bucket_key, client, n) for client, n in fresh])
-        kind = quantities.get(key, ("", 0))[0] if scope == "item" and size == "3m" else ""
-        added = 0
-        if kind == LicenseType.PER_CONCURRENT_INSTANCE:
-            # A server seen by its handshake first (no instances), then by its report, adds the difference.
-            grown = [(client, n, known[client]) for client, n in seen.items() if client in known and n > known[client]]
-            if grown:
-                yield Many("UPDATE rollup_devices SET instances = ? WHERE scope = ? AND key = ? AND size = ?"
-                           " AND bucket_ms = ? AND client_uuid = ?",
-                           [(n, *bucket_key, client) for client, n, _ in grown])
-            added = sum(n for _, n in fresh) + sum(n - before for _, n, before in grown)
-        if kind in (LicenseType.PER_CONCURRENT_INSTANCE, LicenseType.PER_CONCURRENT_DEVICE):
-            grows = added if kind == LicenseType.PER_CONCURRENT_INSTANCE else len(fresh)
-            if grows:
-                # Instance- (or device-) slices beyond the quantity are the item's exceptions.
-                column = "instances" if kind == LicenseType.PER_CONCURRENT_INSTANCE else "devices"
-                row = yield Query(f"SELECT {column} FROM rollups WHERE scope = ? AND key = ? AND size = ?"
-                                  " AND bucket_ms = ?", bucket_key)
-                before = row[0][0] if row else 0
-                overuse[key] = overuse.get(key, 0) + overuse_delta(before, before + grows, quantities[key][1])
-        if fresh or added:
-            yield Exec(
-                "INSERT INTO rollups (scope, key, size, bucket_ms, devices, instances) VALUES (?,?,?,?,?,?)"
-                " ON CONFLICT (scope, key, size, bucket_ms) DO UPDATE SET"
-                " devices = rollups.devices + excluded.devices, instances = rollups.instances + excluded.instances",
-                (*bucket_key, len(fresh), added),
-            )
-    overuse = {k: v for k, v in overuse.items() if v}
+    slots: dict[str, list[int]] = {}
+    for item_id, slot in folded.growth:
+        slots.setdefault(item_id, []).append(slot)
+    for item_id, item_slots in slots.items():
+        # Instance- (or device-) slices beyond the quantity are the item's exceptions.
+        column = "instances" if item_id in per_instance else "devices"
+        before = dict((yield from _select_in(
+            f"SELECT bucket_ms, {column} FROM rollups WHERE scope = 'item' AND key = ? AND size = '3m'"
+            " AND bucket_ms", item_slots, item_id)))
+        quantity = quantities[item_id][1]
+        delta = sum(overuse_delta(before.get(s, 0), before.get(s, 0) + folded.growth[(item_id, s)], quantity)
+                    for s in item_slots)
+        if delta:
+            overuse[item_id] = delta
+    yield from _write_counters(folded.counters)
+    yield from _write_marks(marks)
     for item_id, delta in overuse.items():
         # The overuse counter moves with the rollup, in its transaction.
         yield Exec(
@@ -515,14 +513,162 @@ def _apply_rollup(events: list[EventFacts], quantities: dict[str, tuple[str, int
             " overused = CASE WHEN overuse_used + ? >= ? THEN 1 ELSE overused END WHERE item_id = ?",
             (delta, delta, tolerance(quantities[item_id][1]), item_id),
         )
+    yield Exec("UPDATE rollup_state SET last_seq = ?, next_client = ? WHERE id = 1", (end, next_client))
     return RollupResult(len(events), end, overuse)
 
 
-def prune_rollup_marks(before_ms: int) -> Procedure[int]:
-    """Forget who was active in buckets that ended before before_ms (no report can reach them any more)."""
+def _key_ids(keys: set[Key], cache: dict[Key, int]) -> Procedure[dict[Key, int]]:
+    """The numbers of `keys` in rollup_keys, given to the new ones. The cache holds only rows read back (a
+    number given in a transaction that is then rolled back is never remembered)."""
+    ids = {k: cache[k] for k in keys if k in cache}
+    if len(ids) == len(keys):
+        return ids
+    cache.update({(scope, key): kid for kid, scope, key in (yield Query("SELECT id, scope, key FROM rollup_keys"))})
+    ids = {k: cache[k] for k in keys if k in cache}
+    new = sorted(keys - ids.keys())
+    if new:
+        top = max(cache.values(), default=0)
+        rows = [(top + n + 1, scope, key) for n, (scope, key) in enumerate(new)]
+        yield Many("INSERT INTO rollup_keys (id, scope, key) VALUES (?,?,?)", rows)
+        ids.update({(scope, key): kid for kid, scope, key in rows})
+    return ids
+
+
+def _read_marks(clients: set[str], days: set[tuple[str, int]], next_client: int) -> Procedure[tuple[Marks, int]]:
+    """The marks of `clients` and their day rows `days`; devices never seen get the next numbers."""
+    marks = Marks()
+    for client, cid, data in (yield from _select_in(
+            "SELECT client_uuid, id, marks FROM rollup_clients WHERE client_uuid", clients)):
+        marks.clients[client] = ClientMarks(cid, bytes(data))
+    for client in sorted(clients - marks.clients.keys()):
+        marks.clients[client] = ClientMarks(next_client)
+        marks.changed_clients.add(client)
+        next_client += 1
+    by_day: dict[int, dict[int, str]] = {}
+    for client, day in days:
+        by_day.setdefault(day, {})[marks.clients[client].id] = client
+    for day, named in sorted(by_day.items()):
+        for cid, data in (yield from _select_in("SELECT client, marks FROM rollup_days WHERE day = ? AND client",
+                                                list(named), day)):
+            marks.days[(named[cid], day)] = decode_day(bytes(data))
+    return marks, next_client
+
+
+def _write_counters(counters: dict[Bucket, Counters]) -> Procedure[None]:
+    rows = [(*k, c.granted, c.refused, c.units, c.devices, c.instances) for k, c in counters.items()
+            if c.granted or c.refused or c.units or c.devices or c.instances]
+    if rows:
+        yield Many(UPSERT_COUNTERS, rows)
+
+
+def _write_marks(marks: Marks) -> Procedure[None]:
+    if marks.changed_clients:
+        yield Many("INSERT INTO rollup_clients (client_uuid, id, marks) VALUES (?,?,?)"
+                   " ON CONFLICT (client_uuid) DO UPDATE SET marks = excluded.marks",
+                   [(c, marks.clients[c].id, encode_client(marks.clients[c].keys)) for c in marks.changed_clients])
+    if marks.changed_days:
+        yield Many("INSERT INTO rollup_days (day, client, marks) VALUES (?,?,?)"
+                   " ON CONFLICT (day, client) DO UPDATE SET marks = excluded.marks",
+                   [(day, marks.clients[c].id, encode_day(marks.days[(c, day)])) for c, day in marks.changed_days])
+
+
+def rollup_conversion() -> Procedure[int]:
+    """0 once the marks of the release before are converted (or there were none), else 1 or 2."""
+    return (yield Query(ROLLUP_STATE))[0][3]
+
+
+OldMark = tuple[str, str, str, int, str]  # rollup_devices' key: scope, key, size, bucket_ms, client_uuid
+
+
+def convert_marks(now_ms: int, limit: int, key_ids: dict[Key, int],
+                  after: OldMark | None) -> Procedure[tuple[int, OldMark | None]]:
+    """One step of converting the device marks of the release before (rollup_devices, one row per device,
+    bucket and scope) into the day rows: returns (old rows taken, the last one's key); (0, None) once none is
+    left. Each step is a transaction of its own that writes the new rows and deletes the old ones it read, so
+    an interrupted conversion goes on where it stopped. `after`: the last key the step before took, if any
+    (where to start reading; the rows before it are deleted anyway)."""
+    _, next_client, monthly_from, conversion = (yield Query(ROLLUP_STATE))[0]
+    if conversion == 0:
+        return 0, None
+    if conversion == 1:
+        yield from _seed_months(now_ms, key_ids)
+        return 1, None
+    if after is None:
+        rows = yield Query("SELECT scope, key, size, bucket_ms, client_uuid, instances FROM rollup_devices"
+                           " ORDER BY scope, key, size, bucket_ms, client_uuid LIMIT ?", (limit,))
+    else:
+        rows = yield Query("SELECT scope, key, size, bucket_ms, client_uuid, instances FROM rollup_devices"
+                           " WHERE (scope, key, size, bucket_ms, client_uuid) > (?, ?, ?, ?, ?)"
+                           " ORDER BY scope, key, size, bucket_ms, client_uuid LIMIT ?", (*after, limit))
+    if not rows:
+        if after is not None:  # rows before the cursor (another node's), if any: from the start once more
+            return (yield from convert_marks(now_ms, limit, key_ids, None))
+        yield Exec("UPDATE rollup_state SET conversion = 0 WHERE id = 1")
+        return 0, None
+    # All-time marks, and 3-minute ones of buckets a record can still reach; the others are implied or
+    # past any record (core/usage.py convert_mark) and are dropped.
+    horizon = now_ms - MARKS_DAYS * DAY_MS
+    live = [r for r in rows if r[2] == "all" or (r[2] == "3m" and r[3] + SLICE_MS > horizon)]
+    ids = yield from _key_ids({(r[0], r[1]) for r in live}, key_ids)
+    marks, next_client = yield from _read_marks(
+        {r[4] for r in live}, {(r[4], r[3] // DAY_MS) for r in live if r[2] != "all"}, next_client)
+    counters: dict[Bucket, Counters] = {}
+    for scope, key, size, bucket, client, instances in live:
+        convert_mark(marks, ids[(scope, key)], (scope, key), size, bucket, client, instances or 0, monthly_from,
+                     counters)
+    yield from _write_counters(counters)
+    yield from _write_marks(marks)
+    yield Many("DELETE FROM rollup_devices WHERE scope = ? AND key = ? AND size = ? AND bucket_ms = ?"
+               " AND client_uuid = ?", [tuple(r[:5]) for r in rows])
+    yield Exec("UPDATE rollup_state SET next_client = ? WHERE id = 1", (next_client,))
+    return len(rows), tuple(rows[-1][:5])  # type: ignore[return-value]
+
+
+def _seed_months(now_ms: int, key_ids: dict[Key, int]) -> Procedure[None]:
+    """The conversion's first step: number every code and item of the rollups, give each the monthly
+    counters summed from its daily ones, and count devices per month where the marks of the release before
+    cover whole months: from the first month that began within the 31 days they were kept."""
+    keys: list[Key] = []
+    while True:  # one index step per key (a scan of the rollups would hold the database for long)
+        rows = (yield Query("SELECT scope, key FROM rollups WHERE (scope, key) > (?, ?) ORDER BY scope, key LIMIT 1",
+                            keys[-1] if keys else ("", "")))
+        if not rows:
+            break
+        keys.append((rows[0][0], rows[0][1]))
+    yield from _key_ids(set(keys), key_ids)
+    months: dict[Bucket, Counters] = {}
+    for scope, key in keys:
+        for bucket, granted, refused, units in (yield Query(
+                "SELECT bucket_ms, granted, refused, units FROM rollups WHERE scope = ? AND key = ? AND size = '1d'",
+                (scope, key))):
+            c = months.setdefault((scope, key, MONTH, bucket_start(bucket, MONTH)), Counters())
+            c.granted += granted
+            c.refused += refused
+            c.units += units
+    yield from _write_counters(months)
+    first = month_index(now_ms - MARKS_DAYS * DAY_MS)
+    monthly_from = month_start_ms(first if month_start_ms(first) >= now_ms - MARKS_DAYS * DAY_MS else first + 1)
+    yield Exec("UPDATE rollup_state SET conversion = 2, monthly_from_ms = ? WHERE id = 1", (monthly_from,))
+
+
+def prune_marks(before_day: int, limit: int) -> Procedure[int]:
+    """Delete up to `limit` day rows of days before `before_day` (no record can reach them any more)."""
+    return (yield Exec("DELETE FROM rollup_days WHERE (day, client) IN (SELECT day, client FROM rollup_days"
+                       " WHERE day < ? ORDER BY day, client LIMIT ?)", (before_day, limit)))
+
+
+def prune_counters(horizons: dict[str, int], limit: int) -> Procedure[int]:
+    """Delete counters of the sizes in `horizons` in buckets starting before each one's horizon, up to about
+    `limit` rows (one index range per code or item and size)."""
     total = 0
-    for size, width in BUCKETS.items():
-        total += yield Exec("DELETE FROM rollup_devices WHERE size = ? AND bucket_ms + ? <= ?", (size, width, before_ms))
+    for scope, key in (yield Query("SELECT scope, key FROM rollup_keys ORDER BY id")):
+        for size, before in horizons.items():
+            total += yield Exec(
+                "DELETE FROM rollups WHERE scope = ? AND key = ? AND size = ? AND bucket_ms IN (SELECT bucket_ms"
+                " FROM rollups WHERE scope = ? AND key = ? AND size = ? AND bucket_ms < ? ORDER BY bucket_ms LIMIT ?)",
+                (scope, key, size, scope, key, size, before, limit))
+            if total >= limit:
+                return total
     return total
 
 
@@ -700,18 +846,42 @@ class Operations:
     async def rollup_lag(self) -> int:
         return await self._call(rollup_lag())
 
+    # Codes' and items' numbers in rollup_keys as read so far (they never change once given); where the
+    # conversion of the release before's marks read up to.
+    _rollup_key_cache: dict[Key, int] | None = None
+    _conversion_cursor: OldMark | None = None
+
+    @property
+    def _rollup_keys(self) -> dict[Key, int]:
+        if self._rollup_key_cache is None:
+            self._rollup_key_cache = {}
+        return self._rollup_key_cache
+
     async def roll_up(self, quantities: dict[str, tuple[str, int]], limit: int = 50_000) -> RollupResult:
-        """Fold the next events of the log into the rollups; one node at a time."""
-        return await self._call(roll_up(quantities, limit), self.ROLLUP_LOCK)
+        """Fold the next events of the log into the rollups; one node at a time. Folds nothing while the
+        marks of the release before are being converted (convert_marks)."""
+        return await self._call(roll_up(quantities, limit, self._rollup_keys), self.ROLLUP_LOCK)
+
+    async def rollup_conversion(self) -> int:
+        return await self._call(rollup_conversion())
+
+    async def convert_marks(self, now_ms: int, limit: int = 2000) -> int:
+        """One step of converting the release before's device marks; 0 once none is left."""
+        done, self._conversion_cursor = await self._call(
+            convert_marks(now_ms, limit, self._rollup_keys, self._conversion_cursor), self.ROLLUP_LOCK)
+        return done
+
+    async def prune_marks(self, before_day: int, limit: int = 5000) -> int:
+        return await self._call(prune_marks(before_day, limit), self.ROLLUP_LOCK)
+
+    async def prune_counters(self, horizons: dict[str, int], limit: int = 5000) -> int:
+        return await self._call(prune_counters(horizons, limit), self.ROLLUP_LOCK)
 
     async def rollups_at(self, scope: str, size: str, bucket_ms: int) -> dict[str, RollupRow]:
         return await self._call(rollups_at(scope, size, bucket_ms))
 
     async def rollup_series(self, scope: str, key: str, size: str, start_ms: int, end_ms: int) -> list[RollupRow]:
         return await self._call(rollup_series(scope, key, size, start_ms, end_ms))
-
-    async def prune_rollup_marks(self, before_ms: int) -> int:
-        return await self._call(prune_rollup_marks(before_ms), self.ROLLUP_LOCK)
 
     async def archive_horizon(self, before_ms: int) -> int:
         return await self._call(archive_horizon(before_ms))

@@ -14,7 +14,7 @@ import msgspec
 from aiohttp import web
 
 import lts_server
-from lts_server.core.usage import BUCKETS
+from lts_server.core.usage import SERIES
 from lts_server.metrics import CONTENT_TYPE as METRICS_TYPE
 from lts_server.web import alerts, schemas
 
@@ -54,7 +54,7 @@ def query(name: str, description: str, schema: dict | None = None) -> dict:
 
 
 STATS_QUERY = (
-    query("bucket", "Bucket size (default 2h)", {"type": "string", "enum": list(BUCKETS)}),
+    query("bucket", "Bucket size (default 2h; 1mo: calendar months, UTC)", {"type": "string", "enum": list(SERIES)}),
     query("from", "Start of the period (ISO 8601 with zone, 1970 to 9000)", DATE_TIME),
     query("to", "End of the period (ISO 8601 with zone, 1970 to 9000; default now)", DATE_TIME),
 )

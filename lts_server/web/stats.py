@@ -13,7 +13,7 @@ from lts_server.archive import EVENT_FIELDS, archive_line, event_values
 from lts_server.core.model import Counts, hard_limit
 from lts_server.core.state import SEVERITY, ItemState, item_state
 from lts_server.core.times import from_ms, iso, parse_iso, to_ms
-from lts_server.core.usage import BUCKETS, bucket_start, tolerance
+from lts_server.core.usage import DAY_MS, MONTH, SERIES, bucket_count, bucket_start, next_bucket, tolerance
 from lts_server.store import EventQuery, RollupRow
 from lts_server.store.sql import ArchiveRow
 from lts_server.web.device import read_json_body
@@ -26,7 +26,8 @@ MAX_BUCKETS = 10_000
 # to them never overflows.
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(9000, 1, 1, tzinfo=UTC)
-DEFAULT_SPAN = {"3m": timedelta(days=1), "2h": timedelta(days=7), "1d": timedelta(days=30)}
+DEFAULT_SPAN = {"3m": timedelta(days=1), "2h": timedelta(days=7), "1d": timedelta(days=30),
+                MONTH: timedelta(days=365)}
 # Other nodes of a cluster read the log every follow_ms: an archive leaves them an hour at the least.
 ARCHIVE_MIN_AGE = timedelta(hours=1)
 
@@ -54,15 +55,15 @@ def _time(request: web.Request, name: str) -> datetime | None:
 
 def check_span(bucket: str, start: datetime, end: datetime) -> None:
     """Refuse a range of more than MAX_BUCKETS buckets: the answer holds one entry per bucket."""
-    if (to_ms(end) - bucket_start(to_ms(start), bucket)) / BUCKETS[bucket] > MAX_BUCKETS:
+    if bucket_count(to_ms(start), to_ms(end), bucket) > MAX_BUCKETS:
         raise ApiError(400, f"bucket: more than {MAX_BUCKETS} {bucket} buckets; choose a wider bucket or a shorter range",
                        "bucket")
 
 
 def _range(request: web.Request, services: Services) -> tuple[str, datetime, datetime]:
     bucket = request.query.get("bucket", "2h")
-    if bucket not in BUCKETS:
-        raise ApiError(400, f"bucket: expected one of {', '.join(BUCKETS)}, got {bucket!r}", "bucket")
+    if bucket not in SERIES:
+        raise ApiError(400, f"bucket: expected one of {', '.join(SERIES)}, got {bucket!r}", "bucket")
     end = _time(request, "to") or services.ledger.clock()
     start = _time(request, "from") or end - DEFAULT_SPAN[bucket]
     if start >= end:
@@ -83,13 +84,15 @@ async def compute_stats(services: Services, scope: str, key: str, bucket: str, s
     rows = {r.bucket_ms: r for r in await store.rollup_series(scope, key, bucket, start_ms, to_ms(end))}
     series = []
     period = {"granted": 0, "refused": 0, "units": 0, "peakDevices": 0}
-    for b in range(start_ms, to_ms(end), BUCKETS[bucket]):
+    b = start_ms
+    while b < to_ms(end):
         values = _row(rows.get(b))
         series.append({"start": iso(from_ms(b)), **values})
         period["granted"] += values["granted"]
         period["refused"] += values["refused"]
         period["units"] += values["units"]
         period["peakDevices"] = max(period["peakDevices"], values["devices"])
+        b = next_bucket(b, bucket)
     now = services.ledger.clock()
     today_ms = bucket_start(to_ms(now), "1d")
     today = await store.rollup_series(scope, key, "1d", today_ms, today_ms + 1)
@@ -98,6 +101,7 @@ async def compute_stats(services: Services, scope: str, key: str, bucket: str, s
         "bucket": bucket,
         "from": iso(from_ms(start_ms)),
         "to": iso(end),
+        "retainedFrom": retained_from(services, bucket, now),
         "series": series,
         "summary": {
             "all": _row(total[0] if total else None),
@@ -106,6 +110,18 @@ async def compute_stats(services: Services, scope: str, key: str, bucket: str, s
         },
         "rollupLagEvents": await store.rollup_lag(),
     }
+
+
+def retained_from(services: Services, bucket: str, now: datetime) -> str | None:
+    """The first bucket of this size still kept ([stats] retention tiers), or None when they are kept for good.
+    Older buckets are pruned within the hour after they pass the horizon, and read as zeros."""
+    stats = services.config.stats
+    days = {"3m": stats.hourly_days, "2h": stats.hourly_days, "1d": stats.daily_days}.get(bucket, 0)
+    if not days:
+        return None
+    horizon = to_ms(now) - days * DAY_MS
+    first = bucket_start(horizon, bucket)
+    return iso(from_ms(first if first == horizon else next_bucket(first, bucket)))
 
 
 def item_status(services: Services, item_id: str) -> dict:

@@ -28,7 +28,7 @@ from lts_server import logs
 from lts_server.core.codes import CodeError, CodeFields
 from lts_server.core.model import Counts
 from lts_server.core.state import ItemState
-from lts_server.core.times import from_ms, iso, to_ms
+from lts_server.core.times import from_ms, iso, parse_iso, to_ms
 from lts_server.ledger import LedgerClosed, NotFound
 from lts_server.licensefile import MAX_FILE_BYTES
 from lts_server.store import StoreError
@@ -559,6 +559,9 @@ async def _stats_page(request: web.Request, scope: str, key: str, subject: str,
                ) + timedelta(days=1)
         start = _day("from", request.query.get("from")) or end - timedelta(days=7)
         bucket = "2h" if end - start <= timedelta(days=31) else "1d"
+        daily_days = services.config.stats.daily_days
+        if bucket == "1d" and daily_days and start < now - timedelta(days=daily_days):
+            bucket = "1mo"  # daily buckets that old are no longer kept ([stats] daily_days)
         if start >= end:
             raise _redirect(request.path, ("error", "The start of the period must be before its end."))
         try:
@@ -567,6 +570,8 @@ async def _stats_page(request: web.Request, scope: str, key: str, subject: str,
             raise _redirect(request.path, ("error", f"Choose a period of at most {MAX_BUCKETS:,} days.")) from None
     body = await compute_stats(services, scope, key, bucket, start, min(end, now + timedelta(minutes=3)) if day else end)
     summary = body["summary"]
+    # Buckets of this size before retainedFrom are no longer kept ([stats] hourly_days, daily_days).
+    pruned = body["retainedFrom"] if body["retainedFrom"] and parse_iso(body["retainedFrom"]) > start else None
     donuts = [{"label": label, "svg": donut([Slice("granted", s["granted"], GRANTED),
                                               Slice("refused", s["refused"], REFUSED)], label)}
               for label, s in (("All history", summary["all"]), ("Selected period", summary["period"]),
@@ -591,8 +596,8 @@ async def _stats_page(request: web.Request, scope: str, key: str, subject: str,
     shown, pager = _paged(request, [b for b in series if b["granted"] or b["refused"] or b["units"] or b["devices"]],
                           ROWS_PER_PAGE)
     return _render(request, "stats.html", f"Statistics of {subject}", nav="codes" if scope == "code" else "items",
-                   subject=subject, items=items, donuts=donuts, trend=handshakes, devices_charted=limit is not None, units_trend=units, rows=shown,
-                   pager=pager, summary=summary,
+                   subject=subject, items=items, donuts=donuts, trend=handshakes, devices_charted=limit is not None,
+                   units_trend=units, rows=shown, pager=pager, summary=summary, pruned=pruned, bucket=bucket,
                    day=day.strftime("%Y-%m-%d") if day else None, from_day=start.strftime("%Y-%m-%d"),
                    to_day=(end - timedelta(days=1)).strftime("%Y-%m-%d"), **page)
 
