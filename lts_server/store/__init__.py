@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Protocol
 
-from lts_server.core.model import HandshakeCode, Item, ItemStatus, License
+from lts_server.core.model import HandshakeCode, Item, ItemStatus, License, SeatLimit
 
 
 class StoreError(Exception):
@@ -52,6 +52,10 @@ class Seat:
     granted_at: datetime
     refreshed_at: datetime
     expires_at: datetime
+    # The code that claimed it (its reservation and cap count it); None for seats older than that.
+    code: str | None = None
+    # A borrowed seat is held for the offline device until then (core/borrowing.py).
+    borrowed_until: datetime | None = None
 
 
 class SeatOp(Enum):
@@ -71,6 +75,32 @@ class SeatChange:
     job: int = 0  # the index of the job in its batch that made the change
     # CLAIM only: the code's other items; the claim fails if the device holds a seat on one of them.
     exclusive_of: tuple[str, ...] = ()
+    # The seat's code has seat limits on the item: its count moves too (CLAIM, RELEASE); `reserved`: the
+    # claim takes one of the code's reserved seats (core/reservations.py).
+    limited: bool = False
+    reserved: bool = False
+
+
+@dataclass(frozen=True)
+class BorrowSpan:
+    """A borrow the statistics count slice by slice (table borrow_slices): started or extended to `until`,
+    or, with `end`, ended at `at` (a return or a release)."""
+
+    item_id: str
+    client_uuid: str
+    code: str | None
+    at: datetime
+    until: datetime
+    end: bool = False
+
+
+@dataclass(frozen=True)
+class CodeLimits:
+    """A code's seat limits as they now are, on the items whose limits changed (none: removed)."""
+
+    code: str
+    limits: tuple[SeatLimit, ...]
+    items: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -165,6 +195,8 @@ class Snapshot:
     organization_defaults: dict[str, str] = field(default_factory=dict)
     imports: dict[str, ImportRecord] = field(default_factory=dict)
     authorizations: dict[tuple[str, str], AuthorizationRecord] = field(default_factory=dict)
+    # (code, item) -> seats the code holds, for the codes with seat limits on the item.
+    code_seats: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 @dataclass
@@ -183,19 +215,22 @@ class WriteBatch:
     usage_reports: list[tuple[int, UsageReportRecord]] = field(default_factory=list)
     unit_charges: dict[str, int] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
+    code_limits: list[CodeLimits] = field(default_factory=list)
+    borrows: list[BorrowSpan] = field(default_factory=list)
     # When the changes were made: stamps rows that keep a modification time.
     at: datetime | None = None
     # The index of the job now adding changes (set by the ledger), for SeatChange.job.
     job: int = 0
 
-    def claim(self, seat: Seat, limit: int, exclusive_of: tuple[str, ...] = ()) -> None:
-        self.seat_changes.append(SeatChange(SeatOp.CLAIM, seat, limit, self.job, exclusive_of))
+    def claim(self, seat: Seat, limit: int, exclusive_of: tuple[str, ...] = (), limited: bool = False,
+              reserved: bool = False) -> None:
+        self.seat_changes.append(SeatChange(SeatOp.CLAIM, seat, limit, self.job, exclusive_of, limited, reserved))
 
     def refresh(self, seat: Seat) -> None:
         self.seat_changes.append(SeatChange(SeatOp.REFRESH, seat, job=self.job))
 
-    def release(self, seat: Seat) -> None:
-        self.seat_changes.append(SeatChange(SeatOp.RELEASE, seat, job=self.job))
+    def release(self, seat: Seat, limited: bool = False) -> None:
+        self.seat_changes.append(SeatChange(SeatOp.RELEASE, seat, job=self.job, limited=limited))
 
     def count_report(self, report: UsageReportRecord) -> None:
         self.usage_reports.append((self.job, report))
@@ -214,6 +249,8 @@ class WriteBatch:
                 self.usage_reports,
                 self.unit_charges,
                 self.events,
+                self.code_limits,
+                self.borrows,
             )
         )
 
@@ -225,6 +262,8 @@ class Reloaded:
     statuses: dict[str, ItemStatus]
     seats: list[Seat]
     authorizations: list[AuthorizationRecord]
+    # (code, item) -> seats held, for the codes with seat limits on those items.
+    code_seats: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -339,6 +378,12 @@ class Store(Protocol):
     async def lapsed_seats(self, now_ms: int, limit: int) -> list[Seat]: ...
 
     async def item_seats(self, item_id: str, limit: int, offset: int = 0) -> list[Seat]: ...
+
+    async def borrowed_count(self, item_id: str, now_ms: int) -> int: ...
+
+    async def code_seats(self, items: set[str]) -> dict[tuple[str, str], int]: ...
+
+    async def count_borrowed_slices(self, now_ms: int, quantities: dict[str, tuple[str, int]]) -> RollupResult: ...
 
     def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]: ...
 
