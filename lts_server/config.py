@@ -155,6 +155,13 @@ class EventsSection(_Section):
     archive_dir: str | None = None
 
 
+class QueueSection(_Section):
+    # The longest a handshake may wait for a seat (its waitSeconds); more is refused with 400.
+    max_wait_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 300
+    # Requests waiting per item at most; beyond it the refusal (120) comes at once.
+    max_waiting: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "text"] = "auto"
@@ -169,6 +176,7 @@ class Config(_Section):
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
     events: EventsSection = msgspec.field(default_factory=EventsSection)
+    queue: QueueSection = msgspec.field(default_factory=QueueSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
     # Where the file was read from; relative paths in it are taken from its folder.
     source: str = ""

@@ -10,7 +10,7 @@ from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 import lts_server
-from lts_server.web import admin, alerts, auth, connections, device, metrics, openapi, portal, stats, usage
+from lts_server.web import admin, alerts, auth, borrowing, connections, device, metrics, openapi, portal, stats, usage
 from lts_server.web.errors import error_answer, errors_middleware
 from lts_server.web.portal import alerts as portal_alerts
 from lts_server.web.schemas import ServerInfo
@@ -59,7 +59,8 @@ def create_app(services: Services, admin_port: int | None = None) -> web.Applica
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/v1/server", server_info)
     device_routes = [app.router.add_post(metrics.HANDSHAKE, device.handshake),
-                     app.router.add_post(metrics.USAGE, usage.report_usage)]
+                     app.router.add_post(metrics.USAGE, usage.report_usage),
+                     app.router.add_post(borrowing.RETURN, borrowing.return_borrowed)]
     app.router.add_get("/api/v1/servers", servers)
     app.router.add_post("/api/v1/admin/setup", auth.setup)
     app.router.add_post("/api/v1/admin/login", auth.login)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 
 import msgspec
 from aiohttp import web
 
+from lts_server import queue as seat_queue
 from lts_server import reportkeys
 from lts_server.core import handshake as hs
 from lts_server.core.model import Counts, ItemStatus
 from lts_server.core.times import iso
+from lts_server.core.versions import PROTOCOL_VERSIONS
 from lts_server.errors import Code, Refusal
+from lts_server.ledger import HandshakeOutcome
 from lts_server.web.errors import ApiError, validation_error
 from lts_server.web.schemas import MAX_BODY, Authorization, HandshakeBody, SeatCount
 from lts_server.web.services import SERVICES, Services
@@ -105,11 +109,14 @@ def to_request(body: HandshakeBody) -> hs.Request:
         app_id=body.app_id,
         process_name=body.process_name,
         instances=body.instances,
+        protocol_version=body.protocol_version,
+        borrow_days=body.borrow_days,
     )
 
 
 def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: ItemStatus, issued: datetime,
-                  authorization_id: str) -> Authorization:
+                  authorization_id: str, borrowed_until: datetime | None = None,
+                  expires_at: datetime | None = None) -> Authorization:
     item = grant.item
     fit = grant.fit
     seats = units = None
@@ -129,12 +136,13 @@ def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: 
         license_type=item.license_type.value,
         client_uuid=req.client_uuid,
         issued_at=iso(issued),
-        expires_at=iso(fit.expires_at),
+        expires_at=iso(expires_at or fit.expires_at),
         edition=item.edition,
         domain=req.domain if item.domain else None,
         instances=fit.instances if item.rules.counts is Counts.INSTANCES else None,
         seats=seats,
         units=units,
+        borrowed_until=iso(borrowed_until) if borrowed_until else None,
     )
 
 
@@ -157,14 +165,20 @@ async def handshake(request: web.Request) -> web.Response:
         raise validation_error(e) from None
     req = to_request(parsed)
     issued = services.ledger.clock()
-    outcome = await services.ledger.handshake(req)
+    if parsed.wait_seconds:
+        outcome = await _waiting(request, services, req, parsed.wait_seconds)
+        issued = services.ledger.clock()
+    else:
+        outcome = await services.ledger.handshake(req)
     decision = outcome.decision
+    if outcome.stopped:
+        return web.Response(status=503, headers={**JSON, "Retry-After": "5"}, body=_encoder.encode({"error": {
+            "code": 503, "message": "the server is stopping while this request waited for a seat; retry"}}))
     if isinstance(decision, hs.Refused):
-        return web.Response(
-            status=403, body=b'{"error":' + _encoder.encode(decision.refusal.to_json()) + b"}", headers=JSON
-        )
+        return web.Response(status=403, body=refusal_body(services, decision, outcome), headers=JSON)
     assert outcome.status is not None and outcome.authorization_id and outcome.report_key
-    auth = _encoder.encode(authorization(services, req, decision, outcome.status, issued, outcome.authorization_id))
+    auth = _encoder.encode(authorization(services, req, decision, outcome.status, issued, outcome.authorization_id,
+                                         outcome.borrowed_until, outcome.expires_at))
     # The signature covers these exact bytes; they are sent verbatim as the
     # first member, so a client can verify without re-serialising. The report
     # key is the device's secret: outside the signed part, never cached by a proxy.
@@ -173,3 +187,41 @@ async def handshake(request: web.Request) -> web.Response:
         auth, signature, services.identity.key_id.encode(), reportkeys.encode_key(outcome.report_key).encode()
     )
     return web.Response(body=out, headers=JSON)
+
+
+async def _waiting(request: web.Request, services: Services, req: hs.Request, seconds: int) -> HandshakeOutcome:
+    """A handshake that may wait for a seat (lts_server/queue.py): long-polls until granted or the time is up."""
+    most = services.config.queue.max_wait_s
+    if seconds > most:
+        raise ApiError(400, f"waitSeconds: {seconds} is over this server's maximum of {most} seconds "
+                            "([queue] max_wait_s)", "waitSeconds")
+    deadline = time.monotonic() + seconds
+    outcome = await services.ledger.handshake(req, deadline)
+    if outcome.waiter is None:
+        return outcome
+
+    def connected() -> bool:
+        return request.transport is not None and not request.transport.is_closing()
+
+    return await seat_queue.wait(outcome.waiter, deadline, services.ledger.give_up, connected)
+
+
+def refusal_body(services: Services, decision: hs.Refused, outcome: HandshakeOutcome | None = None) -> bytes:
+    """The 403 body: the refusal, and what the client can act on (the protocol versions spoken, an item's
+    version range, its place in the queue)."""
+    error = decision.refusal.to_json()
+    code = decision.refusal.code
+    if code is Code.BAD_PROTOCOL:
+        error["protocolVersions"] = list(PROTOCOL_VERSIONS)
+    elif code is Code.INCOMPATIBLE_VERSION and decision.item_id:
+        item = services.ledger.items.get(decision.item_id)
+        if item is not None and item.versions:
+            error["versions"] = item.versions
+    if outcome is not None:
+        if outcome.queue_position is not None:
+            error["queuePosition"] = outcome.queue_position
+            error["message"] += f"; waited in the queue, position {outcome.queue_position} when the time ran out"
+        if outcome.queue_note:
+            error["queueFull"] = True
+            error["message"] += f"; {outcome.queue_note}"
+    return b'{"error":' + _encoder.encode(error) + b"}"
