@@ -177,9 +177,10 @@ class PasswordChanged(msgspec.Struct, rename="camel"):
 
 class ItemLimitBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
     # Seats of the item only this code may take (all reservations on an item: at most its quantity).
-    reserved_seats: Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000_000)] = 0
+    # The ranges are checked with the item named (core/reservations.py): 0 or more, 1 or more.
+    reserved_seats: Annotated[int, msgspec.Meta(le=1_000_000_000_000)] = 0
     # The most seats of the item this code ever holds; absent or null: no cap.
-    max_seats: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000_000)] | None = None
+    max_seats: Annotated[int, msgspec.Meta(le=1_000_000_000_000)] | None = None
 
 
 ItemLimits = Annotated[dict[Short, ItemLimitBody], msgspec.Meta(max_length=1000)]
