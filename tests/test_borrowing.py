@@ -277,3 +277,22 @@ async def test_borrowed_seat_survives_kill_9(backend: str, tmp_path: Path, vendo
         async with s.get(f"{again.url}/api/v1/admin/items/dev/devices") as resp:
             listing = await resp.json()
     assert listing["borrowed"] == 1 and listing["devices"][0]["borrowedUntil"] == until
+
+
+async def test_the_client_library_borrows_and_returns_across_a_restart(lend: Running, tmp_path: Path) -> None:
+    from lts_client import LtsClient
+
+    cache = tmp_path / "device-cache"
+    request = {"handshake_code": CODE, "client_uuid": "laptop", "product": "barcode-reader",
+               "deployment_type": "browser"}
+    async with LtsClient([lend.url], cache_dir=cache) as device:
+        auth = await device.borrow(**request, days=5)
+    assert auth.borrowed_until is not None
+    assert (await devices(lend, "dev"))["borrowed"] == 1
+    async with LtsClient([lend.url], cache_dir=cache) as restarted:
+        [borrowed] = restarted.borrowed()
+        assert borrowed.authorization_id == auth.authorization_id
+        answer = await restarted.return_borrowed(borrowed)
+        assert answer["released"] is True and answer["itemId"] == "dev"
+        assert restarted.borrowed() == []
+    assert lend.ledger.status("dev").seats_used == 0

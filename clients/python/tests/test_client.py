@@ -30,10 +30,10 @@ KEY_ID = "testkey000000001"
 REPORT_KEY = base64.b64encode(b"k" * 32).decode()
 
 
-def grant(body: dict[str, Any], expires: datetime) -> bytes:
+def grant(body: dict[str, Any], expires: datetime, **extra: Any) -> bytes:
     auth = json.dumps({"authorizationId": "a1", "handshakeCode": body["handshakeCode"],
                        "clientUuid": body["clientUuid"], "product": body["product"],
-                       "expiresAt": expires.isoformat().replace("+00:00", "Z")}).encode()
+                       "expiresAt": expires.isoformat().replace("+00:00", "Z"), **extra}).encode()
     signature = base64.b64encode(KEY.sign(auth)).decode()
     return (b'{"authorization":' + auth + b',"signature":"' + signature.encode() + b'","keyId":"' + KEY_ID.encode()
             + b'","reportKey":"' + REPORT_KEY.encode() + b'"}')
@@ -50,11 +50,13 @@ async def server_info(_: web.Request) -> web.Response:
 async def serve() -> AsyncIterator[Callable[[Handler], Any]]:
     servers: list[TestServer] = []
 
-    async def start(handshake: Handler, usage: Handler | None = None) -> str:
+    async def start(handshake: Handler, usage: Handler | None = None, returns: Handler | None = None) -> str:
         app = web.Application()
         app.router.add_post("/api/v1/handshake", handshake)
         if usage is not None:
             app.router.add_post("/api/v1/usage", usage)
+        if returns is not None:
+            app.router.add_post("/api/v1/handshake/return", returns)
         app.router.add_get("/api/v1/server", server_info)
         server = TestServer(app)
         await server.start_server()
@@ -183,3 +185,63 @@ def test_the_distribution_declares_no_dependency_on_the_server() -> None:
     assert project["name"] == "lts-client"
     names = [re.split(r"[<>=!~ \[;]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]]
     assert names and not any(name.startswith("lts") for name in names)
+
+
+async def test_a_borrowed_authorization_stays_in_the_cache_across_restarts_until_returned(
+        serve: Any, tmp_path: Path) -> None:
+    calls: list[dict[str, Any]] = []
+    returns: list[tuple[bytes, str]] = []
+
+    async def handshake(request: web.Request) -> web.Response:
+        body = await request.json()
+        calls.append(body)
+        if "borrowDays" in body:
+            until = (datetime.now(UTC) + timedelta(days=body["borrowDays"])).isoformat().replace("+00:00", "Z")
+            data = grant(body, datetime.now(UTC) + timedelta(days=body["borrowDays"]), borrowedUntil=until)
+        else:
+            data = grant(body, datetime.now(UTC) + timedelta(hours=1))
+        return web.Response(body=data, content_type="application/json")
+
+    async def give_back(request: web.Request) -> web.Response:
+        returns.append((await request.read(), request.headers[MAC_HEADER]))
+        return web.json_response({"returned": True, "released": len(returns) == 1})
+
+    url = await serve(handshake, returns=give_back)
+    async with LtsClient([url], cache_dir=tmp_path, public_keys={KEY_ID: PUBLIC_B64}) as client:
+        borrowed = await client.borrow(**REQUEST, days=7)
+    assert calls[-1]["borrowDays"] == 7
+    assert borrowed.borrowed_until is not None and borrowed.borrowed_until > datetime.now(UTC) + timedelta(days=6)
+    # A restart, offline: the same request is answered from the cache, and the borrow is listed.
+    async with LtsClient(["http://127.0.0.1:9"], cache_dir=tmp_path, public_keys={KEY_ID: PUBLIC_B64},
+                         timeout=1) as offline:
+        again = await offline.handshake(**REQUEST)
+        assert again.raw == borrowed.raw
+        [listed] = offline.borrowed()
+        assert listed.raw == borrowed.raw
+    assert len(calls) == 1
+    # Back online after a restart: the return is signed with the cached report key, and the cache forgets it.
+    async with LtsClient([url], cache_dir=tmp_path, public_keys={KEY_ID: PUBLIC_B64}) as online:
+        [listed] = online.borrowed()
+        assert (await online.return_borrowed(listed))["released"] is True
+        assert online.borrowed() == []
+        fresh = await online.handshake(**REQUEST)
+    assert fresh.borrowed_until is None and len(calls) == 2
+    body, mac = returns[0]
+    assert json.loads(body) == {"clientUuid": "dev-1", "handshakeCode": "216998-1"}
+    assert mac == report_mac(base64.b64decode(REPORT_KEY), body)
+
+
+async def test_a_refused_return_raises_with_the_code(serve: Any, tmp_path: Path) -> None:
+    async def handshake(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.Response(body=grant(body, datetime.now(UTC) + timedelta(days=1),
+                                       borrowedUntil=(datetime.now(UTC) + timedelta(days=1)).isoformat()),
+                            content_type="application/json")
+
+    url = await serve(handshake, returns=refusing(409, 409, "not borrowed"))
+    async with LtsClient([url], cache_dir=tmp_path, public_keys={KEY_ID: PUBLIC_B64}) as client:
+        auth = await client.borrow(**REQUEST, days=1)
+        with pytest.raises(LicenseRefused) as refused:
+            await client.return_borrowed(auth)
+        assert refused.value.status == 409
+        assert client.borrowed(), "a refused return keeps the borrow in the cache"
