@@ -669,13 +669,11 @@ class Ledger:
 
     def _first_due(self, item_id: str) -> seat_queue.Waiter | None:
         """The first waiter (in ticket order, any node's) that could take a seat of the item now."""
-        room: dict[str, bool] = {}
-        for w in self.queue.in_order(item_id):
-            if w.code not in room:
-                room[w.code] = self.room_for(w.code, item_id)
-            if room[w.code]:
-                return w
-        return None
+        # Per code first (a few), so that a full item costs no walk through its queue.
+        due = {code for code in self.queue.codes_waiting(item_id) if self.room_for(code, item_id)}
+        if not due:
+            return None
+        return next((w for w in self.queue.in_order(item_id) if w.code in due), None)
 
     def _serve(self, item_id: str, now: datetime, batch: WriteBatch, undo: Undo) -> int:
         """Hand the item's free seats to its queue, first due first, in the running job; returns how many."""

@@ -142,7 +142,7 @@ class SeatQueue:
         q = self._items.get(item_id)
         if q is None:
             return iter(())
-        return (w for w in list(q.waiters) if w.live)
+        return (w for w in q.waiters if w.live)  # compact() replaces the list, never changes it in place
 
     def position(self, waiter: Waiter, item_id: str | None = None) -> int:
         """1 for the head: live waiters ahead on the item, plus one."""
