@@ -64,7 +64,7 @@ def config(folder: Path, pub: Path, port: int, waiters: int, url: str | None) ->
     postgres = f'backend = "postgresql"\nurl = "{url}"\n' if url else ""
     path = folder / "config.toml"
     path.write_text(
-        f'[server]\nhost = "127.0.0.1"\nport = {port}\nmax_connections = {waiters * 2 + 100}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\nmax_connections = {waiters + 500}\n'
         f'idle_timeout = 600\nshutdown_timeout = 30\n'
         f'[storage]\nstate_dir = "{folder / "state"}"\n{postgres}'
         f'[import]\ndirectory = "{folder / "import"}"\nrescan_seconds = 3600\nwatch = false\n'
@@ -270,7 +270,7 @@ def main() -> None:
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if hard < args.waiters * 2 + 500:
+    if hard < args.waiters + 500:  # the daemon, a process of its own, holds the other end
         raise SystemExit(f"the open files limit ({hard}) is too low for {args.waiters} connections")
     pg_url = None
     pg = None

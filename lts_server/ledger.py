@@ -237,6 +237,7 @@ class Ledger:
         self._serving: seat_queue.Waiter | None = None
         self._after: list[Callable[[], None]] = []
         self._serve_pending = False
+        self._no_waiting = False
         # Told after a commit that freed seats of items other nodes' devices wait for (store/pg_queue.py).
         self.on_room: Callable[[set[str]], None] | None = None
         self._freed: set[str] = set()
@@ -566,6 +567,8 @@ class Ledger:
             if decision.full and waiter is not None:  # served from the queue, and still no seat: it stays
                 return HandshakeOutcome(decision)
             if decision.full and ticket is not None and wait_until is not None:
+                if self._no_waiting:
+                    return HandshakeOutcome(decision, stopped=True)
                 first = decision.item_id or decision.full[0]
                 if not self.queue.full(first):
                     return HandshakeOutcome(decision, waiter=self._join(req, decision, ticket, wait_until, undo))
@@ -723,9 +726,20 @@ class Ledger:
             self._queue_changed()
 
     def queue_check(self) -> None:
-        """Periodically: forget other nodes' waiters past their time, and serve if that made one here due."""
+        """Once a second: waiters whose client went leave the queue; other nodes' waiters past their time are
+        forgotten; and the queues are served if that made a waiter here due."""
+        for waiter in list(self.queue.local.values()):
+            if waiter.live and waiter.connected is not None and not waiter.connected():
+                waiter.connected = None  # one give-up job is enough
+                asyncio.ensure_future(self._gone(waiter))
         if self.queue.expire_remote(time.monotonic()) or self.queue.local:
             self._queue_changed()
+
+    async def _gone(self, waiter: seat_queue.Waiter) -> None:
+        try:
+            await self.give_up(waiter, gone=True)
+        except (LedgerClosed, JobFailed, StoreError) as e:  # its time runs out anyway; then it leaves
+            logs.event("queue.leave_failed", logs.logging.WARNING, error=str(e))
 
     async def give_up(self, waiter: seat_queue.Waiter, gone: bool = False) -> HandshakeOutcome:
         """The waiter's time ran out (or its client went): refused with its place in the queue, unless a
@@ -741,7 +755,11 @@ class Ledger:
             batch.events.append(dataclasses.replace(
                 _handshake_event(waiter.req, now, refused.code_name, refused.item_id, int(refused.refusal.code)),
                 detail={"queuePosition": position, "left": "disconnected" if gone else "timeout"}))
-            return HandshakeOutcome(refused, queue_position=position)
+            outcome = HandshakeOutcome(refused, queue_position=position)
+            future = waiter.future
+            if future is not None:  # whoever still awaits the waiter hears it too
+                self._after.append(lambda: None if future.done() else future.set_result(outcome))
+            return outcome
 
         outcome = await self.submit(run)
         if outcome is None:
@@ -750,7 +768,9 @@ class Ledger:
         return outcome
 
     def stop_waiting(self) -> None:
-        """The server stops: every waiting request here gets its answer now (503: try again)."""
+        """The server stops: every waiting request here gets its answer now (503: try again), and requests
+        arriving from now on do not wait."""
+        self._no_waiting = True
         for waiter in list(self.queue.local.values()):
             if waiter.state is seat_queue.State.QUEUED:
                 self.queue.remove(waiter)

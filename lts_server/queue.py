@@ -28,9 +28,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-# How often a waiting request looks whether its client is still connected.
-DISCONNECT_CHECK_SECONDS = 1.0
-
 
 class State(Enum):
     QUEUED = "queued"
@@ -52,6 +49,7 @@ class Waiter:
     future: asyncio.Future[Any] | None = None
     node: str | None = None  # set for another node's waiter
     state: State = State.QUEUED
+    connected: Callable[[], bool] | None = None  # whether its client is still there (local waiters)
 
     @property
     def remote(self) -> bool:
@@ -177,17 +175,13 @@ class Stopped(Exception):
     """The server stops: the waiting request gets 503 and retries."""
 
 
-async def wait(waiter: Waiter, deadline: float, give_up: Callable[[Waiter, bool], Any],
-               connected: Callable[[], bool]) -> Any:
-    """The waiter's outcome: granted or refused by the writer, or, when the deadline passes or the client
-    goes, what `give_up(waiter, gone)` (a writer job) decides: a last refusal, or the grant that came first."""
+async def wait(waiter: Waiter, deadline: float, give_up: Callable[[Waiter, bool], Any]) -> Any:
+    """The waiter's outcome: granted or refused by the writer, or, when the deadline passes, what
+    `give_up(waiter, False)` (a writer job) decides: a last refusal, or the grant that came first. A client
+    that disconnects is found by the ledger's once-a-second check (`Ledger.queue_check`), not here: one
+    timer per waiter, not one wake-up a second each."""
     assert waiter.future is not None
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return await give_up(waiter, False)
-        try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), min(left, DISCONNECT_CHECK_SECONDS))
-        except TimeoutError:
-            if not connected():
-                return await give_up(waiter, True)
+    try:
+        return await asyncio.wait_for(asyncio.shield(waiter.future), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        return await give_up(waiter, False)

@@ -203,7 +203,8 @@ async def _waiting(request: web.Request, services: Services, req: hs.Request, se
     def connected() -> bool:
         return request.transport is not None and not request.transport.is_closing()
 
-    return await seat_queue.wait(outcome.waiter, deadline, services.ledger.give_up, connected)
+    outcome.waiter.connected = connected
+    return await seat_queue.wait(outcome.waiter, deadline, services.ledger.give_up)
 
 
 def refusal_body(services: Services, decision: hs.Refused, outcome: HandshakeOutcome | None = None) -> bytes:
