@@ -173,6 +173,9 @@ class Server:
         self.guard = ConnectionGuard(lambda: runner.server(), connection_limits(cfg))
         app[GUARD] = self.guard
         await runner.setup()
+        if cfg.server.standby_of:
+            self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
+            await self._standby_checked.wait()  # know the main's state before serving anyone (before listening)
         listener = await self._listen(cfg.server.host, cfg.server.port)
         scheme = "https" if cfg.server.tls_cert else "http"
         self.urls = [f"{scheme}://{cfg.server.host}:{port}" for port in _ports(listener)]
@@ -200,9 +203,6 @@ class Server:
         self._tasks.append(asyncio.create_task(alerter.run_checks(self.stopping), name="alert-checks"))
         if self.leads:  # deliveries are claimed one at a time, but one sender per machine is plenty
             self._tasks.append(asyncio.create_task(alerter.run_outbox(self.stopping), name="alert-outbox"))
-        if cfg.server.standby_of:
-            self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
-            await self._standby_checked.wait()  # know the main's state before serving anyone
         logs.event("server.listening", urls=self.urls, server_uuid=ident.server_uuid,
                    database=str(cfg.database_path), import_dir=str(cfg.import_dir))
 
@@ -388,6 +388,7 @@ class Server:
             up = False
         if up != self.services.main_is_up:
             logs.event("standby.main_up" if up else "standby.serving", main=url)
+
         self.services.main_is_up = up
 
     async def _watch_main(self) -> None:
