@@ -191,6 +191,13 @@ class StatsSection(_Section):
     daily_days: Annotated[int, msgspec.Meta(ge=0, le=36_500)] = 730
 
 
+class QueueSection(_Section):
+    # The longest a handshake may wait for a seat (its waitSeconds); more is refused with 400.
+    max_wait_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 300
+    # Requests waiting per item at most; beyond it the refusal (120) comes at once.
+    max_waiting: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "text"] = "auto"
@@ -208,6 +215,7 @@ class Config(_Section):
     clock: ClockSection = msgspec.field(default_factory=ClockSection)
     authorizations: AuthorizationsSection = msgspec.field(default_factory=AuthorizationsSection)
     stats: StatsSection = msgspec.field(default_factory=StatsSection)
+    queue: QueueSection = msgspec.field(default_factory=QueueSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
     # Where the file was read from; relative paths in it are taken from its folder.
     source: str = ""

@@ -76,6 +76,12 @@ class DeviceCache:
             self.unpin(clients)
             raise
 
+    def hold(self, clients: Iterable[str]) -> None:
+        """Pin devices already in memory (pinned by the running job), without a load: synchronous."""
+        for c in clients:
+            assert c in self._entries, c
+            self._pins[c] = self._pins.get(c, 0) + 1
+
     def unpin(self, clients: Iterable[str]) -> None:
         for c in clients:
             left = self._pins[c] - 1

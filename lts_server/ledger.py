@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -22,10 +23,23 @@ from typing import Any, Generic, TypeVar
 
 from lts_server import bindings as binding_index
 from lts_server import logs, reportkeys
+from lts_server import queue as seat_queue
 from lts_server.core import codes as code_rules
 from lts_server.core import handshake as hs
+from lts_server.core import reservations
+from lts_server.core.borrowing import still_borrowed
 from lts_server.core.codes import CodeError, CodeFields
-from lts_server.core.model import EXPIRY_GRACE, LICENSE_TYPES, Counts, HandshakeCode, Item, ItemStatus, License
+from lts_server.core.model import (
+    EXPIRY_GRACE,
+    LICENSE_TYPES,
+    Counts,
+    HandshakeCode,
+    Item,
+    ItemStatus,
+    License,
+    SeatLimit,
+    hard_limit,
+)
 from lts_server.core.ordering import usage_order
 from lts_server.core.times import from_ms, to_ms, utcnow
 from lts_server.core.usage import tolerance
@@ -35,6 +49,8 @@ from lts_server.licensefile import Binding
 from lts_server.passwords import session_hash, session_matches
 from lts_server.store import (
     AuthorizationRecord,
+    BorrowSpan,
+    CodeLimits,
     Conflict,
     Event,
     ImportRecord,
@@ -107,6 +123,10 @@ class NotFound(Exception):
         self.what = what
 
 
+class NotBorrowed(Exception):
+    """A return of a seat that is not borrowed."""
+
+
 # Import states that are not a license in use: a rejection, one the admin dismissed, a rejected file deleted.
 REJECTION_STATES = ("rejected", "dismissed", "removed")
 
@@ -114,7 +134,7 @@ REJECTION_STATES = ("rejected", "dismissed", "removed")
 CATALOG_EVENTS = ("import.", "code.", "item.")
 
 # Refusals a job raises before it changes anything: they fail that job alone.
-JOB_REFUSALS: tuple[type[Exception], ...] = (CodeError, NotFound, UsageError)
+JOB_REFUSALS: tuple[type[Exception], ...] = (CodeError, NotFound, UsageError, NotBorrowed)
 
 
 @dataclass
@@ -137,6 +157,8 @@ class _Flight:
     undo: Undo
     write: asyncio.Future[None]
     batch: WriteBatch
+    # Run once the batch is durable (answers to queued requests a job of the batch served).
+    after: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -150,6 +172,24 @@ class HandshakeOutcome:
     binding: binding_index.ItemBinding | None = None
     # Refused because the client UUID is bound to another device's fingerprint (151).
     clone: bool = False
+    # Granted with a borrowed seat, held offline until then.
+    borrowed_until: datetime | None = None
+    # Granted: when the authorization ends (the fit's end, or a running borrow's when later).
+    expires_at: datetime | None = None
+    # Refused for want of a seat with waitSeconds: it waits in the queue (lts_server/queue.py).
+    waiter: seat_queue.Waiter | None = None
+    # Refused after waiting: its place in the queue; or why it could not wait (the queue is full).
+    queue_position: int | None = None
+    queue_note: str | None = None
+    # The server stops while the request waits: answer 503.
+    stopped: bool = False
+
+
+@dataclass(frozen=True)
+class ReturnOutcome:
+    item_id: str | None
+    released: bool  # False: nothing borrowed was left to return (returned before, or lapsed)
+    borrowed_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -189,7 +229,7 @@ class ImportOutcome:
 
 class Ledger:
     def __init__(self, store: Store, secret: bytes, clock: Callable[[], datetime] = utcnow,
-                 device_cache: int = 100_000) -> None:
+                 device_cache: int = 100_000, max_waiting: int = 10_000) -> None:
         self.store = store
         self.clock = clock
         self._secret = secret
@@ -218,6 +258,20 @@ class Ledger:
         self.cutoffs: dict[str, datetime] = {}
         # The earliest time time-limited items and seats may be judged at (lts_server/clock.py), if any.
         self.time_floor: Callable[[datetime], datetime] | None = None
+        # Seat limits per code: item -> code -> limit (from the codes), and (code, item) -> seats the code holds.
+        self._limits: dict[str, dict[str, SeatLimit]] = {}
+        self.code_seats: dict[tuple[str, str], int] = {}
+        self.queue = seat_queue.SeatQueue(max_waiting)
+        # The waiter a job is deciding for now: the seats held back for the queue are its own.
+        self._serving: seat_queue.Waiter | None = None
+        self._after: list[Callable[[], None]] = []
+        self._serve_pending = False
+        self._no_waiting = False
+        # Told after a commit that freed seats of items other nodes' devices wait for (store/pg_queue.py).
+        self.on_room: Callable[[set[str]], None] | None = None
+        self._freed: set[str] = set()
+        # A PostgreSQL cluster's shared queue order and the other nodes' waiters (store/pg_queue.py).
+        self.queue_feed: Any = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -373,11 +427,14 @@ class Ledger:
             if not job.future.done():
                 job.future.set_result(result)
         self._queue.task_done()
+        if self.queue:  # another node's changes may have freed seats that waiters here are due
+            self._queue_changed()
 
     def _start(self, jobs: list[_Job[Any]]) -> _Flight | None:
         batch = WriteBatch(at=self.clock())
         undo: Undo = []
         results: list[Any] = []
+        self._after = after = []
         for index, job in enumerate(jobs):
             batch.begin_job(index)
             assert job.run is not None
@@ -397,13 +454,17 @@ class Ledger:
                     self._done(j)
                 return None
         write = asyncio.ensure_future(self.store.write(batch, self._pipeline))
-        return _Flight(jobs, results, undo, write, batch)
+        return _Flight(jobs, results, undo, write, batch, after)
 
     def _settle(self, flight: _Flight) -> None:
         for job, result in zip(flight.jobs, flight.results):
             if not job.future.done():
                 job.future.set_result(result)
             self._done(job)
+        for fn in flight.after:
+            fn()
+        if self.queue:
+            self._queue_changed()
 
     async def _recover(self, flights: list[_Flight]) -> None:
         await asyncio.gather(*(f.write for f in flights), return_exceptions=True)
@@ -507,6 +568,35 @@ class Ledger:
         return sum(a.instances for c, a in self._concurrent_grants.get(item_id, {}).items()
                    if c != client_uuid and a.expires_at > now)
 
+    def share(self, item_id: str, code: HandshakeCode) -> reservations.Share:
+        # While the writer decides for a waiter, the seats held back for the queue are that waiter's.
+        waiting = self._blocking(item_id) if self._serving is None and self.queue else 0
+        return self._share(item_id, code, waiting)
+
+    def _share(self, item_id: str, code: HandshakeCode, waiting: int) -> reservations.Share:
+        on_item = self._limits.get(item_id)
+        if on_item is None:
+            return reservations.Share(waiting=waiting) if waiting else reservations.FREE
+        held = {name: self.code_seats.get((name, item_id), 0) for name in on_item}
+        return reservations.share_of(code, item_id, on_item, held, waiting)
+
+    def _blocking(self, item_id: str) -> int:
+        """Waiters the item's free seats are held for: those of codes not at their cap on it."""
+        return sum(n for name, n in self.queue.codes_waiting(item_id).items() if not self._capped(name, item_id))
+
+    def _capped(self, code_name: str, item_id: str) -> bool:
+        lim = self._limits.get(item_id, {}).get(code_name)
+        return (lim is not None and lim.max_seats is not None
+                and self.code_seats.get((code_name, item_id), 0) >= lim.max_seats)
+
+    def seat_limits(self, item_id: str) -> dict[str, tuple[SeatLimit, int]]:
+        """code -> (its limit on the item, the seats it holds), for the admin views."""
+        return {name: (lim, self.code_seats.get((name, item_id), 0))
+                for name, lim in self._limits.get(item_id, {}).items()}
+
+    def _rebuild_limits(self) -> None:
+        self._limits = reservations.limits_by_item(self.codes.values())
+
     def authorization_id(self, auth: AuthorizationRecord) -> str:
         return reportkeys.authorization_id(self._secret, auth.code, auth.client_uuid, to_ms(auth.granted_at))
 
@@ -531,58 +621,23 @@ class Ledger:
 
     # -- jobs ----------------------------------------------------------------
 
-    async def handshake(self, req: hs.Request, fingerprint: str | None = None) -> HandshakeOutcome:
-        """`fingerprint`: the SHA-256 (hex) of the device's deviceFingerprint, when it sent one."""
+    async def handshake(self, req: hs.Request, fingerprint: str | None = None,
+                        wait_until: float | None = None) -> HandshakeOutcome:
+        """Decide and apply one handshake. `fingerprint`: the SHA-256 (hex) of the device's deviceFingerprint,
+        when it sent one. With `wait_until` (time.monotonic()), a request that finds no free seat joins the
+        queue instead of being refused: the outcome then carries its waiter."""
+        ticket = await self._ticket() if wait_until is not None else None
 
         def run(now: datetime, batch: WriteBatch, undo: Undo) -> HandshakeOutcome:
-            device = self.devices[req.client_uuid]
-            if fingerprint is not None and device.fingerprint not in (None, fingerprint):
-                return self._clone_refused(req, now, batch)
-            decision = hs.decide(req, self, now, self.password_matches, self.judged(now))
-            if isinstance(decision, hs.Refused):
-                batch.events.append(_handshake_event(req, now, decision.code_name, decision.item_id,
-                                                     int(decision.refusal.code)))
-                return HandshakeOutcome(decision)
-            fit = decision.fit
-            item_id = fit.item.item_id
-            if fingerprint is not None and device.fingerprint is None:  # the first grant binds the client UUID
-                device.fingerprint = fingerprint
-                undo.append(lambda: setattr(device, "fingerprint", None))
-                batch.extras.append(sql_trust.bind_device_extra(req.client_uuid, fingerprint, to_ms(now), batch.job))
-            if fit.seat is hs.SeatAction.CLAIM:
-                seat = Seat(item_id, req.client_uuid, now, now, fit.expires_at)
-                _set(device.seats, item_id, seat, undo)
-                status = self.status(item_id)
-                _set(self.statuses, item_id, dataclasses.replace(status, seats_used=status.seats_used + 1), undo)
-                # A seat on another item of the code that this node does not know of (taken through
-                # another node) makes the claim conflict; seats it knows did not cover the request.
-                unknown = tuple(i for i in decision.code.items
-                                if i != item_id and self.seat_expiry(i, req.client_uuid) is None)
-                batch.claim(seat, fit.limit, unknown)
-                batch.events.append(_seat_event("seat.granted", seat, decision.code.name, now))
-            elif fit.seat is hs.SeatAction.REFRESH:
-                old = device.seats[item_id]
-                seat = dataclasses.replace(old, refreshed_at=now, expires_at=max(old.expires_at, fit.expires_at))
-                _set(device.seats, item_id, seat, undo)
-                batch.refresh(seat)
-                batch.events.append(_seat_event("seat.refreshed", seat, decision.code.name, now))
-            auth = AuthorizationRecord(decision.code.name, req.client_uuid, item_id, fit.instances, now,
-                                       fit.expires_at)
-            _set(device.authorizations, auth.code, auth, undo)
-            if fit.item.rules.per_slice:
-                _set(self._concurrent_grants.setdefault(item_id, {}), req.client_uuid, auth, undo)
-            batch.authorizations.append(auth)
-            batch.events.append(_handshake_event(req, now, decision.code.name, item_id, 0))
-            authorization_id = self.authorization_id(auth)
-            return HandshakeOutcome(decision, self.status(item_id), authorization_id,
-                                    reportkeys.report_key(self._secret, authorization_id), self.bindings.get(item_id))
+            return self._handshake(req, now, batch, undo, ticket=ticket, wait_until=wait_until,
+                                   fingerprint=fingerprint)
 
         return await self.submit(run, (req.client_uuid,))
 
     def _clone_refused(self, req: hs.Request, now: datetime, batch: WriteBatch) -> HandshakeOutcome:
         """The client UUID is bound to another device's fingerprint: 151, an event, and the clone's time stored."""
-        resolved = hs.resolve_code(req, self)
-        code = resolved.code_name if isinstance(resolved, hs.Refused) else resolved.name
+        resolved = hs.resolve_codes(req, self)
+        code = resolved.code_name if isinstance(resolved, hs.Refused) else resolved[0].name
         refusal = Refusal(Code.CLONE_DETECTED, f"client UUID {req.client_uuid} is bound to another device's "
                                                "fingerprint; the admin can reset its binding")
         batch.events.append(_handshake_event(req, now, code, None, int(refusal.code)))
@@ -605,6 +660,268 @@ class Ledger:
             batch.events.append(Event(at=now, type="device.binding_reset", client_uuid=client_uuid))
 
         await self.submit(run, (client_uuid,))
+
+    async def _ticket(self) -> int:
+        """The next place in the queues: cluster-wide on a shared store (one database sequence)."""
+        if self.queue_feed is not None:
+            return await self.queue_feed.ticket()
+        return self.queue.next_ticket()
+
+    def _handshake(self, req: hs.Request, now: datetime, batch: WriteBatch, undo: Undo,
+                   ticket: int | None = None, wait_until: float | None = None,
+                   waiter: seat_queue.Waiter | None = None, fingerprint: str | None = None) -> HandshakeOutcome:
+        device = self.devices[req.client_uuid]
+        if fingerprint is not None and device.fingerprint not in (None, fingerprint):
+            return self._clone_refused(req, now, batch)
+        decision = hs.decide(req, self, now, self.password_matches, self.judged(now))
+        if isinstance(decision, hs.Refused):
+            note = None
+            if decision.full and waiter is not None:  # served from the queue, and still no seat: it stays
+                return HandshakeOutcome(decision)
+            if decision.full and ticket is not None and wait_until is not None:
+                if self._no_waiting:
+                    return HandshakeOutcome(decision, stopped=True)
+                first = decision.item_id or decision.full[0]
+                if not self.queue.full(first):
+                    return HandshakeOutcome(decision, waiter=self._join(req, decision, ticket, wait_until, undo,
+                                                                        fingerprint))
+                note = f"the queue of item {first} is full ({self.queue.max_waiting} waiting; queue.max_waiting)"
+            batch.events.append(_handshake_event(req, now, decision.code_name, decision.item_id,
+                                                 int(decision.refusal.code)))
+            return HandshakeOutcome(decision, queue_note=note)
+        fit = decision.fit
+        item_id = fit.item.item_id
+        code = decision.code
+        if fingerprint is not None and device.fingerprint is None:  # the first grant binds the client UUID
+            device.fingerprint = fingerprint
+            undo.append(lambda: setattr(device, "fingerprint", None))
+            batch.extras.append(sql_trust.bind_device_extra(req.client_uuid, fingerprint, to_ms(now), batch.job))
+        borrowed = fit.borrowed_until
+        if fit.seat is hs.SeatAction.CLAIM:
+            seat = Seat(item_id, req.client_uuid, now, now, fit.expires_at, code.name, borrowed)
+            _set(device.seats, item_id, seat, undo)
+            status = self.status(item_id)
+            _set(self.statuses, item_id, dataclasses.replace(status, seats_used=status.seats_used + 1), undo)
+            limited = (code.name, item_id) in self.code_seats
+            if limited:
+                _set(self.code_seats, (code.name, item_id), self.code_seats[(code.name, item_id)] + 1, undo)
+            # A seat on another item of the code that this node does not know of (taken through
+            # another node) makes the claim conflict; seats it knows did not cover the request.
+            unknown = tuple(i for i in code.items
+                            if i != item_id and self.seat_expiry(i, req.client_uuid) is None)
+            batch.claim(seat, fit.limit, unknown, limited, fit.reserved)
+            batch.events.append(_seat_event("seat.granted", seat, code.name, now))
+        elif fit.seat is hs.SeatAction.REFRESH:
+            old = device.seats[item_id]
+            # A running borrow is kept (a borrowing device that comes back online does not lose it).
+            kept = still_borrowed(old.borrowed_until, now)
+            borrowed = max(borrowed, kept) if borrowed and kept else borrowed or kept
+            seat = dataclasses.replace(old, refreshed_at=now, expires_at=max(old.expires_at, fit.expires_at),
+                                       borrowed_until=borrowed)
+            _set(device.seats, item_id, seat, undo)
+            batch.refresh(seat)
+            batch.events.append(_seat_event("seat.refreshed", seat, code.name, now))
+        elif (held := device.seats.get(item_id)) is not None:  # a concurrent item's borrowed seat
+            borrowed = still_borrowed(held.borrowed_until, now)
+        expires = max(fit.expires_at, borrowed) if borrowed else fit.expires_at
+        if fit.borrowed_until is not None:
+            batch.borrows.append(BorrowSpan(item_id, req.client_uuid, code.name, now, fit.borrowed_until))
+        auth = AuthorizationRecord(code.name, req.client_uuid, item_id, fit.instances, now, expires)
+        _set(device.authorizations, auth.code, auth, undo)
+        if fit.item.rules.per_slice:
+            _set(self._concurrent_grants.setdefault(item_id, {}), req.client_uuid, auth, undo)
+        batch.authorizations.append(auth)
+        batch.events.append(_handshake_event(req, now, code.name, item_id, 0))
+        authorization_id = self.authorization_id(auth)
+        return HandshakeOutcome(decision, self.status(item_id), authorization_id,
+                                reportkeys.report_key(self._secret, authorization_id),
+                                binding=self.bindings.get(item_id), borrowed_until=borrowed, expires_at=expires)
+
+    # -- the seat queue ------------------------------------------------------------
+
+    def _join(self, req: hs.Request, decision: hs.Refused, ticket: int, wait_until: float,
+              undo: Undo, fingerprint: str | None = None) -> seat_queue.Waiter:
+        waiter = seat_queue.Waiter(ticket, decision.code_name or "", decision.full, wait_until, req, decision,
+                                   decision.item_id, asyncio.get_running_loop().create_future(),
+                                   fingerprint=fingerprint)
+        self.queue.add(waiter)
+        undo.append(lambda: self.queue.remove(waiter))
+        # Its device stays in memory while it waits: the job that frees a seat decides for it at once.
+        self.devices.hold((req.client_uuid,))
+        undo.append(lambda: self.devices.unpin((req.client_uuid,)))
+        if self.queue_feed is not None:
+            self._after.append(lambda: self.queue_feed.joined(waiter))  # type: ignore[union-attr]
+        return waiter
+
+    def _leave(self, waiter: seat_queue.Waiter, state: seat_queue.State, undo: Undo) -> None:
+        self.queue.remove(waiter, state)
+        undo.append(lambda: self.queue.restore(waiter))
+        if state is seat_queue.State.DONE:
+            self._finish(waiter, undo)
+
+    def _finish(self, waiter: seat_queue.Waiter, undo: Undo | None) -> None:
+        assert waiter.req is not None
+        client = (waiter.req.client_uuid,)
+        self.devices.unpin(client)
+        if undo is not None:
+            undo.append(lambda: self.devices.hold(client))
+        if self.queue_feed is not None:
+            if undo is not None:
+                self._after.append(lambda: self.queue_feed.left(waiter))
+            else:
+                self.queue_feed.left(waiter)
+
+    def _deliver(self, waiter: seat_queue.Waiter, outcome: HandshakeOutcome) -> None:
+        """After the commit: the waiter has its answer."""
+        waiter.state = seat_queue.State.DONE
+        self._finish(waiter, None)
+        if waiter.future is not None and not waiter.future.done():
+            waiter.future.set_result(outcome)
+
+    def room_for(self, code_name: str, item_id: str) -> bool:
+        """Whether a request of this code could take a seat of the item now, the queue aside."""
+        code = self.codes.get(code_name)
+        item = self.items.get(item_id)
+        if code is None or item is None or item_id not in code.items:
+            return True  # its decision refuses it (101, 124, ...): the answer is due now
+        limit = hard_limit(item.license_type, item.quantity) if item.rules.counts is Counts.SEATS else item.quantity
+        return reservations.claim_kind(self.status(item_id).seats_used, limit,
+                                       self._share(item_id, code, 0)) is not None
+
+    def _first_due(self, item_id: str) -> seat_queue.Waiter | None:
+        """The first waiter (in ticket order, any node's) that could take a seat of the item now."""
+        # Per code first (a few), so that a full item costs no walk through its queue.
+        due = {code for code in self.queue.codes_waiting(item_id) if self.room_for(code, item_id)}
+        if not due:
+            return None
+        return next((w for w in self.queue.in_order(item_id) if w.code in due), None)
+
+    def _serve(self, item_id: str, now: datetime, batch: WriteBatch, undo: Undo) -> int:
+        """Hand the item's free seats to its queue, first due first, in the running job; returns how many."""
+        served = 0
+        while (waiter := self._first_due(item_id)) is not None and not waiter.remote:
+            assert waiter.req is not None
+            self._serving = waiter
+            try:
+                outcome = self._handshake(waiter.req, now, batch, undo, waiter=waiter, fingerprint=waiter.fingerprint)
+            finally:
+                self._serving = None
+            if isinstance(outcome.decision, hs.Refused) and outcome.decision.full:
+                break  # not a seat after all: it keeps its place
+            self.queue.remove(waiter, seat_queue.State.SERVING)
+            undo.append(lambda w=waiter: self.queue.restore(w))  # type: ignore[misc]
+            self._after.append(lambda w=waiter, o=outcome: self._deliver(w, o))  # type: ignore[misc]
+            served += 1
+        return served
+
+    def _queue_changed(self) -> None:
+        """After a commit or another node's changes: serve the queues if a waiter here is due a seat."""
+        self.queue.compact()
+        if self._freed and self.on_room is not None:
+            freed, self._freed = self._freed, set()
+            self.on_room(freed)
+        if self._serve_pending or not self.queue.local or self._closed:
+            return
+        for item_id in self.queue.items_waited_for():
+            due = self._first_due(item_id)
+            if due is not None and not due.remote:
+                self._serve_pending = True
+                asyncio.ensure_future(self._serve_queues())
+                return
+
+    async def _serve_queues(self) -> None:
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> int:
+            return sum(self._serve(item_id, now, batch, undo) for item_id in self.queue.items_waited_for())
+
+        try:
+            served = await self.submit(run)
+        except (LedgerClosed, JobFailed, StoreError) as e:
+            logs.event("queue.serve_failed", logs.logging.WARNING, error=str(e))
+            served = 0
+        finally:
+            self._serve_pending = False
+        if served:
+            self._queue_changed()
+
+    def queue_check(self) -> None:
+        """Once a second: waiters whose client went leave the queue; other nodes' waiters past their time are
+        forgotten; and the queues are served if that made a waiter here due."""
+        for waiter in list(self.queue.local.values()):
+            if waiter.live and waiter.connected is not None and not waiter.connected():
+                waiter.connected = None  # one give-up job is enough
+                asyncio.ensure_future(self._gone(waiter))
+        if self.queue.expire_remote(time.monotonic()) or self.queue.local:
+            self._queue_changed()
+
+    async def _gone(self, waiter: seat_queue.Waiter) -> None:
+        try:
+            await self.give_up(waiter, gone=True)
+        except (LedgerClosed, JobFailed, StoreError) as e:  # its time runs out anyway; then it leaves
+            logs.event("queue.leave_failed", logs.logging.WARNING, error=str(e))
+
+    async def give_up(self, waiter: seat_queue.Waiter, gone: bool = False) -> HandshakeOutcome:
+        """The waiter's time ran out (or its client went): refused with its place in the queue, unless a
+        seat reached it first."""
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> HandshakeOutcome | None:
+            if waiter.state is not seat_queue.State.QUEUED:
+                return None  # served: its outcome is on the way
+            position = self.queue.position(waiter, waiter.item_id)
+            self._leave(waiter, seat_queue.State.DONE, undo)
+            refused = waiter.refusal
+            assert waiter.req is not None and isinstance(refused, hs.Refused)
+            batch.events.append(dataclasses.replace(
+                _handshake_event(waiter.req, now, refused.code_name, refused.item_id, int(refused.refusal.code)),
+                detail={"queuePosition": position, "left": "disconnected" if gone else "timeout"}))
+            outcome = HandshakeOutcome(refused, queue_position=position)
+            future = waiter.future
+            if future is not None:  # whoever still awaits the waiter hears it too
+                self._after.append(lambda: None if future.done() else future.set_result(outcome))
+            return outcome
+
+        outcome = await self.submit(run)
+        if outcome is None:
+            assert waiter.future is not None
+            return await waiter.future
+        return outcome
+
+    def stop_waiting(self) -> None:
+        """The server stops: every waiting request here gets its answer now (503: try again), and requests
+        arriving from now on do not wait."""
+        self._no_waiting = True
+        for waiter in list(self.queue.local.values()):
+            if waiter.state is seat_queue.State.QUEUED:
+                self.queue.remove(waiter)
+                self._finish(waiter, None)
+                if waiter.future is not None and not waiter.future.done():
+                    waiter.future.set_result(HandshakeOutcome(waiter.refusal, stopped=True))
+
+    # -- borrowing -------------------------------------------------------------------
+
+    async def return_borrowed(self, code_name: str, client_uuid: str) -> ReturnOutcome:
+        """A device gives its borrowed seat back early: released, and its authorization ends now. Again: nothing."""
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> ReturnOutcome:
+            device = self.devices[client_uuid]
+            auth = device.authorizations.get(code_name)
+            if auth is None:
+                raise NotFound(f"authorization of device {client_uuid} on {code_name}")
+            seat = device.seats.get(auth.item_id)
+            if seat is None or (seat.borrowed_until is not None and seat.borrowed_until <= now):
+                return ReturnOutcome(auth.item_id, False)  # returned (or lapsed) already
+            if seat.borrowed_until is None:
+                raise NotBorrowed(f"device {client_uuid} holds a seat of item {auth.item_id} that is not borrowed: "
+                                  "it lapses with its period (an admin can release it)")
+            self._release(seat, "returned", code_name, now, batch, undo)
+            ended = dataclasses.replace(auth, expires_at=now)
+            _set(device.authorizations, code_name, ended, undo)
+            grants = self._concurrent_grants.get(auth.item_id)
+            if grants is not None:
+                _pop(grants, client_uuid, undo)
+            batch.authorizations.append(ended)
+            return ReturnOutcome(auth.item_id, True, seat.borrowed_until)
+
+        return await self.submit(run, (client_uuid,))
 
     async def report_usage(self, report: UsageReport) -> UsageOutcome:
         """Count one usage report, once; see docs/api.md for what each license type counts."""
@@ -795,6 +1112,8 @@ class Ledger:
         self.codes = snap.codes
         self.organization_defaults = snap.organization_defaults
         self.imports = snap.imports
+        self.code_seats = snap.code_seats
+        self._rebuild_limits()
 
     def _apply_reloaded(self, reloaded: Reloaded, clients: set[str]) -> None:
         """Rows as stored now replace what memory holds of `clients` (devices not in memory stay out)."""
@@ -814,6 +1133,9 @@ class Ledger:
         for client, device in fresh.items():
             self.devices.put(client, device)
         self.statuses.update(reloaded.statuses)
+        for key, held in reloaded.code_seats.items():
+            if key in self.code_seats:
+                self.code_seats[key] = held
 
     async def mirror_overuse(self, deltas: dict[str, int]) -> None:
         """Reflect overuse the rollup job committed; record items that became overused."""
@@ -863,11 +1185,23 @@ class Ledger:
         _pop(self.devices[seat.client_uuid].seats, seat.item_id, undo)
         status = self.status(seat.item_id)
         _set(self.statuses, seat.item_id, dataclasses.replace(status, seats_used=max(0, status.seats_used - 1)), undo)
-        batch.release(seat)
+        held = (seat.code, seat.item_id)
+        limited = seat.code is not None and held in self.code_seats
+        if limited:
+            _set(self.code_seats, held, max(0, self.code_seats[held] - 1), undo)  # type: ignore[index]
+        batch.release(seat, limited)
+        detail: dict[str, Any] = {"reason": reason}
+        if (borrowed := still_borrowed(seat.borrowed_until, now)) is not None:
+            batch.borrows.append(BorrowSpan(seat.item_id, seat.client_uuid, seat.code, now, now, end=True))
+            detail["borrowedUntil"] = borrowed.isoformat()
         batch.events.append(
             Event(at=now, type="seat.released", code=code, item_id=seat.item_id, client_uuid=seat.client_uuid,
-                  detail={"reason": reason})
+                  detail=detail)
         )
+        if self.queue and self.queue.waiting(seat.item_id):
+            self._serve(seat.item_id, now, batch, undo)  # the seat goes to the queue in this same commit
+            if self.queue.remote:
+                self._freed.add(seat.item_id)
 
     async def record_import(
         self, path: str, sha256: str, verified_license: License | None, key_id: str, text: str, rejection: str | None,
@@ -1036,17 +1370,60 @@ class Ledger:
             if not self.organization_known(organization_id):
                 raise CodeError("organizationId", f"no imported license belongs to organization {organization_id!r}")
             code = code_rules.create(organization_id, fields, self.items, self.codes)
+            undo.append(self._rebuild_limits)
             _set(self.codes, code.name, code, undo)
+            self._limits_changed(None, code, batch, undo)
             batch.codes.append(code)
             batch.events.append(Event(at=now, type="code.created", code=code.name, detail=_code_detail(code)))
             return code
 
-        return await self.submit(run)
+        return await self._submit_counting(run)
+
+    def _limits_changed(self, old: HandshakeCode | None, new: HandshakeCode | None, batch: WriteBatch,
+                        undo: Undo) -> None:
+        """A code's seat limits changed (or the code came or went): store them, keep the counts they need."""
+        before = {lim.item_id: lim for lim in old.seat_limits} if old else {}
+        after = {lim.item_id: lim for lim in new.seat_limits} if new else {}
+        if before == after:
+            return
+        name = (new or old).name  # type: ignore[union-attr]
+        for item_id in before.keys() - after.keys():
+            _pop(self.code_seats, (name, item_id), undo)
+        for item_id in after.keys() - before.keys():
+            _set(self.code_seats, (name, item_id), 0, undo)  # counted from the database after the commit
+        batch.code_limits.append(CodeLimits(name, tuple(after.values()), tuple(sorted(before.keys() | after.keys()))))
+        self._rebuild_limits()
+
+    async def _submit_counting(self, run: Callable[[datetime, WriteBatch, Undo], T]) -> T:
+        """Submit a code job, then, with nothing in flight, read the seats each code holds on items whose
+        limits it changed: a new limit counts the seats its code already holds (store/sql_offline.py)."""
+        if self._closed or self._writer is None:
+            raise LedgerClosed("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        counted: asyncio.Future[None] = loop.create_future()
+
+        async def recount() -> None:
+            items = {i for (_, i) in self.code_seats}
+            if items:
+                fresh = await self.store.code_seats(items)
+                for key in list(self.code_seats):
+                    self.code_seats[key] = fresh.get(key, 0)
+
+        self._queue.put_nowait(_Job(run, done))
+        self._queue.put_nowait(_Job(None, counted, barrier=recount))
+        try:
+            return await done
+        finally:
+            await asyncio.wait([counted])
+            if not counted.cancelled() and counted.exception() is not None:
+                logs.event("ledger.recount_failed", logs.logging.ERROR, error=str(counted.exception()))
 
     async def edit_code(self, name: str, fields: CodeFields) -> HandshakeCode:
         def run(now: datetime, batch: WriteBatch, undo: Undo) -> HandshakeCode:
             old = self._code(name)
             code = code_rules.edit(old, fields, self.items, self.codes)
+            undo.append(self._rebuild_limits)
             if code.name != old.name:
                 _pop(self.codes, old.name, undo)
                 batch.codes_deleted.append(old.name)
@@ -1055,6 +1432,7 @@ class Ledger:
                         _set(self.organization_defaults, org, code.name, undo)
                         batch.organization_defaults[org] = code.name
             _set(self.codes, code.name, code, undo)
+            self._limits_changed(old, code, batch, undo)
             batch.codes.append(code)
             changed = [f.name for f in dataclasses.fields(code)
                        if f.name != "password_hash" and getattr(code, f.name) != getattr(old, f.name)]
@@ -1067,12 +1445,14 @@ class Ledger:
                                           detail={"passwordSet": code.password_hash is not None}))
             return code
 
-        return await self.submit(run)
+        return await self._submit_counting(run)
 
     async def delete_code(self, name: str) -> None:
         def run(now: datetime, batch: WriteBatch, undo: Undo) -> None:
             code = self._code(name)
+            undo.append(self._rebuild_limits)
             _pop(self.codes, name, undo)
+            self._limits_changed(code, None, batch, undo)
             batch.codes_deleted.append(name)
             batch.events.append(Event(at=now, type="code.deleted", code=name, detail=_code_detail(code)))
             self._drop_code_authorizations({name}, undo)
@@ -1121,15 +1501,18 @@ class Ledger:
 
         return await self.submit(run)
 
-    async def release_seat(self, item_id: str, client_uuid: str) -> None:
-        def run(now: datetime, batch: WriteBatch, undo: Undo) -> None:
+    async def release_seat(self, item_id: str, client_uuid: str) -> Seat:
+        """Free a device's seat (a borrowed one too: the device keeps working offline until borrowedUntil)."""
+
+        def run(now: datetime, batch: WriteBatch, undo: Undo) -> Seat:
             seat = self.devices[client_uuid].seats.get(item_id)
             if seat is None:
                 raise NotFound(f"seat of device {client_uuid} on item {item_id}")
             self._release(seat, "forced", None, now, batch, undo)
             self._end_authorizations(client_uuid, item_id, batch, undo)
+            return seat
 
-        await self.submit(run, (client_uuid,))
+        return await self.submit(run, (client_uuid,))
 
     async def end_grant(self, item_id: str, client_uuid: str) -> None:
         """Force-release a device's hold on an item counted without seats (concurrent, units, domain): its
@@ -1149,7 +1532,7 @@ class Ledger:
                 batch.events.append(Event(at=now, type="seat.released", code=auth.code, item_id=item_id,
                                           client_uuid=client_uuid, detail={"reason": "forced"}))
 
-        await self.submit(run, (client_uuid,))
+        return await self.submit(run, (client_uuid,))
 
     def _code(self, name: str) -> HandshakeCode:
         code = self.codes.get(name)
@@ -1171,7 +1554,13 @@ def _writer_stopped(task: asyncio.Task[None]) -> None:
 def _code_detail(code: HandshakeCode) -> dict[str, Any]:
     return {"items": list(code.items), "customOrder": code.custom_order, "domains": list(code.domains),
             "appIds": list(code.app_ids), "processNames": list(code.process_names),
-            "passwordSet": code.password_hash is not None}
+            "passwordSet": code.password_hash is not None, "borrowMaxDays": code.borrow_max_days,
+            "itemLimits": limits_json(code)}
+
+
+def limits_json(code: HandshakeCode) -> dict[str, dict[str, int | None]]:
+    """A code's seat limits as the API writes them: item -> {reservedSeats, maxSeats}."""
+    return {lim.item_id: {"reservedSeats": lim.reserved_seats, "maxSeats": lim.max_seats} for lim in code.seat_limits}
 
 
 def default_code_name(organization_id: str, license_id: str) -> str:
@@ -1184,5 +1573,7 @@ def _handshake_event(req: hs.Request, now: datetime, code: str | None, item_id: 
 
 
 def _seat_event(kind: str, seat: Seat, code: str | None, now: datetime) -> Event:
-    return Event(at=now, type=kind, code=code, item_id=seat.item_id, client_uuid=seat.client_uuid,
-                 detail={"expiresAt": seat.expires_at.isoformat()})
+    detail = {"expiresAt": seat.expires_at.isoformat()}
+    if seat.borrowed_until is not None and seat.borrowed_until > now:
+        detail["borrowedUntil"] = seat.borrowed_until.isoformat()
+    return Event(at=now, type=kind, code=code, item_id=seat.item_id, client_uuid=seat.client_uuid, detail=detail)

@@ -40,6 +40,7 @@ from lts_server.core.model import (
     Period,
 )
 from lts_server.core.times import iso
+from lts_server.core.versions import RangeError, check_range
 from lts_server.identity import key_id
 
 FORMAT_VERSION = 1
@@ -80,6 +81,10 @@ class ItemPayload(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw
     domain: DomainPattern | None = None
     starts_at: Moment
     expires_at: Moment
+    # Days a device may borrow the item offline; absent: no borrowing (core/borrowing.py).
+    borrow_max_days: Annotated[int, msgspec.Meta(ge=1, le=365)] | None = None
+    # The client versions the item serves, a PEP 440 range such as ">=3.0,<5"; absent: any (core/versions.py).
+    versions: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
 
 
 class Payload(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -144,6 +149,14 @@ def problems(payload: Payload, signed: bool = True) -> list[tuple[str, str]]:
         if rules.deployments is not None and item.deployment_type not in rules.deployments:
             allowed = ", ".join(sorted(d.value for d in rules.deployments))
             found.append((f"{at}.deploymentType", f"{item.license_type.value} items must be {allowed}"))
+        if item.borrow_max_days is not None and not rules.borrowable:
+            found.append((f"{at}.borrowMaxDays", f"item {item.item_id}: {item.license_type.value} items cannot be "
+                                                 "borrowed (per-device, per-server and per-concurrent-device can)"))
+        if item.versions is not None:
+            try:
+                check_range(item.versions)
+            except RangeError as e:
+                found.append((f"{at}.versions", f"item {item.item_id}: {e}"))
     return found
 
 
@@ -162,6 +175,8 @@ def to_license(payload: Payload) -> License:
             domain=i.domain.lower() if i.domain else None,
             starts_at=i.starts_at,
             expires_at=i.expires_at,
+            borrow_max_days=i.borrow_max_days,
+            versions=i.versions,
         )
         for i in payload.items
     )

@@ -33,6 +33,8 @@ class LiveState:
     statuses: Callable[[], Mapping[str, ItemStatus]]
     queue_depth: Callable[[], int]
     clock: Callable[[], datetime]
+    # Requests waiting for a seat, per item (lts_server/queue.py).
+    seat_queues: Callable[[], Mapping[str, int]] = dict
 
 
 class _LiveCollector(Collector):
@@ -84,6 +86,12 @@ class _LiveCollector(Collector):
         depth = GaugeMetricFamily("lts_ledger_queue_depth", "Jobs waiting for the ledger's writer.")
         depth.add_metric([], self.live.queue_depth())
         yield depth
+        waiting = GaugeMetricFamily("lts_item_queue_waiting", "Handshakes waiting for a seat of an item "
+                                    "(waitSeconds), on this node.", labels=["item"])
+        lengths = self.live.seat_queues()
+        for item_id in items:
+            waiting.add_metric([item_id], lengths.get(item_id, 0))
+        yield waiting
 
 
 class Metrics:
@@ -110,6 +118,8 @@ class Metrics:
         self.alerts = Counter("lts_alerts", "Notifications raised by alert checks (type alert or test).",
                               ["type"], registry=r)
         self.alert_checks = Counter("lts_alert_checks", "Alert checks run.", registry=r)
+        self.returns = Counter("lts_borrow_returns", "Returns of borrowed seats by outcome (granted: answered "
+                               "200, refused, invalid, unavailable, error).", ["outcome"], registry=r)
         self.alert_check_latency = Histogram("lts_alert_check_duration_seconds", "Time one alert check takes.",
                                              buckets=LATENCY_BUCKETS, registry=r)
 

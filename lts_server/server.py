@@ -30,6 +30,8 @@ from lts_server.metrics import LiveState, Metrics
 from lts_server.signer import BatchSigner
 from lts_server.statelock import StateBusy, StateLock
 from lts_server.store import Store, StoreError
+from lts_server.store.pg_queue import PgQueueFeed
+from lts_server.store.sql_offline import SLICES_PER_CALL
 from lts_server.store.postgres import IMPORT_LOCK, PostgresStore
 from lts_server.store.sqlite import SQLiteStore
 from lts_server.web.app import create_app
@@ -53,6 +55,8 @@ ARCHIVE_SECONDS = 3600.0
 # Seconds a stop still gets after the last in-flight request if those took all of shutdown_timeout:
 # to flush the ledger's commits and close the database, when it answers.
 STOP_GRACE = 1.0
+# How often the seat queues forget other nodes' waiters past their time (and serve if that frees a turn).
+QUEUE_CHECK_SECONDS = 1.0
 
 
 def _free_port(host: str) -> int:
@@ -118,6 +122,7 @@ class Server:
         self.guard: ConnectionGuard | None = None
         self._listeners: list[asyncio.Server] = []
         self._state_lock: StateLock | None = None
+        self._queue_feed: PgQueueFeed | None = None
 
     def load_vendor_keys(self, cfg: Config | None = None) -> dict[str, Ed25519PublicKey]:
         return licensefile.load_trusted((cfg or self.config).public_key_paths)
@@ -148,15 +153,21 @@ class Server:
                                         to_ms(self.clock()))
         guard = ClockGuard(self.clock, timedelta(seconds=cfg.clock.tolerance))
         guard.load(await store.clock_tick(to_ms(self.clock())))
-        ledger = Ledger(store, ident.secret, self.clock, self.config.storage.device_cache)
+        ledger = Ledger(store, ident.secret, self.clock, self.config.storage.device_cache,
+                        self.config.queue.max_waiting)
         ledger.time_floor = guard.judged
         await ledger.start()
+        if isinstance(store, PostgresStore):
+            self._queue_feed = PgQueueFeed(store, ledger.queue, self._room_elsewhere, ledger.queue_check)
+            await self._queue_feed.start()
+            ledger.queue_feed = self._queue_feed
+            ledger.on_room = self._queue_feed.room
         try:  # the folder operators drop files into: there from the first start, so watching works
             cfg.import_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         except OSError as e:
             logs.event("import.folder_not_created", logs.logging.WARNING, path=str(cfg.import_dir), error=e.strerror)
         metrics.watch(LiveState(lambda: ledger.items, lambda: ledger.statuses, lambda: ledger.queue_depth,
-                                ledger.clock))
+                                ledger.clock, ledger.queue.lengths))
         smtp = cfg.alerts.smtp
         alerter = Alerter(cfg.alerts, cfg.path(smtp.password_file) if smtp.password_file else None, store, ledger,
                           ident.server_uuid, metrics, cfg.path(smtp.ca_file) if smtp.ca_file else None)
@@ -199,6 +210,9 @@ class Server:
         self.guard = ConnectionGuard(lambda: json_protocol_errors(runner.server()), connection_limits(cfg))
         app[GUARD] = self.guard
         await runner.setup()
+        if cfg.server.standby_of:
+            self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
+            await self._standby_checked.wait()  # know the main's state before serving anyone (before listening)
         listener = await self._listen(cfg.server.host, cfg.server.port)
         scheme = "https" if cfg.server.tls_cert else "http"
         self.urls = [f"{scheme}://{cfg.server.host}:{port}" for port in _ports(listener)]
@@ -215,6 +229,7 @@ class Server:
                 importer.watch(self.stopping, cfg.import_.rescan_seconds, cfg.import_.watch), name="import-watch"))
             self._tasks.append(asyncio.create_task(self._sweeper(), name="seat-sweeper"))
         self._tasks.append(asyncio.create_task(self._roller(), name="rollups"))
+        self._tasks.append(asyncio.create_task(self._check_queues(), name="seat-queues"))
         if self.leads and cfg.events.retain_days:
             self._tasks.append(asyncio.create_task(self._archive_old_events(cfg.events.retain_days),
                                                    name="event-archive"))
@@ -226,9 +241,6 @@ class Server:
         self._tasks.append(asyncio.create_task(alerter.run_checks(self.stopping), name="alert-checks"))
         if self.leads:  # deliveries are claimed one at a time, but one sender per machine is plenty
             self._tasks.append(asyncio.create_task(alerter.run_outbox(self.stopping), name="alert-outbox"))
-        if cfg.server.standby_of:
-            self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
-            await self._standby_checked.wait()  # know the main's state before serving anyone
         logs.event("server.listening", urls=self.urls, server_uuid=ident.server_uuid, usage_chain=chain.chain,
                    database=store.where if isinstance(store, PostgresStore) else str(cfg.database_path),
                    import_dir=str(cfg.import_dir))
@@ -273,6 +285,31 @@ class Server:
                     await asyncio.wait_for(self.stopping.wait(), timeout=pause)
                 except TimeoutError:
                     pass
+
+    def _room_elsewhere(self, items: set[str]) -> None:
+        """Another node freed seats that waiters may be due: take its changes in, then serve."""
+        async def catch_up_and_serve() -> None:
+            try:
+                while not await self.catch_up():
+                    pass
+            except Exception as e:  # the follower tries again every follow_ms; the queue check after it serves
+                logs.event("follow.failed", logs.logging.ERROR, error=str(e))
+                return
+            assert self.services is not None
+            self.services.ledger.queue_check()
+
+        if self.services is not None and not self.stopping.is_set():
+            self._tasks.append(asyncio.ensure_future(catch_up_and_serve()))
+            self._tasks = [t for t in self._tasks if not t.done()]
+
+    async def _check_queues(self) -> None:
+        assert self.services is not None
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=QUEUE_CHECK_SECONDS)
+            self.services.ledger.queue_check()
+            if self._queue_feed is not None:
+                await self._queue_feed.check()
 
     @contextlib.asynccontextmanager
     async def _import_turn(self) -> AsyncIterator[None]:
@@ -347,6 +384,16 @@ class Server:
                 if on_overuse is not None:
                     on_overuse(list(result.overuse))
             if result.processed < ROLLUP_PAGE:
+                break
+            await asyncio.sleep(0)
+        # Borrowed devices count as active in every slice their borrow covers, offline as they are.
+        while True:
+            result = await store.count_borrowed_slices(to_ms(ledger.clock()), quantities)
+            if result.overuse:
+                await ledger.mirror_overuse(result.overuse)
+                if on_overuse is not None:
+                    on_overuse(list(result.overuse))
+            if result.processed < SLICES_PER_CALL:
                 return total
             await asyncio.sleep(0)
 
@@ -411,6 +458,7 @@ class Server:
             up = False
         if up != self.services.main_is_up:
             logs.event("standby.main_up" if up else "standby.serving", main=url)
+
         self.services.main_is_up = up
 
     async def _watch_main(self) -> None:
@@ -469,6 +517,8 @@ class Server:
         self.stopping.set()
         for listener in self._listeners:
             listener.close()  # stop accepting; open connections finish below
+        if self.services is not None:
+            self.services.ledger.stop_waiting()  # waiting requests get 503 now, not at the shutdown timeout
         if self.runner is not None:
             cleanup = asyncio.ensure_future(self.runner.cleanup())
             if not (await asyncio.wait([cleanup], timeout=timeout))[0]:
@@ -499,6 +549,9 @@ class Server:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.services.store.clock_tick(  # type: ignore[attr-defined]
                         self.services.clock.tick_ms()), max(0.1, min(5, left())))
+        if self._queue_feed is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._queue_feed.close(), max(0.1, min(5, left())))
         if self._store is not None:
             await self._store.close(left())
         if self._state_lock is not None:

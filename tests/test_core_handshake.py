@@ -18,6 +18,7 @@ from lts_server.core.model import (
     grace_allowance,
 )
 from lts_server.core.ordering import usage_order
+from lts_server.core.reservations import Share, limits_by_item, share_of
 from lts_server.errors import Code
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -42,6 +43,8 @@ class FakeView:
     seats: dict[tuple[str, str], datetime] = field(default_factory=dict)
     defaults: dict[str, str] = field(default_factory=dict)
     elsewhere: dict[str, int] = field(default_factory=dict)
+    code_seats: dict[tuple[str, str], int] = field(default_factory=dict)
+    waiting: dict[str, int] = field(default_factory=dict)
 
     def default_codes(self, organization_id: str) -> list[str]:
         return [self.defaults[organization_id]] if organization_id in self.defaults else []
@@ -57,6 +60,10 @@ class FakeView:
 
     def instances_elsewhere(self, item_id: str, client_uuid: str, now: datetime) -> int:
         return self.elsewhere.get(item_id, 0)
+
+    def share(self, item_id: str, code: HandshakeCode) -> Share:
+        return share_of(code, item_id, limits_by_item(self.codes.values()).get(item_id, {}),
+                        {c: n for (c, i), n in self.code_seats.items() if i == item_id}, self.waiting.get(item_id, 0))
 
 
 def view_with(*items: Item, **code_kw) -> FakeView:

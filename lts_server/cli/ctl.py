@@ -138,6 +138,31 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def item_limits(args: argparse.Namespace) -> dict[str, dict[str, int]] | None:
+    """--reserve ITEM=N and --max-seats ITEM=N as the API's itemLimits; None when neither is given."""
+    if not args.reserve and not args.max_seats and not getattr(args, "no_limits", False):
+        return None
+    limits: dict[str, dict[str, int]] = {}
+    for flag, key, values in (("--reserve", "reservedSeats", args.reserve), ("--max-seats", "maxSeats", args.max_seats)):
+        for value in values or []:
+            item_id, _, number = value.partition("=")
+            if not item_id or not number.isdigit():
+                raise CtlError(f"{flag} {value}: expected ITEM=NUMBER, e.g. {flag} 100028117-1=10", EXIT_USAGE)
+            limits.setdefault(item_id, {})[key] = int(number)
+    return limits
+
+
+def borrow_days(value: str | None) -> int | None | str:
+    """--borrow-max-days: a number of days, or `none` for the items' own limit."""
+    if value is None:
+        return "keep"
+    if value.lower() == "none":
+        return None
+    if not value.isdigit():
+        raise CtlError(f"--borrow-max-days {value}: expected 0-365 or none", EXIT_USAGE)
+    return int(value)
+
+
 def server_url(value: str) -> str:
     """The server's base URL; `host:port` without a scheme means http://host:port."""
     value = value.strip().rstrip("/")
@@ -432,6 +457,10 @@ async def run(args: argparse.Namespace) -> int:
                 body = {"organizationId": args.organization, "custom": args.custom,
                         "items": _csv(args.items) or [], "domains": _csv(args.domains) or [],
                         "appIds": _csv(args.app_ids) or [], "processNames": _csv(args.process_names) or []}
+                if (days := borrow_days(args.borrow_max_days)) != "keep":
+                    body["borrowMaxDays"] = days
+                if (limits := item_limits(args)) is not None:
+                    body["itemLimits"] = limits
                 password = session_password(args)
                 if password:
                     body["sessionPassword"] = password
@@ -441,7 +470,10 @@ async def run(args: argparse.Namespace) -> int:
                 body = {k: v for k, v in {
                     "custom": args.custom, "items": _csv(args.items), "domains": _csv(args.domains),
                     "appIds": _csv(args.app_ids), "processNames": _csv(args.process_names),
-                    "sessionPassword": "" if args.no_password else session_password(args)}.items() if v is not None}
+                    "sessionPassword": "" if args.no_password else session_password(args),
+                    "itemLimits": item_limits(args)}.items() if v is not None}
+                if (days := borrow_days(args.borrow_max_days)) != "keep":
+                    body["borrowMaxDays"] = days
                 out = await api.call("PATCH", f"{base}/{args.name}", body)
                 text = f"saved {out['name']}"
             elif args.action == "delete":
@@ -492,14 +524,18 @@ async def run(args: argparse.Namespace) -> int:
         elif cmd == "devices":
             if args.action == "list":
                 out = (await api.call("GET", f"/api/v1/admin/items/{args.item}/devices"))["devices"]
-                text = table(out, ["clientUuid", "grantedAt", "refreshedAt", "expiresAt"])
+                if args.borrowed:
+                    out = [d for d in out if d["borrowed"]]
+                text = table(out, ["clientUuid", "code", "grantedAt", "refreshedAt", "expiresAt", "borrowedUntil"])
             elif args.action == "holders":
                 out = await api.call("GET", f"/api/v1/admin/items/{args.item}/holders?limit={args.limit}")
-                text = table(out["holders"], ["clientUuid", "kind", "since", "lastSeen", "code", "expiresAt"]) + (
+                text = table(out["holders"], ["clientUuid", "kind", "since", "lastSeen", "code", "expiresAt",
+                                              "borrowedUntil"]) + (
                     f"\n{len(out['holders'])} of {out['total']:,} shown" if out["next"] is not None else "")
             else:
                 out = await api.call("DELETE", f"/api/v1/admin/items/{args.item}/holders/{args.client}")
-                text = f"released {args.client} from {args.item}"
+                text = f"released {args.client} from {args.item}" + (
+                    f"; note: {out['warning']}" if out.get("warning") else "")
         elif cmd == "stats":
             query = urllib.parse.urlencode({"bucket": args.bucket, **({"from": args.since} if args.since else {})})
             out = await api.call("GET", f"/api/v1/admin/stats/codes/{args.code}?{query}")
@@ -612,6 +648,7 @@ def parser() -> argparse.ArgumentParser:
     edit.add_argument("name", help="e.g. 216998-vehicleCode")
     edit.add_argument("--custom", help="rename (not for default codes)")
     edit.add_argument("--no-password", action="store_true", help="remove the session password")
+    edit.add_argument("--no-limits", action="store_true", help="remove every seat limit (--reserve, --max-seats)")
     for c in (create, edit):
         c.add_argument("--items", help="comma-separated item ids")
         c.add_argument("--domains", help="comma-separated domains, e.g. *.example.com")
@@ -623,6 +660,14 @@ def parser() -> argparse.ArgumentParser:
         secret.add_argument("--password-file", metavar="FILE", help="read the session password from FILE "
                                                                      "('-': stdin)")
         secret.add_argument("--prompt-password", action="store_true", help="ask for the session password")
+        c.add_argument("--borrow-max-days", metavar="DAYS",
+                       help="lower the items' borrowing limit for this code: 0-365 (0: no borrowing), or none "
+                            "for the items' own")
+        c.add_argument("--reserve", action="append", metavar="ITEM=N",
+                       help="seats of ITEM only this code may take (repeatable; given with --max-seats, they "
+                            "replace every seat limit of the code)")
+        c.add_argument("--max-seats", action="append", metavar="ITEM=N",
+                       help="the most seats of ITEM this code holds (repeatable)")
     delete = codes.add_parser("delete", help="delete a handshake code (its statistics stay)")
     delete.add_argument("name", help="e.g. 216998-vehicleCode")
     delete.add_argument("--confirm-default", action="store_true",
@@ -635,12 +680,16 @@ def parser() -> argparse.ArgumentParser:
     order.add_argument("--default", action="store_true", help="back to the default order")
     dev = sub.add_parser("devices", help="devices holding seats").add_subparsers(dest="action", required=True,
                                                                                 metavar="ACTION")
-    dev.add_parser("list", help="devices holding a seat of an item").add_argument("item", help="item id")
-    holders = dev.add_parser("holders", help="who holds an item: device, since, last seen, code (concurrent "
-                                             "items too)")
+    dev_list = dev.add_parser("list", help="devices holding a seat of an item, with the code and a borrow's end")
+    dev_list.add_argument("item", help="item id")
+    dev_list.add_argument("--borrowed", action="store_true", help="only borrowed seats (offline devices)")
+    holders = dev.add_parser("holders", help="who holds an item: device, since, last seen, code, borrowed until "
+                                             "(concurrent items too)")
     holders.add_argument("item", help="item id")
     holders.add_argument("--limit", type=int, default=1000, help="at most this many (default: %(default)s)")
-    rel = dev.add_parser("release", help="free a device's seat or end its hold on a concurrent item (its authorizations on the item end)")
+    rel = dev.add_parser("release", help="free a device's seat or end its hold on a concurrent item (its "
+                                         "authorizations on the item end; a borrowed seat's device keeps working "
+                                         "offline until its borrowedUntil)")
     rel.add_argument("item", help="item id")
     rel.add_argument("client", help="the device's clientUuid")
     dev.add_parser("binding", help="the fingerprint binding of a device (clone detection)").add_argument(

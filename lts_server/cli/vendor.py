@@ -49,7 +49,7 @@ def payload_from_spec(spec: dict[str, Any], now: datetime) -> licensefile.Payloa
     known = {"license_id", "alias", "organization_id", "server_uuid", "server_key", "revision", "status",
              "license_text_version", "issued_at", "items"}
     item_keys = {"item_id", "product", "edition", "deployment_type", "license_type", "quantity",
-                 "period", "domain", "starts_at", "expires_at"}
+                 "period", "domain", "starts_at", "expires_at", "borrow_max_days", "versions"}
     for key in spec:
         if key not in known:
             raise SpecError(f"{key}: unknown key")
@@ -187,7 +187,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     for item in lic.items:
         extra = ", ".join(
             x for x in (item.edition and f"edition {item.edition}", item.period and item.period.value,
-                        item.domain and f"domain {item.domain}") if x
+                        item.domain and f"domain {item.domain}",
+                        item.borrow_max_days and f"borrow up to {item.borrow_max_days} days",
+                        item.versions and f"versions {item.versions}") if x
         )
         print(
             f"  item {item.item_id}: {item.product} {item.deployment_type.value} {item.license_type.value}"

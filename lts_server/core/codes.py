@@ -6,8 +6,11 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 
-from lts_server.core.model import HandshakeCode, Item
+from lts_server.core.borrowing import MAX_DAYS
+from lts_server.core.model import HandshakeCode, Item, SeatLimit
+from lts_server.core.reservations import limit_problems
 
 CUSTOM_PART = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DOMAIN = re.compile(r"^(\*\.)?([A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}$")
@@ -24,6 +27,15 @@ class CodeError(Exception):
         self.status = status
 
 
+class Keep(Enum):
+    """A field the edit leaves as it is (where None means: remove)."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
+
+
 @dataclass(frozen=True)
 class CodeFields:
     """What an admin sets on a code; None leaves a field as it is."""
@@ -35,6 +47,10 @@ class CodeFields:
     process_names: tuple[str, ...] | None = None
     # "" removes the password; the shell hashes a new one before it gets here.
     password_hash: str | None = None
+    # None removes the code's own limit (the items' limits apply); 0 forbids borrowing through the code.
+    borrow_max_days: int | None | Keep = KEEP
+    # Replaces every seat limit of the code (() removes them all); None leaves them.
+    seat_limits: tuple[SeatLimit, ...] | None = None
 
 
 def code_name(organization_id: str, custom: str) -> str:
@@ -83,12 +99,38 @@ def _check_items(items: tuple[str, ...], organization_id: str, known: Mapping[st
     return items
 
 
+def _check_borrow(days: int | None) -> int | None:
+    if days is not None and not 0 <= days <= MAX_DAYS:
+        raise CodeError("borrowMaxDays", f"must be 0 (no borrowing) to {MAX_DAYS} days, or null for the items' own")
+    return days
+
+
+def _normal_limits(limits: tuple[SeatLimit, ...]) -> tuple[SeatLimit, ...]:
+    """One limit per item, in item order; a limit that reserves nothing and caps nothing is no limit."""
+    seen: dict[str, SeatLimit] = {}
+    for lim in limits:
+        if lim.item_id in seen:
+            raise CodeError(f"itemLimits.{lim.item_id}", "the item is given twice")
+        seen[lim.item_id] = lim
+    return tuple(seen[i] for i in sorted(seen) if seen[i].reserved_seats or seen[i].max_seats is not None)
+
+
+def _check_limits(code: HandshakeCode, known: Mapping[str, Item], existing: Mapping[str, HandshakeCode],
+                  replaced: str | None = None) -> HandshakeCode:
+    others = [c for c in existing.values() if c.name not in (code.name, replaced)]
+    found = limit_problems(code, known, others)
+    if found:
+        field, message = found[0]
+        raise CodeError(field, message)
+    return code
+
+
 def create(organization_id: str, fields: CodeFields, known: Mapping[str, Item],
            existing: Mapping[str, HandshakeCode]) -> HandshakeCode:
     name = code_name(organization_id, _check_custom(organization_id, fields.custom))
     if name in existing:
         raise CodeError("custom", f"a handshake code named {name} already exists", status=409)
-    return HandshakeCode(
+    code = HandshakeCode(
         name=name,
         organization_id=organization_id,
         items=_check_items(fields.items or (), organization_id, known),
@@ -96,7 +138,10 @@ def create(organization_id: str, fields: CodeFields, known: Mapping[str, Item],
         app_ids=_check_values("appIds", fields.app_ids or ()),
         process_names=_check_values("processNames", fields.process_names or ()),
         password_hash=fields.password_hash or None,
+        borrow_max_days=_check_borrow(None if fields.borrow_max_days is KEEP else fields.borrow_max_days),
+        seat_limits=_normal_limits(fields.seat_limits or ()),
     )
+    return _check_limits(code, known, existing)
 
 
 def edit(code: HandshakeCode, fields: CodeFields, known: Mapping[str, Item],
@@ -110,10 +155,20 @@ def edit(code: HandshakeCode, fields: CodeFields, known: Mapping[str, Item],
                 raise CodeError("custom", "a default code's name cannot change", status=409)
             if name in existing:
                 raise CodeError("custom", f"a handshake code named {name} already exists", status=409)
+            if code.seat_limits or fields.seat_limits:
+                # The seats a code holds are counted under its name (store/sql_offline.py).
+                raise CodeError("custom", f"{code.name} has seat limits (itemLimits): remove them, rename the code, "
+                                          "then set them again", status=409)
             changes["name"] = name
     if fields.items is not None:
         items = _check_items(fields.items, code.organization_id, known)
         changes["items"] = _keep_order(code, items)
+        if fields.seat_limits is None:  # limits of items the code no longer draws on end with them
+            changes["seat_limits"] = tuple(lim for lim in code.seat_limits if lim.item_id in items)
+    if fields.seat_limits is not None:
+        changes["seat_limits"] = _normal_limits(fields.seat_limits)
+    if fields.borrow_max_days is not KEEP:
+        changes["borrow_max_days"] = _check_borrow(fields.borrow_max_days)
     if fields.domains is not None:
         changes["domains"] = _check_values("domains", tuple(d.lower() for d in fields.domains), DOMAIN)
     if fields.app_ids is not None:
@@ -122,7 +177,8 @@ def edit(code: HandshakeCode, fields: CodeFields, known: Mapping[str, Item],
         changes["process_names"] = _check_values("processNames", fields.process_names)
     if fields.password_hash is not None:
         changes["password_hash"] = fields.password_hash or None
-    return dataclasses.replace(code, **changes)  # type: ignore[arg-type]
+    edited = dataclasses.replace(code, **changes)  # type: ignore[arg-type]
+    return _check_limits(edited, known, existing, replaced=code.name) if edited.seat_limits else edited
 
 
 def _keep_order(code: HandshakeCode, items: tuple[str, ...]) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Protocol
 
+from lts_server.core import borrowing
 from lts_server.core.model import (
     EXPIRY_GRACE,
     PERIOD_LENGTH,
@@ -26,6 +27,8 @@ from lts_server.core.model import (
     hard_limit,
 )
 from lts_server.core.ordering import usage_order
+from lts_server.core.reservations import FREE, ClaimKind, Share, claim_kind, no_room
+from lts_server.core.versions import DEFAULT_PROTOCOL, protocol_problem, version_problem
 from lts_server.errors import Code, Refusal
 
 DOMAIN_AUTHORIZATION = timedelta(days=1)
@@ -45,6 +48,9 @@ class Request:
     app_id: str | None = None
     process_name: str | None = None
     instances: int = 1
+    protocol_version: int = DEFAULT_PROTOCOL
+    # Borrow the seat offline for this many days (core/borrowing.py).
+    borrow_days: int | None = None
 
 
 class View(Protocol):
@@ -68,6 +74,10 @@ class View(Protocol):
         whose authorization is still running."""
         ...
 
+    def share(self, item_id: str, code: HandshakeCode) -> Share:
+        """What the code may take of the item's seats: its reservations, the others', its cap, the queue."""
+        ...
+
 
 class SeatAction(Enum):
     NONE = "none"
@@ -84,6 +94,8 @@ class Fit:
     expires_at: datetime
     instances: int
     limit: int  # seats or units the item may reach, grace included
+    reserved: bool = False  # CLAIM: one of the code's reserved seats (core/reservations.py)
+    borrowed_until: datetime | None = None  # a borrowed seat is held until then
 
 
 @dataclass(frozen=True)
@@ -97,10 +109,17 @@ class Grant:
 
 
 @dataclass(frozen=True)
+class NoRoom(Refusal):
+    """120 because every seat the request may take is taken (a request with waitSeconds may queue)."""
+
+
+@dataclass(frozen=True)
 class Refused:
     refusal: Refusal
     code_name: str | None = None
     item_id: str | None = None
+    # On a 120 for want of a seat: every item of the code that refused for that reason (a queue waits on them).
+    full: tuple[str, ...] = ()
 
 
 Decision = Grant | Refused
@@ -154,6 +173,7 @@ CHECKS = (
     Code.PRODUCT_MISMATCH,
     Code.DEPLOYMENT_MISMATCH,
     Code.EDITION_MISMATCH,
+    Code.INCOMPATIBLE_VERSION,
     Code.NOT_YET_EFFECTIVE,
     Code.EXPIRED,
     Code.REVOKED,
@@ -178,7 +198,8 @@ def authorization_end(item: Item, now: datetime, judged: datetime | None = None)
 
 
 def fit(req: Request, item: Item, status: ItemStatus, seat_expiry: datetime | None, now: datetime,
-        instances_elsewhere: int = 0, judged: datetime | None = None) -> Refusal | Fit:
+        instances_elsewhere: int = 0, code: HandshakeCode | None = None,
+        share: Callable[[], Share] | None = None, judged: datetime | None = None) -> Refusal | Fit:
     """Whether one item authorizes the request, or the first check it fails. The item's start, expiry and
     grace are judged at `judged` when given (a clock set back never extends them), else at now."""
     rules = item.rules
@@ -189,6 +210,8 @@ def fit(req: Request, item: Item, status: ItemStatus, seat_expiry: datetime | No
         return Refusal(Code.DEPLOYMENT_MISMATCH, f"item {item.item_id} is for {item.deployment_type.value}")
     if item.edition is not None and (req.edition or "").casefold() != item.edition.casefold():
         return Refusal(Code.EDITION_MISMATCH, f"item {item.item_id} is for edition {item.edition}")
+    if item.versions is not None and (outside := version_problem(req.version, item.versions)):
+        return Refusal(Code.INCOMPATIBLE_VERSION, f"item {item.item_id}: {outside}")
     if at < item.starts_at:
         return Refusal(Code.NOT_YET_EFFECTIVE, f"item {item.item_id} starts at {item.starts_at.isoformat()}")
     if at >= item.expires_at + EXPIRY_GRACE:
@@ -200,6 +223,12 @@ def fit(req: Request, item: Item, status: ItemStatus, seat_expiry: datetime | No
             return Refusal(Code.TYPE_INCOMPATIBLE, f"item {item.item_id} is per-domain and the request names no domain")
         if item.domain and not domain_matches(item.domain, req.domain):
             return Refusal(Code.DOMAIN_MISMATCH, f"item {item.item_id} is for {item.domain}")
+    borrowed_until = None
+    if req.borrow_days is not None:
+        refused = borrowing.borrow_problem(item, code, req.borrow_days) if code else "no handshake code"
+        if refused:
+            return Refusal(Code.TYPE_INCOMPATIBLE, refused)
+        borrowed_until = borrowing.borrowed_until(item, req.borrow_days, now)
     instances = req.instances if rules.counts is Counts.INSTANCES else 1
     if rules.counts is Counts.INSTANCES and instances > item.quantity:
         return Refusal(
@@ -207,25 +236,37 @@ def fit(req: Request, item: Item, status: ItemStatus, seat_expiry: datetime | No
         )
     limit = hard_limit(item.license_type, item.quantity)
     seat = SeatAction.NONE
-    if rules.counts is Counts.SEATS:
+    reserved = False
+    # Seats: per-device items always; a concurrent item only for a borrow, at most `quantity` borrowed at once.
+    seated = rules.counts is Counts.SEATS or (borrowed_until is not None and rules.counts is Counts.CONCURRENCY)
+    if seated:
+        if rules.counts is Counts.CONCURRENCY:
+            limit = item.quantity
         if seat_expiry is not None:
             seat = SeatAction.REFRESH
-        elif status.seats_used >= limit:
-            return Refusal(
-                Code.LIMIT_EXCEEDED, f"all {item.quantity} seats of item {item.item_id} and the grace are taken"
-            )
         else:
+            room = share() if share is not None else FREE
+            kind = claim_kind(status.seats_used, limit, room)
+            if kind is None:
+                detail = no_room(item, code, status.seats_used, limit, room) if code else f"item {item.item_id} is full"
+                if rules.counts is Counts.CONCURRENCY:
+                    detail = f"all {item.quantity} borrowable seats of item {item.item_id} are borrowed"
+                return NoRoom(Code.LIMIT_EXCEEDED, detail)
             seat = SeatAction.CLAIM
+            reserved = kind is ClaimKind.RESERVED
     elif rules.counts is Counts.UNITS and status.units_used >= limit:
         return Refusal(Code.LIMIT_EXCEEDED, f"the quota of item {item.item_id} and its grace are used up")
-    elif rules.per_slice and status.overused and instances_elsewhere + instances > item.quantity:
+    if rules.per_slice and status.overused and instances_elsewhere + instances > item.quantity:
         # Overuse tolerance used up: only N devices (or instances) across all clients.
         what = "instances" if rules.counts is Counts.INSTANCES else "devices"
         return Refusal(
             Code.LIMIT_EXCEEDED,
             f"item {item.item_id} is overused; {instances_elsewhere} of {item.quantity} {what} are in use",
         )
-    return Fit(item, seat, authorization_end(item, now, judged), instances, limit)
+    expires = authorization_end(item, now, judged)
+    if borrowed_until is not None:
+        expires = max(expires, borrowed_until) if rules.counts is Counts.SEATS else borrowed_until
+    return Fit(item, seat, expires, instances, limit, reserved, borrowed_until)
 
 
 def _rank(refusal: Refusal) -> int:
@@ -234,7 +275,8 @@ def _rank(refusal: Refusal) -> int:
     return CHECKS.index(refusal.code) if refusal.code in CHECKS else -1
 
 
-def held_seat(req: Request, view: View, order: list[str], now: datetime, judged: datetime | None = None) -> Fit | None:
+def held_seat(req: Request, view: View, order: list[str], now: datetime,
+              code: HandshakeCode | None = None, judged: datetime | None = None) -> Fit | None:
     """The seat this device already holds on one of the code's items, if that item still covers the request.
 
     One device, one seat per code: a device seated on a later item keeps it
@@ -245,7 +287,7 @@ def held_seat(req: Request, view: View, order: list[str], now: datetime, judged:
         item = view.items.get(item_id)
         if expiry is None or item is None:
             continue
-        outcome = fit(req, item, view.status(item_id), expiry, now, judged=judged)
+        outcome = fit(req, item, view.status(item_id), expiry, now, code=code, judged=judged)
         if isinstance(outcome, Fit):
             return outcome
     return None
@@ -258,6 +300,9 @@ def decide(
     password_matches: Callable[[HandshakeCode, str | None], bool],
     judged: datetime | None = None,
 ) -> Decision:
+    unspoken = protocol_problem(req.protocol_version)
+    if unspoken is not None:
+        return Refused(Refusal(Code.BAD_PROTOCOL, unspoken), req.handshake_code)
     resolved = resolve_codes(req, view)
     if isinstance(resolved, Refused):
         return resolved
@@ -278,7 +323,7 @@ def decide(
         return first_refusal
     # One device, one seat: a seat it holds through any of the codes comes before usage order.
     for code, order in admitted:
-        held = held_seat(req, view, order, now, judged)
+        held = held_seat(req, view, order, now, code, judged)
         if held is not None:
             return Grant(code, held)
     best: Refused | None = None
@@ -297,6 +342,7 @@ def _walk(req: Request, code: HandshakeCode, order: list[str], view: View, now: 
     """The code's items in usage order: the first that fits, or the refusal of the one that got furthest."""
     best: tuple[int, Refusal, str] | None = None
     missing: str | None = None
+    full: list[str] = []
     for item_id in order:
         item = view.items.get(item_id)
         if item is None:
@@ -308,13 +354,16 @@ def _walk(req: Request, code: HandshakeCode, order: list[str], view: View, now: 
             if status.overused and item.rules.per_slice
             else 0
         )
-        outcome = fit(req, item, status, view.seat_expiry(item_id, req.client_uuid), now, elsewhere, judged)
+        outcome = fit(req, item, status, view.seat_expiry(item_id, req.client_uuid), now, elsewhere, code,
+                      lambda: view.share(item_id, code), judged)  # noqa: B023 - called before the loop moves on
         if isinstance(outcome, Fit):
             return Grant(code, outcome)
+        if isinstance(outcome, NoRoom):
+            full.append(item_id)
         if best is None or _rank(outcome) > best[0]:
             best = (_rank(outcome), outcome, item_id)
     if missing is not None:
         return Refused(Refusal(Code.ITEM_MISSING, f"item {missing} of {code.name} no longer exists"), code.name, missing)
     if best is None:
         return Refused(Refusal(Code.NO_MATCHING_ITEM, f"{code.name} has no license items"), code.name)
-    return Refused(best[1], code.name, best[2])
+    return Refused(best[1], code.name, best[2], tuple(full) if isinstance(best[1], NoRoom) else ())

@@ -70,6 +70,8 @@ class TypeRules:
     # Deployment types a request may come from; None means any.
     deployments: frozenset[DeploymentType] | None = None
     grace_percent: int = 0
+    # A device may take it offline for days (borrowDays): the types that hold a seat per device.
+    borrowable: bool = False
 
     @property
     def per_slice(self) -> bool:
@@ -80,11 +82,12 @@ class TypeRules:
 LICENSE_TYPES: dict[LicenseType, TypeRules] = {
     LicenseType.PER_SCAN: TypeRules(Counts.UNITS, grace_percent=5),
     LicenseType.PER_PAGE: TypeRules(Counts.UNITS, grace_percent=5),
-    LicenseType.PER_DEVICE: TypeRules(Counts.SEATS, needs_period=True, grace_percent=10),
+    LicenseType.PER_DEVICE: TypeRules(Counts.SEATS, needs_period=True, grace_percent=10, borrowable=True),
     LicenseType.PER_SERVER: TypeRules(
-        Counts.SEATS, needs_period=True, grace_percent=10, deployments=frozenset({DeploymentType.SERVER})
+        Counts.SEATS, needs_period=True, grace_percent=10, deployments=frozenset({DeploymentType.SERVER}),
+        borrowable=True,
     ),
-    LicenseType.PER_CONCURRENT_DEVICE: TypeRules(Counts.CONCURRENCY),
+    LicenseType.PER_CONCURRENT_DEVICE: TypeRules(Counts.CONCURRENCY, borrowable=True),
     LicenseType.PER_CONCURRENT_INSTANCE: TypeRules(
         Counts.INSTANCES, deployments=frozenset({DeploymentType.SERVER})
     ),
@@ -118,6 +121,10 @@ class Item:
     edition: str | None = None
     period: Period | None = None
     domain: str | None = None
+    # Days a device may borrow the item offline (None: no borrowing), and the client versions it serves
+    # (a PEP 440 range, core/versions.py; None: any).
+    borrow_max_days: int | None = None
+    versions: str | None = None
 
     @property
     def rules(self) -> TypeRules:
@@ -164,6 +171,15 @@ class ItemStatus:
 
 
 @dataclass(frozen=True)
+class SeatLimit:
+    """What one handshake code may take of one item's seats (core/reservations.py)."""
+
+    item_id: str
+    reserved_seats: int = 0  # seats only this code may take
+    max_seats: int | None = None  # the most this code holds; None: no cap
+
+
+@dataclass(frozen=True)
 class HandshakeCode:
     name: str
     organization_id: str
@@ -175,6 +191,15 @@ class HandshakeCode:
     process_names: tuple[str, ...] = ()
     password_hash: str | None = None
     source_license_id: str | None = None
+    # Lowers the items' borrowing limit for this code (0: no borrowing through it); None: the items' own.
+    borrow_max_days: int | None = None
+    seat_limits: tuple[SeatLimit, ...] = ()
+
+    def seat_limit(self, item_id: str) -> SeatLimit | None:
+        for limit in self.seat_limits:
+            if limit.item_id == item_id:
+                return limit
+        return None
 
 
 def domain_matches(pattern: str, domain: str) -> bool:

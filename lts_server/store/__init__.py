@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Protocol
 
-from lts_server.core.model import HandshakeCode, Item, ItemStatus, License
+from lts_server.core.model import HandshakeCode, Item, ItemStatus, License, SeatLimit
 
 
 class StoreError(Exception):
@@ -72,6 +72,10 @@ class Seat:
     granted_at: datetime
     refreshed_at: datetime
     expires_at: datetime
+    # The code that claimed it (its reservation and cap count it); None for seats older than that.
+    code: str | None = None
+    # A borrowed seat is held for the offline device until then (core/borrowing.py).
+    borrowed_until: datetime | None = None
 
 
 class SeatOp(Enum):
@@ -91,13 +95,39 @@ class SeatChange:
     job: int = 0  # the index of the job in its batch that made the change
     # CLAIM only: the code's other items; the claim fails if the device holds a seat on one of them.
     exclusive_of: tuple[str, ...] = ()
+    # The seat's code has seat limits on the item: its count moves too (CLAIM, RELEASE); `reserved`: the
+    # claim takes one of the code's reserved seats (core/reservations.py).
+    limited: bool = False
+    reserved: bool = False
+
+
+@dataclass(frozen=True)
+class BorrowSpan:
+    """A borrow the statistics count slice by slice (table borrow_slices): started or extended to `until`,
+    or, with `end`, ended at `at` (a return or a release)."""
+
+    item_id: str
+    client_uuid: str
+    code: str | None
+    at: datetime
+    until: datetime
+    end: bool = False
+
+
+@dataclass(frozen=True)
+class CodeLimits:
+    """A code's seat limits as they now are, on the items whose limits changed (none: removed)."""
+
+    code: str
+    limits: tuple[SeatLimit, ...]
+    items: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Holder:
     """One device holding part of an item: a seat (seat-counted items) or a live authorization (the others).
 
-    `kind` says which ("seat", "grant"), so other kinds (a borrowed seat and its end) add to the same listing.
+    `kind` says which ("seat", "grant"); a borrowed seat says until when its device holds it offline.
     """
 
     kind: str
@@ -106,6 +136,7 @@ class Holder:
     last_seen: datetime
     expires_at: datetime
     code: str | None
+    borrowed_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -200,6 +231,8 @@ class Snapshot:
     organization_defaults: dict[str, str] = field(default_factory=dict)
     imports: dict[str, ImportRecord] = field(default_factory=dict)
     authorizations: dict[tuple[str, str], AuthorizationRecord] = field(default_factory=dict)
+    # (code, item) -> seats the code holds, for the codes with seat limits on the item.
+    code_seats: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,6 +254,8 @@ class WriteBatch:
     # More statements of the batch's transaction (store/sql.py procedures), for tables of their own modules:
     # license bindings, device bindings, the clock, authorizations ended, usage statements.
     extras: list[Callable[[], Generator[Any, Any, None]]] = field(default_factory=list)
+    code_limits: list[CodeLimits] = field(default_factory=list)
+    borrows: list[BorrowSpan] = field(default_factory=list)
     # When the changes were made: stamps rows that keep a modification time.
     at: datetime | None = None
     # The index of the job now adding changes (set by begin_job), for SeatChange.job.
@@ -249,14 +284,15 @@ class WriteBatch:
         found.append((None, replace(self, job_starts=[], **{**empty, **before})))
         return [(job, part) for job, part in found if part]
 
-    def claim(self, seat: Seat, limit: int, exclusive_of: tuple[str, ...] = ()) -> None:
-        self.seat_changes.append(SeatChange(SeatOp.CLAIM, seat, limit, self.job, exclusive_of))
+    def claim(self, seat: Seat, limit: int, exclusive_of: tuple[str, ...] = (), limited: bool = False,
+              reserved: bool = False) -> None:
+        self.seat_changes.append(SeatChange(SeatOp.CLAIM, seat, limit, self.job, exclusive_of, limited, reserved))
 
     def refresh(self, seat: Seat) -> None:
         self.seat_changes.append(SeatChange(SeatOp.REFRESH, seat, job=self.job))
 
-    def release(self, seat: Seat) -> None:
-        self.seat_changes.append(SeatChange(SeatOp.RELEASE, seat, job=self.job))
+    def release(self, seat: Seat, limited: bool = False) -> None:
+        self.seat_changes.append(SeatChange(SeatOp.RELEASE, seat, job=self.job, limited=limited))
 
     def count_report(self, report: UsageReportRecord) -> None:
         self.usage_reports.append((self.job, report))
@@ -276,6 +312,8 @@ class WriteBatch:
                 self.unit_charges,
                 self.events,
                 self.extras,
+                self.code_limits,
+                self.borrows,
             )
         )
 
@@ -293,6 +331,8 @@ class Reloaded:
     authorizations: list[AuthorizationRecord]
     # client uuid -> the fingerprint it is bound to (clone detection)
     bindings: dict[str, str] = field(default_factory=dict)
+    # (code, item) -> seats held, for the codes with seat limits on those items.
+    code_seats: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -410,6 +450,12 @@ class Store(Protocol):
 
     async def item_holders(self, item_id: str, seats: bool, now_ms: int, limit: int, offset: int = 0
                            ) -> tuple[int, list[Holder]]: ...
+
+    async def borrowed_count(self, item_id: str, now_ms: int) -> int: ...
+
+    async def code_seats(self, items: set[str]) -> dict[tuple[str, str], int]: ...
+
+    async def count_borrowed_slices(self, now_ms: int, quantities: dict[str, tuple[str, int]]) -> RollupResult: ...
 
     def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]: ...
 

@@ -47,6 +47,7 @@ from lts_server.core.usage import (
     overuse_delta,
     tolerance,
 )
+from lts_server.store import sql_offline
 from lts_server.store import (
     AuthorizationRecord,
     Conflict,
@@ -108,7 +109,7 @@ def _item(row: tuple[Any, ...]) -> Item:
         item_id=row[0], license_id=row[1], organization_id=row[2], product=row[3], edition=row[4],
         deployment_type=DeploymentType(row[5]), license_type=LicenseType(row[6]), quantity=row[7],
         period=Period(row[8]) if row[8] else None, domain=row[9], starts_at=parse_iso(row[10]),
-        expires_at=parse_iso(row[11]),
+        expires_at=parse_iso(row[11]), borrow_max_days=row[12], versions=row[13],
     )
 
 
@@ -118,7 +119,8 @@ def _status(row: tuple[Any, ...]) -> ItemStatus:
 
 
 ITEM_COLUMNS = ("item_id, license_id, organization_id, product, edition, deployment_type, license_type, quantity,"
-                " period, domain, starts_at, expires_at")
+                " period, domain, starts_at, expires_at, borrow_max_days, versions")
+SEAT_COLUMNS = "item_id, client_uuid, granted_ms, refreshed_ms, expires_ms, code, borrowed_until_ms"
 STATUS_COLUMNS = "revoked, seats_used, units_used, overuse_used, overused"
 
 
@@ -143,7 +145,7 @@ def load_catalog() -> Procedure[Snapshot]:
     for row in (yield Query(f"SELECT {ITEM_COLUMNS}, {STATUS_COLUMNS} FROM items ORDER BY item_id")):
         item = _item(row)
         snap.items[item.item_id] = item
-        snap.statuses[item.item_id] = _status(row[12:])
+        snap.statuses[item.item_id] = _status(row[14:])
         items_by_license.setdefault(item.license_id, []).append(item)
     for row in (yield Query(
         "SELECT license_id, alias, organization_id, license_text_version, status, revision, server_uuid,"
@@ -159,14 +161,16 @@ def load_catalog() -> Procedure[Snapshot]:
     members: dict[str, list[str]] = {}
     for code_name, item_id in (yield Query("SELECT code_name, item_id FROM code_items ORDER BY code_name, position")):
         members.setdefault(code_name, []).append(item_id)
+    limits, snap.code_seats = yield from sql_offline.load_code_limits()
     for row in (yield Query(
         "SELECT name, organization_id, is_default, source_license_id, custom_order, domains, app_ids,"
-        " process_names, password_hash FROM handshake_codes"
+        " process_names, password_hash, borrow_max_days FROM handshake_codes"
     )):
         snap.codes[row[0]] = HandshakeCode(
             name=row[0], organization_id=row[1], is_default=bool(row[2]), source_license_id=row[3],
             custom_order=bool(row[4]), domains=tuple(json.loads(row[5])), app_ids=tuple(json.loads(row[6])),
             process_names=tuple(json.loads(row[7])), password_hash=row[8], items=tuple(members.get(row[0], ())),
+            borrow_max_days=row[9], seat_limits=limits.get(row[0], ()),
         )
     for org, code_name in (yield Query("SELECT organization_id, code_name FROM organization_defaults")):
         snap.organization_defaults[org] = code_name
@@ -178,8 +182,7 @@ def load_catalog() -> Procedure[Snapshot]:
 
 def device_rows(clients: set[str]) -> Procedure[tuple[list[Seat], list[AuthorizationRecord], dict[str, str]]]:
     """Every seat and authorization of `clients`, and the fingerprints they are bound to."""
-    seats = [_seat(r) for r in (yield from _select_in(
-        "SELECT item_id, client_uuid, granted_ms, refreshed_ms, expires_ms FROM seats WHERE client_uuid", clients))]
+    seats = [_seat(r) for r in (yield from _select_in(f"SELECT {SEAT_COLUMNS} FROM seats WHERE client_uuid", clients))]
     auths = [_authorization(r) for r in (yield from _select_in(
         f"SELECT {AUTHORIZATION_COLUMNS} FROM authorizations WHERE client_uuid", clients))]
     bound = dict((yield from _select_in("SELECT client_uuid, fingerprint FROM device_bindings WHERE client_uuid",
@@ -191,23 +194,23 @@ def reload(items: set[str], clients: set[str]) -> Procedure[Reloaded]:
     """What other nodes may have changed: the counters of `items` (and of the items the devices sit on),
     every seat and authorization of `clients`."""
     seats, auths, bound = yield from device_rows(clients)
-    rows = yield from _select_in(f"SELECT item_id, {STATUS_COLUMNS} FROM items WHERE item_id",
-                                 items | {s.item_id for s in seats})
-    return Reloaded({r[0]: _status(r[1:]) for r in rows}, seats, auths, bound)
+    touched = items | {s.item_id for s in seats}
+    rows = yield from _select_in(f"SELECT item_id, {STATUS_COLUMNS} FROM items WHERE item_id", touched)
+    return Reloaded({r[0]: _status(r[1:]) for r in rows}, seats, auths, bound,
+                    (yield from sql_offline.code_seat_counts(touched)))
 
 
 def lapsed_seats(now_ms: int, limit: int) -> Procedure[list[Seat]]:
     """Seats whose active period ended by `now_ms`, the oldest first (index seats_expiry)."""
     return [_seat(r) for r in (yield Query(
-        "SELECT item_id, client_uuid, granted_ms, refreshed_ms, expires_ms FROM seats WHERE expires_ms <= ?"
-        " ORDER BY expires_ms LIMIT ?", (now_ms, limit)))]
+        f"SELECT {SEAT_COLUMNS} FROM seats WHERE expires_ms <= ? ORDER BY expires_ms LIMIT ?", (now_ms, limit)))]
 
 
 def item_seats(item_id: str, limit: int, offset: int) -> Procedure[list[Seat]]:
     """An item's seats in the order they were granted, a page at a time."""
     return [_seat(r) for r in (yield Query(
-        "SELECT item_id, client_uuid, granted_ms, refreshed_ms, expires_ms FROM seats WHERE item_id = ?"
-        " ORDER BY granted_ms, client_uuid LIMIT ? OFFSET ?", (item_id, limit, offset)))]
+        f"SELECT {SEAT_COLUMNS} FROM seats WHERE item_id = ? ORDER BY granted_ms, client_uuid LIMIT ? OFFSET ?",
+        (item_id, limit, offset)))]
 
 
 def item_holders(item_id: str, seats: bool, now_ms: int, limit: int, offset: int
@@ -219,16 +222,19 @@ def item_holders(item_id: str, seats: bool, now_ms: int, limit: int, offset: int
         rows = yield Query(
             "SELECT 'seat', s.client_uuid, s.granted_ms, s.refreshed_ms, s.expires_ms, (SELECT a.code FROM"
             " authorizations a WHERE a.client_uuid = s.client_uuid AND a.item_id = s.item_id"
-            " ORDER BY a.granted_ms DESC LIMIT 1) FROM seats s WHERE s.item_id = ?"
+            " ORDER BY a.granted_ms DESC LIMIT 1), s.borrowed_until_ms FROM seats s WHERE s.item_id = ?"
             " ORDER BY s.granted_ms, s.client_uuid LIMIT ? OFFSET ?", (item_id, limit, offset))
     else:
         total = (yield Query("SELECT COUNT(*) FROM authorizations WHERE item_id = ? AND expires_ms > ?",
                              (item_id, now_ms)))[0][0]
         rows = yield Query(
-            "SELECT 'grant', client_uuid, granted_ms, granted_ms, expires_ms, code FROM authorizations"
-            " WHERE item_id = ? AND expires_ms > ? ORDER BY granted_ms, client_uuid, code LIMIT ? OFFSET ?",
+            "SELECT 'grant', a.client_uuid, a.granted_ms, a.granted_ms, a.expires_ms, a.code, (SELECT"
+            " s.borrowed_until_ms FROM seats s WHERE s.item_id = a.item_id AND s.client_uuid = a.client_uuid)"
+            " FROM authorizations a WHERE a.item_id = ? AND a.expires_ms > ?"
+            " ORDER BY a.granted_ms, a.client_uuid, a.code LIMIT ? OFFSET ?",
             (item_id, now_ms, limit, offset))
-    return int(total), [Holder(r[0], r[1], from_ms(r[2]), from_ms(r[3]), from_ms(r[4]), r[5]) for r in rows]
+    return int(total), [Holder(r[0], r[1], from_ms(r[2]), from_ms(r[3]), from_ms(r[4]), r[5],
+                               from_ms(r[6]) if r[6] is not None and r[6] > now_ms else None) for r in rows]
 
 
 def _select_in(select: str, values: set[str] | list[str], *before: Any) -> Procedure[list[tuple[Any, ...]]]:
@@ -258,7 +264,8 @@ def cluster_identity(candidate: IdentityRow) -> Procedure[IdentityRow]:
 
 
 def _seat(row: tuple[Any, ...]) -> Seat:
-    return Seat(row[0], row[1], from_ms(row[2]), from_ms(row[3]), from_ms(row[4]))
+    return Seat(row[0], row[1], from_ms(row[2]), from_ms(row[3]), from_ms(row[4]), row[5],
+                from_ms(row[6]) if row[6] is not None else None)
 
 
 def _authorization(row: tuple[Any, ...]) -> AuthorizationRecord:
@@ -288,14 +295,15 @@ def write_batch(b: WriteBatch, chain: usagechain.Head | None = None) -> Procedur
              for r in b.licenses],
         )
         yield Many(
-            f"INSERT INTO items ({ITEM_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+            f"INSERT INTO items ({ITEM_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (item_id) DO UPDATE SET product = excluded.product, edition = excluded.edition,"
             " deployment_type = excluded.deployment_type, license_type = excluded.license_type,"
             " quantity = excluded.quantity, period = excluded.period, domain = excluded.domain,"
-            " starts_at = excluded.starts_at, expires_at = excluded.expires_at",
+            " starts_at = excluded.starts_at, expires_at = excluded.expires_at,"
+            " borrow_max_days = excluded.borrow_max_days, versions = excluded.versions",
             [(i.item_id, i.license_id, i.organization_id, i.product, i.edition, i.deployment_type.value,
               i.license_type.value, i.quantity, i.period.value if i.period else None, i.domain, iso(i.starts_at),
-              iso(i.expires_at)) for r in b.licenses for i in r.license.items],
+              iso(i.expires_at), i.borrow_max_days, i.versions) for r in b.licenses for i in r.license.items],
         )
     for name in b.codes_deleted:
         yield Exec("DELETE FROM code_items WHERE code_name = ?", (name,))
@@ -304,15 +312,15 @@ def write_batch(b: WriteBatch, chain: usagechain.Head | None = None) -> Procedur
     for code in b.codes:
         yield Exec(
             "INSERT INTO handshake_codes (name, organization_id, is_default, source_license_id,"
-            " custom_order, domains, app_ids, process_names, password_hash, created_ms, updated_ms)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+            " custom_order, domains, app_ids, process_names, password_hash, created_ms, updated_ms, borrow_max_days)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (name) DO UPDATE SET custom_order = excluded.custom_order,"
             " domains = excluded.domains, app_ids = excluded.app_ids,"
             " process_names = excluded.process_names, password_hash = excluded.password_hash,"
-            " updated_ms = excluded.updated_ms",
+            " updated_ms = excluded.updated_ms, borrow_max_days = excluded.borrow_max_days",
             (code.name, code.organization_id, int(code.is_default), code.source_license_id, int(code.custom_order),
              json.dumps(list(code.domains)), json.dumps(list(code.app_ids)), json.dumps(list(code.process_names)),
-             code.password_hash, now_ms, now_ms),
+             code.password_hash, now_ms, now_ms, code.borrow_max_days),
         )
         yield Exec("DELETE FROM code_items WHERE code_name = ?", (code.name,))
         yield Many("INSERT INTO code_items (code_name, item_id, position) VALUES (?,?,?)",
@@ -325,6 +333,9 @@ def write_batch(b: WriteBatch, chain: usagechain.Head | None = None) -> Procedur
         )
     for change in b.seat_changes:
         yield from _seat_change(change)
+    # After the seats: the limits count the seats the batch's claims and releases leave.
+    for limits in b.code_limits:
+        yield from sql_offline.write_code_limits(limits)
     for item_id, revoked in b.revocations.items():
         yield Exec("UPDATE items SET revoked = ? WHERE item_id = ?", (int(revoked), item_id))
     if b.imports:
@@ -351,6 +362,8 @@ def write_batch(b: WriteBatch, chain: usagechain.Head | None = None) -> Procedur
         )
         if counted != 1:  # counted meanwhile by another node
             raise Conflict(f"usage report {r.report_id} was already counted", job)
+    for span in b.borrows:
+        yield from sql_offline.write_borrow_span(span)
     for item_id, units in b.unit_charges.items():
         yield Exec("UPDATE items SET units_used = units_used + ? WHERE item_id = ?", (units, item_id))
     for extra in b.extras:
@@ -380,27 +393,40 @@ def _seat_change(change: SeatChange) -> Procedure[None]:
             if held:
                 raise Conflict(f"device {s.client_uuid} already holds a seat on item {held[0][0]} of the code",
                                change.job)
-        room = yield Exec("UPDATE items SET seats_used = seats_used + 1 WHERE item_id = ? AND seats_used < ?",
-                          (s.item_id, change.limit))
+        if change.limited:
+            yield from sql_offline.claim_code_seat(change)
+        if change.reserved:  # one of the code's own reserved seats: only the limit itself bounds it
+            room = yield Exec("UPDATE items SET seats_used = seats_used + 1,"
+                              " seats_reserved_unused = seats_reserved_unused - 1"
+                              " WHERE item_id = ? AND seats_used < ? AND seats_reserved_unused > 0",
+                              (s.item_id, change.limit))
+        else:  # other codes' unused reserved seats stay free
+            room = yield Exec("UPDATE items SET seats_used = seats_used + 1"
+                              " WHERE item_id = ? AND seats_used + seats_reserved_unused < ?", (s.item_id, change.limit))
         if room != 1:
             raise Conflict(f"item {s.item_id} has no room for another seat (limit {change.limit})", change.job)
         seated = yield Exec(
-            "INSERT INTO seats (item_id, client_uuid, granted_ms, refreshed_ms, expires_ms) VALUES (?,?,?,?,?)"
-            " ON CONFLICT (item_id, client_uuid) DO NOTHING",
-            (s.item_id, s.client_uuid, to_ms(s.granted_at), to_ms(s.refreshed_at), to_ms(s.expires_at)),
+            f"INSERT INTO seats ({SEAT_COLUMNS}) VALUES (?,?,?,?,?,?,?) ON CONFLICT (item_id, client_uuid) DO NOTHING",
+            (s.item_id, s.client_uuid, to_ms(s.granted_at), to_ms(s.refreshed_at), to_ms(s.expires_at), s.code,
+             to_ms(s.borrowed_until) if s.borrowed_until else None),
         )
         if seated != 1:
             raise Conflict(f"device {s.client_uuid} already holds a seat on item {s.item_id}", change.job)
     elif change.op is SeatOp.REFRESH:
-        found = yield Exec("UPDATE seats SET refreshed_ms = ?, expires_ms = ? WHERE item_id = ? AND client_uuid = ?",
-                           (to_ms(s.refreshed_at), to_ms(s.expires_at), s.item_id, s.client_uuid))
+        found = yield Exec("UPDATE seats SET refreshed_ms = ?, expires_ms = ?, borrowed_until_ms = ?"
+                           " WHERE item_id = ? AND client_uuid = ?",
+                           (to_ms(s.refreshed_at), to_ms(s.expires_at),
+                            to_ms(s.borrowed_until) if s.borrowed_until else None, s.item_id, s.client_uuid))
         if found != 1:  # released meanwhile by another node
             raise Conflict(f"device {s.client_uuid} no longer holds a seat on item {s.item_id}", change.job)
     else:
         if (yield Exec("DELETE FROM seats WHERE item_id = ? AND client_uuid = ?", (s.item_id, s.client_uuid))) != 1:
             # Released meanwhile by another node (its sweep, an admin): this release would count twice.
             raise Conflict(f"device {s.client_uuid} no longer holds a seat on item {s.item_id}", change.job)
-        yield Exec("UPDATE items SET seats_used = seats_used - 1 WHERE item_id = ?", (s.item_id,))
+        if change.limited:
+            yield from sql_offline.release_code_seat(change)
+        else:
+            yield Exec("UPDATE items SET seats_used = seats_used - 1 WHERE item_id = ?", (s.item_id,))
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -831,6 +857,16 @@ class Operations:
     async def item_holders(self, item_id: str, seats: bool, now_ms: int, limit: int, offset: int = 0
                            ) -> tuple[int, list[Holder]]:
         return await self._call(item_holders(item_id, seats, now_ms, limit, offset))
+
+    async def borrowed_count(self, item_id: str, now_ms: int) -> int:
+        return await self._call(sql_offline.borrowed_count(item_id, now_ms))
+
+    async def code_seats(self, items: set[str]) -> dict[tuple[str, str], int]:
+        return await self._call(sql_offline.code_seat_counts(items))
+
+    async def count_borrowed_slices(self, now_ms: int, quantities: dict[str, tuple[str, int]]) -> RollupResult:
+        """Mark borrowed devices active in the slices their borrows covered so far; one node at a time."""
+        return await self._call(sql_offline.count_borrowed_slices(now_ms, quantities), self.ROLLUP_LOCK)
 
     async def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]:
         """Stream events in order, a page at a time, so memory stays flat."""

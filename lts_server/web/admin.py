@@ -6,19 +6,23 @@ import hashlib
 import os
 import time
 
+import msgspec
 from aiohttp import web
 
+from datetime import datetime
+
 import lts_server
-from lts_server.core.codes import CodeFields
-from lts_server.core.model import HandshakeCode
+from lts_server.core.codes import KEEP, CodeFields
+from lts_server.core.model import HandshakeCode, SeatLimit
 from lts_server.core.times import iso, to_ms
 from lts_server.core.usage import bucket_start
+from lts_server.ledger import limits_json
 from lts_server.licensefile import MAX_FILE_BYTES
-from lts_server.store import ImportRecord
+from lts_server.store import ImportRecord, Seat
 from lts_server.store.sql_alerts import NO_BOUND
 from lts_server.web.device import read_json_body
 from lts_server.web.errors import ApiError, decode_json, query_int
-from lts_server.web.schemas import CodeCreateBody, CodeEditBody, ImportDismissBody, UsageOrderBody
+from lts_server.web.schemas import CodeCreateBody, CodeEditBody, ImportDismissBody, ItemLimitBody, UsageOrderBody
 from lts_server.web.services import SERVICES, Services
 from lts_server.web.stats import item_status, problems_first
 
@@ -48,7 +52,14 @@ async def code_json(services: Services, code: HandshakeCode, today: dict[str, in
         "processNames": list(code.process_names),
         "passwordSet": code.password_hash is not None,
         "requestsToday": (today if today is not None else await requests_today(services)).get(code.name, 0),
+        "borrowMaxDays": code.borrow_max_days,
+        "itemLimits": {item_id: {**limit, "held": ledger.code_seats.get((code.name, item_id), 0)}
+                       for item_id, limit in limits_json(code).items()},
     }
+
+
+def seat_limits(body: dict[str, ItemLimitBody]) -> tuple[SeatLimit, ...]:
+    return tuple(SeatLimit(item_id, lim.reserved_seats, lim.max_seats) for item_id, lim in body.items())
 
 
 async def list_codes(request: web.Request) -> web.Response:
@@ -65,6 +76,7 @@ async def create_code(request: web.Request) -> web.Response:
         custom=body.custom, items=tuple(body.items), domains=tuple(body.domains), app_ids=tuple(body.app_ids),
         process_names=tuple(body.process_names),
         password_hash=services.ledger.hash_session_password(body.session_password) if body.session_password else None,
+        borrow_max_days=body.borrow_max_days, seat_limits=seat_limits(body.item_limits),
     )
     code = await services.ledger.create_code(body.organization_id, fields)
     return web.json_response(await code_json(services, code), status=201)
@@ -95,6 +107,8 @@ async def edit_code(request: web.Request) -> web.Response:
         app_ids=tuple(body.app_ids) if body.app_ids is not None else None,
         process_names=tuple(body.process_names) if body.process_names is not None else None,
         password_hash=None if password is None else (services.ledger.hash_session_password(password) if password else ""),
+        borrow_max_days=KEEP if body.borrow_max_days is msgspec.UNSET else body.borrow_max_days,
+        seat_limits=seat_limits(body.item_limits) if body.item_limits is not None else None,
     )
     code = await services.ledger.edit_code(name, fields)
     return web.json_response(await code_json(services, code))
@@ -225,17 +239,39 @@ async def list_devices(request: web.Request) -> web.Response:
     seats = await services.store.item_seats(item_id, limit, offset)
     total = services.ledger.status(item_id).seats_used
     more = len(seats) == limit and offset + limit < total
-    return web.json_response({"itemId": item_id, "total": total, "next": offset + limit if more else None, "devices": [
-        {"clientUuid": s.client_uuid, "grantedAt": iso(s.granted_at), "refreshedAt": iso(s.refreshed_at),
-         "expiresAt": iso(s.expires_at)} for s in seats]})
+    now = services.ledger.clock()
+    borrowed = await services.store.borrowed_count(item_id, to_ms(now))
+    return web.json_response({"itemId": item_id, "total": total, "borrowed": borrowed,
+                              "next": offset + limit if more else None,
+                              "devices": [seat_json(s, now) for s in seats]})
+
+
+def seat_json(seat: Seat, now: datetime) -> dict:
+    """One seat holder as the admin API, ltsctl and the portal show it."""
+    borrowed = seat.borrowed_until is not None and seat.borrowed_until > now
+    return {"clientUuid": seat.client_uuid, "grantedAt": iso(seat.granted_at), "refreshedAt": iso(seat.refreshed_at),
+            "expiresAt": iso(seat.expires_at), "code": seat.code, "borrowed": borrowed,
+            "borrowedUntil": iso(seat.borrowed_until) if borrowed and seat.borrowed_until else None}
+
+
+def release_warning(seat: Seat, now: datetime) -> str | None:
+    """What the admin must know before force-releasing a borrowed seat (the portal's confirmation says it)."""
+    if seat.borrowed_until is None or seat.borrowed_until <= now:
+        return None
+    return (f"device {seat.client_uuid} borrowed this seat until {iso(seat.borrowed_until)}: it is offline and keeps "
+            "working with its signed authorization until then; releasing frees the seat for another device now")
 
 
 async def release_device(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     item_id = _item(services, request.match_info["item_id"])
     client = request.match_info["client_uuid"]
-    await services.ledger.release_seat(item_id, client)
-    return web.json_response({"released": client, "itemId": item_id})
+    seat = await services.ledger.release_seat(item_id, client)
+    now = services.ledger.clock()
+    warning = release_warning(seat, now)
+    return web.json_response({"released": client, "itemId": item_id, "borrowedUntil":
+                              iso(seat.borrowed_until) if warning and seat.borrowed_until else None,
+                              "warning": warning})
 
 
 async def status_json(services: Services) -> dict:

@@ -14,6 +14,7 @@ from lts_server.web import (
     admin,
     alerts,
     auth,
+    borrowing,
     connections,
     device,
     holders,
@@ -74,7 +75,8 @@ def create_app(services: Services, admin_port: int | None = None) -> web.Applica
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/v1/server", server_info)
     device_routes = [app.router.add_post(metrics.HANDSHAKE, device.handshake),
-                     app.router.add_post(metrics.USAGE, usage.report_usage)]
+                     app.router.add_post(metrics.USAGE, usage.report_usage),
+                     app.router.add_post(borrowing.RETURN, borrowing.return_borrowed)]
     app.router.add_get("/api/v1/servers", servers)
     app.router.add_post("/api/v1/admin/setup", auth.setup)
     app.router.add_post("/api/v1/admin/login", auth.login)

@@ -5,18 +5,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 from datetime import datetime, timedelta
 
 import msgspec
 from aiohttp import web
 
 from lts_server import logs, reportkeys
+from lts_server import queue as seat_queue
 from lts_server.core import handshake as hs
 from lts_server.core.alerts import CLONE_ALERT
 from lts_server.core.model import Counts, ItemStatus
 from lts_server.bindings import ItemBinding
 from lts_server.core.times import iso
+from lts_server.core.versions import PROTOCOL_VERSIONS
 from lts_server.errors import Code, Refusal
+from lts_server.ledger import HandshakeOutcome
 from lts_server.web import inputs
 from lts_server.web.errors import ApiError, validation_error
 from lts_server.web.schemas import MAX_BODY, Authorization, HandshakeBody, SeatCount
@@ -112,16 +116,21 @@ def to_request(body: HandshakeBody) -> hs.Request:
         app_id=body.app_id,
         process_name=body.process_name,
         instances=body.instances,
+        protocol_version=body.protocol_version,
+        borrow_days=body.borrow_days,
     )
 
 
 def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: ItemStatus, issued: datetime,
-                  authorization_id: str, binding: ItemBinding | None = None) -> Authorization:
+                  authorization_id: str, binding: ItemBinding | None = None, borrowed_until: datetime | None = None,
+                  expires_at: datetime | None = None) -> Authorization:
     item = grant.item
     fit = grant.fit
     terms = services.config.authorizations
     refresh, offline = _terms(terms.refresh_minutes, terms.max_offline_hours)
-    expires = fit.expires_at if offline is None else min(fit.expires_at, issued + offline)
+    ends = expires_at or fit.expires_at
+    # A borrow is the one authorization meant to outlast max_offline_hours: the device checked its seat out.
+    expires = ends if offline is None or borrowed_until is not None else min(ends, issued + offline)
     refresh_by = min(expires, issued + refresh)
     refresh_by = refresh_by.replace(microsecond=refresh_by.microsecond // 1000 * 1000)  # milliseconds, as iso()
     seats = units = None
@@ -149,6 +158,7 @@ def authorization(services: Services, req: hs.Request, grant: hs.Grant, status: 
         seats=seats,
         units=units,
         binding_sha256=binding.sha256 if binding is not None else None,
+        borrowed_until=iso(borrowed_until) if borrowed_until else None,
     )
 
 
@@ -206,8 +216,15 @@ async def handshake(request: web.Request) -> web.Response:
     issued = services.ledger.clock()
     if (refused := clock_refusal(services, issued)) is not None:
         return refused
-    outcome = await services.ledger.handshake(req, fingerprint)
+    if parsed.wait_seconds:
+        outcome = await _waiting(request, services, req, parsed.wait_seconds, fingerprint)
+        issued = services.ledger.clock()
+    else:
+        outcome = await services.ledger.handshake(req, fingerprint)
     decision = outcome.decision
+    if outcome.stopped:
+        return web.Response(status=503, headers={**JSON, "Retry-After": "5"}, body=_encoder.encode({"error": {
+            "code": 503, "message": "the server is stopping while this request waited for a seat; retry"}}))
     if isinstance(decision, hs.Refused):
         if outcome.clone:
             services.alerts.raise_now(CLONE_ALERT, req.client_uuid, "clone detected",
@@ -215,15 +232,13 @@ async def handshake(request: web.Request) -> web.Response:
                                       "from a device with another fingerprint than the one it was first granted on "
                                       "(error 151). Reset its binding if the device was replaced.",
                                       "/portal/devices")
-        return web.Response(
-            status=403, body=b'{"error":' + _encoder.encode(decision.refusal.to_json()) + b"}", headers=JSON
-        )
+        return web.Response(status=403, body=refusal_body(services, decision, outcome), headers=JSON)
     assert outcome.status is not None and outcome.authorization_id and outcome.report_key
     if services.clock is not None:
         services.clock.recorded(issued)
     binding = outcome.binding
     auth = _encoder.encode(authorization(services, req, decision, outcome.status, issued, outcome.authorization_id,
-                                         binding))
+                                         binding, outcome.borrowed_until, outcome.expires_at))
     # The signature covers these exact bytes; they are sent verbatim as the
     # first member, so a client can verify without re-serialising. The report
     # key is the device's secret: outside the signed part, never cached by a proxy.
@@ -235,3 +250,43 @@ async def handshake(request: web.Request) -> web.Response:
         binding.answer_member if binding is not None else b""
     )
     return web.Response(body=out, headers=JSON)
+
+
+async def _waiting(request: web.Request, services: Services, req: hs.Request, seconds: int,
+                   fingerprint: str | None) -> HandshakeOutcome:
+    """A handshake that may wait for a seat (lts_server/queue.py): long-polls until granted or the time is up."""
+    most = services.config.queue.max_wait_s
+    if seconds > most:
+        raise ApiError(400, f"waitSeconds: {seconds} is over this server's maximum of {most} seconds "
+                            "([queue] max_wait_s)", "waitSeconds")
+    deadline = time.monotonic() + seconds
+    outcome = await services.ledger.handshake(req, fingerprint, wait_until=deadline)
+    if outcome.waiter is None:
+        return outcome
+
+    def connected() -> bool:
+        return request.transport is not None and not request.transport.is_closing()
+
+    outcome.waiter.connected = connected
+    return await seat_queue.wait(outcome.waiter, deadline, services.ledger.give_up)
+
+
+def refusal_body(services: Services, decision: hs.Refused, outcome: HandshakeOutcome | None = None) -> bytes:
+    """The 403 body: the refusal, and what the client can act on (the protocol versions spoken, an item's
+    version range, its place in the queue)."""
+    error = decision.refusal.to_json()
+    code = decision.refusal.code
+    if code is Code.BAD_PROTOCOL:
+        error["protocolVersions"] = list(PROTOCOL_VERSIONS)
+    elif code is Code.INCOMPATIBLE_VERSION and decision.item_id:
+        item = services.ledger.items.get(decision.item_id)
+        if item is not None and item.versions:
+            error["versions"] = item.versions
+    if outcome is not None:
+        if outcome.queue_position is not None:
+            error["queuePosition"] = outcome.queue_position
+            error["message"] += f"; waited in the queue, position {outcome.queue_position} when the time ran out"
+        if outcome.queue_note:
+            error["queueFull"] = True
+            error["message"] += f"; {outcome.queue_note}"
+    return b'{"error":' + _encoder.encode(error) + b"}"

@@ -16,7 +16,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from lts_server import logs
 from lts_server.core.codes import CodeError
-from lts_server.ledger import JobFailed, LedgerClosed, NotFound, UsageError
+from lts_server.ledger import JobFailed, LedgerClosed, NotBorrowed, NotFound, UsageError
 from lts_server.store import StoreError, StoreFull, StoreUnavailable, StoreUnreachable, Unstorable
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -104,6 +104,8 @@ def error_answer(request: web.BaseRequest, error: Exception) -> web.Response:
         return error_response(getattr(e, "status", 400), str(e), e.field)
     except NotFound as e:
         return error_response(404, f"no such {e.what}; {_where_to_look(e.what)}")
+    except NotBorrowed as e:
+        return error_response(409, str(e))
     except web.HTTPException as e:
         if e.status < 400:
             raise

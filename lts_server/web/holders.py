@@ -13,8 +13,10 @@ from aiohttp import web
 
 from lts_server.core.model import Counts
 from lts_server.core.times import iso, to_ms
+from lts_server.ledger import NotFound
 from lts_server.store import Holder
 from lts_server.store.sql_alerts import NO_BOUND
+from lts_server.web.admin import release_warning
 from lts_server.web.errors import ApiError, query_int
 from lts_server.web.services import SERVICES, Services
 
@@ -24,7 +26,8 @@ MAX_PAGE = 10_000
 
 def holder_json(h: Holder) -> dict[str, Any]:
     return {"clientUuid": h.client_uuid, "kind": h.kind, "since": iso(h.since), "lastSeen": iso(h.last_seen),
-            "expiresAt": iso(h.expires_at), "code": h.code}
+            "expiresAt": iso(h.expires_at), "code": h.code,
+            "borrowedUntil": iso(h.borrowed_until) if h.borrowed_until else None}
 
 
 def counts_seats(services: Services, item_id: str) -> bool:
@@ -50,20 +53,26 @@ async def list_holders(request: web.Request) -> web.Response:
     return web.json_response(await holders(request.app[SERVICES], request.match_info["item_id"], limit, offset))
 
 
-async def release(services: Services, item_id: str, client_uuid: str) -> None:
-    """Free the device's seat, or end its running authorization on an item without seats (an event either way)."""
+async def release(services: Services, item_id: str, client_uuid: str) -> str | None:
+    """Free the device's seat, or end its running authorization on an item without seats (an event either way).
+    Returns what the admin must know when the seat was borrowed (its device keeps working offline)."""
     if item_id not in services.ledger.items:
         raise ApiError(404, f"no such item {item_id}; `ltsctl items list` shows what exists")
-    if counts_seats(services, item_id):
-        await services.ledger.release_seat(item_id, client_uuid)
+    if not counts_seats(services, item_id):
+        try:  # a concurrent item's borrowed seat: freed like any seat, its authorizations end with it
+            seat = await services.ledger.release_seat(item_id, client_uuid)
+        except NotFound:
+            await services.ledger.end_grant(item_id, client_uuid)
+            return None
     else:
-        await services.ledger.end_grant(item_id, client_uuid)
+        seat = await services.ledger.release_seat(item_id, client_uuid)
+    return release_warning(seat, services.ledger.clock())
 
 
 async def release_holder(request: web.Request) -> web.Response:
     item_id, client = request.match_info["item_id"], request.match_info["client_uuid"]
-    await release(request.app[SERVICES], item_id, client)
-    return web.json_response({"released": client, "itemId": item_id})
+    warning = await release(request.app[SERVICES], item_id, client)
+    return web.json_response({"released": client, "itemId": item_id, "warning": warning})
 
 
 def add_routes(app: web.Application) -> None:

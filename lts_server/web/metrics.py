@@ -66,7 +66,7 @@ async def device_metrics(request: web.Request, handler):  # noqa: ANN001, ANN201
 
 
 def count_device(metrics: Metrics, path: str, response: web.StreamResponse, seconds: float) -> None:
-    """Count a device request (HANDSHAKE or USAGE) by the outcome its answer shows."""
+    """Count a device request (a handshake, a usage report, a return) by the outcome its answer shows."""
     if path == HANDSHAKE:
         metrics.handshake_latency.observe(seconds)
         outcome = _outcome(response.status)
@@ -78,6 +78,8 @@ def count_device(metrics: Metrics, path: str, response: web.StreamResponse, seco
         except msgspec.DecodeError:
             code = str(response.status)
         metrics.handshakes.labels(outcome, code).inc()
+    elif path != USAGE:  # a return of a borrowed seat
+        metrics.returns.labels(_outcome(response.status)).inc()
     else:
         outcome = {"granted": "accepted"}.get(_outcome(response.status), _outcome(response.status))
         if outcome == "accepted":

@@ -22,7 +22,12 @@ REF = "#/components/schemas/{name}"
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["code", "message"], "properties": {
         "code": {"type": "integer"}, "sdkCode": {"type": "integer"}, "message": {"type": "string"},
-        "field": {"type": "string"}, "reason": {"type": "string"}}}}}
+        "field": {"type": "string"}, "reason": {"type": "string"},
+        "protocolVersions": {"type": "array", "items": {"type": "integer"},
+                             "description": "105: the protocol versions this server speaks"},
+        "versions": {"type": "string", "description": "107: the client versions the item serves (PEP 440)"},
+        "queuePosition": {"type": "integer", "description": "120 after waitSeconds: the place in the queue"},
+        "queueFull": {"type": "boolean", "description": "120: the queue was full ([queue] max_waiting)"}}}}}
 OBJECT = {"type": "object"}
 ADMIN = [{"bearer": []}]
 DATE_TIME = {"type": "string", "format": "date-time"}
@@ -35,7 +40,8 @@ STATUS_TEXT = {
     "401": "Missing, unknown or expired admin token (login: wrong password; usage: no X-LTS-Report-MAC)",
     "403": "Admin setup required (device endpoints: a licensing refusal, code 100-160)",
     "404": "No such thing", "408": "The request head or body did not arrive in time",
-    "409": "Conflicts with the current state (name taken, setup already done, default code, nothing to accept)",
+    "409": "Conflicts with the current state (name taken, setup already done, default code, nothing to accept, "
+           "a return of a seat that is not borrowed)",
     "422": "License file rejected: `reason` says why",
     "429": "Too many failed password attempts from this address",
     "503": "Not now: storage unavailable (locked, busy or unreachable) or full, a standby whose main is up "
@@ -92,6 +98,12 @@ ROUTES: list[Route] = [
     Route("/api/v1/openapi.json", "get", "This document"),
     Route("/api/v1/handshake", "post", "Device handshake: a signed authorization or a licensing error",
           schemas.HandshakeBody, schemas.HandshakeAnswer, statuses=("200", "403")),
+    Route("/api/v1/handshake/return", "post", "Give a borrowed seat back early; signed with the device's "
+          "reportKey, idempotent", schemas.ReturnBody, schemas.ReturnAnswer, statuses=("200", "401", "403", "409"),
+          params=({"name": "X-LTS-Report-MAC", "in": "header", "required": False,
+                   "description": "base64 HMAC-SHA256 of the exact body under the reportKey of the device's "
+                                  "newest handshake answer for the code (missing: 401, wrong: 403)",
+                   "schema": {"type": "string"}},)),
     Route("/api/v1/usage", "post", "Usage report, idempotent by reportId, signed with the device's reportKey",
           schemas.UsageBody, schemas.UsageAnswer, statuses=("200", "401", "403"),
           params=({"name": "X-LTS-Report-MAC", "in": "header", "required": False,
@@ -139,15 +151,17 @@ ROUTES: list[Route] = [
           statuses=("200", "404")),
     Route("/api/v1/admin/items/{item_id}/devices", "get", "Devices holding seats on an item", admin=True,
           statuses=("200", "404")),
-    Route("/api/v1/admin/items/{item_id}/devices/{client_uuid}", "delete", "Force-release a seat", admin=True,
-          statuses=("200", "404")),
+    Route("/api/v1/admin/items/{item_id}/devices/{client_uuid}", "delete",
+          "Force-release a seat (a borrowed one too: its device keeps working offline until borrowedUntil)",
+          admin=True, statuses=("200", "404")),
     Route("/api/v1/admin/items/{item_id}/holders", "get",
           "Who holds the item (seats, or running authorizations on items without seats), a page at a time",
           admin=True, statuses=("200", "404"),
           params=(query("limit", "Holders per page (1-10000, default 100)", {"type": "integer", "minimum": 1}),
                   query("offset", "Holders to skip (the previous answer's next)", {"type": "integer", "minimum": 0}))),
     Route("/api/v1/admin/items/{item_id}/holders/{client_uuid}", "delete",
-          "Force-release a holder: its seat, or its running authorization (recorded as seat.released)",
+          "Force-release a holder: its seat, or its running authorization (recorded as seat.released); a "
+          "borrowed seat's device keeps working offline until borrowedUntil",
           admin=True, statuses=("200", "404")),
     Route("/api/v1/admin/stats/codes/{code}", "get", "Statistics of a handshake code (also a deleted one)",
           admin=True, statuses=("200", "404"), params=STATS_QUERY),

@@ -7,14 +7,17 @@ from typing import Annotated
 
 import msgspec
 
+from lts_server.core.borrowing import MAX_DAYS as MAX_BORROW_DAYS
 from lts_server.core.model import DeploymentType
 from lts_server.core.usage import MAX_COUNT, MAX_RECORDS
+from lts_server.core.versions import DEFAULT_PROTOCOL
 
 MAX_BODY = 16 * 1024
 
 Short = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Field = Annotated[str, msgspec.Meta(max_length=256)]
 ClientUuid = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:{}-]+$")]
+ProtocolVersion = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31)]
 
 
 class HandshakeBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
@@ -33,6 +36,13 @@ class HandshakeBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, 
     # Opaque, computed by the device (lts_client derives one); at most 256 bytes of UTF-8. The first grant
     # binds the client UUID to it; another one later is a clone (151).
     device_fingerprint: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    # The protocol the request speaks (105 names the versions this server speaks).
+    protocol_version: ProtocolVersion = DEFAULT_PROTOCOL
+    # Borrow the seat offline for this many days (per-device, per-server, per-concurrent-device items
+    # whose license allows it: borrowMaxDays).
+    borrow_days: Annotated[int, msgspec.Meta(ge=1, le=MAX_BORROW_DAYS)] | None = None
+    # Wait up to this many seconds for a seat instead of a refusal (at most [queue] max_wait_s).
+    wait_seconds: Annotated[int, msgspec.Meta(ge=0, le=2**31)] | None = None
 
 
 class ImportDismissBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
@@ -70,6 +80,8 @@ class Authorization(msgspec.Struct, rename="camel", omit_defaults=True):
     units: SeatCount | None = None
     # With a license bound to this server's identity key: SHA-256 (hex) of the vendor's binding statement.
     binding_sha256: str | None = None
+    # A borrowed seat: held for this device, which may work offline, until then.
+    borrowed_until: str | None = None
 
 
 class BindingAnswer(msgspec.Struct, rename="camel"):
@@ -111,6 +123,26 @@ class UsageBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_o
     client_uuid: ClientUuid
     handshake_code: Short
     records: Annotated[list[UsageRecordBody], msgspec.Meta(max_length=MAX_RECORDS)]
+    protocol_version: ProtocolVersion = DEFAULT_PROTOCOL
+
+
+class ReturnBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    """Give a borrowed seat back early; signed like a usage report (X-LTS-Report-MAC)."""
+
+    client_uuid: ClientUuid
+    handshake_code: Short
+    protocol_version: ProtocolVersion = DEFAULT_PROTOCOL
+
+
+class ReturnAnswer(msgspec.Struct, rename="camel"):
+    client_uuid: str
+    handshake_code: str
+    item_id: str | None
+    # Always true: the device holds no borrowed seat of the code now.
+    returned: bool
+    # Whether this request released it (false: returned before, or the borrow had lapsed).
+    released: bool
+    borrowed_until: str | None = None
 
 
 MIN_PASSWORD = 12
@@ -165,6 +197,18 @@ class PasswordChanged(msgspec.Struct, rename="camel"):
     expires_at: str
 
 
+class ItemLimitBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    # Seats of the item only this code may take (all reservations on an item: at most its quantity).
+    # The ranges are checked with the item named (core/reservations.py): 0 or more, 1 or more.
+    reserved_seats: Annotated[int, msgspec.Meta(le=1_000_000_000_000)] = 0
+    # The most seats of the item this code ever holds; absent or null: no cap.
+    max_seats: Annotated[int, msgspec.Meta(le=1_000_000_000_000)] | None = None
+
+
+ItemLimits = Annotated[dict[Short, ItemLimitBody], msgspec.Meta(max_length=1000)]
+BorrowDays = Annotated[int, msgspec.Meta(ge=0, le=MAX_BORROW_DAYS)]
+
+
 Value = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
 Values = Annotated[list[Value], msgspec.Meta(max_length=100)]
 ItemIds = Annotated[list[Short], msgspec.Meta(max_length=1000)]
@@ -178,6 +222,10 @@ class CodeCreateBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True,
     app_ids: Values = []
     process_names: Values = []
     session_password: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    # Lowers the items' borrowMaxDays for this code (0: no borrowing through it).
+    borrow_max_days: BorrowDays | None = None
+    # Per item: reservedSeats, maxSeats.
+    item_limits: ItemLimits = {}
 
 
 class CodeEditBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
@@ -188,6 +236,10 @@ class CodeEditBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, k
     process_names: Values | None = None
     # A string sets the password; "" removes it; absent leaves it.
     session_password: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    # A number sets it; null removes the code's own limit; absent leaves it.
+    borrow_max_days: BorrowDays | None | msgspec.UnsetType = msgspec.UNSET
+    # Replaces every limit of the code ({} removes them); absent leaves them.
+    item_limits: ItemLimits | None = None
 
 
 class UsageOrderBody(msgspec.Struct, forbid_unknown_fields=True):

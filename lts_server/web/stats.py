@@ -158,6 +158,19 @@ def item_status(services: Services, item_id: str) -> dict:
                           "overused": status.overused}
     if item.domain:
         out["domain"] = item.domain
+    if item.borrow_max_days is not None:
+        out["borrowMaxDays"] = item.borrow_max_days
+    if item.versions is not None:
+        out["versions"] = item.versions
+    if counts is Counts.CONCURRENCY and item.borrow_max_days is not None:
+        out["borrowed"] = {"used": status.seats_used, "limit": item.quantity}
+    waiting = ledger.queue.waiting(item_id)
+    if waiting:
+        out["waiting"] = waiting
+    limits = ledger.seat_limits(item_id)
+    if limits:
+        out["codeLimits"] = {name: {"reservedSeats": lim.reserved_seats, "maxSeats": lim.max_seats, "held": held}
+                             for name, (lim, held) in sorted(limits.items())}
     return out
 
 
@@ -173,7 +186,8 @@ def usage_text(status: dict) -> str:
     if "units" in status:
         return f"{status['units']['used']:,} / {status['units']['quantity']:,} units"
     if "overuse" in status:
-        return f"overuse {status['overuse']['used']:,} / {status['overuse']['tolerance']:,}"
+        borrowed = f", {status['borrowed']['used']:,} borrowed" if status.get("borrowed", {}).get("used") else ""
+        return f"overuse {status['overuse']['used']:,} / {status['overuse']['tolerance']:,}{borrowed}"
     return "unlimited"
 
 

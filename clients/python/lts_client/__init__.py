@@ -1,4 +1,5 @@
-"""lts-client: the device side of lts-server. Handshake with failover, offline verification, a cache.
+"""lts-client: the device side of lts-server. Handshake with failover, offline verification, a cache,
+borrowing a seat for offline use.
 
 It installs without the server: `pip install lts-client` (from `clients/python/`).
 """

@@ -114,6 +114,12 @@ class Authorization:
     def valid_at(self, now: datetime) -> bool:
         return now < self.expires_at
 
+    @property
+    def borrowed_until(self) -> datetime | None:
+        """A borrowed authorization's end: the server holds the seat for this device, offline, until then."""
+        value = self.fields.get("borrowedUntil")
+        return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
 
 def _when(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -329,6 +335,71 @@ class LtsClient:
                 self.failover.failed(url)
                 errors.append(f"{url}: {e}")
         raise ServerUnavailable("; ".join(errors))
+
+    # -- borrowing (offline checkout) ----------------------------------------
+
+    async def borrow(self, *, client_uuid: str, product: str, deployment_type: str, days: int,
+                     now: datetime | None = None, **fields: Any) -> Authorization:
+        """Take the seat offline for `days` days (at most the item's, or the code's, borrowMaxDays).
+
+        The server holds the seat until the authorization's `borrowed_until`; the cache keeps the
+        authorization across restarts, filed under the same request without borrowing, so `handshake()`
+        with the same fields answers from it while the device is offline. `return_borrowed()` gives it back.
+        """
+        auth = await self.handshake(client_uuid=client_uuid, product=product, deployment_type=deployment_type,
+                                    now=now, use_cache=False, borrow_days=days, **fields)
+        plain = {"clientUuid": client_uuid, "product": product, "deploymentType": deployment_type,
+                 **{_camel(k): v for k, v in fields.items() if v is not None}}
+        cache_file = self._cache_file(plain)
+        if cache_file is not None:
+            self._write_cached(cache_file, auth)
+        return auth
+
+    def borrowed(self, now: datetime | None = None) -> list[Authorization]:
+        """The borrowed authorizations in the cache that still run (after a restart too)."""
+        now = now or datetime.now(UTC)
+        found: dict[str, Authorization] = {}
+        for path in sorted(self.cache_dir.glob("auth-*.json")) if self.cache_dir is not None else ():
+            auth = self._read_cached(path)
+            if auth is not None and auth.borrowed_until is not None and auth.borrowed_until > now:
+                found[auth.authorization_id] = auth
+        return list(found.values())
+
+    async def return_borrowed(self, authorization: Authorization) -> dict[str, Any]:
+        """Give a borrowed seat back before `borrowed_until` (POST /api/v1/handshake/return, signed with the
+        authorization's report key; a repeat is harmless) and drop it from the cache."""
+        body = json.dumps({"clientUuid": authorization.fields["clientUuid"],
+                           "handshakeCode": authorization.fields["handshakeCode"]}, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json",
+                   MAC_HEADER: report_mac(base64.b64decode(authorization.report_key), body)}
+        errors = []
+        servers = [authorization.server, *(u for u in self.servers if u != authorization.server)]
+        for url in servers:
+            try:
+                async with self.session.post(f"{url}/api/v1/handshake/return", data=body, headers=headers) as resp:
+                    data = await resp.read()
+                    if resp.status == 200:
+                        self._forget(authorization)
+                        return json.loads(data)
+                    if resp.status >= 500:
+                        errors.append(f"{url}: HTTP {resp.status}")
+                        continue
+                    error = _error(data)
+                    raise LicenseRefused(int(error.get("code", resp.status)), error.get("sdkCode"),
+                                         str(error.get("message", "")), resp.status)
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                errors.append(f"{url}: {e}")
+        raise ServerUnavailable("; ".join(errors))
+
+    def _forget(self, authorization: Authorization) -> None:
+        """Drop every cached copy of the authorization (the device handshakes online next time)."""
+        for key, latest in list(self._latest.items()):
+            if latest.authorization_id == authorization.authorization_id:
+                del self._latest[key]
+        for path in self.cache_dir.glob("auth-*.json") if self.cache_dir is not None else ():
+            cached = self._read_cached(path)
+            if cached is not None and cached.authorization_id == authorization.authorization_id:
+                path.unlink(missing_ok=True)
 
     # -- the authorization cache --------------------------------------------
 

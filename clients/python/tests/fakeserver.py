@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from lts_client.protocol import MAC_HEADER
 from lts_client.trust import BoundItem, binding_statement, key_id
 
 REPORT_KEY = base64.b64encode(b"k" * 32).decode()
@@ -49,6 +50,9 @@ class FakeServer:
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     # An error to answer with instead: (HTTP status, code).
     refuse: tuple[int, int] | None = None
+    # Borrow returns received (body, MAC header), and the error to answer them with, if any.
+    returns: list[tuple[bytes, str]] = field(default_factory=list)
+    refuse_return: tuple[int, int] | None = None
     url: str = ""
 
     @property
@@ -78,6 +82,9 @@ class FakeServer:
             "clientUuid": body["clientUuid"], "issuedAt": iso(now), "expiresAt": iso(now + self.lifetime),
             "refreshBy": iso(now + (self.refresh or self.lifetime)),
         }
+        if "borrowDays" in body:  # a borrow: valid offline, and the seat held, until borrowedUntil
+            until = now + timedelta(days=body["borrowDays"])
+            fields.update(expiresAt=iso(until), borrowedUntil=iso(until))
         binding = b""
         if self.vendor is not None:
             statement = self.statement(fields)
@@ -100,6 +107,14 @@ class FakeServer:
                                      status=status)
         return web.Response(body=self.answer(body), content_type="application/json")
 
+    async def give_back(self, request: web.Request) -> web.Response:
+        self.returns.append((await request.read(), request.headers.get(MAC_HEADER, "")))
+        if self.refuse_return is not None:
+            status, code = self.refuse_return
+            return web.json_response({"error": {"code": code, "sdkCode": -20000 - code, "message": "not borrowed"}},
+                                     status=status)
+        return web.json_response({"returned": True, "released": len(self.returns) == 1})
+
     async def info(self, _: web.Request) -> web.Response:
         return web.json_response({"serverUuid": self.server_uuid, "keyId": self.key_id, "publicKey": self.public_b64})
 
@@ -114,6 +129,7 @@ async def start() -> AsyncIterator[Callable[..., Any]]:
         app = web.Application()
         app.router.add_post("/api/v1/handshake", fake.handshake)
         app.router.add_get("/api/v1/server", fake.info)
+        app.router.add_post("/api/v1/handshake/return", fake.give_back)
         if usage is not None:
             app.router.add_post("/api/v1/usage", usage)
         server = TestServer(app)

@@ -207,3 +207,40 @@ async def test_past_refresh_by_an_unreachable_server_leaves_the_cache_in_use(sta
         assert (await offline.handshake(**REQUEST, now=now + timedelta(days=2))).raw == first.raw
         with pytest.raises(ServerUnavailable):  # ... until it expires
             await offline.handshake(**REQUEST, now=now + timedelta(days=31))
+
+
+async def test_a_borrowed_authorization_stays_in_the_cache_across_restarts_until_returned(
+        start: Any, tmp_path: Path) -> None:
+    fake = await start()
+    async with LtsClient([fake.url], cache_dir=tmp_path, public_keys=pinned(fake), device_fingerprint=None) as client:
+        borrowed = await client.borrow(**REQUEST, days=7)
+    assert fake.calls[-1]["borrowDays"] == 7
+    assert borrowed.borrowed_until is not None and borrowed.borrowed_until > datetime.now(UTC) + timedelta(days=6)
+    # A restart, offline: the same request is answered from the cache, and the borrow is listed.
+    async with LtsClient(["http://127.0.0.1:9"], cache_dir=tmp_path, public_keys=pinned(fake), timeout=1,
+                         device_fingerprint=None) as offline:
+        again = await offline.handshake(**REQUEST)
+        assert again.raw == borrowed.raw
+        [listed] = offline.borrowed()
+        assert listed.raw == borrowed.raw
+    assert len(fake.calls) == 1
+    # Back online after a restart: the return is signed with the cached report key, and the cache forgets it.
+    async with LtsClient([fake.url], cache_dir=tmp_path, public_keys=pinned(fake), device_fingerprint=None) as online:
+        [listed] = online.borrowed()
+        assert (await online.return_borrowed(listed))["released"] is True
+        assert online.borrowed() == []
+        fresh = await online.handshake(**REQUEST)
+    assert fresh.borrowed_until is None and len(fake.calls) == 2
+    body, mac = fake.returns[0]
+    assert json.loads(body) == {"clientUuid": "dev-1", "handshakeCode": "216998-L1"}
+    assert mac == report_mac(base64.b64decode(REPORT_KEY), body)
+
+
+async def test_a_refused_return_raises_with_the_code(start: Any, tmp_path: Path) -> None:
+    fake = await start(FakeServer(refuse_return=(409, 409)))
+    async with LtsClient([fake.url], cache_dir=tmp_path, public_keys=pinned(fake)) as client:
+        auth = await client.borrow(**REQUEST, days=1)
+        with pytest.raises(LicenseRefused) as refused:
+            await client.return_borrowed(auth)
+        assert refused.value.status == 409
+        assert client.borrowed(), "a refused return keeps the borrow in the cache"

@@ -12,7 +12,8 @@ from aiohttp import web
 
 from lts_client import LtsClient
 from lts_client.failover import FIRST_BACKOFF, MAX_BACKOFF, Failover
-from test_client import KEY_ID, PUBLIC_B64, REQUEST, granting, serve  # noqa: F401 - serve is a fixture
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fakeserver import REQUEST, FakeServer, start  # noqa: F401 - start is a fixture
 
 
 @pytest.fixture
@@ -40,10 +41,10 @@ class Clock:
         return self.now
 
 
-async def test_a_hung_first_server_costs_one_timeout_then_the_next_answers_at_once(hung: str, serve: Any) -> None:
-    calls: list[dict[str, Any]] = []
-    good = await serve(granting(calls))
-    async with LtsClient([hung, good], public_keys={KEY_ID: PUBLIC_B64}, timeout=1.5) as client:
+async def test_a_hung_first_server_costs_one_timeout_then_the_next_answers_at_once(hung: str, start: Any) -> None:
+    fake = await start()
+    good = fake.url
+    async with LtsClient([hung, good], public_keys={fake.key_id: fake.public_b64}, timeout=1.5) as client:
         started = time.monotonic()
         first = await client.handshake(**REQUEST)
         first_took = time.monotonic() - started
@@ -55,10 +56,11 @@ async def test_a_hung_first_server_costs_one_timeout_then_the_next_answers_at_on
     assert second_took < 1.0, second_took  # the second asked the answering server first
 
 
-async def test_a_backed_off_server_is_asked_first_again_once_its_backoff_ends(hung: str, serve: Any) -> None:
-    good = await serve(granting([]))
+async def test_a_backed_off_server_is_asked_first_again_once_its_backoff_ends(hung: str, start: Any) -> None:
+    fake = await start()
+    good = fake.url
     clock = Clock()
-    async with LtsClient([hung, good], public_keys={KEY_ID: PUBLIC_B64}, timeout=0.5) as client:
+    async with LtsClient([hung, good], public_keys={fake.key_id: fake.public_b64}, timeout=0.5) as client:
         client.failover.clock = clock
         await client.handshake(**REQUEST)
         assert client.failover.order() == [good, hung]
@@ -94,7 +96,7 @@ def test_when_every_server_is_backed_off_all_are_still_tried_soonest_back_first(
     assert failover.order() == ["b", "a", "c"]
 
 
-async def test_a_failing_server_for_usage_reports_is_asked_after_the_others(serve: Any) -> None:
+async def test_a_failing_server_for_usage_reports_is_asked_after_the_others(start: Any) -> None:
     async def broken(request: web.Request) -> web.Response:
         return web.json_response({"error": {"code": 500, "message": "boom"}}, status=500)
 
@@ -109,11 +111,12 @@ async def test_a_failing_server_for_usage_reports_is_asked_after_the_others(serv
             return await handler(request)
         return wrapped
 
-    first = await serve(granting([]), tracking("first", broken))
-    second = await serve(granting([]), tracking("second", counted))
-    async with LtsClient([first, second], public_keys={KEY_ID: PUBLIC_B64}) as client:
+    key = Ed25519PrivateKey.generate()
+    first = await start(FakeServer(key=key), tracking("first", broken))
+    second = await start(FakeServer(key=key), tracking("second", counted))
+    async with LtsClient([first.url, second.url], public_keys={first.key_id: first.public_b64}) as client:
         auth = await client.handshake(**REQUEST)
-        report = {"handshakeCode": "216998-1", "clientUuid": "dev-1", "records": []}
+        report = {"handshakeCode": "216998-L1", "clientUuid": "dev-1", "records": []}
         await client.report_usage(report, auth)
         await client.report_usage(report, auth)
     assert calls == ["first", "second", "second"]

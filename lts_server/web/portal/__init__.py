@@ -26,7 +26,7 @@ from aiohttp import web
 from lts_server import logs
 
 from lts_server.core.codes import CodeError, CodeFields
-from lts_server.core.model import Counts
+from lts_server.core.model import Counts, SeatLimit
 from lts_server.core.state import ItemState
 from lts_server.core.times import from_ms, iso, parse_iso, to_ms
 from lts_server.ledger import LedgerClosed, NotFound
@@ -402,6 +402,28 @@ def _lines(value: Any) -> tuple[str, ...]:
     return tuple(v.strip() for v in str(value or "").replace(",", "\n").splitlines() if v.strip())
 
 
+def _form_number(form: Any, name: str, what: str) -> int | None:
+    """A whole number from a form field; empty: None."""
+    raw = str(form.get(name, "")).strip()
+    if not raw:
+        return None
+    if not raw.lstrip("-").isdigit():
+        raise CodeError(name, f"{what}: {raw!r} is not a whole number")
+    return int(raw)
+
+
+def _borrow_and_limits(form: Any) -> tuple[int | None, tuple[SeatLimit, ...]]:
+    """The code's borrowing limit and its seat limits per item, from the code form."""
+    borrow = _form_number(form, "borrowMaxDays", "Borrowing days")
+    limits = []
+    for item_id in form.getall("items", []):
+        reserved = _form_number(form, f"reservedSeats.{item_id}", f"Reserved seats of {item_id}")
+        cap = _form_number(form, f"maxSeats.{item_id}", f"Most seats of {item_id}")
+        if reserved or cap is not None:
+            limits.append(SeatLimit(item_id, reserved or 0, cap))
+    return borrow, tuple(limits)
+
+
 def _code_form_context(services: Services, code: dict | None, form: dict) -> dict[str, Any]:
     """The form's context. The item picker holds the items of the code's organization only (a new code: of
     the organization chosen, the others hidden until it is chosen instead - portal.js)."""
@@ -434,7 +456,7 @@ async def code_new_page(request: web.Request) -> web.Response:
     page = await _logged_in(request)
     services = request.app[SERVICES]
     form = {"custom": "", "organizationId": request.query.get("organizationId", ""), "domains": "", "appIds": "",
-            "processNames": "", "items": []}
+            "processNames": "", "items": [], "borrowMaxDays": None, "limits": {}}
     return _render(request, "code_form.html", "Add a handshake code", nav="codes", action="/portal/codes/new",
                    **_code_form_context(services, None, form), **page)
 
@@ -443,11 +465,13 @@ async def code_new_submit(request: web.Request) -> web.Response:
     page, form = await _form(request)
     services = request.app[SERVICES]
     password = str(form.get("sessionPassword", ""))
-    fields = CodeFields(custom=str(form.get("custom", "")), items=tuple(form.getall("items", [])),
-                        domains=_lines(form.get("domains")), app_ids=_lines(form.get("appIds")),
-                        process_names=_lines(form.get("processNames")),
-                        password_hash=services.ledger.hash_session_password(password) if password else None)
     try:
+        borrow, limits = _borrow_and_limits(form)
+        fields = CodeFields(custom=str(form.get("custom", "")), items=tuple(form.getall("items", [])),
+                            domains=_lines(form.get("domains")), app_ids=_lines(form.get("appIds")),
+                            process_names=_lines(form.get("processNames")),
+                            password_hash=services.ledger.hash_session_password(password) if password else None,
+                            borrow_max_days=borrow, seat_limits=limits)
         code = await services.ledger.create_code(str(form.get("organizationId", "")), fields)
     except CodeError as e:
         return _refused_form(request, page, "Add a handshake code", "/portal/codes/new", None, form, e)
@@ -462,7 +486,8 @@ async def code_edit_page(request: web.Request) -> web.Response:
         raise _redirect("/portal/codes", ("error", "No such handshake code."))
     data = await code_json(services, code)
     form = {"custom": data["custom"], "domains": "\n".join(code.domains), "appIds": "\n".join(code.app_ids),
-            "processNames": "\n".join(code.process_names), "items": list(code.items)}
+            "processNames": "\n".join(code.process_names), "items": list(code.items),
+            "borrowMaxDays": code.borrow_max_days, "limits": data["itemLimits"]}
     return _render(request, "code_form.html", f"Edit {code.name}", nav="codes",
                    action=f"/portal/codes/{code.name}/edit", **_code_form_context(services, data, form), **page)
 
@@ -474,10 +499,12 @@ async def code_edit_submit(request: web.Request) -> web.Response:
     password = str(form.get("sessionPassword", ""))
     password_hash = "" if form.get("removePassword") else (
         services.ledger.hash_session_password(password) if password else None)
-    fields = CodeFields(custom=str(form.get("custom", "")) or None, items=tuple(form.getall("items", [])),
-                        domains=_lines(form.get("domains")), app_ids=_lines(form.get("appIds")),
-                        process_names=_lines(form.get("processNames")), password_hash=password_hash)
     try:
+        borrow, limits = _borrow_and_limits(form)
+        fields = CodeFields(custom=str(form.get("custom", "")) or None, items=tuple(form.getall("items", [])),
+                            domains=_lines(form.get("domains")), app_ids=_lines(form.get("appIds")),
+                            process_names=_lines(form.get("processNames")), password_hash=password_hash,
+                            borrow_max_days=borrow, seat_limits=limits)
         code = await services.ledger.edit_code(name, fields)
     except NotFound:
         raise _redirect("/portal/codes", ("error", f"No handshake code {name}.")) from None

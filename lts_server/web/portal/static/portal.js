@@ -25,6 +25,11 @@ if (organization) {
       box.disabled = !mine;
       if (!mine) box.checked = false;
     });
+    document.querySelectorAll("#item-picker .pick-limits").forEach((limits) => {
+      const mine = limits.dataset.org === organization.value;
+      limits.hidden = !mine;
+      limits.querySelectorAll("input").forEach((box) => { box.disabled = !mine; });
+    });
     const shown = document.getElementById("picker-org");
     if (shown) shown.textContent = organization.value;
   };

@@ -1,0 +1,61 @@
+"""POST /api/v1/handshake/return: a device gives its borrowed seat back before borrowedUntil.
+
+Signed like a usage report: X-LTS-Report-MAC, the HMAC-SHA256 of the exact body under the reportKey of
+the device's newest handshake answer for the code. Idempotent: a repeat answers 200 with released false.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from aiohttp import web
+
+from lts_server.core.times import iso
+from lts_server.core.versions import PROTOCOL_VERSIONS, protocol_problem
+from lts_server.errors import Code, Refusal
+from lts_server.ledger import NotFound
+from lts_server.reportkeys import MAC_HEADER, mac_matches
+from lts_server.web.device import JSON, read_json_body, standby_refusal
+from lts_server.web.errors import validation_error
+from lts_server.web.schemas import ReturnAnswer, ReturnBody
+from lts_server.web.services import SERVICES
+from lts_server.web.usage import _check_mac
+
+RETURN = "/api/v1/handshake/return"
+_decoder = msgspec.json.Decoder(ReturnBody)
+_encoder = msgspec.json.Encoder()
+
+
+def _refused(refusal: Refusal, **extra: object) -> web.Response:
+    return web.Response(status=403, body=_encoder.encode({"error": {**refusal.to_json(), **extra}}), headers=JSON)
+
+
+async def return_borrowed(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    if (refused := standby_refusal(services)) is not None:
+        return refused
+    body = await read_json_body(request)
+    try:
+        parsed = _decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise validation_error(e) from None
+    if (unspoken := protocol_problem(parsed.protocol_version)) is not None:
+        return _refused(Refusal(Code.BAD_PROTOCOL, unspoken), protocolVersions=list(PROTOCOL_VERSIONS))
+    ledger = services.ledger
+    key = await ledger.report_key(parsed.handshake_code, parsed.client_uuid)
+    mac = request.headers.get(MAC_HEADER)
+    if services.catch_up is not None and mac and (key is None or not mac_matches(key, body, mac)):
+        while not await services.catch_up():  # another node may have granted the borrow
+            pass
+        key = await ledger.report_key(parsed.handshake_code, parsed.client_uuid)
+    if key is None:
+        return _refused(Refusal(Code.NO_MATCHING_ITEM, f"device {parsed.client_uuid} holds no authorization for "
+                                                       f"{parsed.handshake_code}: nothing to return"))
+    _check_mac(request, key, body, parsed.client_uuid)
+    try:
+        outcome = await ledger.return_borrowed(parsed.handshake_code, parsed.client_uuid)
+    except NotFound:  # the authorization went meanwhile (another node): nothing is borrowed
+        return _refused(Refusal(Code.NO_MATCHING_ITEM, f"device {parsed.client_uuid} holds no authorization for "
+                                                       f"{parsed.handshake_code}: nothing to return"))
+    answer = ReturnAnswer(parsed.client_uuid, parsed.handshake_code, outcome.item_id, True, outcome.released,
+                          iso(outcome.borrowed_until) if outcome.borrowed_until else None)
+    return web.Response(body=_encoder.encode(answer), headers=JSON)
