@@ -3,8 +3,9 @@
 A third of the devices borrow, a third come through a code with 20 reserved seats, all wait in the queue;
 meanwhile borrowed seats are returned and others force-released, so the queue keeps moving. A sampler
 reads the database over and over: the seats held never pass 110, the item's counter always equals the
-seat rows, and once full the item stays at exactly 110 (a freed seat goes to the head of the queue in the
-same commit that frees it).
+seat rows, and once full the item stays full: a freed seat goes to the head of the queue in the same commit
+that frees it, so the only seats ever free are the team's unused reserved ones (no plain device may take
+them, and no team device may be waiting then).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ TEAM = "216998-team"
 DEVICES = 600
 RELEASES = 150
 SAMPLE = ("SELECT (SELECT COUNT(*) FROM seats WHERE item_id = 'pool'),"
-          " (SELECT seats_used FROM items WHERE item_id = 'pool')")
+          " (SELECT seats_used FROM items WHERE item_id = 'pool'),"
+          " (SELECT seats_reserved_unused FROM items WHERE item_id = 'pool')")
 
 
 class Sampler:
@@ -38,7 +40,7 @@ class Sampler:
 
     def __init__(self, store: Any) -> None:
         self.store = store
-        self.samples: list[tuple[int, int]] = []
+        self.samples: list[tuple[int, int, int]] = []
         self.stop = asyncio.Event()
 
     async def run(self) -> None:
@@ -96,7 +98,17 @@ async def test_600_devices_never_more_than_110_seats(running: Running) -> None:
         if resp.status == 200:
             holders[body["clientUuid"]] = answer
 
+    async def all_waiting() -> None:
+        """Until every device that found no seat waits: a release before then may find nobody to serve."""
+        while True:
+            async with r.session.get(f"{r.url}/api/v1/admin/items") as resp:
+                [pool] = [i for i in (await resp.json())["items"] if i["itemId"] == "pool"]
+            if pool.get("waiting", 0) == DEVICES - 110:
+                return
+            await asyncio.sleep(0.02)
+
     async def release_some(s: aiohttp.ClientSession) -> int:
+        await all_waiting()
         released = 0
         while released < RELEASES:
             await asyncio.sleep(0.02)
@@ -133,10 +145,11 @@ async def test_600_devices_never_more_than_110_seats(running: Running) -> None:
     assert {k for k, _, _ in granted} == {"borrow", "team", "plain"}
     samples = sampler.samples
     assert len(samples) > 100, len(samples)
-    assert all(rows == counter <= 110 for rows, counter in samples), max(samples)
-    full = next(i for i, (rows, _) in enumerate(samples) if rows == 110)
-    # Full from then on: while devices wait, no moment shows a free seat.
-    assert all(rows == 110 for rows, _ in samples[full:]), sorted({rows for rows, _ in samples[full:]})
+    assert all(rows == counter <= 110 for rows, counter, _ in samples), max(samples)
+    full = next(i for i, (rows, _, _) in enumerate(samples) if rows == 110)
+    # Full from then on: while devices wait, no moment shows a free seat but a reserved one.
+    free = {(110 - rows, reserved) for rows, _, reserved in samples[full:] if rows < 110}
+    assert all(seats <= reserved for seats, reserved in free), sorted(free)
     assert await r.sql_value("SELECT COUNT(*) FROM seats WHERE item_id = 'pool'") == 110
     team_seats = await r.sql_value("SELECT COUNT(*) FROM seats WHERE item_id = 'pool' AND code = ?", TEAM)
     assert team_seats >= 20

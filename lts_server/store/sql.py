@@ -508,6 +508,15 @@ def roll_up(quantities: dict[str, tuple[str, int]], limit: int,
     if len(rows) == limit:
         end = rows[-1][0]
     events = [EventFacts(*r) for r in rows]
+    overuse, next_client = yield from apply_rollup(events, quantities, key_ids, next_client, monthly_from)
+    yield Exec("UPDATE rollup_state SET last_seq = ?, next_client = ? WHERE id = 1", (end, next_client))
+    return RollupResult(len(events), end, overuse)
+
+
+def apply_rollup(events: list[EventFacts], quantities: dict[str, tuple[str, int]], key_ids: dict[Key, int],
+                 next_client: int, monthly_from: int | None) -> Procedure[tuple[dict[str, int], int]]:
+    """Fold `events` into the counters and device marks, and move the items' overuse with them; returns the
+    overuse added per item and the next device number (for rollup_state)."""
     acts = activities(events)
     ids = yield from _key_ids({(s, k) for e in events for s, k in (("code", e.code), ("item", e.item_id)) if k},
                               key_ids)
@@ -539,8 +548,7 @@ def roll_up(quantities: dict[str, tuple[str, int]], limit: int,
             " overused = CASE WHEN overuse_used + ? >= ? THEN 1 ELSE overused END WHERE item_id = ?",
             (delta, delta, tolerance(quantities[item_id][1]), item_id),
         )
-    yield Exec("UPDATE rollup_state SET last_seq = ?, next_client = ? WHERE id = 1", (end, next_client))
-    return RollupResult(len(events), end, overuse)
+    return overuse, next_client
 
 
 def _key_ids(keys: set[Key], cache: dict[Key, int]) -> Procedure[dict[Key, int]]:
@@ -866,7 +874,8 @@ class Operations:
 
     async def count_borrowed_slices(self, now_ms: int, quantities: dict[str, tuple[str, int]]) -> RollupResult:
         """Mark borrowed devices active in the slices their borrows covered so far; one node at a time."""
-        return await self._call(sql_offline.count_borrowed_slices(now_ms, quantities), self.ROLLUP_LOCK)
+        return await self._call(sql_offline.count_borrowed_slices(now_ms, quantities, self._rollup_keys),
+                                self.ROLLUP_LOCK)
 
     async def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]:
         """Stream events in order, a page at a time, so memory stays flat."""

@@ -105,12 +105,16 @@ def borrowed_count(item_id: str, now_ms: int) -> sql.Procedure[int]:
                             (item_id, now_ms)))[0][0]
 
 
-def count_borrowed_slices(now_ms: int, quantities: dict[str, tuple[str, int]]) -> sql.Procedure[RollupResult]:
+def count_borrowed_slices(now_ms: int, quantities: dict[str, tuple[str, int]],
+                          key_ids: dict[sql.Key, int] | None = None) -> sql.Procedure[RollupResult]:
     """Mark each borrowed device active in every 3-minute slice its borrow covered that has begun by now_ms
     (as a usage record of 0 units would), so statistics and overuse count it as used while it is offline.
 
     Marks are the rollups' own (a device counts once per bucket), so marking a slice twice counts it once.
     """
+    _, next_client, monthly_from, conversion = (yield sql.Query(sql.ROLLUP_STATE))[0]
+    if conversion:  # the marks of the release before are still being converted: count these slices after
+        return RollupResult(0, 0, {})
     rows = yield sql.Query("SELECT item_id, client_uuid, started_ms, code, until_ms, counted_ms FROM borrow_slices"
                            " WHERE counted_ms <= ? ORDER BY counted_ms", (now_ms,))
     facts: list[EventFacts] = []
@@ -127,10 +131,12 @@ def count_borrowed_slices(now_ms: int, quantities: dict[str, tuple[str, int]]) -
             progress.append((slot, item_id, client, started))
         if len(facts) >= SLICES_PER_CALL:
             break
+    result = RollupResult(0, 0, {})
     if facts:
-        result = yield from sql._apply_rollup(facts, quantities, 0)
-    else:
-        result = RollupResult(0, 0, {})
+        overuse, next_client = yield from sql.apply_rollup(facts, quantities, {} if key_ids is None else key_ids,
+                                                           next_client, monthly_from)
+        yield sql.Exec("UPDATE rollup_state SET next_client = ? WHERE id = 1", (next_client,))
+        result = RollupResult(len(facts), 0, overuse)
     if progress:
         yield sql.Many("UPDATE borrow_slices SET counted_ms = ? WHERE item_id = ? AND client_uuid = ? AND started_ms = ?",
                        progress)

@@ -348,11 +348,13 @@ class LtsClient:
         """
         auth = await self.handshake(client_uuid=client_uuid, product=product, deployment_type=deployment_type,
                                     now=now, use_cache=False, borrow_days=days, **fields)
-        plain = {"clientUuid": client_uuid, "product": product, "deploymentType": deployment_type,
-                 **{_camel(k): v for k, v in fields.items() if v is not None}}
-        cache_file = self._cache_file(plain)
-        if cache_file is not None:
-            self._write_cached(cache_file, auth)
+        plain = dict(fields)
+        password = plain.pop("session_password", None)
+        if self.fingerprint is not None and "device_fingerprint" not in plain:
+            plain["device_fingerprint"] = self.fingerprint
+        request = {"clientUuid": client_uuid, "product": product, "deploymentType": deployment_type,
+                   **{_camel(k): v for k, v in plain.items() if v is not None}}
+        self._accept(auth, request, password, self._cache_file(request))
         return auth
 
     def borrowed(self, now: datetime | None = None) -> list[Authorization]:
