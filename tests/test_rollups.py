@@ -224,6 +224,10 @@ async def test_statistics_through_http_are_those_the_old_shape_gives(running: Ru
         await running.drop(f"{name}.lic", running.vendor.issue(license_spec(name, items=[{**i, **since}
                                                                                         for i in items])))
     start = running.clock().replace(minute=0, second=0, microsecond=0) - timedelta(hours=50)
+    # The traffic is replayed from 50 hours back: the admin accepts the clock set back (else 160).
+    running.clock.now = start
+    async with running.session.post(f"{running.url}/api/v1/admin/clock/accept") as resp:
+        assert resp.status == 200, await resp.text()
     await traffic(running, 50, start)
     running.clock.now = start + timedelta(hours=50, minutes=2)
     await running.server.roll_up()
@@ -568,7 +572,7 @@ async def fixture_server(request: pytest.FixtureRequest, backend: str, folder: P
         url = await request.getfixturevalue("pg_server").new_database()
         counts = await migrate_mod.migrate(config_mod.load(write_config(folder, None, storage=storage), environ={}),
                                            url)
-        assert counts["rollup_devices"] > 0
+        assert counts.counts["rollup_devices"] > 0
         storage.update(backend="postgresql", url=url, follow_ms=50)
     clock = Clock(parse_iso(meta["now"]))
     server = Server(config_mod.load(write_config(folder, None, storage=storage), environ={}), clock=clock)

@@ -24,7 +24,7 @@ import asyncpg
 
 from lts_server import logs
 from lts_server.queue import SeatQueue, Waiter
-from lts_server.store.postgres import COMMAND_TIMEOUT, PostgresStore
+from lts_server.store.postgres import PostgresStore
 
 CHANNEL = "lts_seat_queue"
 
@@ -59,7 +59,7 @@ class PgQueueFeed:
 
     async def _listen(self) -> None:
         """Listen, then read the other nodes' waiters (a row written meanwhile is told twice: harmless)."""
-        conn = await asyncpg.connect(self.store.url, command_timeout=COMMAND_TIMEOUT, timeout=COMMAND_TIMEOUT)
+        conn = await self.store.connect()
         await conn.add_listener(CHANNEL, self._heard)
         self._listener = conn
         for waiter in list(self.queue.remote.values()):

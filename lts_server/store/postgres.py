@@ -182,7 +182,7 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
             try:
                 self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4, password=self._password,
                                                        command_timeout=COMMAND_TIMEOUT)
-                self._writer = await self._connect()
+                self._writer = await self.connect()
                 break
             except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError,
                     asyncpg.InvalidCatalogNameError) as e:
@@ -206,7 +206,8 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
             await self.close()
             raise
 
-    async def _connect(self) -> asyncpg.Connection:
+    async def connect(self) -> asyncpg.Connection:
+        """A connection of its own, outside the pool (the writer's; the seat queue's LISTEN, held for good)."""
         return await asyncpg.connect(self.url, command_timeout=COMMAND_TIMEOUT, timeout=COMMAND_TIMEOUT,
                                      password=self._password)
 
@@ -306,7 +307,7 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
                 raise StoreUnavailable("the database is not open")
             try:
                 if self._writer is None or self._writer.is_closed():
-                    self._writer = await self._connect()  # back after the server went away
+                    self._writer = await self.connect()  # back after the server went away
                 async with self._writer.transaction():
                     await self._writer.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
                     before = await self._writer.fetchval("SELECT COALESCE(MAX(seq), 0) FROM events")

@@ -439,7 +439,11 @@ def _typed(form: Any) -> dict[str, Any]:
     """What the admin typed, to show again when the server refuses it (the session password is not)."""
     return {"custom": str(form.get("custom", "")), "organizationId": str(form.get("organizationId", "")),
             "domains": str(form.get("domains", "")), "appIds": str(form.get("appIds", "")),
-            "processNames": str(form.get("processNames", "")), "items": [str(i) for i in form.getall("items", [])]}
+            "processNames": str(form.get("processNames", "")), "items": [str(i) for i in form.getall("items", [])],
+            "borrowMaxDays": str(form.get("borrowMaxDays", "")) or None,
+            "limits": {str(i): {"reservedSeats": str(form.get(f"reservedSeats.{i}", "")) or None,
+                                "maxSeats": str(form.get(f"maxSeats.{i}", "")) or None}
+                       for i in form.getall("items", [])}}
 
 
 def _refused_form(request: web.Request, page: dict[str, Any], title: str, action: str, code: dict | None,
