@@ -187,6 +187,28 @@ async def test_force_release_of_a_borrowed_seat_warns(lend: Running) -> None:
     assert lend.ledger.status("dev").seats_used == 0
 
 
+async def holders(r: Running, item_id: str) -> dict[str, dict]:
+    async with r.session.get(f"{r.url}/api/v1/admin/items/{item_id}/holders") as resp:
+        assert resp.status == 200
+        return {h["clientUuid"]: h for h in (await resp.json())["holders"]}
+
+
+@pytest.mark.parametrize("item_id, product", [("dev", "barcode-reader"), ("conc", "viewer")])
+async def test_seat_holders_show_a_borrow_and_its_release_warns(lend: Running, item_id: str, product: str) -> None:
+    _, answer = await borrow(lend, "laptop", 7, product=product)
+    assert (await lend.handshake(handshakeCode=CODE, clientUuid="desk", product=product))[0] == 200
+    listed = await holders(lend, item_id)
+    assert listed["laptop"]["borrowedUntil"] == answer["authorization"]["borrowedUntil"]
+    assert listed["desk"]["borrowedUntil"] is None
+    async with lend.session.delete(f"{lend.url}/api/v1/admin/items/{item_id}/holders/laptop") as resp:
+        assert resp.status == 200
+        out = await resp.json()
+    assert "keeps working" in out["warning"]
+    assert "laptop" not in await holders(lend, item_id)
+    # The borrowed seat is free again (on the concurrent item too, where holders list authorizations).
+    assert (await devices(lend, item_id))["borrowed"] == 0
+
+
 async def test_statistics_count_a_borrowed_device_in_every_slice_it_covers(lend: Running) -> None:
     start = lend.clock.now
     await borrow(lend, "laptop", 1)
