@@ -65,7 +65,7 @@ def write_config(folder: Path, pub: Path, port: int, watch: bool = False, url: s
     path.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nworkers = {workers}\n'
         f'[storage]\nstate_dir = "{folder / "state"}"\n{postgres}'
-        f'[import]\ndirectory = "{folder / "import"}"\nrescan_seconds = 3600\nwatch = {str(watch).lower()}\n'
+        f'[import]\ndirectory = "{folder / "import"}"\nrescan_seconds = 3600\nwatch = {str(watch).lower()}\nsettle_ms = 0\n'
         f'[vendor]\npublic_keys = ["{pub}"]\nallow_unbound = true\n'
         f'[log]\nlevel = "warning"\nformat = "json"\n'
     )

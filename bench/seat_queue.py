@@ -74,7 +74,7 @@ def config(folder: Path, pub: Path, port: int, waiters: int, url: str | None) ->
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nmax_connections = {waiters + 500}\n'
         f'idle_timeout = 600\nshutdown_timeout = 30\n'
         f'[storage]\nstate_dir = "{folder / "state"}"\n{postgres}'
-        f'[import]\ndirectory = "{folder / "import"}"\nrescan_seconds = 3600\nwatch = false\n'
+        f'[import]\ndirectory = "{folder / "import"}"\nrescan_seconds = 3600\nwatch = false\nsettle_ms = 0\n'
         f'[vendor]\npublic_keys = ["{pub}"]\nallow_unbound = true\n'
         f'[queue]\nmax_wait_s = 600\nmax_waiting = {waiters + 10}\n'
         f'[log]\nlevel = "warning"\nformat = "json"\n')
