@@ -132,6 +132,9 @@ async def test_borrow_over_the_maximum_or_on_other_items_is_refused(lend: Runnin
     status, out = await borrow(lend, "laptop", 15)
     assert status == 403 and out["error"]["code"] == 115
     assert "over the 14 days" in out["error"]["message"] and "dev" in out["error"]["message"]
+    # The next step is about borrowing, not the generic 115 one (fields a license type needs).
+    assert "handshake without borrowDays" in out["error"]["message"], out
+    assert "per-domain item needs domain" not in out["error"]["message"], out
     status, out = await borrow(lend, "scanner-1", 2, product="scanner", deploymentType="browser")
     assert status == 403 and out["error"]["code"] == 115 and "per-scan" in out["error"]["message"]
     status, out = await borrow(lend, "p-1", 2, product="plain")
