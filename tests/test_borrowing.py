@@ -111,6 +111,8 @@ async def test_return_must_be_signed_by_the_device(lend: Running) -> None:
     # A device that never handshook has nothing to return.
     status, out = await give_back(lend, "stranger")
     assert status == 403 and out["error"]["code"] == 104
+    assert "returns only a seat it borrowed" in out["error"]["message"]
+    assert "add license items" not in out["error"]["message"], out  # the generic 104 step does not fit
 
 
 async def test_return_of_a_seat_that_is_not_borrowed_is_refused(lend: Running) -> None:
