@@ -104,11 +104,12 @@ class Refusal:
 
     code: Code
     detail: str = ""
+    next_step: str | None = None  # instead of the code's usual next step (NEXT), when it does not fit
 
     @property
     def message(self) -> str:
         text = f"{MESSAGES[self.code]}: {self.detail}" if self.detail else MESSAGES[self.code]
-        step = NEXT.get(self.code)
+        step = self.next_step or NEXT.get(self.code)
         return f"{text}; {step}" if step else text
 
     def to_json(self) -> dict[str, object]:

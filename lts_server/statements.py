@@ -149,17 +149,19 @@ class Exporter:
                 starts[str(segment.chain)] = [segment.start[0], _b64(segment.start[1])]
                 heads[str(segment.chain)] = [end[0], _b64(end[1])]
             statement_id = (previous.id if previous else 0) + 1
+            # A statement after the first starts where the previous one ended, whatever `since` said; the
+            # statement and its record (GET /api/v1/admin/usage/statements) say the same.
+            start = from_ms(previous.until_ms) if previous else since
             summary = {
                 "type": SUMMARY_TYPE, "format": 1, "statementId": statement_id,
                 "previous": {"statementId": previous.id, "sha256": previous.sha256} if previous else None,
                 "serverUuid": self.identity.server_uuid, "keyId": self.identity.key_id, "createdAt": iso(now),
-                # A statement after the first starts where the previous one ended, whatever `since` said.
-                "since": iso(from_ms(previous.until_ms)) if previous else (iso(since) if since else None),
+                "since": iso(start) if start else None,
                 "until": iso(until), "events": count, "chains": chains, **totals.to_json(),
             }
             text = _compact.encode(summary)
             signature = self.identity.sign(text)
-            row = StatementRow(statement_id, to_ms(now), to_ms(since) if since else None, to_ms(until),
+            row = StatementRow(statement_id, to_ms(now), to_ms(start) if start else None, to_ms(until),
                                previous.id if previous else None, starts, heads, text.decode(), signature,
                                hashlib.sha256(text).hexdigest())
             await self._record(row, count)

@@ -111,6 +111,8 @@ async def test_return_must_be_signed_by_the_device(lend: Running) -> None:
     # A device that never handshook has nothing to return.
     status, out = await give_back(lend, "stranger")
     assert status == 403 and out["error"]["code"] == 104
+    assert "returns only a seat it borrowed" in out["error"]["message"]
+    assert "add license items" not in out["error"]["message"], out  # the generic 104 step does not fit
 
 
 async def test_return_of_a_seat_that_is_not_borrowed_is_refused(lend: Running) -> None:
@@ -132,6 +134,9 @@ async def test_borrow_over_the_maximum_or_on_other_items_is_refused(lend: Runnin
     status, out = await borrow(lend, "laptop", 15)
     assert status == 403 and out["error"]["code"] == 115
     assert "over the 14 days" in out["error"]["message"] and "dev" in out["error"]["message"]
+    # The next step is about borrowing, not the generic 115 one (fields a license type needs).
+    assert "handshake without borrowDays" in out["error"]["message"], out
+    assert "per-domain item needs domain" not in out["error"]["message"], out
     status, out = await borrow(lend, "scanner-1", 2, product="scanner", deploymentType="browser")
     assert status == 403 and out["error"]["code"] == 115 and "per-scan" in out["error"]["message"]
     status, out = await borrow(lend, "p-1", 2, product="plain")

@@ -40,6 +40,8 @@ def test_codes_take_borrowing_and_seat_limits_and_devices_show_borrows(lending: 
     code = json.loads(ok(lending, "--json", "codes", "show", "216998-team"))
     assert code["borrowMaxDays"] == 5
     assert code["itemLimits"] == {"L1-1": {"reservedSeats": 3, "maxSeats": 6, "held": 0}}
+    shown = ok(lending, "codes", "show", "216998-team")  # for people: no Python repr of the limits
+    assert "L1-1=(reservedSeats=3 maxSeats=6 held=0)" in shown and "{" not in shown, shown
     bad = ctl(lending, "codes", "edit", "216998-team", "--reserve", "L1-1=11")
     assert bad.returncode == 1 and "more than its quantity of 10" in bad.stderr
     bad = ctl(lending, "codes", "edit", "216998-team", "--reserve", "L1-1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import re
 
 import aiohttp
 
@@ -42,6 +43,11 @@ async def test_the_code_form_sets_borrowing_and_seat_limits(running: Running) ->
         async with s.post(running.url + f"/portal/codes/{TEAM}/edit", data=form) as resp:
             text = html.unescape(await resp.text())
         assert "more than its quantity of 10" in text
+        assert 'name="reservedSeats.pool" type="number" min="0" max="10" value="11"' in text  # as typed
+        form = aiohttp.FormData({"csrf": csrf(page), "custom": "team", "borrowMaxDays": "lots"})
+        form.add_field("items", "pool")
+        async with s.post(running.url + f"/portal/codes/{TEAM}/edit", data=form) as resp:
+            assert resp.status == 400 and "not a whole number" in html.unescape(await resp.text())
         assert running.ledger.codes[TEAM].seat_limits[0].reserved_seats == 4
         form = aiohttp.FormData({"csrf": csrf(page), "custom": "team", "borrowMaxDays": ""})
         form.add_field("items", "pool")
@@ -67,3 +73,32 @@ async def test_the_items_page_shows_terms_limits_and_the_queue(running: Running)
     finally:
         await s.close()
         waiter.cancel()
+
+
+async def test_the_holders_page_says_a_seat_is_borrowed_and_its_release_keeps_the_device_working(
+        running: Running) -> None:
+    """README: releasing a borrowed seat frees it at once, the offline device keeps working until borrowedUntil
+    ("the answer, ltsctl and the portal say so")."""
+    await running.drop("a.lic", running.vendor.issue(license_spec("L1", items=[
+        item("pool", quantity=2, borrow_max_days=14)])))
+    status, answer = await running.handshake(handshakeCode="216998-L1", clientUuid="trip", borrowDays=7)
+    assert status == 200, answer
+    until = answer["authorization"]["borrowedUntil"][:19].replace("T", " ")
+    assert (await running.handshake(handshakeCode="216998-L1", clientUuid="desk"))[0] == 200
+    s = await portal_session(running)
+    try:
+        async with s.get(running.url + "/portal/items/pool/holders") as resp:
+            page = html.unescape(await resp.text())
+        assert f"borrowed until {until}" in re.sub(r"<[^>]+>", "", page)
+        assert "keeps working with its signed authorization" in page  # the borrowed row's confirmation
+        assert page.count("borrowed until") == 1  # the desk's seat is not borrowed
+        async with s.post(running.url + "/portal/items/pool/holders/trip/release",
+                          data={"csrf": csrf(page)}) as resp:
+            text = html.unescape(await resp.text())
+        assert "Released trip from item pool" in text and "keeps working with its signed authorization" in text
+        async with s.post(running.url + "/portal/items/pool/holders/desk/release",
+                          data={"csrf": csrf(page)}) as resp:
+            text = html.unescape(await resp.text())
+        assert "Released desk from item pool" in text and "Note:" not in text
+    finally:
+        await s.close()

@@ -289,3 +289,17 @@ async def test_events_no_statement_covered_are_not_archived(running: Running, tm
     assert {"uncovered-0", "uncovered-1"} <= left
     status, out = check(tmp_path, running, await export(running), previous=first, capsys=capsys)
     assert status == 0, out
+
+
+async def test_the_statement_list_says_where_each_statement_starts(running: Running) -> None:
+    """A since given to a later export is ignored (it starts where the previous ended): the list says so too."""
+    await running.drop("l1.lic", bound_license(running))
+    await traffic(running, 1)
+    await export(running, since="2026-01-01T00:00:00Z")
+    await traffic(running, 1, prefix="second")
+    second = await export(running, since="2026-01-01T00:00:00Z")
+    signed = json.loads(lines(second)[-2].split(b" ", 2)[2])
+    async with running.session.get(f"{running.url}/api/v1/admin/usage/statements") as resp:
+        listed = (await resp.json())["statements"]
+    assert listed[0]["since"] == "2026-01-01T00:00:00Z"
+    assert listed[1]["since"] == signed["since"] == listed[0]["until"]

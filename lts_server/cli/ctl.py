@@ -125,8 +125,9 @@ def _cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, list):
         return ",".join(str(v) for v in value) or "-"
-    if isinstance(value, dict):
-        return " ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, dict):  # nested ones (a code's itemLimits) too, never as a Python repr
+        return " ".join(f"{k}=({_cell(v)})" if isinstance(v, dict) else f"{k}={'-' if v is None else v}"
+                        for k, v in value.items()) or "-"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)

@@ -32,6 +32,9 @@ from lts_server.core.versions import DEFAULT_PROTOCOL, protocol_problem, version
 from lts_server.errors import Code, Refusal
 
 DOMAIN_AUTHORIZATION = timedelta(days=1)
+# What to do after a refused borrow (115): the generic 115 step speaks of license-type fields.
+BORROW_NEXT = ("borrow for at most the days the item's license (borrowMaxDays) and the code allow, or handshake "
+               "without borrowDays")
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,7 @@ def fit(req: Request, item: Item, status: ItemStatus, seat_expiry: datetime | No
     if req.borrow_days is not None:
         refused = borrowing.borrow_problem(item, code, req.borrow_days) if code else "no handshake code"
         if refused:
-            return Refusal(Code.TYPE_INCOMPATIBLE, refused)
+            return Refusal(Code.TYPE_INCOMPATIBLE, refused, next_step=BORROW_NEXT)
         borrowed_until = borrowing.borrowed_until(item, req.borrow_days, now)
     instances = req.instances if rules.counts is Counts.INSTANCES else 1
     if rules.counts is Counts.INSTANCES and instances > item.quantity:

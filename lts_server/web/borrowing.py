@@ -24,6 +24,10 @@ RETURN = "/api/v1/handshake/return"
 _decoder = msgspec.json.Decoder(ReturnBody)
 _encoder = msgspec.json.Encoder()
 
+# After a 104 from a return: the usual 104 step (add items to the code) does not fit.
+NOTHING_TO_RETURN = ("a device returns only a seat it borrowed through this code (a handshake with borrowDays), "
+                     "with the reportKey of that answer")
+
 
 def _refused(refusal: Refusal, **extra: object) -> web.Response:
     return web.Response(status=403, body=_encoder.encode({"error": {**refusal.to_json(), **extra}}), headers=JSON)
@@ -49,13 +53,13 @@ async def return_borrowed(request: web.Request) -> web.Response:
         key = await ledger.report_key(parsed.handshake_code, parsed.client_uuid)
     if key is None:
         return _refused(Refusal(Code.NO_MATCHING_ITEM, f"device {parsed.client_uuid} holds no authorization for "
-                                                       f"{parsed.handshake_code}: nothing to return"))
+                                                       f"{parsed.handshake_code}: nothing to return", next_step=NOTHING_TO_RETURN))
     _check_mac(request, key, body, parsed.client_uuid)
     try:
         outcome = await ledger.return_borrowed(parsed.handshake_code, parsed.client_uuid)
     except NotFound:  # the authorization went meanwhile (another node): nothing is borrowed
         return _refused(Refusal(Code.NO_MATCHING_ITEM, f"device {parsed.client_uuid} holds no authorization for "
-                                                       f"{parsed.handshake_code}: nothing to return"))
+                                                       f"{parsed.handshake_code}: nothing to return", next_step=NOTHING_TO_RETURN))
     answer = ReturnAnswer(parsed.client_uuid, parsed.handshake_code, outcome.item_id, True, outcome.released,
                           iso(outcome.borrowed_until) if outcome.borrowed_until else None)
     return web.Response(body=_encoder.encode(answer), headers=JSON)

@@ -137,7 +137,7 @@ class LtsClient:
     def __init__(
         self,
         servers: list[str],
-        cache_dir: Path | None = None,
+        cache_dir: Path | str | None = None,
         public_keys: dict[str, str] | None = None,
         timeout: float = 5.0,
         session: aiohttp.ClientSession | None = None,
@@ -150,6 +150,7 @@ class LtsClient:
         sent with every handshake (clone detection); "auto" derives one (lts_client.fingerprint), None sends none."""
         if not servers:
             raise ValueError("at least one server URL is needed")
+        cache_dir = Path(cache_dir) if cache_dir is not None else None  # a str path works too
         self.servers = [s.rstrip("/") for s in servers]
         # Servers that failed lately are asked after the others (lts_client/failover.py).
         self.failover = Failover(self.servers)

@@ -108,6 +108,9 @@ async def test_the_cache_answers_offline_and_is_owner_only(start: Any, tmp_path:
     async with LtsClient(["http://127.0.0.1:9"], cache_dir=cache, public_keys=pinned(fake)) as offline:
         again = await offline.handshake(**REQUEST)
     assert again.raw == first.raw and len(fake.calls) == 1
+    # The folder given as a str, as a device's config file would give it.
+    async with LtsClient(["http://127.0.0.1:9"], cache_dir=str(cache), public_keys=pinned(fake)) as offline:
+        assert (await offline.handshake(**REQUEST)).raw == first.raw
     assert cache.stat().st_mode & 0o777 == 0o700
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in cache.iterdir())
     assert any(p.name.startswith("auth-") for p in cache.iterdir())

@@ -437,13 +437,16 @@ def _code_form_context(services: Services, code: dict | None, form: dict) -> dic
 
 def _typed(form: Any) -> dict[str, Any]:
     """What the admin typed, to show again when the server refuses it (the session password is not)."""
+    limits: dict[str, dict[str, str]] = {}
+    for key in form:
+        field, _, item_id = str(key).partition(".")
+        if field in ("reservedSeats", "maxSeats") and item_id and str(form.get(key, "")).strip():
+            limits.setdefault(item_id, {})[field] = str(form.get(key, "")).strip()
+    borrow = str(form.get("borrowMaxDays", "")).strip()
     return {"custom": str(form.get("custom", "")), "organizationId": str(form.get("organizationId", "")),
             "domains": str(form.get("domains", "")), "appIds": str(form.get("appIds", "")),
             "processNames": str(form.get("processNames", "")), "items": [str(i) for i in form.getall("items", [])],
-            "borrowMaxDays": str(form.get("borrowMaxDays", "")) or None,
-            "limits": {str(i): {"reservedSeats": str(form.get(f"reservedSeats.{i}", "")) or None,
-                                "maxSeats": str(form.get(f"maxSeats.{i}", "")) or None}
-                       for i in form.getall("items", [])}}
+            "borrowMaxDays": borrow or None, "limits": limits}
 
 
 def _refused_form(request: web.Request, page: dict[str, Any], title: str, action: str, code: dict | None,

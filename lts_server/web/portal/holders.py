@@ -36,7 +36,8 @@ async def holders_page(request: web.Request) -> web.Response:
     pages = max(1, -(-listing["total"] // PER_PAGE))
     if number > pages:
         raise _redirect(f"/portal/items/{urllib.parse.quote(item_id)}/holders?page={pages}")
-    rows = [{**h, "since": _when(h["since"]), "lastSeen": _when(h["lastSeen"]), "expiresAt": _when(h["expiresAt"])}
+    rows = [{**h, "since": _when(h["since"]), "lastSeen": _when(h["lastSeen"]), "expiresAt": _when(h["expiresAt"]),
+             "borrowedUntil": _when(h["borrowedUntil"]) if h.get("borrowedUntil") else None}
             for h in listing["holders"]]
     first = (number - 1) * PER_PAGE + 1
     pager = Pager(listing["total"], first, first + len(rows) - 1, number, pages,
@@ -51,10 +52,11 @@ async def holder_release(request: web.Request) -> web.Response:
     item_id, client = request.match_info["item_id"], request.match_info["client_uuid"]
     back = f"/portal/items/{urllib.parse.quote(item_id)}/holders"
     try:
-        await release(services, item_id, client)
+        warning = await release(services, item_id, client)
     except NotFound:
         raise _redirect(back, ("error", f"Device {client} holds nothing of item {item_id} any more.")) from None
-    raise _redirect(back, ("ok", f"Released {client} from item {item_id}; the release is recorded as an event."))
+    note = f" Note: {warning}." if warning else ""
+    raise _redirect(back, ("ok", f"Released {client} from item {item_id}; the release is recorded as an event.{note}"))
 
 
 async def dismiss_submit(request: web.Request) -> web.Response:
