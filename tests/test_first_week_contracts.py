@@ -226,4 +226,12 @@ def test_lts_license_help_has_examples_and_init_writes_a_template(tmp_path: Path
     assert issued.returncode == 0 and "2 item(s)" in issued.stdout, issued.stderr
     verified = _license("verify", "b.lic", "--public-key", "v/vendor.pub", cwd=tmp_path)
     assert verified.returncode == 0 and verified.stdout.startswith("VALID")
+    # Its commented borrowing and version lines, switched on, are keys the tool takes.
+    lines = [line.removeprefix("# ") if line.startswith(("# borrow_max_days", "# versions")) else line
+             for line in text.splitlines()]
+    (tmp_path / "three.toml").write_text("\n".join(lines) + "\n")
+    issued = _license("issue", "three.toml", "--key", "v/vendor.key", "--out", "c.lic", cwd=tmp_path)
+    assert issued.returncode == 0, issued.stderr
+    shown = _license("show", "c.lic", "--public-key", "v/vendor.pub", cwd=tmp_path)
+    assert shown.returncode == 0 and "borrow up to 14 days, versions >=3.0,<5" in shown.stdout, shown.stdout
 

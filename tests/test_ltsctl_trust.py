@@ -44,6 +44,7 @@ async def _handshakes(url: str, *bodies: dict) -> list[int]:
 
 def test_identity_bound_license_export_and_verify(daemon: Daemon, vendor: Vendor, tmp_path: Path) -> None:
     identity = json.loads(ok(daemon, "--json", "identity"))  # no login needed
+    assert json.loads(ok(daemon, "identity", "--json")) == identity  # --json after the command too
     text = ok(daemon, "identity")
     assert f'server_key = "{identity["identityKey"]}"' in text and identity["serverUuid"] in text
     lic = tmp_path / "bound.lic"

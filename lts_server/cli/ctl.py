@@ -744,7 +744,19 @@ def parser() -> argparse.ArgumentParser:
     archive.add_argument("--before", required=True, help="ISO date-time with zone, at least an hour ago, "
                                                          "e.g. 2026-10-01T00:00:00Z")
     ev.add_parser("archives", help="archive files written so far")
+    _json_anywhere(p)
     return p
+
+
+def _json_anywhere(p: argparse.ArgumentParser) -> None:
+    """`--json` after the command too (`ltsctl identity --json`), not only before it. SUPPRESS keeps a
+    subcommand from resetting a `--json` given before it."""
+    for action in p._subparsers._group_actions if p._subparsers else ():
+        for child in getattr(action, "choices", {}).values():
+            if "--json" not in child._option_string_actions:
+                child.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                                   help="print JSON for scripts")
+            _json_anywhere(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -238,6 +238,11 @@ quantity = 10
 period = "yearly"
 # Optional: the item serves only requests that name this edition.
 # edition = "pro"
+# Optional (per-device, per-server, per-concurrent-device): a device may borrow a seat offline for at
+# most this many days (1-365); absent: no borrowing.
+# borrow_max_days = 14
+# Optional: the client versions the item serves, a PEP 440 range; others get error 107.
+# versions = ">=3.0,<5"
 starts_at = {today}
 expires_at = {next_year}
 
