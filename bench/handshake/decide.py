@@ -25,6 +25,9 @@ class V:
     def status(self, i): return ItemStatus()
     def seat_expiry(self, i, c): return None
     def instances_elsewhere(self, i, c, now): return 0
+    def share(self, i, c):  # trees with seat reservations (issue 25) ask for the code's share: none here
+        from lts_server.core.reservations import FREE
+        return FREE
 v = V()
 ok = hs.Request(client_uuid="d", product="reader", deployment_type=DeploymentType.BROWSER, handshake_code="216998-c")
 bad = hs.Request(client_uuid="d", product="other", deployment_type=DeploymentType.BROWSER, handshake_code="216998-c")
