@@ -936,7 +936,8 @@ class Ledger:
             if auth is None:
                 return UsageOutcome(refusal=Refusal(
                     Code.NO_MATCHING_ITEM, f"device {report.client_uuid} holds no authorization for {code.name} "
-                                           "(none granted, or it ended: a seat released, a code deleted); handshake again"))
+                                           "(none granted, or it ended: a seat released, a code deleted)",
+                    next_step="handshake again, then report under the new authorization"))
             ended = self._ended(auth, now)
             if ended is not None:
                 return UsageOutcome(refusal=ended)
@@ -979,7 +980,8 @@ class Ledger:
         cutoff = self.cutoffs.get(auth.item_id)
         if cutoff is not None and auth.granted_at < cutoff:
             return Refusal(Code.NO_MATCHING_ITEM, f"the authorization on item {auth.item_id} ended when its license was "
-                                                  "replaced; handshake again")
+                                                  "replaced", next_step="handshake again, then report under the new "
+                                                                        "authorization")
         item = self.items.get(auth.item_id)
         if item is None:
             return Refusal(Code.ITEM_MISSING, f"item {auth.item_id} no longer exists")

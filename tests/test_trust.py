@@ -143,6 +143,9 @@ async def test_a_forced_release_ends_the_authorization(running: Running) -> None
         assert resp.status == 200
     status, body = await running.report({**report, "reportId": "r2"})
     assert status == 403 and body["error"]["code"] == 104
+    # One next step, the one that helps: the code's items are not what is wrong.
+    assert body["error"]["message"].endswith("; handshake again, then report under the new authorization")
+    assert "add license items" not in body["error"]["message"]
     # Another device takes the freed seat; the released one's next handshake decides afresh: the item is full.
     assert (await running.handshake(handshakeCode="216998-L1", clientUuid="device-2"))[0] == 200
     status, body = await running.handshake(handshakeCode="216998-L1")

@@ -185,7 +185,7 @@ def clock_refusal(services: Services, now: datetime) -> web.Response | None:
     assert guard is not None
     guard.check()
     refusal = Refusal(Code.CLOCK_BEHIND, f"the clock reads {iso(now)}, {round(behind.total_seconds()):,} s before the "
-                                         "latest time this server recorded; fix it, or the admin accepts it")
+                                         "latest time this server recorded")
     logs.event_limited("clock.refused", logs.logging.ERROR, behind_seconds=round(behind.total_seconds()))
     return web.Response(status=503, body=b'{"error":' + _encoder.encode(refusal.to_json()) + b"}",
                         headers={**JSON, "Retry-After": "30"})
