@@ -290,6 +290,17 @@ async def admin_login(url: str, password: str = ADMIN_PASSWORD) -> str:
             return (await resp.json())["token"]
 
 
+UNDER_CI = os.environ.get("CI") == "true"
+
+
+def unavailable(message: str) -> None:
+    """What a test needs is missing: a skip on a developer's machine, a failure under CI (CI=true), where
+    every service and tool the suite uses must be there."""
+    if UNDER_CI:
+        pytest.fail(message + ": required under CI (CI=true)")
+    pytest.skip(message)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -28,8 +28,8 @@ import aiohttp
 import pytest
 
 from tests import pg
-from tests.conftest import ADMIN_PASSWORD, ROOT, Daemon, Vendor, free_port, item, license_spec, start_daemon, \
-    stop_daemon
+from tests.conftest import ADMIN_PASSWORD, ROOT, UNDER_CI, Daemon, Vendor, free_port, item, license_spec, \
+    start_daemon, stop_daemon
 
 pytestmark = pytest.mark.slow
 DB_PASSWORD = "s3cret-of-the-lts-role"
@@ -135,7 +135,7 @@ def test_the_readme_recipe_two_nodes_on_postgresql(tmp_path: Path, vendor: Vendo
     assert exec_start == "/opt/lts-server/bin/lts-server --config /etc/lts-server/%i.toml"
     assert "DynamicUser=yes" in unit and ("db-password", "/etc/lts-server/db-password") in credentials
     assert ".pgpass" not in unit.replace("No ~/.pgpass", "")
-    if shutil.which("systemd-analyze") or os.environ.get("CI") == "true":
+    if shutil.which("systemd-analyze") or UNDER_CI:
         (tmp_path / "lts-server@.service").write_text(
             unit.replace("/opt/lts-server/bin/lts-server", str(Path(sys.executable).parent / "lts-server")))
         (tmp_path / "lts-server@node1.service").symlink_to(tmp_path / "lts-server@.service")

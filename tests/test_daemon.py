@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import (
     ROOT,
+    UNDER_CI,
     Vendor,
     admin_login,
     item,
@@ -27,6 +28,7 @@ from tests.conftest import (
     make_vendor,
     start_daemon,
     stop_daemon,
+    unavailable,
     write_config,
 )
 
@@ -185,7 +187,7 @@ def test_unusable_state_folder_is_a_clear_start_error(tmp_path: Path, vendor: Ve
 
 
 # Under CI a missing systemd-analyze fails the test rather than skipping it.
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None and os.environ.get("CI") != "true",
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None and not UNDER_CI,
                     reason="systemd-analyze is not installed")
 @pytest.mark.parametrize(("name", "verified_as"), [("lts-server.service", "lts-server.service"),
                                                     ("lts-server@.service", "lts-server@node1.service")])
@@ -230,9 +232,7 @@ def _make_read_only(path: Path) -> None:
     # root writes through permission bits: mark the file immutable instead.
     done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
     if done.returncode != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"cannot make {path} read-only as root: {done.stderr}")
-        pytest.skip(f"cannot make {path} read-only as root (chattr: {done.stderr.strip()})")
+        unavailable(f"cannot make {path} read-only as root (chattr: {done.stderr.strip()})")
 
 
 def test_a_read_only_database_refuses_to_start_and_says_why(tmp_path: Path, vendor: Vendor) -> None:
@@ -273,10 +273,7 @@ def test_check_config_warns_about_no_vendor_key_and_a_missing_import_folder(tmp_
 
 def test_print_uuid_without_config_says_what_to_do(tmp_path: Path) -> None:
     if Path("/etc/lts-server/lts-server.toml").exists():
-        message = "this machine has an installed /etc/lts-server/lts-server.toml"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + ": CI machines must not have one")
-        pytest.skip(message)
+        unavailable("this machine has an installed /etc/lts-server/lts-server.toml")
     proc = subprocess.run([sys.executable, "-m", "lts_server", "--print-uuid"], capture_output=True, text=True,
                           timeout=30, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

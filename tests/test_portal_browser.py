@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ADMIN_PASSWORD, NOW, Running, item, license_spec
+from tests.conftest import ADMIN_PASSWORD, NOW, UNDER_CI, Running, item, license_spec
 
 CHROMIUM = os.environ.get("LTS_CHROMIUM", "/usr/bin/chromium")
 # A test dependency (make test installs it): missing, collection fails instead of skipping.
 import playwright.async_api as playwright_api  # noqa: E402
 # Under CI a missing Chromium fails the run (make test installs it); elsewhere the tests say they skipped.
-pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM) and os.environ.get("CI") != "true",
+pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM) and not UNDER_CI,
                                 reason=f"Chromium not found at {CHROMIUM} (apt-get install chromium); "
                                        "browser tests skipped")
 OUT = Path(os.environ.get("LTS_TEST_OUTPUT", Path(__file__).resolve().parent.parent / "test-output")) / "screenshots"

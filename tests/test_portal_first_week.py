@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from lts_server.web.portal.charts import nice_ticks
-from tests.conftest import ADMIN_PASSWORD, Running, item, license_spec
+from tests.conftest import ADMIN_PASSWORD, UNDER_CI, Running, item, license_spec
 from tests.test_portal_widths import ARGS, CHROMIUM, OUT, fill
 
 # Under CI a missing Chromium fails the run (make test installs it); elsewhere the tests say they skipped.
-pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM) and os.environ.get("CI") != "true",
+pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM) and not UNDER_CI,
                                 reason=f"Chromium not found at {CHROMIUM}; browser tests skipped")
 
 # Words of table cells drawn on more than one line: a word broken mid-word.
