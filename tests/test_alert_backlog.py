@@ -7,30 +7,18 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiosmtpd.controller import Controller
 
 from lts_server import config as config_mod
 from lts_server.alerts import delivery_json
 from lts_server.core.times import parse_iso
 from lts_server.server import Server
-from tests.conftest import ADMIN_PASSWORD, Clock, Vendor, admin_login, free_port, wait_for, write_config
-from tests.test_alerts import Mailbox, text
-
-
-@pytest.fixture
-async def mailbox() -> AsyncIterator[tuple[Mailbox, int]]:
-    box = Mailbox()
-    port = free_port()
-    controller = Controller(box, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield box, port
-    controller.stop()
+from tests.conftest import ADMIN_PASSWORD, Clock, Vendor, admin_login, wait_for, write_config
+from tests.test_alerts import Mailbox, mailbox, text  # noqa: F401 - mailbox is a fixture
 
 
 async def _backlog(tmp_path: Path, vendor: Vendor, clock: Clock, files: int) -> tuple[Server, aiohttp.ClientSession]:

@@ -15,7 +15,7 @@ from lts_server.errors import Code, Refusal
 from lts_server.ledger import NotFound
 from lts_server.reportkeys import MAC_HEADER, mac_matches
 from lts_server.web.device import JSON, read_json_body, standby_refusal
-from lts_server.web.errors import validation_error
+from lts_server.web.errors import decode_json
 from lts_server.web.schemas import ReturnAnswer, ReturnBody
 from lts_server.web.services import SERVICES
 from lts_server.web.usage import _check_mac
@@ -33,15 +33,18 @@ def _refused(refusal: Refusal, **extra: object) -> web.Response:
     return web.Response(status=403, body=_encoder.encode({"error": {**refusal.to_json(), **extra}}), headers=JSON)
 
 
+def _nothing_to_return(parsed: ReturnBody) -> web.Response:
+    return _refused(Refusal(Code.NO_MATCHING_ITEM, f"device {parsed.client_uuid} holds no authorization for "
+                                                   f"{parsed.handshake_code}: nothing to return",
+                            next_step=NOTHING_TO_RETURN))
+
+
 async def return_borrowed(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     if (refused := standby_refusal(services)) is not None:
         return refused
     body = await read_json_body(request)
-    try:
-        parsed = _decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise validation_error(e) from None
+    parsed = decode_json(body, _decoder)
     if (unspoken := protocol_problem(parsed.protocol_version)) is not None:
         return _refused(Refusal(Code.BAD_PROTOCOL, unspoken), protocolVersions=list(PROTOCOL_VERSIONS))
     ledger = services.ledger
@@ -52,14 +55,12 @@ async def return_borrowed(request: web.Request) -> web.Response:
             pass
         key = await ledger.report_key(parsed.handshake_code, parsed.client_uuid)
     if key is None:
-        return _refused(Refusal(Code.NO_MATCHING_ITEM, f"device {parsed.client_uuid} holds no authorization for "
-                                                       f"{parsed.handshake_code}: nothing to return", next_step=NOTHING_TO_RETURN))
+        return _nothing_to_return(parsed)
     _check_mac(request, key, body, parsed.client_uuid)
     try:
         outcome = await ledger.return_borrowed(parsed.handshake_code, parsed.client_uuid)
     except NotFound:  # the authorization went meanwhile (another node): nothing is borrowed
-        return _refused(Refusal(Code.NO_MATCHING_ITEM, f"device {parsed.client_uuid} holds no authorization for "
-                                                       f"{parsed.handshake_code}: nothing to return", next_step=NOTHING_TO_RETURN))
+        return _nothing_to_return(parsed)
     answer = ReturnAnswer(parsed.client_uuid, parsed.handshake_code, outcome.item_id, True, outcome.released,
                           iso(outcome.borrowed_until) if outcome.borrowed_until else None)
     return web.Response(body=_encoder.encode(answer), headers=JSON)

@@ -22,7 +22,7 @@ from lts_server.core.versions import PROTOCOL_VERSIONS
 from lts_server.errors import Code, Refusal
 from lts_server.ledger import HandshakeOutcome
 from lts_server.web import inputs
-from lts_server.web.errors import ApiError, validation_error
+from lts_server.web.errors import ApiError, decode_json
 from lts_server.web.schemas import MAX_BODY, Authorization, HandshakeBody, SeatCount
 from lts_server.web.services import SERVICES, Services
 
@@ -207,10 +207,7 @@ async def handshake(request: web.Request) -> web.Response:
     if (refused := standby_refusal(services)) is not None:
         return refused
     body = await read_json_body(request)
-    try:
-        parsed = _decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise validation_error(e) from None
+    parsed = decode_json(body, _decoder)
     req = to_request(parsed)
     fingerprint = fingerprint_hash(parsed.device_fingerprint)
     issued = services.ledger.clock()

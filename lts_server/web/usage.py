@@ -9,7 +9,7 @@ from lts_server.core.usage import slot_problem
 from lts_server.ledger import UsageRecord, UsageReport
 from lts_server.reportkeys import MAC_HEADER, mac_matches
 from lts_server.web.device import JSON, clock_refusal, read_json_body, standby_refusal
-from lts_server.web.errors import ApiError, validation_error
+from lts_server.web.errors import ApiError, decode_json
 from lts_server.web.schemas import UsageBody
 from lts_server.web.services import SERVICES
 
@@ -24,10 +24,7 @@ async def report_usage(request: web.Request) -> web.Response:
     if (refused := standby_refusal(services)) is not None:
         return refused
     body = await read_json_body(request, MAX_USAGE_BODY)
-    try:
-        parsed = _decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise validation_error(e) from None
+    parsed = decode_json(body, _decoder)
     now = services.ledger.clock()
     if (refused := clock_refusal(services, now)) is not None:  # a slot would be judged by a wrong clock
         return refused
