@@ -302,7 +302,7 @@ def verify(data: bytes, trusted: dict[str, Ed25519PublicKey]) -> Verified:
     try:
         payload = msgspec.json.decode(payload_bytes, type=Payload, strict=True)
     except msgspec.ValidationError as e:
-        raise LicenseFileError("bad-field", _field_message(str(e))) from None
+        raise LicenseFileError("bad-field", _field_message(str(e), payload_bytes)) from None
     except msgspec.DecodeError as e:
         raise LicenseFileError("malformed", f"payload is not valid JSON: {e}") from None
     found = problems(payload)
@@ -312,9 +312,27 @@ def verify(data: bytes, trusted: dict[str, Ed25519PublicKey]) -> Verified:
     return Verified(to_license(payload), kid, hashlib.sha256(data).hexdigest(), data.decode("utf-8"), binding)
 
 
-def _field_message(text: str) -> str:
+def _field_message(text: str, payload: bytes) -> str:
+    """msgspec's error as `path: what`, naming the item by its id when the path is inside one (an operator
+    knows items by id, not by their place in the file)."""
     msg, _, where = text.partition(" - at `$")
-    return f"{where.rstrip('`').lstrip('.')}: {msg}" if where else msg
+    if not where:
+        return msg
+    path = where.rstrip("`").lstrip(".")
+    if (m := _ITEM_AT.match(path)) and (item_id := _item_id(payload, int(m.group(1)))) is not None:
+        return f"{path}: item {item_id}: {msg}"
+    return f"{path}: {msg}"
+
+
+_ITEM_AT = re.compile(r"items\[(\d+)\]")
+
+
+def _item_id(payload: bytes, index: int) -> str | None:
+    try:
+        item = msgspec.json.decode(payload)["items"][index]
+    except (msgspec.DecodeError, KeyError, IndexError, TypeError):
+        return None
+    return item.get("itemId") if isinstance(item, dict) and isinstance(item.get("itemId"), str) else None
 
 
 def check_binding(lic: License, server_uuid: str, allow_unbound: bool, server_key: str | None = None) -> None:

@@ -79,7 +79,20 @@ def test_signed_but_invalid_content_is_rejected_with_the_field(vendor: Vendor) -
     with pytest.raises(licensefile.LicenseFileError) as err:
         licensefile.verify(licensefile.sign(raw, vendor.key), trusted(vendor))
     assert err.value.kind == "bad-field"
-    assert "items[0].quantity" in err.value.message
+    assert err.value.message.startswith("items[0].quantity: item x: ")
+
+
+def test_a_wrong_type_inside_an_item_names_the_item(vendor: Vendor) -> None:
+    raw = b'{"format": 1, "licenseId": "L1", "alias": "a", "organizationId": "1", "licenseTextVersion": "2.0", ' \
+          b'"status": "Activated", "revision": 1, "issuedAt": "2026-01-01T00:00:00Z", "items": [' + \
+          b', '.join(b'{"itemId": "%s", "product": "p", "deploymentType": "browser", "licenseType": "per-device", ' \
+                     b'"quantity": 1, "startsAt": "2026-01-01T00:00:00Z", "expiresAt": "2027-01-01T00:00:00Z", ' \
+                     b'"period": "yearly"%s}' % (name, extra) for name, extra in (
+                         (b"first", b""), (b"second", b', "versions": 5'))) + b']}'
+    with pytest.raises(licensefile.LicenseFileError) as err:
+        licensefile.verify(licensefile.sign(raw, vendor.key), trusted(vendor))
+    assert err.value.kind == "bad-field"
+    assert err.value.message == "items[1].versions: item second: Expected `str | null`, got `int`"
 
 
 def test_binding_rules(vendor: Vendor) -> None:
