@@ -42,10 +42,21 @@ def test_codes_take_borrowing_and_seat_limits_and_devices_show_borrows(lending: 
     assert code["itemLimits"] == {"L1-1": {"reservedSeats": 3, "maxSeats": 6, "held": 0}}
     shown = ok(lending, "codes", "show", "216998-team")  # for people: no Python repr of the limits
     assert "L1-1=(reservedSeats=3 maxSeats=6 held=0)" in shown and "{" not in shown, shown
-    bad = ctl(lending, "codes", "edit", "216998-team", "--reserve", "L1-1=11")
+    bad = ctl(lending, "codes", "edit", "216998-team", "--reserve", "L1-1=7")  # the cap of 6 stays
+    assert bad.returncode == 1 and "maxSeats: 6 is below reservedSeats 7" in bad.stderr
+    bad = ctl(lending, "codes", "edit", "216998-team", "--reserve", "L1-1=11", "--max-seats", "L1-1=none")
     assert bad.returncode == 1 and "more than its quantity of 10" in bad.stderr
     bad = ctl(lending, "codes", "edit", "216998-team", "--reserve", "L1-1")
     assert bad.returncode == 2 and "ITEM=NUMBER" in bad.stderr
+    ok(lending, "codes", "edit", "216998-team", "--max-seats", "L1-1=8")  # changes the cap, keeps the reservation
+    code = json.loads(ok(lending, "--json", "codes", "show", "216998-team"))
+    assert code["itemLimits"] == {"L1-1": {"reservedSeats": 3, "maxSeats": 8, "held": 0}}
+    ok(lending, "codes", "edit", "216998-team", "--reserve", "L1-1=none")
+    code = json.loads(ok(lending, "--json", "codes", "show", "216998-team"))
+    assert code["itemLimits"] == {"L1-1": {"reservedSeats": 0, "maxSeats": 8, "held": 0}}
+    ok(lending, "codes", "edit", "216998-team", "--no-limits", "--reserve", "L1-1=2")  # only those given
+    code = json.loads(ok(lending, "--json", "codes", "show", "216998-team"))
+    assert code["itemLimits"] == {"L1-1": {"reservedSeats": 2, "maxSeats": None, "held": 0}}
     until = asyncio.run(_borrow(lending.url))["authorization"]["borrowedUntil"]
     listing = ok(lending, "devices", "list", "L1-1", "--borrowed")
     assert "laptop" in listing and "216998-team" in listing and until in listing

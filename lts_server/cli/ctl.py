@@ -139,18 +139,26 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def item_limits(args: argparse.Namespace) -> dict[str, dict[str, int]] | None:
-    """--reserve ITEM=N and --max-seats ITEM=N as the API's itemLimits; None when neither is given."""
+def item_limits(args: argparse.Namespace, current: dict[str, dict[str, int]] | None = None
+                ) -> dict[str, dict[str, int]] | None:
+    """--reserve ITEM=N and --max-seats ITEM=N as the API's itemLimits, changed on top of the code's `current`
+    ones (so an edit changes only the limits it names; N = none removes one); None when neither is given."""
     if not args.reserve and not args.max_seats and not getattr(args, "no_limits", False):
         return None
-    limits: dict[str, dict[str, int]] = {}
+    limits = {item_id: {k: v for k, v in limit.items() if k in ("reservedSeats", "maxSeats") and v is not None}
+              for item_id, limit in (current or {}).items()}
     for flag, key, values in (("--reserve", "reservedSeats", args.reserve), ("--max-seats", "maxSeats", args.max_seats)):
         for value in values or []:
             item_id, _, number = value.partition("=")
+            if item_id and number.lower() == "none":
+                limits.get(item_id, {}).pop(key, None)
+                continue
             if not item_id or not number.isdigit():
-                raise CtlError(f"{flag} {value}: expected ITEM=NUMBER, e.g. {flag} 100028117-1=10", EXIT_USAGE)
+                raise CtlError(f"{flag} {value}: expected ITEM=NUMBER (or ITEM=none to remove it), e.g. "
+                               f"{flag} 100028117-1=10", EXIT_USAGE)
             limits.setdefault(item_id, {})[key] = int(number)
-    return limits
+    # No reservation and no cap is no limit: the item leaves the code's list.
+    return {item_id: limit for item_id, limit in limits.items() if limit.get("reservedSeats") or "maxSeats" in limit}
 
 
 def borrow_days(value: str | None) -> int | None | str:
@@ -468,11 +476,14 @@ async def run(args: argparse.Namespace) -> int:
                 out = await api.call("POST", base, body)
                 text = f"created {out['name']}"
             elif args.action == "edit":
+                current = None
+                if (args.reserve or args.max_seats) and not args.no_limits:
+                    current = (await api.call("GET", f"{base}/{args.name}"))["itemLimits"]
                 body = {k: v for k, v in {
                     "custom": args.custom, "items": _csv(args.items), "domains": _csv(args.domains),
                     "appIds": _csv(args.app_ids), "processNames": _csv(args.process_names),
                     "sessionPassword": "" if args.no_password else session_password(args),
-                    "itemLimits": item_limits(args)}.items() if v is not None}
+                    "itemLimits": item_limits(args, current)}.items() if v is not None}
                 if (days := borrow_days(args.borrow_max_days)) != "keep":
                     body["borrowMaxDays"] = days
                 out = await api.call("PATCH", f"{base}/{args.name}", body)
@@ -649,7 +660,8 @@ def parser() -> argparse.ArgumentParser:
     edit.add_argument("name", help="e.g. 216998-vehicleCode")
     edit.add_argument("--custom", help="rename (not for default codes)")
     edit.add_argument("--no-password", action="store_true", help="remove the session password")
-    edit.add_argument("--no-limits", action="store_true", help="remove every seat limit (--reserve, --max-seats)")
+    edit.add_argument("--no-limits", action="store_true", help="remove every seat limit (--reserve, --max-seats); "
+                                                               "with them, the code keeps only those given")
     for c in (create, edit):
         c.add_argument("--items", help="comma-separated item ids")
         c.add_argument("--domains", help="comma-separated domains, e.g. *.example.com")
@@ -665,10 +677,10 @@ def parser() -> argparse.ArgumentParser:
                        help="lower the items' borrowing limit for this code: 0-365 (0: no borrowing), or none "
                             "for the items' own")
         c.add_argument("--reserve", action="append", metavar="ITEM=N",
-                       help="seats of ITEM only this code may take (repeatable; given with --max-seats, they "
-                            "replace every seat limit of the code)")
+                       help="seats of ITEM only this code may take (repeatable; edit changes only the items "
+                            "named, ITEM=none removes the reservation)")
         c.add_argument("--max-seats", action="append", metavar="ITEM=N",
-                       help="the most seats of ITEM this code holds (repeatable)")
+                       help="the most seats of ITEM this code holds (repeatable; ITEM=none removes the cap)")
     delete = codes.add_parser("delete", help="delete a handshake code (its statistics stay)")
     delete.add_argument("name", help="e.g. 216998-vehicleCode")
     delete.add_argument("--confirm-default", action="store_true",
