@@ -907,6 +907,9 @@ class Ledger:
             if auth is None:
                 raise NotFound(f"authorization of device {client_uuid} on {code_name}")
             seat = device.seats.get(auth.item_id)
+            if seat is None and auth.expires_at > now:  # a running grant on a concurrent item: no seat to give
+                raise NotBorrowed(f"device {client_uuid} holds an authorization on item {auth.item_id} that is not "
+                                  "borrowed: it ends with its period (an admin can release it)")
             if seat is None or (seat.borrowed_until is not None and seat.borrowed_until <= now):
                 return ReturnOutcome(auth.item_id, False)  # returned (or lapsed) already
             if seat.borrowed_until is None:

@@ -108,11 +108,12 @@ async def test_return_must_be_signed_by_the_device(lend: Running) -> None:
         assert resp.status == 401
     assert (await give_back(lend, "laptop", mac=report_mac(b"x" * 32, body)))[0] == 403
     assert lend.ledger.status("dev").seats_used == 1
-    # A device that never handshook has nothing to return.
+    # A device that holds nothing on the code has nothing to return: done, nothing changed.
     status, out = await give_back(lend, "stranger")
-    assert status == 403 and out["error"]["code"] == 104
-    assert "returns only a seat it borrowed" in out["error"]["message"]
-    assert "add license items" not in out["error"]["message"], out  # the generic 104 step does not fit
+    assert status == 200 and out["returned"] is True and out["released"] is False and out["itemId"] is None, out
+    assert lend.ledger.status("dev").seats_used == 1
+    status, out = await give_back(lend, "laptop", code="216998-nope")
+    assert status == 403 and out["error"]["code"] == 101, out
 
 
 async def test_return_of_a_seat_that_is_not_borrowed_is_refused(lend: Running) -> None:
@@ -120,6 +121,20 @@ async def test_return_of_a_seat_that_is_not_borrowed_is_refused(lend: Running) -
     status, out = await give_back(lend, "desk")
     assert status == 409 and "not borrowed" in out["error"]["message"]
     assert lend.ledger.status("dev").seats_used == 1
+    # A concurrent item holds no seat for a grant that is not borrowed: nothing to give back either.
+    await lend.handshake(handshakeCode=CODE, clientUuid="viewer-1", product="viewer")
+    status, out = await give_back(lend, "viewer-1")
+    assert status == 409 and "not borrowed" in out["error"]["message"], out
+
+
+@pytest.mark.parametrize("release", ["devices", "holders"])
+async def test_a_return_after_an_admin_released_the_borrow_is_done(lend: Running, release: str) -> None:
+    await borrow(lend, "laptop", 7)
+    async with lend.session.delete(f"{lend.url}/api/v1/admin/items/dev/{release}/laptop") as resp:
+        assert resp.status == 200
+    status, out = await give_back(lend, "laptop")  # the device comes back from its trip
+    assert status == 200 and out["released"] is False and out["returned"] is True, out
+    assert lend.ledger.status("dev").seats_used == 0
 
 
 @pytest.mark.parametrize("days, field", [(0, "borrowDays"), (-3, "borrowDays"), (366, "borrowDays"),
@@ -209,6 +224,7 @@ async def test_seat_holders_show_a_borrow_and_its_release_warns(lend: Running, i
         assert resp.status == 200
         out = await resp.json()
     assert "keeps working" in out["warning"]
+    assert out["borrowedUntil"] == answer["authorization"]["borrowedUntil"]
     assert "laptop" not in await holders(lend, item_id)
     # The borrowed seat is free again (on the concurrent item too, where holders list authorizations).
     assert (await devices(lend, item_id))["borrowed"] == 0

@@ -262,16 +262,20 @@ def release_warning(seat: Seat, now: datetime) -> str | None:
             "working with its signed authorization until then; releasing frees the seat for another device now")
 
 
+def release_answer(client_uuid: str, item_id: str, seat: Seat | None, now: datetime) -> dict:
+    """What a force-release answers (either endpoint): the borrow it cut short, and the warning about it."""
+    warning = release_warning(seat, now) if seat is not None else None
+    return {"released": client_uuid, "itemId": item_id,
+            "borrowedUntil": iso(seat.borrowed_until) if warning and seat and seat.borrowed_until else None,
+            "warning": warning}
+
+
 async def release_device(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     item_id = _item(services, request.match_info["item_id"])
     client = request.match_info["client_uuid"]
     seat = await services.ledger.release_seat(item_id, client)
-    now = services.ledger.clock()
-    warning = release_warning(seat, now)
-    return web.json_response({"released": client, "itemId": item_id, "borrowedUntil":
-                              iso(seat.borrowed_until) if warning and seat.borrowed_until else None,
-                              "warning": warning})
+    return web.json_response(release_answer(client, item_id, seat, services.ledger.clock()))
 
 
 async def status_json(services: Services) -> dict:

@@ -2,6 +2,10 @@
 
 Signed like a usage report: X-LTS-Report-MAC, the HMAC-SHA256 of the exact body under the reportKey of
 the device's newest handshake answer for the code. Idempotent: a repeat answers 200 with released false.
+
+A device whose authorization an admin ended (a forced release, the code deleted) holds nothing: it gets
+200 with released false too. Its report key died with the authorization, so there is no MAC to check; the
+answer changes nothing and tells no more than a refusal would.
 """
 
 from __future__ import annotations
@@ -24,19 +28,13 @@ RETURN = "/api/v1/handshake/return"
 _decoder = msgspec.json.Decoder(ReturnBody)
 _encoder = msgspec.json.Encoder()
 
-# After a 104 from a return: the usual 104 step (add items to the code) does not fit.
-NOTHING_TO_RETURN = ("a device returns only a seat it borrowed through this code (a handshake with borrowDays), "
-                     "with the reportKey of that answer")
-
-
 def _refused(refusal: Refusal, **extra: object) -> web.Response:
     return web.Response(status=403, body=_encoder.encode({"error": {**refusal.to_json(), **extra}}), headers=JSON)
 
 
-def _nothing_to_return(parsed: ReturnBody) -> web.Response:
-    return _refused(Refusal(Code.NO_MATCHING_ITEM, f"device {parsed.client_uuid} holds no authorization for "
-                                                   f"{parsed.handshake_code}: nothing to return",
-                            next_step=NOTHING_TO_RETURN))
+def _answer(parsed: ReturnBody, item_id: str | None, released: bool, borrowed_until: str | None) -> web.Response:
+    answer = ReturnAnswer(parsed.client_uuid, parsed.handshake_code, item_id, True, released, borrowed_until)
+    return web.Response(body=_encoder.encode(answer), headers=JSON)
 
 
 async def return_borrowed(request: web.Request) -> web.Response:
@@ -48,6 +46,8 @@ async def return_borrowed(request: web.Request) -> web.Response:
     if (unspoken := protocol_problem(parsed.protocol_version)) is not None:
         return _refused(Refusal(Code.BAD_PROTOCOL, unspoken), protocolVersions=list(PROTOCOL_VERSIONS))
     ledger = services.ledger
+    if parsed.handshake_code not in ledger.codes:
+        return _refused(Refusal(Code.UNKNOWN_CODE, repr(parsed.handshake_code)))
     key = await ledger.report_key(parsed.handshake_code, parsed.client_uuid)
     mac = request.headers.get(MAC_HEADER)
     if services.catch_up is not None and mac and (key is None or not mac_matches(key, body, mac)):
@@ -55,12 +55,11 @@ async def return_borrowed(request: web.Request) -> web.Response:
             pass
         key = await ledger.report_key(parsed.handshake_code, parsed.client_uuid)
     if key is None:
-        return _nothing_to_return(parsed)
+        return _answer(parsed, None, False, None)
     _check_mac(request, key, body, parsed.client_uuid)
     try:
         outcome = await ledger.return_borrowed(parsed.handshake_code, parsed.client_uuid)
-    except NotFound:  # the authorization went meanwhile (another node): nothing is borrowed
-        return _nothing_to_return(parsed)
-    answer = ReturnAnswer(parsed.client_uuid, parsed.handshake_code, outcome.item_id, True, outcome.released,
-                          iso(outcome.borrowed_until) if outcome.borrowed_until else None)
-    return web.Response(body=_encoder.encode(answer), headers=JSON)
+    except NotFound:  # the authorization went meanwhile (an admin, another node): nothing is held
+        return _answer(parsed, None, False, None)
+    return _answer(parsed, outcome.item_id, outcome.released,
+                   iso(outcome.borrowed_until) if outcome.borrowed_until else None)

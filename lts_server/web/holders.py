@@ -14,9 +14,9 @@ from aiohttp import web
 from lts_server.core.model import Counts
 from lts_server.core.times import iso, to_ms
 from lts_server.ledger import NotFound
-from lts_server.store import Holder
+from lts_server.store import Holder, Seat
 from lts_server.store.sql_alerts import NO_BOUND
-from lts_server.web.admin import release_warning
+from lts_server.web.admin import release_answer
 from lts_server.web.errors import ApiError, query_int
 from lts_server.web.services import SERVICES, Services
 
@@ -53,9 +53,9 @@ async def list_holders(request: web.Request) -> web.Response:
     return web.json_response(await holders(request.app[SERVICES], request.match_info["item_id"], limit, offset))
 
 
-async def release(services: Services, item_id: str, client_uuid: str) -> str | None:
+async def release(services: Services, item_id: str, client_uuid: str) -> Seat | None:
     """Free the device's seat, or end its running authorization on an item without seats (an event either way).
-    Returns what the admin must know when the seat was borrowed (its device keeps working offline)."""
+    Returns the seat freed (None: an authorization ended), whose borrow the admin must hear of."""
     if item_id not in services.ledger.items:
         raise ApiError(404, f"no such item {item_id}; `ltsctl items list` shows what exists")
     if not counts_seats(services, item_id):
@@ -66,13 +66,14 @@ async def release(services: Services, item_id: str, client_uuid: str) -> str | N
             return None
     else:
         seat = await services.ledger.release_seat(item_id, client_uuid)
-    return release_warning(seat, services.ledger.clock())
+    return seat
 
 
 async def release_holder(request: web.Request) -> web.Response:
     item_id, client = request.match_info["item_id"], request.match_info["client_uuid"]
-    warning = await release(request.app[SERVICES], item_id, client)
-    return web.json_response({"released": client, "itemId": item_id, "warning": warning})
+    services = request.app[SERVICES]
+    seat = await release(services, item_id, client)
+    return web.json_response(release_answer(client, item_id, seat, services.ledger.clock()))
 
 
 def add_routes(app: web.Application) -> None:

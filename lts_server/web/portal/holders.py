@@ -11,6 +11,7 @@ import urllib.parse
 from aiohttp import web
 
 from lts_server.ledger import NotFound
+from lts_server.web.admin import release_warning
 from lts_server.web.errors import ApiError
 from lts_server.web.holders import holders, release
 from lts_server.web.portal import Pager, _flash_refusal, _for_people, _form, _logged_in, _redirect, _render
@@ -52,9 +53,10 @@ async def holder_release(request: web.Request) -> web.Response:
     item_id, client = request.match_info["item_id"], request.match_info["client_uuid"]
     back = f"/portal/items/{urllib.parse.quote(item_id)}/holders"
     try:
-        warning = await release(services, item_id, client)
+        seat = await release(services, item_id, client)
     except NotFound:
         raise _redirect(back, ("error", f"Device {client} holds nothing of item {item_id} any more.")) from None
+    warning = release_warning(seat, services.ledger.clock()) if seat is not None else None
     note = f" Note: {warning}." if warning else ""
     raise _redirect(back, ("ok", f"Released {client} from item {item_id}; the release is recorded as an event.{note}"))
 
