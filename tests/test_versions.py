@@ -35,6 +35,31 @@ async def test_protocol_version_the_server_does_not_speak_gets_105(ranged: Runni
     assert ranged.ledger.status("current").seats_used == 2
 
 
+async def test_a_newer_client_hears_105_even_when_its_body_does_not_decode(ranged: Running) -> None:
+    """The version is checked first: a newer protocol's fields (or values) are why its body does not decode
+    here, and the versions spoken are what the client can act on."""
+    for extra in ({"futureField": 1}, {"deploymentType": "hologram"}, {"borrowDays": 0}):
+        status, out = await ranged.handshake(handshakeCode=CODE, protocolVersion=2, version="4.0", **extra)
+        assert status == 403 and out["error"]["code"] == 105 and out["error"]["protocolVersions"] == [1], out
+    status, out = await ranged.handshake(handshakeCode=CODE, version="4.0", futureField=1)  # version 1: the 400
+    assert status == 400 and out["error"]["field"] == "futureField"
+    assert ranged.ledger.status("current").seats_used == 0
+
+
+async def test_usage_reports_and_returns_check_the_protocol_version_too(ranged: Running) -> None:
+    assert (await ranged.handshake(handshakeCode=CODE, version="4.0"))[0] == 200
+    report = {"reportId": "r1", "clientUuid": "device-1", "handshakeCode": CODE, "records": []}
+    for body in ({**report, "protocolVersion": 2}, {**report, "protocolVersion": 2, "futureField": True}):
+        status, out = await ranged.report(body)
+        assert status == 403 and out["error"]["code"] == 105 and out["error"]["sdkCode"] == -20105, out
+        assert out["error"]["protocolVersions"] == [1]
+    assert (await ranged.report({**report, "protocolVersion": 1}))[0] == 200
+    async with ranged.session.post(f"{ranged.url}/api/v1/handshake/return", json={
+            "clientUuid": "device-1", "handshakeCode": CODE, "protocolVersion": 3, "soon": 1}) as resp:
+        out = await resp.json()
+        assert resp.status == 403 and out["error"]["code"] == 105, out
+
+
 async def test_a_version_outside_every_item_gets_107_naming_the_range(ranged: Running) -> None:
     status, out = await ranged.handshake(handshakeCode=CODE, version="2.5")
     assert status == 200 and out["authorization"]["itemId"] == "legacy"

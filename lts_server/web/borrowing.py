@@ -14,22 +14,22 @@ import msgspec
 from aiohttp import web
 
 from lts_server.core.times import iso
-from lts_server.core.versions import PROTOCOL_VERSIONS, protocol_problem
+from lts_server.core.versions import protocol_problem
 from lts_server.errors import Code, Refusal
 from lts_server.ledger import NotFound
 from lts_server.reportkeys import MAC_HEADER, mac_matches
 from lts_server.web.device import JSON, read_json_body, standby_refusal
-from lts_server.web.errors import decode_json
+from lts_server.web.errors import DeviceDecoder, ProtocolRefused, decode_json
 from lts_server.web.schemas import ReturnAnswer, ReturnBody
 from lts_server.web.services import SERVICES
 from lts_server.web.usage import _check_mac
 
 RETURN = "/api/v1/handshake/return"
-_decoder = msgspec.json.Decoder(ReturnBody)
+_decoder = DeviceDecoder(ReturnBody)
 _encoder = msgspec.json.Encoder()
 
-def _refused(refusal: Refusal, **extra: object) -> web.Response:
-    return web.Response(status=403, body=_encoder.encode({"error": {**refusal.to_json(), **extra}}), headers=JSON)
+def _refused(refusal: Refusal) -> web.Response:
+    return web.Response(status=403, body=_encoder.encode({"error": refusal.to_json()}), headers=JSON)
 
 
 def _answer(parsed: ReturnBody, item_id: str | None, released: bool, borrowed_until: str | None) -> web.Response:
@@ -44,7 +44,7 @@ async def return_borrowed(request: web.Request) -> web.Response:
     body = await read_json_body(request)
     parsed = decode_json(body, _decoder)
     if (unspoken := protocol_problem(parsed.protocol_version)) is not None:
-        return _refused(Refusal(Code.BAD_PROTOCOL, unspoken), protocolVersions=list(PROTOCOL_VERSIONS))
+        raise ProtocolRefused(unspoken)
     ledger = services.ledger
     if parsed.handshake_code not in ledger.codes:
         return _refused(Refusal(Code.UNKNOWN_CODE, repr(parsed.handshake_code)))

@@ -22,12 +22,12 @@ from lts_server.core.versions import PROTOCOL_VERSIONS
 from lts_server.errors import Code, Refusal
 from lts_server.ledger import HandshakeOutcome
 from lts_server.web import inputs
-from lts_server.web.errors import ApiError, decode_json
+from lts_server.web.errors import ApiError, DeviceDecoder, decode_json
 from lts_server.web.schemas import MAX_BODY, Authorization, HandshakeBody, SeatCount
 from lts_server.web.services import SERVICES, Services
 
 JSON = {"Content-Type": "application/json", "Cache-Control": "no-store"}
-_decoder = msgspec.json.Decoder(HandshakeBody)
+_decoder = DeviceDecoder(HandshakeBody)
 _generic = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 MAX_FINGERPRINT = 256

@@ -17,6 +17,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from lts_server import logs
 from lts_server.core.codes import CodeError
+from lts_server.core.versions import PROTOCOL_VERSIONS, protocol_problem
+from lts_server.errors import Code, Refusal
 from lts_server.ledger import JobFailed, LedgerClosed, NotBorrowed, NotFound, UsageError
 from lts_server.store import StoreError, StoreFull, StoreUnavailable, StoreUnreachable, Unstorable
 
@@ -56,11 +58,46 @@ def validation_error(e: msgspec.ValidationError | msgspec.DecodeError) -> ApiErr
     return ApiError(400, f"the body is not valid JSON: {text}; send one JSON object")
 
 
-def decode_json(body: bytes, kind: type | msgspec.json.Decoder[Any]) -> Any:
+class ProtocolRefused(Exception):
+    """105: the request speaks a protocol version this server does not (answered 403 with the versions it does)."""
+
+
+def protocol_refusal(message: str) -> bytes:
+    """The 403 body of a 105: the refusal and the versions spoken, for the client to pick one."""
+    return json.dumps({"error": {**Refusal(Code.BAD_PROTOCOL, message).to_json(),
+                                 "protocolVersions": list(PROTOCOL_VERSIONS)}}).encode()
+
+
+class DeviceDecoder:
+    """A device endpoint's body decoder, made once. A body that does not decode but names a protocolVersion
+    this server does not speak gets 105, not the 400: a newer client's new fields are why it does not
+    decode, and the versions spoken are what it can act on (docs/api.md: the version is checked first)."""
+
+    def __init__(self, kind: type) -> None:
+        self._decoder = msgspec.json.Decoder(kind)
+
+    def decode(self, body: bytes) -> Any:
+        try:
+            return self._decoder.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            if (unspoken := _unspoken_protocol(body)) is not None:
+                raise ProtocolRefused(unspoken) from None
+            raise
+
+
+def _unspoken_protocol(body: bytes) -> str | None:
+    try:
+        version = msgspec.json.decode(body).get("protocolVersion")
+    except (msgspec.DecodeError, AttributeError):  # not JSON, or not an object
+        return None
+    return protocol_problem(version) if type(version) is int else None
+
+
+def decode_json(body: bytes, kind: type | msgspec.json.Decoder[Any] | DeviceDecoder) -> Any:
     """Decode and validate a request body, or raise the 400 that names the field. `kind`: the type, or a
     decoder made for it once (the device endpoints: no decoder built per request)."""
     try:
-        if isinstance(kind, msgspec.json.Decoder):
+        if isinstance(kind, (msgspec.json.Decoder, DeviceDecoder)):
             return kind.decode(body)
         return msgspec.json.decode(body, type=kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
@@ -104,6 +141,8 @@ def error_answer(request: web.BaseRequest, error: Exception) -> web.Response:
         raise error
     except ApiError as e:
         return error_response(e.status, e.message, e.field)
+    except ProtocolRefused as e:
+        return web.Response(status=403, body=protocol_refusal(str(e)), content_type="application/json")
     except (CodeError, UsageError) as e:
         return error_response(getattr(e, "status", 400), str(e), e.field)
     except NotFound as e:

@@ -6,16 +6,17 @@ import msgspec
 from aiohttp import web
 
 from lts_server.core.usage import slot_problem
+from lts_server.core.versions import protocol_problem
 from lts_server.ledger import UsageRecord, UsageReport
 from lts_server.reportkeys import MAC_HEADER, mac_matches
 from lts_server.web.device import JSON, clock_refusal, read_json_body, standby_refusal
-from lts_server.web.errors import ApiError, decode_json
+from lts_server.web.errors import ApiError, DeviceDecoder, ProtocolRefused, decode_json
 from lts_server.web.schemas import UsageBody
 from lts_server.web.services import SERVICES
 
 # A report carries up to MAX_RECORDS records; allow their size.
 MAX_USAGE_BODY = 256 * 1024
-_decoder = msgspec.json.Decoder(UsageBody)
+_decoder = DeviceDecoder(UsageBody)
 _encoder = msgspec.json.Encoder()
 
 
@@ -25,6 +26,8 @@ async def report_usage(request: web.Request) -> web.Response:
         return refused
     body = await read_json_body(request, MAX_USAGE_BODY)
     parsed = decode_json(body, _decoder)
+    if (unspoken := protocol_problem(parsed.protocol_version)) is not None:
+        raise ProtocolRefused(unspoken)
     now = services.ledger.clock()
     if (refused := clock_refusal(services, now)) is not None:  # a slot would be judged by a wrong clock
         return refused
