@@ -31,6 +31,11 @@ async def patch(r: Running, name: str, body: dict[str, Any]) -> tuple[int, dict]
         return resp.status, await resp.json()
 
 
+async def item_shown(r: Running, item_id: str) -> dict:
+    async with r.session.get(f"{r.url}/api/v1/admin/items") as resp:
+        return next(i for i in (await resp.json())["items"] if i["itemId"] == item_id)
+
+
 async def grant(r: Running, code: str, client: str) -> tuple[int, dict]:
     return await r.handshake(handshakeCode=code, clientUuid=client)
 
@@ -98,6 +103,37 @@ async def test_reservations_of_all_codes_stay_within_the_quantity(pool: Running)
     # Removing the team's reservation frees room for more elsewhere.
     assert (await patch(pool, TEAM, {"itemLimits": {}}))[0] == 200
     assert (await patch(pool, DEFAULT, {"itemLimits": {"pool": {"reservedSeats": 10}}}))[0] == 200
+
+
+async def test_a_renewal_with_fewer_seats_than_reserved_is_shown_and_the_code_stays_editable(pool: Running) -> None:
+    assert (await make_team(pool, {"pool": {"reservedSeats": 6}}))[0] == 201
+    await pool.drop("a2.lic", pool.vendor.issue(license_spec("L1", revision=2, items=[
+        item("pool", quantity=4), item("scan", "per-scan", quantity=100, product="scanner")])))
+    shown = await item_shown(pool, "pool")
+    assert shown["quantity"] == 4
+    assert shown["limitsWarning"].startswith("reservations on item pool total 6 seats, more than its quantity of 4")
+    # An edit that does not raise the reservation is not refused for it; lowering it ends the warning.
+    assert (await patch(pool, TEAM, {"borrowMaxDays": 0}))[0] == 200
+    assert (await patch(pool, TEAM, {"itemLimits": {"pool": {"reservedSeats": 5}}}))[0] == 200
+    status, out = await patch(pool, TEAM, {"itemLimits": {"pool": {"reservedSeats": 7}}})
+    assert status == 400 and "more than its quantity of 4" in out["error"]["message"]
+    assert (await patch(pool, TEAM, {"itemLimits": {"pool": {"reservedSeats": 4}}}))[0] == 200
+    assert "limitsWarning" not in await item_shown(pool, "pool")
+    # Never more than the quantity and its grace, whatever the reservations said.
+    granted = [(await grant(pool, TEAM, f"t{i}"))[0] for i in range(8)]
+    limit = (await item_shown(pool, "pool"))["seats"]["limit"]  # the quantity and its grace
+    assert granted.count(200) == limit and pool.ledger.status("pool").seats_used == limit
+
+
+async def test_a_cap_set_below_the_seats_held_says_so(pool: Running) -> None:
+    assert (await make_team(pool, {}))[0] == 201
+    for i in range(3):
+        assert (await grant(pool, TEAM, f"t{i}"))[0] == 200
+    status, out = await patch(pool, TEAM, {"itemLimits": {"pool": {"maxSeats": 2}}})
+    assert status == 200 and out["itemLimits"]["pool"]["held"] == 3
+    assert out["limitsWarning"] == ("holds 3 seats of item pool, more than its maxSeats of 2: it takes none until "
+                                    "it holds fewer (nothing is released)")
+    assert (await grant(pool, TEAM, "t3"))[0] == 403
 
 
 async def test_limits_set_later_count_the_seats_the_code_already_holds(pool: Running) -> None:

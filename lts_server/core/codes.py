@@ -116,9 +116,9 @@ def _normal_limits(limits: tuple[SeatLimit, ...]) -> tuple[SeatLimit, ...]:
 
 
 def _check_limits(code: HandshakeCode, known: Mapping[str, Item], existing: Mapping[str, HandshakeCode],
-                  replaced: str | None = None) -> HandshakeCode:
-    others = [c for c in existing.values() if c.name not in (code.name, replaced)]
-    found = limit_problems(code, known, others)
+                  replaced: HandshakeCode | None = None) -> HandshakeCode:
+    others = [c for c in existing.values() if c.name not in (code.name, replaced.name if replaced else None)]
+    found = limit_problems(code, known, others, replaced.seat_limits if replaced else ())
     if found:
         field, message = found[0]
         raise CodeError(field, message)
@@ -178,7 +178,7 @@ def edit(code: HandshakeCode, fields: CodeFields, known: Mapping[str, Item],
     if fields.password_hash is not None:
         changes["password_hash"] = fields.password_hash or None
     edited = dataclasses.replace(code, **changes)  # type: ignore[arg-type]
-    return _check_limits(edited, known, existing, replaced=code.name) if edited.seat_limits else edited
+    return _check_limits(edited, known, existing, replaced=code) if edited.seat_limits else edited
 
 
 def _keep_order(code: HandshakeCode, items: tuple[str, ...]) -> tuple[str, ...]:

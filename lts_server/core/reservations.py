@@ -92,11 +92,16 @@ def total_unused(limits_on_item: Mapping[str, SeatLimit], held: Mapping[str, int
     return sum(unused(lim.reserved_seats, held.get(name, 0)) for name, lim in limits_on_item.items())
 
 
-def limit_problems(code: HandshakeCode, items: Mapping[str, Item],
-                   other_codes: Iterable[HandshakeCode]) -> list[tuple[str, str]]:
-    """What is wrong with a code's seat limits: (field, message), `itemLimits.<item>.<key>` fields."""
+def limit_problems(code: HandshakeCode, items: Mapping[str, Item], other_codes: Iterable[HandshakeCode],
+                   before: Iterable[SeatLimit] = ()) -> list[tuple[str, str]]:
+    """What is wrong with a code's seat limits: (field, message), `itemLimits.<item>.<key>` fields.
+
+    `before`: the code's limits before an edit. The reservations' sum is checked for a reservation the
+    edit raises or adds only: a renewal with fewer seats can leave the sum over the quantity, and the code
+    must stay editable (and its reservation lowerable) meanwhile."""
     found: list[tuple[str, str]] = []
     others = [c for c in other_codes if c.name != code.name]
+    had = {lim.item_id: lim.reserved_seats for lim in before}
     for lim in code.seat_limits:
         at = f"itemLimits.{lim.item_id}"
         item = items.get(lim.item_id)
@@ -113,7 +118,7 @@ def limit_problems(code: HandshakeCode, items: Mapping[str, Item],
             found.append((f"{at}.maxSeats", "must be 1 or more (leave it out for no cap)"))
         if lim.max_seats is not None and lim.max_seats < lim.reserved_seats:
             found.append((f"{at}.maxSeats", f"{lim.max_seats} is below reservedSeats {lim.reserved_seats}"))
-        if lim.reserved_seats:
+        if lim.reserved_seats > had.get(lim.item_id, 0):
             shares = [(c.name, held.reserved_seats) for c in others
                       if (held := c.seat_limit(lim.item_id)) is not None and held.reserved_seats]
             total = lim.reserved_seats + sum(n for _, n in shares)
@@ -123,6 +128,17 @@ def limit_problems(code: HandshakeCode, items: Mapping[str, Item],
                               f"reservations on item {lim.item_id} would total {total} seats, more than its "
                               f"quantity of {item.quantity} ({parts})"))
     return found
+
+
+def over_quantity(item: Item, limits_on_item: Mapping[str, SeatLimit]) -> str | None:
+    """What the admin must hear when an item's reservations add up to more than its quantity (a renewal
+    with fewer seats): they are honoured only as seats free, first come first served."""
+    total = sum(lim.reserved_seats for lim in limits_on_item.values())
+    if total <= item.quantity:
+        return None
+    return (f"reservations on item {item.item_id} total {total} seats, more than its quantity of {item.quantity} "
+            "(a renewal with fewer seats?): they are honoured only as seats free; lower them "
+            f"(ltsctl codes edit CODE --reserve {item.item_id}=N)")
 
 
 def limits_by_item(codes: Iterable[HandshakeCode]) -> dict[str, dict[str, SeatLimit]]:

@@ -38,7 +38,7 @@ async def requests_today(services: Services) -> dict[str, int]:
 
 async def code_json(services: Services, code: HandshakeCode, today: dict[str, int] | None = None) -> dict:
     ledger = services.ledger
-    return {
+    out = {
         "name": code.name,
         "organizationId": code.organization_id,
         "custom": code.name[len(code.organization_id) + 1:],
@@ -56,6 +56,13 @@ async def code_json(services: Services, code: HandshakeCode, today: dict[str, in
         "itemLimits": {item_id: {**limit, "held": ledger.code_seats.get((code.name, item_id), 0)}
                        for item_id, limit in limits_json(code).items()},
     }
+    over = [f"holds {limit['held']} seats of item {item_id}, more than its maxSeats of {limit['maxSeats']}: it "
+            "takes none until it holds fewer (nothing is released)"
+            for item_id, limit in out["itemLimits"].items()
+            if limit["maxSeats"] is not None and limit["held"] > limit["maxSeats"]]
+    if over:
+        out["limitsWarning"] = "; ".join(over)
+    return out
 
 
 def seat_limits(body: dict[str, ItemLimitBody]) -> tuple[SeatLimit, ...]:

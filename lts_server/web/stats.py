@@ -11,6 +11,7 @@ from aiohttp import web
 
 from lts_server.archive import EVENT_FIELDS, archive_line, event_values
 from lts_server.core.model import Counts, hard_limit
+from lts_server.core.reservations import over_quantity
 from lts_server.core.state import SEVERITY, ItemState, item_state
 from lts_server.core.times import from_ms, iso, parse_iso, to_ms
 from lts_server.core.usage import DAY_MS, MONTH, SERIES, bucket_count, bucket_start, next_bucket, tolerance
@@ -171,6 +172,8 @@ def item_status(services: Services, item_id: str) -> dict:
     if limits:
         out["codeLimits"] = {name: {"reservedSeats": lim.reserved_seats, "maxSeats": lim.max_seats, "held": held}
                              for name, (lim, held) in sorted(limits.items())}
+        if (warning := over_quantity(item, {name: lim for name, (lim, _) in limits.items()})) is not None:
+            out["limitsWarning"] = warning
     return out
 
 
