@@ -29,7 +29,7 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -62,17 +62,29 @@ __all__ = ["Authorization", "BadBinding", "BadSignature", "LicenseRefused", "Lts
 # whose clock is behind its own records (160).
 NEXT_SERVER = (100, 160)
 AUTO = "auto"
+# Request fields that say how to ask, not what for: the answer to a borrow or a wait is the answer to the same
+# request without them, so the cache files it there and handshake() with the same fields finds it.
+HOW_TO_ASK = ("borrowDays", "waitSeconds")
 
 
 class LicenseRefused(Exception):
     """The server answered with a licensing error (101, 120, ...)."""
 
-    def __init__(self, code: int, sdk_code: int | None, message: str, status: int) -> None:
+    def __init__(self, code: int, sdk_code: int | None, message: str, status: int,
+                 details: dict[str, Any] | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.sdk_code = sdk_code
         self.message = message
         self.status = status
+        # The refusal's other fields, as the server sent them: queuePosition (a wait for a seat ran out),
+        # queueFull, versions, field, ...
+        self.details = details or {}
+
+    @classmethod
+    def from_error(cls, error: dict[str, Any], status: int) -> LicenseRefused:
+        return cls(int(error.get("code", status)), error.get("sdkCode"), str(error.get("message", "")), status,
+                   {k: v for k, v in error.items() if k not in ("code", "sdkCode", "message")})
 
 
 class ServerUnavailable(Exception):
@@ -212,7 +224,8 @@ class LtsClient:
                         now: datetime | None = None, use_cache: bool = True, **fields: Any) -> Authorization:
         """An authorization for the request: the cached one until its refreshBy, else the servers' answer;
         when no server answers, a cached one still valid. A device clock behind the newest server time it
-        has seen (by more than clock_tolerance) ignores the cache."""
+        has seen (by more than clock_tolerance) ignores the cache. A borrow (`borrow_days`) is always asked
+        of the servers; a wait for a seat (`wait_seconds=S`) may take the timeout plus S."""
         password = fields.pop("session_password", None)
         if self.fingerprint is not None and "device_fingerprint" not in fields:
             fields["device_fingerprint"] = self.fingerprint
@@ -220,11 +233,15 @@ class LtsClient:
                    **{_camel(k): v for k, v in fields.items() if v is not None}}
         body = {**request, **({"sessionPassword": password} if password is not None else {})}
         now = now or datetime.now(UTC)
-        cache_file = self._cache_file(request)
+        asked = {k: v for k, v in request.items() if k not in HOW_TO_ASK}
+        cache_file = self._cache_file(asked)
         clock_behind = self._newest_time is not None and now < self._newest_time - self.clock_tolerance
+        # A borrow changes what the server holds: a cached answer, borrowed or not, is no grant of it.
+        use_cache = use_cache and "borrowDays" not in request
+        timeout = self._timeout(request)
         cached = None
         if use_cache and cache_file is not None and not clock_behind:
-            cached = self._read_cached(cache_file, request, password, now)
+            cached = self._read_cached(cache_file, asked, password, now)
             if cached is not None and now < cached.refresh_by:
                 self._latest[(cached.fields["handshakeCode"], client_uuid)] = cached
                 return cached
@@ -232,7 +249,7 @@ class LtsClient:
         refused_signature: BadSignature | None = None
         for url in self.failover.order():
             try:
-                auth = await self._handshake_at(url, body, request, now)
+                auth = await self._handshake_at(url, body, request, now, timeout)
             except LicenseRefused as refused:
                 if refused.code in NEXT_SERVER:
                     self.failover.failed(url)
@@ -249,10 +266,10 @@ class LtsClient:
                 continue
             except (aiohttp.ClientError, TimeoutError, OSError, ServerUnavailable) as e:
                 self.failover.failed(url)
-                errors.append(f"{url}: {e}")
+                errors.append(f"{url}: {_reason(e, timeout.total)}")
                 continue
             self.failover.answered(url)
-            self._accept(auth, request, password, cache_file)
+            self._accept(auth, asked, password, cache_file, max(now, auth.issued_at))
             self._latest[(auth.fields["handshakeCode"], client_uuid)] = auth
             return auth
         if refused_signature is not None:
@@ -265,9 +282,19 @@ class LtsClient:
                           f"time it has seen ({self._newest_time.isoformat() if self._newest_time else ''})")
         raise ServerUnavailable("; ".join(errors))
 
+    def _timeout(self, request: dict[str, Any]) -> aiohttp.ClientTimeout:
+        """The timeout of a handshake: the session's, plus the seconds it waits for a seat. The server holds a
+        waiting request open that long; giving up earlier would take it out of the queue (a disconnect) and
+        mark a server failed that was only waiting."""
+        timeout = self.session.timeout
+        wait = request.get("waitSeconds")
+        if isinstance(wait, int | float) and wait > 0 and timeout.total is not None:
+            return aiohttp.ClientTimeout(total=timeout.total + wait)
+        return timeout
+
     async def _handshake_at(self, url: str, body: dict[str, Any], request: dict[str, Any],
-                            now: datetime) -> Authorization:
-        async with self.session.post(f"{url}/api/v1/handshake", json=body) as resp:
+                            now: datetime, timeout: aiohttp.ClientTimeout) -> Authorization:
+        async with self.session.post(f"{url}/api/v1/handshake", json=body, timeout=timeout) as resp:
             data = await resp.read()
             if resp.status == 200:
                 return await self._verified(url, data, request, now)
@@ -276,8 +303,7 @@ class LtsClient:
             error = _error(data)
             if resp.status == 503 and error.get("code") not in NEXT_SERVER:
                 raise ServerUnavailable(f"HTTP 503: {error.get('message')}")
-            raise LicenseRefused(int(error.get("code", resp.status)), error.get("sdkCode"),
-                                 str(error.get("message", "")), resp.status)
+            raise LicenseRefused.from_error(error, resp.status)
 
     async def _verified(self, url: str, data: bytes, request: dict[str, Any], now: datetime) -> Authorization:
         envelope = trust.decode_answer(data)
@@ -329,12 +355,10 @@ class LtsClient:
                     self.failover.answered(url)
                     if resp.status == 200:
                         return json.loads(data)
-                    error = _error(data)
-                    raise LicenseRefused(int(error.get("code", resp.status)), error.get("sdkCode"),
-                                         str(error.get("message", "")), resp.status)
+                    raise LicenseRefused.from_error(_error(data), resp.status)
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
                 self.failover.failed(url)
-                errors.append(f"{url}: {e}")
+                errors.append(f"{url}: {_reason(e, self.session.timeout.total)}")
         raise ServerUnavailable("; ".join(errors))
 
     # -- borrowing (offline checkout) ----------------------------------------
@@ -347,64 +371,60 @@ class LtsClient:
         authorization across restarts, filed under the same request without borrowing, so `handshake()`
         with the same fields answers from it while the device is offline. `return_borrowed()` gives it back.
         """
-        auth = await self.handshake(client_uuid=client_uuid, product=product, deployment_type=deployment_type,
-                                    now=now, use_cache=False, borrow_days=days, **fields)
-        plain = dict(fields)
-        password = plain.pop("session_password", None)
-        if self.fingerprint is not None and "device_fingerprint" not in plain:
-            plain["device_fingerprint"] = self.fingerprint
-        request = {"clientUuid": client_uuid, "product": product, "deploymentType": deployment_type,
-                   **{_camel(k): v for k, v in plain.items() if v is not None}}
-        self._accept(auth, request, password, self._cache_file(request))
-        return auth
+        return await self.handshake(client_uuid=client_uuid, product=product, deployment_type=deployment_type,
+                                    now=now, borrow_days=days, **fields)
 
     def borrowed(self, now: datetime | None = None) -> list[Authorization]:
-        """The borrowed authorizations in the cache that still run (after a restart too)."""
+        """The borrows in the cache that still run (after a restart too): one per code, item and device, its
+        newest authorization. An answer without `borrowedUntil` for the same seat ends the borrow."""
         now = now or datetime.now(UTC)
-        found: dict[str, Authorization] = {}
-        for path in sorted(self.cache_dir.glob("auth-*.json")) if self.cache_dir is not None else ():
-            auth = self._read_cached(path)
-            if auth is not None and auth.borrowed_until is not None and auth.borrowed_until > now:
-                found[auth.authorization_id] = auth
-        return list(found.values())
+        return [auth for _, auth in self._cached(now)
+                if auth.borrowed_until is not None and auth.borrowed_until > now]
 
     async def return_borrowed(self, authorization: Authorization) -> dict[str, Any]:
-        """Give a borrowed seat back before `borrowed_until` (POST /api/v1/handshake/return, signed with the
-        authorization's report key; a repeat is harmless) and drop it from the cache."""
-        body = json.dumps({"clientUuid": authorization.fields["clientUuid"],
-                           "handshakeCode": authorization.fields["handshakeCode"]}, separators=(",", ":")).encode()
+        """Give a borrowed seat back before `borrowed_until` (POST /api/v1/handshake/return) and drop it from the
+        cache. The return is signed with the report key of the newest authorization this client got for the code
+        and device, the only one the server takes, even when `authorization` is an older one; a repeat is harmless."""
+        holder = (authorization.fields["handshakeCode"], authorization.fields["clientUuid"])
+        latest = self._latest.get(holder)
+        signer = latest if latest is not None and latest.issued_at > authorization.issued_at else authorization
+        body = json.dumps({"clientUuid": holder[1], "handshakeCode": holder[0]}, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json",
-                   MAC_HEADER: report_mac(base64.b64decode(authorization.report_key), body)}
+                   MAC_HEADER: report_mac(base64.b64decode(signer.report_key), body)}
         errors = []
-        servers = [authorization.server, *(u for u in self.servers if u != authorization.server)]
+        servers = [signer.server, *(u for u in self.servers if u != signer.server)]
         for url in servers:
             try:
                 async with self.session.post(f"{url}/api/v1/handshake/return", data=body, headers=headers) as resp:
                     data = await resp.read()
                     if resp.status == 200:
-                        self._forget(authorization)
+                        self._forget(signer)
                         return json.loads(data)
                     if resp.status >= 500:
                         errors.append(f"{url}: HTTP {resp.status}")
                         continue
-                    error = _error(data)
-                    raise LicenseRefused(int(error.get("code", resp.status)), error.get("sdkCode"),
-                                         str(error.get("message", "")), resp.status)
+                    raise LicenseRefused.from_error(_error(data), resp.status)
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
-                errors.append(f"{url}: {e}")
+                errors.append(f"{url}: {_reason(e, self.session.timeout.total)}")
         raise ServerUnavailable("; ".join(errors))
 
-    def _forget(self, authorization: Authorization) -> None:
-        """Drop every cached copy of the authorization (the device handshakes online next time)."""
-        for key, latest in list(self._latest.items()):
-            if latest.authorization_id == authorization.authorization_id:
-                del self._latest[key]
-        for path in self.cache_dir.glob("auth-*.json") if self.cache_dir is not None else ():
-            cached = self._read_cached(path)
-            if cached is not None and cached.authorization_id == authorization.authorization_id:
+    def _forget(self, returned: Authorization) -> None:
+        """The server ended the device's authorization for the code: drop it, and the cache's answers for its
+        seat (the device handshakes online next time)."""
+        self._latest.pop((returned.fields["handshakeCode"], returned.fields["clientUuid"]), None)
+        # Judged at the later of the device's clock and the server's, as a fresh answer is.
+        for path, cached in self._cached(max(datetime.now(UTC), returned.issued_at)):
+            if _seat(cached) == _seat(returned):
                 path.unlink(missing_ok=True)
 
     # -- the authorization cache --------------------------------------------
+
+    def _cached(self, now: datetime | None = None) -> Iterator[tuple[Path, Authorization]]:
+        """Every cached authorization that is still trustworthy at `now`, with its file."""
+        for path in sorted(self.cache_dir.glob("auth-*.json")) if self.cache_dir is not None else ():
+            auth = self._read_cached(path, now=now)
+            if auth is not None:
+                yield path, auth
 
     def _cache_file(self, request: dict[str, Any]) -> Path | None:
         if self.cache_dir is None:
@@ -454,8 +474,11 @@ class LtsClient:
                              verified.report_key, verified.trust, verified.binding)
 
     def _accept(self, auth: Authorization, request: dict[str, Any], password: str | None,
-                cache_file: Path | None) -> None:
-        """Keep a verified answer: the newest server time, the key learned, the cache entry."""
+                cache_file: Path | None, now: datetime) -> None:
+        """Keep a verified answer: the newest server time, the key learned, the cache entry. The entry replaces
+        the cache's answers for the same seat under other request fields (another `version`, say): the server
+        keeps one authorization per code and device, so an older copy holds a dead report key, and a borrow it
+        shows may be over."""
         issued = auth.issued_at
         if self._newest_time is None or issued > self._newest_time:
             self._newest_time = issued
@@ -470,6 +493,9 @@ class LtsClient:
                   + (b',"binding":' + msgspec.json.encode(auth.binding) if auth.binding is not None else b"") + b"}")
         self._write_json(cache_file, {"request": request, "passwordMac": self._password_mac(password, create=True),
                                       "server": auth.server, "answer": base64.b64encode(answer).decode()})
+        for path, cached in self._cached(now):
+            if path != cache_file and _seat(cached) == _seat(auth):
+                path.unlink(missing_ok=True)
 
     @staticmethod
     def _load_json(path: Path) -> dict[str, Any]:
@@ -516,6 +542,18 @@ def _read_learned(data: dict[str, Any], servers: list[str]) -> dict[str, dict[st
         return {url: dict(keys) for url, keys in data["firstUse"].items() if isinstance(keys, dict)}
     flat = {k: v for k, v in data.items() if isinstance(v, str)}
     return {url: dict(flat) for url in servers} if flat else {}
+
+
+def _seat(auth: Authorization) -> tuple[str, str, str]:
+    """The seat an authorization is for: its code, item and device."""
+    return auth.fields["handshakeCode"], auth.fields.get("itemId", ""), auth.fields["clientUuid"]
+
+
+def _reason(error: BaseException, seconds: float | None) -> str:
+    """What went wrong with a request, never empty: aiohttp's timeout exceptions carry no message."""
+    if isinstance(error, TimeoutError) and not str(error):
+        return f"timed out after {seconds:g} s" if seconds is not None else "timed out"
+    return str(error) or type(error).__name__
 
 
 def _camel(name: str) -> str:

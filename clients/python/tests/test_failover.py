@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from lts_client import LtsClient
+from lts_client import LtsClient, ServerUnavailable
 from lts_client.failover import FIRST_BACKOFF, MAX_BACKOFF, Failover
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fakeserver import REQUEST, FakeServer, start  # noqa: F401 - start is a fixture
@@ -120,3 +120,17 @@ async def test_a_failing_server_for_usage_reports_is_asked_after_the_others(star
         await client.report_usage(report, auth)
         await client.report_usage(report, auth)
     assert calls == ["first", "second", "second"]
+
+
+async def test_a_server_that_never_answers_is_named_with_the_time_waited(hung: str) -> None:
+    """ServerUnavailable says what happened (aiohttp's timeout carries no message); a wait for a seat
+    (waitSeconds) adds its seconds to the timeout."""
+    async with LtsClient([hung], timeout=0.5) as client:
+        with pytest.raises(ServerUnavailable) as unavailable:
+            await client.handshake(**REQUEST)
+        assert str(unavailable.value) == f"{hung}: timed out after 0.5 s"
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable) as unavailable:
+            await client.handshake(**REQUEST, wait_seconds=1)
+        assert time.monotonic() - started >= 1.4
+        assert str(unavailable.value) == f"{hung}: timed out after 1.5 s"
