@@ -42,7 +42,9 @@ class HandshakeBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, 
     # whose license allows it: borrowMaxDays).
     borrow_days: Annotated[int, msgspec.Meta(ge=1, le=MAX_BORROW_DAYS)] | None = None
     # Wait up to this many seconds for a seat instead of a refusal (at most [queue] max_wait_s).
-    wait_seconds: Annotated[int, msgspec.Meta(ge=0, le=2**31)] | None = None
+    wait_seconds: Annotated[int, msgspec.Meta(ge=0, le=2**31, description=(
+        "seconds to wait in the item's queue for a seat; at most the server's [queue] max_wait_s "
+        "(default 300; 400 above it)"))] | None = None
 
 
 class ImportDismissBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
@@ -200,9 +202,11 @@ class PasswordChanged(msgspec.Struct, rename="camel"):
 class ItemLimitBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
     # Seats of the item only this code may take (all reservations on an item: at most its quantity).
     # The ranges are checked with the item named (core/reservations.py): 0 or more, 1 or more.
-    reserved_seats: Annotated[int, msgspec.Meta(le=1_000_000_000_000)] = 0
+    reserved_seats: Annotated[int, msgspec.Meta(le=1_000_000_000_000, description=(
+        "0 or more; the reservations of all codes on an item add up to at most its quantity"))] = 0
     # The most seats of the item this code ever holds; absent or null: no cap.
-    max_seats: Annotated[int, msgspec.Meta(le=1_000_000_000_000)] | None = None
+    max_seats: Annotated[int, msgspec.Meta(le=1_000_000_000_000, description=(
+        "1 or more, not below reservedSeats; absent or null: no cap"))] | None = None
 
 
 ItemLimits = Annotated[dict[Short, ItemLimitBody], msgspec.Meta(max_length=1000)]
