@@ -42,7 +42,7 @@ async def test_the_code_form_sets_borrowing_and_seat_limits(running: Running) ->
         form.add_field("items", "pool")
         async with s.post(running.url + f"/portal/codes/{TEAM}/edit", data=form) as resp:
             text = html.unescape(await resp.text())
-        assert "more than its quantity of 10" in text
+        assert "Not saved: itemLimits.pool.reservedSeats: reservations on item pool would total 11" in text, text
         assert 'name="reservedSeats.pool" type="number" min="0" max="10" value="11"' in text  # as typed
         form = aiohttp.FormData({"csrf": csrf(page), "custom": "team", "borrowMaxDays": "lots"})
         form.add_field("items", "pool")

@@ -176,8 +176,17 @@ def _require_csrf(expected: str, form: Any) -> None:
         raise web.HTTPForbidden(text="the form has expired or did not come from this site; reload the page")
 
 
+def _sentence(text: str) -> str:
+    """A message as a sentence: capitalised, unless it starts with a field's name (`itemLimits.x.maxSeats: ...`),
+    which must stay as the API spells it."""
+    return text if _FIELD_FIRST.match(text) else text[:1].upper() + text[1:]
+
+
+_FIELD_FIRST = re.compile(r"[a-z][\w.\[\]-]*: ")
+
+
 def _flash_refusal(refused: ApiError) -> tuple[str, str]:
-    return "error", refused.message[0].upper() + refused.message[1:] + "."
+    return "error", _sentence(refused.message) + "."
 
 
 async def _logged_in(request: web.Request) -> dict[str, Any]:
@@ -455,7 +464,7 @@ def _refused_form(request: web.Request, page: dict[str, Any], title: str, action
     text = str(error)
     services = request.app[SERVICES]
     return _render(request, "code_form.html", title, http_status=400, nav="codes", action=action,
-                   refusal=f"Not saved: {text[0].upper()}{text[1:]}", **_code_form_context(services, code, _typed(form)),
+                   refusal=f"Not saved: {_sentence(text)}", **_code_form_context(services, code, _typed(form)),
                    **page)
 
 
