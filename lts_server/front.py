@@ -33,18 +33,17 @@ from lts_server.server import BACKLOG, connection_limits
 from lts_server.signer import BatchSigner
 from lts_server.web import connections, device, metrics
 from lts_server.web.app import CLIENT_MAX_SIZE
+from lts_server.web.auth import FRONT_PEER
 from lts_server.web.connections import GUARD, ConnectionGuard, ProtocolLog
 from lts_server.web.errors import error_answer, error_response, json_protocol_errors
 from lts_server.web.portal import NOSNIFF
 from lts_server.writerwire import HEADER, Ask, BadFrame, Reply, decode_replies, frame, frame_length
 
 RECONNECT_SECONDS = 0.1
-# The peer's address of a request passed to the writer (its login throttle counts by address).
-PEER = "X-Lts-Front-Peer"
 # Not passed on either way: they describe one connection, not the request.
 HOP_BY_HOP = frozenset(h.lower() for h in (
     hdrs.CONNECTION, hdrs.KEEP_ALIVE, hdrs.TRANSFER_ENCODING, hdrs.TE, hdrs.UPGRADE, hdrs.PROXY_AUTHORIZATION,
-    hdrs.PROXY_AUTHENTICATE, hdrs.TRAILER, hdrs.CONTENT_LENGTH, PEER))
+    hdrs.PROXY_AUTHENTICATE, hdrs.TRAILER, hdrs.CONTENT_LENGTH, FRONT_PEER))
 _encoder = msgspec.json.Encoder()
 
 
@@ -214,7 +213,7 @@ class Front:
         if body is None:
             body = await request.read()
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-        headers.append((PEER, request.remote or ""))
+        headers.append((FRONT_PEER, request.remote or ""))  # the writer's login throttle counts by it
         response: web.StreamResponse | None = None
         try:
             async with self.session.request(request.method, URL(f"http://writer{request.raw_path}", encoded=True),

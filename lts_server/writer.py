@@ -31,6 +31,8 @@ HTTP = "writer-http.sock"
 # Socket addresses are at most 108 bytes (Linux): a longer path is reached through a descriptor of its folder.
 MAX_ADDRESS = 100
 _GRANTED = web.Response(status=200)
+_LOST = Reply(0, 0)
+_INTERNAL = b'{"error":{"code":500,"message":"internal error; see the server log"}}'
 
 
 @functools.cache
@@ -112,13 +114,16 @@ class WriterSocket:
 
     async def _decide(self, front: _Front, ask: Ask) -> None:
         started = time.perf_counter()
+        reply = _LOST
         try:
-            reply, response = await self._answer(ask)
-        except Exception as e:  # a full or locked database, a stop: the same answer as one process gives
-            response = error_answer(cast(web.BaseRequest, _Asked()), e)
-            reply = _whole(ask.id, response)
-        metrics.count_device(self.services.metrics, metrics.HANDSHAKE, response, time.perf_counter() - started)
-        front.send(reply)
+            try:
+                reply, response = await self._answer(ask)
+            except Exception as e:  # a full or locked database, a stop: the same answer as one process gives
+                response = error_answer(cast(web.BaseRequest, _Asked()), e)
+                reply = _whole(ask.id, response)
+            metrics.count_device(self.services.metrics, metrics.HANDSHAKE, response, time.perf_counter() - started)
+        finally:  # every ask is answered, even past a bug here: the front must not wait for ever
+            front.send(reply if reply is not _LOST else Reply(ask.id, 500, _INTERNAL))
 
     async def _answer(self, ask: Ask) -> tuple[Reply, web.Response]:
         services = self.services
@@ -138,6 +143,5 @@ class WriterSocket:
 
 
 def _whole(ask_id: int, response: web.Response) -> Reply:
-    body = response.body
-    assert isinstance(body, bytes)
+    body = response.body if isinstance(response.body, bytes) else (response.text or "").encode()
     return Reply(ask_id, response.status, body, int(response.headers.get("Retry-After", 0)))

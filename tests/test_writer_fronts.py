@@ -16,12 +16,16 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from lts_client import MAC_HEADER, report_mac
+from lts_server.core.times import iso, slice_start
 
 from conftest import (Daemon, Vendor, admin_login, free_port, item, license_spec, start_daemon, stop_daemon,
                       write_config)
@@ -50,6 +54,9 @@ def wait_listening(d: Daemon, count: int, timeout: float = 30) -> None:
 def fronted(tmp_path: Path, vendor: Vendor) -> Iterator[Daemon]:
     (tmp_path / "import").mkdir()
     (tmp_path / "import" / "p.lic").write_bytes(vendor.issue(license_spec("P", items=[item("p1", quantity=100)])))
+    (tmp_path / "import" / "u.lic").write_bytes(vendor.issue(license_spec("U", items=[item("u1", "per-scan",
+                                                                                           quantity=100)])))
+    (tmp_path / "import" / "q.lic").write_bytes(vendor.issue(license_spec("Q", items=[item("q1", quantity=1)])))
     port = free_port()
     cfg = write_config(tmp_path, vendor, server={"workers": 2, "port": port}, log={"level": "info"})
     d = start_daemon(cfg, tmp_path, port=port)
@@ -63,8 +70,8 @@ def fronted(tmp_path: Path, vendor: Vendor) -> Iterator[Daemon]:
     assert subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True).returncode == 1
 
 
-def body(n: int | str, **kw: Any) -> dict[str, Any]:
-    return {"handshakeCode": CODE, "clientUuid": f"dev-{n}", "product": "barcode-reader", "deploymentType": "browser",
+def body(n: int | str, code: str = CODE, **kw: Any) -> dict[str, Any]:
+    return {"handshakeCode": code, "clientUuid": f"dev-{n}", "product": "barcode-reader", "deploymentType": "browser",
             **kw}
 
 
@@ -229,3 +236,43 @@ def test_an_admin_change_is_seen_by_the_next_grant_on_every_front(fronted: Daemo
 
     first, revoked, restored = asyncio.run(scenario())
     assert first == [200] * 20 and revoked == [113] * 20 and restored == [200] * 20
+
+
+def test_usage_reports_waits_for_a_seat_and_metrics_pass_to_the_writer(fronted: Daemon) -> None:
+    async def scenario() -> None:
+        token = await admin_login(fronted.url)
+        auth = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            async with s.post(f"{fronted.url}/api/v1/handshake", json=body("scanner", "216998-U")) as resp:
+                granted = await resp.json()
+                assert resp.status == 200, granted
+            report = json.dumps({"reportId": "r-1", "clientUuid": "dev-scanner", "handshakeCode": "216998-U",
+                                 "records": [{"slot": iso(slice_start(datetime.now(UTC))), "product": "barcode-reader",
+                                              "operation": "scan", "count": 7}]}).encode()
+            mac = report_mac(base64.b64decode(granted["reportKey"]), report)
+            for duplicate in (False, True):
+                async with s.post(f"{fronted.url}/api/v1/usage", data=report,
+                                  headers={"Content-Type": "application/json", MAC_HEADER: mac}) as resp:
+                    assert resp.status == 200 and (await resp.json())["duplicate"] is duplicate
+            async with s.get(f"{fronted.url}/api/v1/admin/items", headers=auth) as resp:
+                units = next(i for i in (await resp.json())["items"] if i["itemId"] == "u1")["units"]
+                assert units["used"] == 7, units
+            statuses = []
+            for n in range(3):  # one seat, no room for overuse: the rest wait in the writer's queue
+                async with s.post(f"{fronted.url}/api/v1/handshake", json=body(f"q{n}", "216998-Q")) as resp:
+                    statuses.append(resp.status)
+            assert statuses == [200, 403, 403]
+            async with s.post(f"{fronted.url}/api/v1/handshake", json=body("q-wait", "216998-Q", waitSeconds=1)) as resp:
+                waited = await resp.json()
+                assert resp.status == 403 and waited["error"]["queuePosition"] == 1, waited
+            async with s.post(f"{fronted.url}/api/v1/handshake", json=body("q-long", "216998-Q",
+                                                                            waitSeconds=100_000)) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["field"] == "waitSeconds"
+            async with s.get(f"{fronted.url}/metrics", headers=auth) as resp:
+                text = await resp.text()
+                assert resp.status == 200
+            granted_line = next(line for line in text.splitlines() if line.startswith("lts_handshakes_total")
+                                and 'outcome="granted"' in line)
+            assert float(granted_line.rsplit(" ", 1)[1]) == 2.0, granted_line  # counted by the writer
+
+    asyncio.run(scenario())
