@@ -40,10 +40,10 @@ from lts_server.web.portal import NOSNIFF
 from lts_server.writerwire import HEADER, Ask, BadFrame, Reply, decode_replies, frame, frame_length
 
 RECONNECT_SECONDS = 0.1
-# Not passed on either way: they describe one connection, not the request.
+# Not passed on either way: they describe one connection, not the request (and FRONT_PEER is the front's to set).
 HOP_BY_HOP = frozenset(h.lower() for h in (
     hdrs.CONNECTION, hdrs.KEEP_ALIVE, hdrs.TRANSFER_ENCODING, hdrs.TE, hdrs.UPGRADE, hdrs.PROXY_AUTHORIZATION,
-    hdrs.PROXY_AUTHENTICATE, hdrs.TRAILER, hdrs.CONTENT_LENGTH, FRONT_PEER))
+    hdrs.PROXY_AUTHENTICATE, hdrs.TRAILER, hdrs.CONTENT_LENGTH, hdrs.EXPECT, FRONT_PEER))
 _encoder = msgspec.json.Encoder()
 
 

@@ -145,6 +145,9 @@ class Server:
             self._state_lock = StateLock(cfg.state_dir)
             try:
                 self._state_lock.share()
+                if self.fronted:
+                    self._frames = WriterSocket()
+                    self._frames.claim(cfg.state_dir)
             except (StateBusy, OSError) as e:
                 raise StoreError(str(e)) from None
         await store.open()
@@ -221,8 +224,8 @@ class Server:
             await self._standby_checked.wait()  # know the main's state before serving anyone (before listening)
         scheme = "https" if cfg.server.tls_cert else "http"
         if self.fronted:
-            self._frames = WriterSocket(self.services)
-            await self._frames.start(writer.socket_path(cfg.state_dir, writer.FRAMES))
+            assert self._frames is not None
+            await self._frames.start(self.services, cfg.state_dir)
             await self._listen_unix(writer.socket_path(cfg.state_dir, writer.HTTP))
             self.urls = [f"unix:{cfg.state_dir / writer.HTTP}"]
         else:
@@ -577,6 +580,8 @@ class Server:
                 await asyncio.wait_for(self._queue_feed.close(), max(0.1, min(5, left())))
         if self._store is not None:
             await self._store.close(left())
+        if self._frames is not None:
+            self._frames.release()
         if self._state_lock is not None:
             self._state_lock.release()
         logs.event("server.stopped")

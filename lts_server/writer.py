@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import os
 import time
@@ -20,14 +21,16 @@ from typing import cast
 from aiohttp import web
 
 from lts_server import logs, reportkeys
+from lts_server.statelock import StateBusy
 from lts_server.web import device, metrics
 from lts_server.web.errors import error_answer
 from lts_server.web.services import Services
 from lts_server.writerwire import HEADER, Ask, BadFrame, Reply, decode_asks, frame, frame_length
 
-# The sockets in the state folder: frames of handshakes, and the HTTP of everything else.
+# The sockets in the state folder: frames of handshakes, and the HTTP of everything else; and the writer's lock.
 FRAMES = "writer.sock"
 HTTP = "writer-http.sock"
+LOCK = "writer.lock"
 # Socket addresses are at most 108 bytes (Linux): a longer path is reached through a descriptor of its folder.
 MAX_ADDRESS = 100
 _GRANTED = web.Response(status=200)
@@ -72,13 +75,29 @@ class _Front:
 
 
 class WriterSocket:
-    def __init__(self, services: Services) -> None:
-        self.services = services
+    def __init__(self) -> None:
+        self.services: Services | None = None
         self._server: asyncio.AbstractServer | None = None
         self._deciding: set[asyncio.Task[None]] = set()
         self._fronts: set[asyncio.StreamWriter] = set()
+        self._lock: int | None = None
 
-    async def start(self, path: str) -> None:
+    def claim(self, state_dir: Path) -> None:
+        """Take the writer's lock of the state folder, before anything of it is opened."""
+        lock = state_dir / LOCK
+        self._lock = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # two writers would be two ledgers over one database: seats granted twice
+            os.close(self._lock)
+            self._lock = None
+            raise StateBusy(f"another writer process serves {state_dir} (it holds {lock}); stop that daemon "
+                            "first") from None
+
+    async def start(self, services: Services, state_dir: Path) -> None:
+        """Listen on the state folder's socket for frames (once claimed)."""
+        self.services = services
+        path = socket_path(state_dir, FRAMES)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # left by a writer that was killed
         self._server = await asyncio.start_unix_server(self._serve, path)
@@ -93,6 +112,12 @@ class WriterSocket:
         await asyncio.sleep(0)  # the last replies' frame goes out
         for stream in list(self._fronts):
             stream.close()
+
+    def release(self) -> None:
+        """Give the writer's lock up: the last thing a stopping writer does, once the database is closed."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     async def _serve(self, reader: asyncio.StreamReader, stream: asyncio.StreamWriter) -> None:
         front = _Front(stream)
@@ -113,6 +138,7 @@ class WriterSocket:
             stream.close()
 
     async def _decide(self, front: _Front, ask: Ask) -> None:
+        assert self.services is not None
         started = time.perf_counter()
         reply = _LOST
         try:
@@ -127,6 +153,7 @@ class WriterSocket:
 
     async def _answer(self, ask: Ask) -> tuple[Reply, web.Response]:
         services = self.services
+        assert services is not None
         if (refused := device.standby_refusal(services)) is not None:
             return _whole(ask.id, refused), refused
         issued = services.ledger.clock()

@@ -22,7 +22,7 @@ from lts_server.core import handshake as hs
 from lts_server.core.model import DeploymentType
 from lts_server.front import Front
 from lts_server.server import Server
-from lts_server.store import StoreFull
+from lts_server.store import StoreError, StoreFull
 from lts_server.web.schemas import Authorization, SeatCount
 from lts_server.writerwire import (HEADER, MAX_FRAME, Ask, BadFrame, Reply, decode_asks, decode_replies, frame,
                                    frame_length)
@@ -156,3 +156,12 @@ async def test_a_reply_frame_the_front_cannot_decode_drops_the_connection_and_it
     assert [a[0] for a in answers] == [200] * 10
     again = await _handshakes(split.url, "one", 1)
     assert again[0][0] == 200 and again[0][2]["authorization"]["seats"]["used"] == 11
+
+
+async def test_a_second_writer_on_the_same_state_folder_is_refused(split: Split) -> None:
+    second = Server(split.server.config, fronted=True)
+    with pytest.raises(StoreError, match="another writer process serves"):
+        await second.start()
+    await second.stop()
+    answers = await _handshakes(split.url, "still", 5)  # the first writer still has its sockets
+    assert [a[0] for a in answers] == [200] * 5
