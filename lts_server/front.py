@@ -153,9 +153,11 @@ class Front:
 
     async def start(self) -> None:
         cfg = self.config
-        # No cookie jar: the session carries many clients' requests, never one's cookies to another.
+        # No cookie jar: the session carries many clients' requests, never one's cookies to another. Idle
+        # connections are dropped well before the writer's idle_timeout would close one as it is reused.
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(writer.socket_path(cfg.state_dir, writer.HTTP), limit=0),
+            connector=aiohttp.UnixConnector(writer.socket_path(cfg.state_dir, writer.HTTP), limit=0,
+                                            keepalive_timeout=cfg.server.idle_timeout / 2),
             cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
             skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT_ENCODING, hdrs.ACCEPT, hdrs.CONTENT_TYPE),
             timeout=aiohttp.ClientTimeout(total=None))

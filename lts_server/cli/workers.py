@@ -40,6 +40,8 @@ class Supervisor:
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.ready: dict[int, asyncio.Event] = {}
         self.stopping = False
+        # Once every process has listened, one that dies is restarted, even if it dies starting again.
+        self.started = False
         self.env = {k: v for k, v in os.environ.items() if k not in PRIVATE}
 
     async def spawn(self, worker: int) -> None:
@@ -62,7 +64,7 @@ class Supervisor:
         if self.stopping:
             return
         logs.event("workers.exited", logs.logging.ERROR, worker=worker, code=code, restart_in=RESTART_PAUSE)
-        if not self.ready[worker].is_set():
+        if not self.started:
             self.ready[worker].set()  # it died starting: let start() see it
             return
         await asyncio.sleep(RESTART_PAUSE)
@@ -81,7 +83,8 @@ class Supervisor:
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self.ready.values())), READY_TIMEOUT)
         except TimeoutError:
             return False
-        return all(p.returncode is None for p in self.procs.values())
+        self.started = all(p.returncode is None for p in self.procs.values())
+        return self.started
 
     def signal_all(self, sig: int) -> None:
         for proc in self.procs.values():
