@@ -373,9 +373,6 @@ def _check(config: Config, path: Path) -> None:
         if storage.password_file and not os.access(config.path(storage.password_file), os.R_OK):
             raise ConfigError(f"{path}: key 'storage.password_file': cannot read "
                               f"{config.path(storage.password_file)} (with systemd: LoadCredential= in the unit)")
-    elif server.workers > 1:
-        raise ConfigError(f"{path}: key 'server.workers': {server.workers} worker processes need "
-                          "storage.backend = \"postgresql\"; SQLite has one writer, so use workers = 1")
     if server.workers > 1 and server.port == 0:
         raise ConfigError(f"{path}: key 'server.port': several workers share one port; name it (not 0)")
     if bool(server.tls_cert) != bool(server.tls_key):

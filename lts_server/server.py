@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import resource
 import socket
 import ssl
@@ -16,7 +17,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lts_server import config as config_mod
-from lts_server import identity, licensefile, logs
+from lts_server import identity, licensefile, logs, writer
 from lts_server.alerts import Alerter
 from lts_server.archive import Archiver
 from lts_server.clock import ClockGuard, ClockStatus
@@ -38,6 +39,7 @@ from lts_server.web.app import create_app
 from lts_server.web.connections import GUARD, ConnectionGuard, Limits, ProtocolLog
 from lts_server.web.errors import json_protocol_errors
 from lts_server.web.services import Services
+from lts_server.writer import WriterSocket
 
 SWEEP_SECONDS = 60.0
 SWEEP_RETRY_SECONDS = 5.0
@@ -100,11 +102,15 @@ def open_store(cfg: Config) -> Store:
 
 
 class Server:
-    def __init__(self, config: Config, clock: Callable[[], datetime] = utcnow, worker: int = 0) -> None:
+    def __init__(self, config: Config, clock: Callable[[], datetime] = utcnow, worker: int = 0,
+                 fronted: bool = False) -> None:
         self.config = config
         self.clock = clock
         # 0: the only process; 1..N: one of server.workers processes sharing the port.
         self.worker = worker
+        # The writer of server.workers > 1 on SQLite: front processes hold the port and send it handshakes.
+        self.fronted = fronted
+        self._frames: WriterSocket | None = None
         self.trusted: dict[str, Ed25519PublicKey] = {}
         self.runner: web.AppRunner | None = None
         self.services: Services | None = None
@@ -139,6 +145,9 @@ class Server:
             self._state_lock = StateLock(cfg.state_dir)
             try:
                 self._state_lock.share()
+                if self.fronted:
+                    self._frames = WriterSocket()
+                    self._frames.claim(cfg.state_dir)
             except (StateBusy, OSError) as e:
                 raise StoreError(str(e)) from None
         await store.open()
@@ -213,9 +222,15 @@ class Server:
         if cfg.server.standby_of:
             self._tasks.append(asyncio.create_task(self._watch_main(), name="standby"))
             await self._standby_checked.wait()  # know the main's state before serving anyone (before listening)
-        listener = await self._listen(cfg.server.host, cfg.server.port)
         scheme = "https" if cfg.server.tls_cert else "http"
-        self.urls = [f"{scheme}://{cfg.server.host}:{port}" for port in _ports(listener)]
+        if self.fronted:
+            assert self._frames is not None
+            await self._frames.start(self.services, cfg.state_dir)
+            await self._listen_unix(writer.socket_path(cfg.state_dir, writer.HTTP))
+            self.urls = [f"unix:{cfg.state_dir / writer.HTTP}"]
+        else:
+            listener = await self._listen(cfg.server.host, cfg.server.port)
+            self.urls = [f"{scheme}://{cfg.server.host}:{port}" for port in _ports(listener)]
         if admin_port is not None:
             admin_host = cfg.admin.host or cfg.server.host
             await self._listen(admin_host, admin_port)
@@ -253,6 +268,15 @@ class Server:
                                                                   backlog=BACKLOG)
         self._listeners.append(listener)
         return listener
+
+    async def _listen_unix(self, path: str) -> None:
+        """The writer's HTTP, which the front processes pass every request but plain handshakes to."""
+        assert self.guard is not None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by a writer that was killed
+        listener = await asyncio.get_running_loop().create_unix_server(self.guard, path, backlog=BACKLOG)
+        os.chmod(path, 0o600)
+        self._listeners.append(listener)
 
     @property
     def leads(self) -> bool:
@@ -517,6 +541,8 @@ class Server:
         self.stopping.set()
         for listener in self._listeners:
             listener.close()  # stop accepting; open connections finish below
+        if self._frames is not None:  # the front processes' handshakes being decided are answered
+            await self._frames.close(timeout)
         if self.services is not None:
             self.services.ledger.stop_waiting()  # waiting requests get 503 now, not at the shutdown timeout
         if self.runner is not None:
@@ -554,6 +580,8 @@ class Server:
                 await asyncio.wait_for(self._queue_feed.close(), max(0.1, min(5, left())))
         if self._store is not None:
             await self._store.close(left())
+        if self._frames is not None:
+            self._frames.release()
         if self._state_lock is not None:
             self._state_lock.release()
         logs.event("server.stopped")

@@ -296,7 +296,7 @@ async def test_restart_on_postgresql_keeps_everything(tmp_path: Path, vendor: Ve
     ({"backend": "postgresql", "url": "mysql://x@h/db"}, {}, "storage.url"),
     ({"backend": "postgresql", "url": "postgresql://x@h:port/db"}, {}, "port"),
     ({"backend": "postgresql", "url": "postgresql://x@h:5432"}, {}, "names no database"),
-    ({}, {"workers": 2, "port": 40000}, "server.workers"),
+    ({}, {"workers": 2, "port": 0}, "server.port"),
 ])
 def test_bad_storage_settings_are_one_line_and_exit_2(tmp_path: Path, vendor: Vendor, storage: dict, server: dict,
                                                       needle: str) -> None:

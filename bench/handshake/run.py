@@ -19,8 +19,11 @@ endpoint is measured once a round and is the same row in both.
 source tree (say, `git archive main | tar -x -C DIR`), named "... base":
 before and after a change, side by side in one run.
 
-Targets: `bare`; `sqlite`; with postgresql in --stores, one daemon per
---workers count (`pg w=N`, N processes sharing the port with SO_REUSEPORT) and,
+Targets: `bare`; with sqlite in --stores, one daemon per --workers count
+(`sqlite w=N`: w=1 the one-process daemon, N > 1 N front processes sharing
+the port in front of one writer process); with postgresql in --stores, one
+daemon per --workers count (`pg w=N`, N processes sharing the port with
+SO_REUSEPORT) and,
 with --nodes N > 1, N separate daemons on the same database (`pg nodes=N`):
 wrk runs against each of them at once with 1/N of the connections; req/s
 are summed, p50 is the mean and p99 the worst of the nodes'. Each PostgreSQL
@@ -28,7 +31,8 @@ target has its own database on one throwaway PostgreSQL server (tests/pg.py).
 
 Work per request: CPU time (utime+stime from /proc) of the daemon's
 processes and of all PostgreSQL processes over a round, divided by the
-granted handshakes of the round. On PostgreSQL a sampler also reads pg_locks
+granted handshakes of the round; for `sqlite w=N > 1` the writer process's
+own share is shown too (`writer us`, included in `daemon us`). On PostgreSQL a sampler also reads pg_locks
 every 10 ms to see how often the cluster-wide write lock (store/postgres.py
 WRITE_LOCK) is held and how many wait for it (the sampler's own backend is
 left out of PostgreSQL's CPU time), and the round's commits are counted (the
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -173,7 +178,9 @@ async def measure(target: Target, duration: int, connections: int, devices: int,
         await target.conn.execute("ANALYZE")
     daemon_pids = [p.pid for p in target.procs]
     postmaster = int((server.folder / "data" / "postmaster.pid").read_text().split()[0]) if server else 0
+    writer = writer_pids(daemon_pids)
     d0, pg0, probe0 = cpu_us(daemon_pids), cpu_us([postmaster]) if server else 0.0, cpu_us([probe_pid])
+    w0 = cpu_us(writer)
     last_seq = await target.conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM events") if target.conn else 0
     stats0 = await target.conn.fetchrow(DB_STATS) if target.conn else None
     sampler = None
@@ -182,8 +189,10 @@ async def measure(target: Target, duration: int, connections: int, devices: int,
     result = await run_wrk(target, duration, connections, devices)
     samples, held, waiting = await sampler if sampler else (0, 0, 0)
     d1, pg1, probe1 = cpu_us(daemon_pids), cpu_us([postmaster]) if server else 0.0, cpu_us([probe_pid])
+    w1 = cpu_us(writer)
     granted = max(1, result["requests"] - result["non2xx"])
     result["daemon_us"] = (d1 - d0) / granted
+    result["writer_us"] = (w1 - w0) / granted if writer else 0.0
     result["pg_us"] = ((pg1 - pg0) - (probe1 - probe0)) / granted if target.url else 0.0
     if target.conn:
         # Each write transaction's rows share its xmin: distinct xmins count the commits of the round.
@@ -199,6 +208,18 @@ async def measure(target: Target, duration: int, connections: int, devices: int,
         result["xacts"], result["seq_scans"], result["seq_rows"], result["idx_scans"] = (
             (b - a) / granted for a, b in zip(stats0, stats1))
     target.rounds.append(result)
+
+
+def writer_pids(roots: list[int]) -> list[int]:
+    """The writer process among the children of `roots` (server.workers > 1 on SQLite), if there is one."""
+    found = []
+    for root in roots:
+        children = subprocess.run(["pgrep", "-P", str(root)], capture_output=True, text=True).stdout.split()
+        for pid in children:
+            with contextlib.suppress(OSError):
+                if b"--writer" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                    found.append(int(pid))
+    return found
 
 
 def warm_up(target: Target) -> None:
@@ -266,6 +287,10 @@ async def count_durable(target: Target) -> tuple[int, int]:
     return await target.conn.fetchval(seats), await target.conn.fetchval(events)
 
 
+def writer_col(us: float) -> str:
+    return f"{us:10.0f}" if us else f"{'-':>10}"
+
+
 def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, tuple[int, int]],
            rtt: list[float]) -> None:
     def med(t: Target, key: str) -> float:
@@ -280,7 +305,7 @@ def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, t
         print(f"  mode {mode}: " + ("every request a new device claiming a seat" if mode == "new" else
                                     f"{args.devices} seated devices asking again, each refreshing its seat"))
         print(f"  {'target':{width}} {'req/s':>7} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8}"
-              f" {'daemon us':>10} {'pg us':>7} {'lock held':>10} {'waiters':>8} {'grants/commit':>14}"
+              f" {'daemon us':>10} {'writer us':>10} {'pg us':>7} {'lock held':>10} {'waiters':>8} {'grants/commit':>14}"
               f" {'lock ms/commit':>15}")
         for t in targets:
             if t.name != "bare" and t.mode != mode:
@@ -289,7 +314,7 @@ def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, t
                        f" {med(t, 'grants_per_commit'):14.1f} {med(t, 'lock_ms_per_commit'):15.2f}" if t.conn else "")
             print(f"  {t.name:{width}} {med(t, 'rps'):7.0f} {med(t, 'rps') / bare:6.2f} {med(t, 'p50'):7.2f}"
                   f" {med(t, 'p99'):7.2f} {sum(r['non2xx'] + r['errors'] for r in t.rounds):8d}"
-                  f" {med(t, 'daemon_us'):10.0f}" + pg_cols)
+                  f" {med(t, 'daemon_us'):10.0f} {writer_col(med(t, 'writer_us'))}" + pg_cols)
     if any(t.conn for t in targets):
         print("  per granted handshake in its PostgreSQL database: transactions (every node's, reads included),"
               " whole-table scans, rows those read, index scans:")
@@ -329,9 +354,11 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
         for suffix, tree in trees:
             tag = suffix.strip()
             if "sqlite" in stores:
-                proc, port = start_daemon(folder / f"sqlite{tag}", pub, lic, tree=tree, key=key)
-                daemons.append(Target(f"sqlite{suffix}", [port], [proc], HERE / "handshake.lua",
-                                      sqlite=folder / f"sqlite{tag}" / "state" / "lts-server.sqlite3"))
+                for workers in (int(w) for w in args.workers.split(",")):
+                    where = folder / f"sqlite-w{workers}{tag}"
+                    proc, port = start_daemon(where, pub, lic, workers=workers, tree=tree, key=key)
+                    daemons.append(Target(f"sqlite w={workers}{suffix}", [port], [proc], HERE / "handshake.lua",
+                                          sqlite=where / "state" / "lts-server.sqlite3"))
             if server:
                 for workers in (int(w) for w in args.workers.split(",")):
                     url = await server.new_database()
@@ -394,7 +421,7 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--stores", default="sqlite", help="comma-separated: sqlite, postgresql")
-    p.add_argument("--workers", default="1,2", help="PostgreSQL: one daemon per count, with server.workers = N")
+    p.add_argument("--workers", default="1,2", help="one daemon per count and store, with server.workers = N")
     p.add_argument("--nodes", type=int, default=2, help="PostgreSQL: N separate daemons on one database (0: none)")
     p.add_argument("--modes", default=",".join(MODES),
                    help="comma-separated: new (every request a new device), refresh (seated devices asking again)")

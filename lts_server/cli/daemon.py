@@ -12,7 +12,7 @@ import sys
 
 import lts_server
 from lts_server import config as config_mod
-from lts_server import backup, identity, licensefile, logs, migrate
+from lts_server import backup, front, identity, licensefile, logs, migrate
 from lts_server.cli import workers
 from lts_server.sdnotify import Notifier, watchdog
 from lts_server.server import Server, open_store
@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with migrate: replace what the target database holds (refused otherwise)")
     # One of server.workers processes, started by the supervisor.
     p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    # The writer behind the front processes of server.workers > 1 on SQLite, started by the supervisor.
+    p.add_argument("--writer", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -100,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logs.setup(cfg.log.level, cfg.log.format)
     raise_open_files_limit()
-    if cfg.server.workers > 1 and not args.worker:
+    if cfg.server.workers > 1 and not args.worker and not args.writer:
         return asyncio.run(workers.supervise(args.config, cfg))
-    return asyncio.run(run(cfg, args.worker))
+    if args.worker and cfg.storage.backend == "sqlite":
+        return asyncio.run(front.run(cfg, args.worker))
+    return asyncio.run(run(cfg, args.worker, fronted=args.writer))
 
 
 def raise_open_files_limit() -> None:
@@ -128,9 +132,9 @@ async def _server_uuid(cfg: config_mod.Config) -> str:
         await store.close()
 
 
-async def run(cfg: config_mod.Config, worker: int = 0) -> int:
+async def run(cfg: config_mod.Config, worker: int = 0, fronted: bool = False) -> int:
     notifier = Notifier()
-    server = Server(cfg, worker=worker)
+    server = Server(cfg, worker=worker, fronted=fronted)
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(logs.loop_exception_handler)
     # Handlers first: a SIGTERM that arrives while the server starts (it listens before it is

@@ -179,6 +179,10 @@ def _networks(trusted: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddre
     return tuple(ipaddress.ip_network(t, strict=False) for t in trusted)
 
 
+# The peer's address of a request a front process passed to the writer (lts_server/front.py).
+FRONT_PEER = "X-Lts-Front-Peer"
+
+
 def _is_trusted(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
@@ -189,8 +193,13 @@ def _is_trusted(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.
 
 def client_address(request: web.Request) -> str:
     """The client's address: the peer, or, when the peer is a trusted proxy ([server] trusted_proxies),
-    the last address in X-Forwarded-For that is not itself a trusted proxy."""
-    remote = request.remote or "?"
+    the last address in X-Forwarded-For that is not itself a trusted proxy. A request a front process passed
+    on (server.workers > 1 on SQLite) came over the writer's owner-only Unix socket: its peer is in FRONT_PEER."""
+    transport = request.transport
+    if transport is not None and isinstance(transport.get_extra_info("sockname"), str):
+        remote = request.headers.get(FRONT_PEER) or "?"
+    else:
+        remote = request.remote or "?"
     networks = _networks(tuple(request.app[SERVICES].config.server.trusted_proxies))
     if not networks or not _is_trusted(remote, networks):
         return remote  # anyone can write the header: believe it only from a proxy the config names

@@ -21,6 +21,7 @@ from lts_server.core.times import iso
 from lts_server.core.versions import PROTOCOL_VERSIONS
 from lts_server.errors import Code, Refusal
 from lts_server.ledger import HandshakeOutcome
+from lts_server.signer import BatchSigner
 from lts_server.web import inputs
 from lts_server.web.errors import ApiError, DeviceDecoder, decode_json
 from lts_server.web.schemas import MAX_BODY, Authorization, HandshakeBody, SeatCount
@@ -202,14 +203,17 @@ def fingerprint_hash(fingerprint: str | None) -> str | None:
     return hashlib.sha256(data).hexdigest()
 
 
+def parse_handshake(body: bytes) -> tuple[HandshakeBody, hs.Request, str | None]:
+    """A handshake body decoded and checked: the body, the request it makes, its fingerprint's hash."""
+    parsed = decode_json(body, _decoder)
+    return parsed, to_request(parsed), fingerprint_hash(parsed.device_fingerprint)
+
+
 async def handshake(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     if (refused := standby_refusal(services)) is not None:
         return refused
-    body = await read_json_body(request)
-    parsed = decode_json(body, _decoder)
-    req = to_request(parsed)
-    fingerprint = fingerprint_hash(parsed.device_fingerprint)
+    parsed, req, fingerprint = parse_handshake(await read_json_body(request))
     issued = services.ledger.clock()
     if (refused := clock_refusal(services, issued)) is not None:
         return refused
@@ -218,6 +222,19 @@ async def handshake(request: web.Request) -> web.Response:
         issued = services.ledger.clock()
     else:
         outcome = await services.ledger.handshake(req, fingerprint)
+    settled = settle(services, req, outcome, issued)
+    if isinstance(settled, web.Response):
+        return settled
+    assert outcome.report_key is not None
+    binding = outcome.binding
+    return await signed_answer(services.signer, services.identity.key_id, _encoder.encode(settled),
+                               reportkeys.encode_key(outcome.report_key),
+                               binding.answer_member if binding is not None else b"")
+
+
+def settle(services: Services, req: hs.Request, outcome: HandshakeOutcome,
+           issued: datetime) -> Authorization | web.Response:
+    """What a decided handshake answers: the authorization to sign, or the whole answer (a refusal, a stop)."""
     decision = outcome.decision
     if outcome.stopped:
         return web.Response(status=503, headers={**JSON, "Retry-After": "5"}, body=_encoder.encode({"error": {
@@ -233,19 +250,21 @@ async def handshake(request: web.Request) -> web.Response:
     assert outcome.status is not None and outcome.authorization_id and outcome.report_key
     if services.clock is not None:
         services.clock.recorded(issued)
-    binding = outcome.binding
-    auth = _encoder.encode(authorization(services, req, decision, outcome.status, issued, outcome.authorization_id,
-                                         binding, outcome.borrowed_until, outcome.expires_at))
+    return authorization(services, req, decision, outcome.status, issued, outcome.authorization_id,
+                         outcome.binding, outcome.borrowed_until, outcome.expires_at)
+
+
+async def signed_answer(signer: BatchSigner, key_id: str, auth: bytes, report_key: str,
+                        binding_member: bytes) -> web.Response:
+    """The 200 answer to a granted handshake, around the authorization's encoded bytes."""
     # The signature covers these exact bytes; they are sent verbatim as the
     # first member, so a client can verify without re-serialising. The report
     # key is the device's secret: outside the signed part, never cached by a proxy.
     # The vendor's binding (built once per license revision) goes last, outside the signature: it is signed
     # by the vendor.
-    signature = await services.signer.sign(auth)
+    signature = await signer.sign(auth)
     out = b'{"authorization":%s,"signature":"%s","keyId":"%s","reportKey":"%s"%s}' % (
-        auth, signature, services.identity.key_id.encode(), reportkeys.encode_key(outcome.report_key).encode(),
-        binding.answer_member if binding is not None else b""
-    )
+        auth, signature, key_id.encode(), report_key.encode(), binding_member)
     return web.Response(body=out, headers=JSON)
 
 
