@@ -269,7 +269,7 @@ class LtsClient:
                 errors.append(f"{url}: {_reason(e, timeout.total)}")
                 continue
             self.failover.answered(url)
-            self._accept(auth, asked, password, cache_file, max(now, auth.issued_at))
+            self._accept(auth, asked, password, cache_file)
             self._latest[(auth.fields["handshakeCode"], client_uuid)] = auth
             return auth
         if refused_signature is not None:
@@ -412,19 +412,26 @@ class LtsClient:
         """The server ended the device's authorization for the code: drop it, and the cache's answers for its
         seat (the device handshakes online next time)."""
         self._latest.pop((returned.fields["handshakeCode"], returned.fields["clientUuid"]), None)
-        # Judged at the later of the device's clock and the server's, as a fresh answer is.
-        for path, cached in self._cached(max(datetime.now(UTC), returned.issued_at)):
-            if _seat(cached) == _seat(returned):
-                path.unlink(missing_ok=True)
+        self._drop_seat(_seat(returned))
 
     # -- the authorization cache --------------------------------------------
 
     def _cached(self, now: datetime | None = None) -> Iterator[tuple[Path, Authorization]]:
         """Every cached authorization that is still trustworthy at `now`, with its file."""
-        for path in sorted(self.cache_dir.glob("auth-*.json")) if self.cache_dir is not None else ():
+        for path in self._cache_files():
             auth = self._read_cached(path, now=now)
             if auth is not None:
                 yield path, auth
+
+    def _cache_files(self) -> list[Path]:
+        return sorted(self.cache_dir.glob("auth-*.json")) if self.cache_dir is not None else []
+
+    def _drop_seat(self, seat: tuple[str, str, str], keep: Path | None = None) -> None:
+        """Delete the cache's answers for `seat` (but `keep`). A file's seat is read without verifying it: enough
+        to drop it, never to trust it; so an answer costs no signature check per cached file."""
+        for path in self._cache_files():
+            if path != keep and _file_seat(self._load_json(path)) == seat:
+                path.unlink(missing_ok=True)
 
     def _cache_file(self, request: dict[str, Any]) -> Path | None:
         if self.cache_dir is None:
@@ -474,7 +481,7 @@ class LtsClient:
                              verified.report_key, verified.trust, verified.binding)
 
     def _accept(self, auth: Authorization, request: dict[str, Any], password: str | None,
-                cache_file: Path | None, now: datetime) -> None:
+                cache_file: Path | None) -> None:
         """Keep a verified answer: the newest server time, the key learned, the cache entry. The entry replaces
         the cache's answers for the same seat under other request fields (another `version`, say): the server
         keeps one authorization per code and device, so an older copy holds a dead report key, and a borrow it
@@ -493,9 +500,7 @@ class LtsClient:
                   + (b',"binding":' + msgspec.json.encode(auth.binding) if auth.binding is not None else b"") + b"}")
         self._write_json(cache_file, {"request": request, "passwordMac": self._password_mac(password, create=True),
                                       "server": auth.server, "answer": base64.b64encode(answer).decode()})
-        for path, cached in self._cached(now):
-            if path != cache_file and _seat(cached) == _seat(auth):
-                path.unlink(missing_ok=True)
+        self._drop_seat(_seat(auth), keep=cache_file)
 
     @staticmethod
     def _load_json(path: Path) -> dict[str, Any]:
@@ -547,6 +552,15 @@ def _read_learned(data: dict[str, Any], servers: list[str]) -> dict[str, dict[st
 def _seat(auth: Authorization) -> tuple[str, str, str]:
     """The seat an authorization is for: its code, item and device."""
     return auth.fields["handshakeCode"], auth.fields.get("itemId", ""), auth.fields["clientUuid"]
+
+
+def _file_seat(data: dict[str, Any]) -> tuple[str, str, str] | None:
+    """The seat of a cache file's answer, as it says (unverified), or None when it says none."""
+    try:
+        fields = json.loads(base64.b64decode(data["answer"]))["authorization"]
+        return fields["handshakeCode"], fields.get("itemId", ""), fields["clientUuid"]
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _reason(error: BaseException, seconds: float | None) -> str:
