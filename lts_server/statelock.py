@@ -19,8 +19,8 @@ class StateBusy(Exception):
 
 
 class StateLock:
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / LOCK_NAME
+    def __init__(self, state_dir: Path, name: str = LOCK_NAME) -> None:
+        self.path = state_dir / name
         self._fd: int | None = None
 
     def _take(self, mode: int) -> bool:
@@ -40,12 +40,14 @@ class StateLock:
             raise StateBusy(f"{self.path.parent} is being migrated (lts-server migrate holds {self.path}); "
                             "start the daemon once the migration is done")
 
-    def exclusive(self) -> None:
-        """migrate's hold: refused while any daemon runs on the folder."""
+    def exclusive(self, busy: str | None = None) -> None:
+        """A hold no one else may have: migrate's (refused while any daemon runs on the folder), or, on a lock
+        of another name, the SQLite writer's. `busy`: what the refusal says instead of migrate's message."""
         if not self._take(fcntl.LOCK_EX):
             self.release()
-            raise StateBusy(f"a daemon is running on {self.path.parent} (it holds {self.path}): stop it first "
-                            "(systemctl stop lts-server), so that nothing it writes after the copy is lost")
+            raise StateBusy(busy or f"a daemon is running on {self.path.parent} (it holds {self.path}): stop it "
+                                    "first (systemctl stop lts-server), so that nothing it writes after the copy "
+                                    "is lost")
 
     def release(self) -> None:
         if self._fd is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import os
 import time
@@ -21,7 +20,7 @@ from typing import cast
 from aiohttp import web
 
 from lts_server import logs, reportkeys
-from lts_server.statelock import StateBusy
+from lts_server.statelock import StateLock
 from lts_server.web import device, metrics
 from lts_server.web.errors import error_answer
 from lts_server.web.services import Services
@@ -80,19 +79,14 @@ class WriterSocket:
         self._server: asyncio.AbstractServer | None = None
         self._deciding: set[asyncio.Task[None]] = set()
         self._fronts: set[asyncio.StreamWriter] = set()
-        self._lock: int | None = None
+        self._lock: StateLock | None = None
 
     def claim(self, state_dir: Path) -> None:
-        """Take the writer's lock of the state folder, before anything of it is opened."""
-        lock = state_dir / LOCK
-        self._lock = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # two writers would be two ledgers over one database: seats granted twice
-            os.close(self._lock)
-            self._lock = None
-            raise StateBusy(f"another writer process serves {state_dir} (it holds {lock}); stop that daemon "
-                            "first") from None
+        """Take the writer's lock of the state folder, before anything of it is opened: two writers would be
+        two ledgers over one database, seats granted twice."""
+        self._lock = StateLock(state_dir, LOCK)
+        self._lock.exclusive(f"another writer process serves {state_dir} (it holds {self._lock.path}); stop "
+                             "that daemon first")
 
     async def start(self, services: Services, state_dir: Path) -> None:
         """Listen on the state folder's socket for frames (once claimed)."""
@@ -116,8 +110,7 @@ class WriterSocket:
     def release(self) -> None:
         """Give the writer's lock up: the last thing a stopping writer does, once the database is closed."""
         if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+            self._lock.release()
 
     async def _serve(self, reader: asyncio.StreamReader, stream: asyncio.StreamWriter) -> None:
         front = _Front(stream)
