@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import itertools
 import signal
-import ssl
 import sys
 
 import aiohttp
@@ -29,7 +28,7 @@ import lts_server
 from lts_server import identity, logs, writer
 from lts_server.config import Config
 from lts_server.core import handshake as hs
-from lts_server.server import BACKLOG, connection_limits
+from lts_server.server import BACKLOG, connection_limits, tls_context
 from lts_server.signer import BatchSigner
 from lts_server.web import connections, device, metrics
 from lts_server.web.app import CLIENT_MAX_SIZE
@@ -172,19 +171,11 @@ class Front:
         self._tasks.append(asyncio.create_task(self.link.run(self.stopping), name="writer-link"))
         self._tasks.append(asyncio.create_task(guard.run(self.stopping), name="connection-guard"))
         listener = await asyncio.get_running_loop().create_server(guard, cfg.server.host, cfg.server.port,
-                                                                  ssl=self._ssl(), reuse_address=True,
+                                                                  ssl=tls_context(cfg), reuse_address=True,
                                                                   reuse_port=True, backlog=BACKLOG)
         self._listeners.append(listener)
         scheme = "https" if cfg.server.tls_cert else "http"
         self.urls = [f"{scheme}://{cfg.server.host}:{cfg.server.port}"]
-
-    def _ssl(self) -> ssl.SSLContext | None:
-        server = self.config.server
-        if not server.tls_cert or not server.tls_key:
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.config.path(server.tls_cert), self.config.path(server.tls_key))
-        return ctx
 
     async def handshake(self, request: web.Request) -> web.StreamResponse:
         try:

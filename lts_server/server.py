@@ -67,6 +67,16 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """The listening port's TLS context when [server] names a certificate and key (a front process's too)."""
+    server = cfg.server
+    if not server.tls_cert or not server.tls_key:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cfg.path(server.tls_cert), cfg.path(server.tls_key))
+    return ctx
+
+
 def _ports(listener: asyncio.Server) -> list[int]:
     return sorted({sock.getsockname()[1] for sock in listener.sockets})
 
@@ -263,7 +273,7 @@ class Server:
     async def _listen(self, host: str, port: int) -> asyncio.Server:
         """Listen with the connection guard in front of aiohttp's protocol."""
         assert self.guard is not None
-        listener = await asyncio.get_running_loop().create_server(self.guard, host, port, ssl=self._ssl(),
+        listener = await asyncio.get_running_loop().create_server(self.guard, host, port, ssl=tls_context(self.config),
                                                                   reuse_address=True, reuse_port=self.worker > 0,
                                                                   backlog=BACKLOG)
         self._listeners.append(listener)
@@ -342,14 +352,6 @@ class Server:
             while not await self.catch_up():
                 pass
             yield
-
-    def _ssl(self) -> ssl.SSLContext | None:
-        server = self.config.server
-        if not server.tls_cert or not server.tls_key:
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.config.path(server.tls_cert), self.config.path(server.tls_key))
-        return ctx
 
     async def _sweeper(self) -> None:
         assert self.services is not None
