@@ -46,15 +46,15 @@ async def return_borrowed(request: web.Request) -> web.Response:
     if (unspoken := protocol_problem(parsed.protocol_version)) is not None:
         raise ProtocolRefused(unspoken)
     ledger = services.ledger
-    if parsed.handshake_code not in ledger.codes:
-        return _refused(Refusal(Code.UNKNOWN_CODE, repr(parsed.handshake_code)))
     key = await ledger.report_key(parsed.handshake_code, parsed.client_uuid)
     mac = request.headers.get(MAC_HEADER)
     if services.catch_up is not None and mac and (key is None or not mac_matches(key, body, mac)):
         while not await services.catch_up():  # another node may have granted the borrow
             pass
         key = await ledger.report_key(parsed.handshake_code, parsed.client_uuid)
-    if key is None:
+    if key is None:  # judged after catching up: another node may have made the code
+        if parsed.handshake_code not in ledger.codes:
+            return _refused(Refusal(Code.UNKNOWN_CODE, repr(parsed.handshake_code)))
         return _answer(parsed, None, False, None)
     _check_mac(request, key, body, parsed.client_uuid)
     try:
