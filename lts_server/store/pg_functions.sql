@@ -27,6 +27,15 @@ DECLARE
     room boolean;
     held text;
 BEGIN
+    -- The rows of the items the batch changes through their row for sure (releases, claims without a
+    -- lease, unit charges), locked first and in item order, as every node's batches lock them: two
+    -- nodes' batches over many items then never wait for each other in a circle (a deadlock costs a
+    -- second before PostgreSQL breaks it). Claims that may use a lease lock their lease row first.
+    PERFORM 1 FROM items WHERE item_id IN (
+        SELECT s_item[j] FROM generate_subscripts(s_op, 1) AS g (j)
+        WHERE s_op[j] = 3 OR (s_op[j] = 1 AND (s_block[j] IS NULL OR (s_block[j] = 0 AND NOT s_held[j])))
+        UNION SELECT unnest(u_item))
+        ORDER BY item_id FOR UPDATE;
     FOR i IN 1 .. coalesce(array_length(s_op, 1), 0) LOOP
         IF s_op[i] = 1 THEN
             IF s_excl[i] IS NOT NULL THEN

@@ -157,10 +157,7 @@ def _translate(e: Exception, where: str) -> StoreError:
         return Unstorable(f"{where}: {e}")
     if isinstance(e, asyncpg.DiskFullError):
         return StoreFull(f"{where}: the database server's disk is full; free space, then retry")
-    if isinstance(e, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)):
-        # Another node's transaction crossed this one: nothing is wrong with the batch, decide it again.
-        return Conflict(f"{where}: {e}")
-    if isinstance(e, asyncpg.LockNotAvailableError):
+    if isinstance(e, (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError, asyncpg.SerializationError)):
         return StoreUnavailable(f"{where}: {e}")
     if isinstance(e, AWAY):
         return StoreUnreachable(f"{where}: the database server is unreachable: {e}")
@@ -449,6 +446,10 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
                 if isinstance(e, AWAY) and self._writer is not None:
                     self._writer.terminate()
                     self._writer = None
+                if isinstance(e, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)):
+                    # Another node's transaction crossed this one: nothing is wrong with the batch, decide it
+                    # again (a Conflict that names no job).
+                    raise Conflict(f"database {self.where}: {e}") from None
                 if isinstance(e, FAILURES):
                     raise _translate(e, f"database {self.where}") from None
                 raise
