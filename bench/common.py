@@ -68,6 +68,7 @@ def write_config(folder: Path, pub: Path, port: int, watch: bool = False, url: s
         f'[import]\ndirectory = "{folder / "import"}"\nrescan_seconds = 3600\nwatch = {str(watch).lower()}\nsettle_ms = 0\n'
         f'[vendor]\npublic_keys = ["{pub}"]\nallow_unbound = true\n'
         f'[log]\nlevel = "warning"\nformat = "json"\n'
+        f'[metrics]\npublic = true\n'  # loopback only: the benches read the store's counters
     )
     return path
 

@@ -78,6 +78,12 @@ OLDEST_S = int((NOW - timedelta(days=330)).timestamp())
 SPAN_S = int(timedelta(days=295).total_seconds())
 FLEET = 1_000_000  # the fleet of the growth estimate: devices refreshing hourly
 SIZES = ("3m", "2h", "1d", "1mo")
+# The rollups' position past every event: the last in (tx, seq) order (tx is each event's transaction on
+# PostgreSQL, 0 on SQLite), as the rollup job leaves it.
+ROLLED_UP = ("UPDATE rollup_state SET"
+             " last_tx = COALESCE((SELECT MAX(tx) FROM events), 0),"
+             " last_seq = COALESCE((SELECT MAX(seq) FROM events WHERE tx = (SELECT MAX(tx) FROM events)), 0)"
+             " WHERE id = 1")
 WIDTH_MS = {"3m": 180_000, "2h": 7_200_000, "1d": DAY_MS}
 
 
@@ -217,7 +223,7 @@ def bulk_sqlite(path: Path, n: int) -> None:
         " 0, NULL, NULL, NULL FROM d ORDER BY 1")
     con.execute("UPDATE items SET seats_used = (SELECT COUNT(*) FROM seats WHERE seats.item_id = items.item_id)")
     rollups_sql(con.execute, base, "sqlite", n)
-    con.execute("UPDATE rollup_state SET last_seq = (SELECT MAX(seq) FROM events) WHERE id = 1")
+    con.execute(ROLLED_UP)
     con.execute("COMMIT")
     con.execute("PRAGMA journal_mode = WAL")
     con.close()
@@ -287,7 +293,7 @@ async def bulk_postgres(url: str, n: int) -> None:
             rollups_sql(statements.append, base, "postgresql", n)
             for statement in statements:
                 await conn.execute(statement)
-            await conn.execute("UPDATE rollup_state SET last_seq = (SELECT MAX(seq) FROM events) WHERE id = 1")
+            await conn.execute(ROLLED_UP)
             await conn.execute("SELECT setval(pg_get_serial_sequence('events', 'seq'), (SELECT MAX(seq) FROM events))")
         # As autovacuum would leave a table after a bulk load: visibility map set, planner statistics.
         await conn.execute("VACUUM (ANALYZE)")
@@ -337,7 +343,7 @@ async def reset_probe(state: State) -> None:
         "UPDATE rollup_state SET next_client = 1",
         "UPDATE items SET seats_used = 0",
         "DELETE FROM events WHERE client_uuid = 'probe-device'",
-        "UPDATE rollup_state SET last_seq = (SELECT COALESCE(MAX(seq), 0) FROM events)",
+        ROLLED_UP,
     ]
     await run_sql(state, statements)
 

@@ -10,7 +10,8 @@ leave the database once they are safely on disk elsewhere. A run:
    but the run stopped before recording them: their events are all still
    in the log and are archived again);
 2. reads the archivable events in order (store/sql.py `archive_horizon`:
-   folded by the rollups, older than `before`, of a device type) into a
+   folded by the rollups, so final even on a cluster that commits in
+   parallel; older than `before`, of a device type) into a
    `.partial` file, fsyncs it, renames it and fsyncs the folder;
 3. records the file (`event_archives`), then deletes its events in
    transactions of DELETE_PAGE rows, then marks the row done.
@@ -39,7 +40,7 @@ from lts_server import logs
 from lts_server.core.times import iso, to_ms
 from lts_server.store import StoredEvent
 from lts_server.store.postgres import ARCHIVE_LOCK, PostgresStore
-from lts_server.store.sql import ArchiveRow, Operations
+from lts_server.store.sql import ArchiveHorizon, ArchiveRow, Operations
 
 # The fields of an exported event, in order: the admin API's event export and the archives share them.
 EVENT_FIELDS = ("seq", "at", "type", "code", "itemId", "clientUuid", "product", "deploymentType", "result",
@@ -86,10 +87,10 @@ class Archiver:
             await asyncio.to_thread(self.folder.mkdir, parents=True, exist_ok=True, mode=0o700)
             await self._recover(report, now)
             before_ms = to_ms(before)
-            upto = await self.store.archive_horizon(before_ms)
+            horizon = await self.store.archive_horizon(before_ms)
             after = 0
             while True:
-                row, after = await self._write_file(after, upto, before_ms, now)
+                row, after = await self._write_file(after, horizon, before_ms, now)
                 if row is None:
                     break
                 report.events += await self._delete(row, now)
@@ -123,10 +124,10 @@ class Archiver:
     def _unrecorded(self, named: set[str]) -> list[Path]:
         return [p for p in self.folder.iterdir() if OWN_NAME.match(p.name) and str(p) not in named]
 
-    async def _write_file(self, after: int, upto: int, before_ms: int,
+    async def _write_file(self, after: int, horizon: ArchiveHorizon, before_ms: int,
                           now: datetime) -> tuple[ArchiveRow | None, int]:
         """The next file of up to FILE_EVENTS events after `after`, durable and recorded; None when none is left."""
-        page = await self.store.archivable_page(after, upto, before_ms, READ_PAGE)
+        page = await self.store.archivable_page(after, horizon, before_ms, READ_PAGE)
         if not page:
             return None, after
         first = page[0].seq
@@ -140,13 +141,13 @@ class Archiver:
                 after = page[-1].seq
                 if count >= FILE_EVENTS:
                     break
-                page = await self.store.archivable_page(after, upto, before_ms, READ_PAGE)
+                page = await self.store.archivable_page(after, horizon, before_ms, READ_PAGE)
             final = self.folder / f"events-{first:012d}-{after:012d}-{now.strftime('%Y%m%dT%H%M%SZ')}{SUFFIX}"
             size = await asyncio.to_thread(_seal, out, partial, final)
         except BaseException:
             await asyncio.to_thread(out.close)
             raise
-        row = await self.store.record_archive(str(final), first, after, before_ms, count, size, to_ms(now))
+        row = await self.store.record_archive(str(final), first, after, before_ms, count, size, to_ms(now), horizon)
         return row, after
 
     async def _delete(self, row: ArchiveRow, now: datetime) -> int:

@@ -85,6 +85,17 @@ class StorageSection(_Section):
     device_cache: Annotated[int, msgspec.Meta(ge=1000, le=100_000_000)] = 100_000
 
 
+class ClusterSection(_Section):
+    """Nodes of a PostgreSQL cluster (ignored on SQLite)."""
+
+    # A node's registration lasts lease_ms / 2 and is renewed every lease_ms / 4; the seats leased to a
+    # node that died without stopping (kill -9, power loss) are back on their items within lease_ms.
+    lease_ms: Annotated[int, msgspec.Meta(ge=400, le=600_000)] = 5000
+    # Most seats a node leases from a hot item at once (lts_server/leases.py); 0: no leases, every claim
+    # goes through the item's row.
+    lease_seats: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 64
+
+
 class ImportSection(_Section):
     directory: str
     rescan_seconds: Positive = 60.0
@@ -216,6 +227,7 @@ class Config(_Section):
     authorizations: AuthorizationsSection = msgspec.field(default_factory=AuthorizationsSection)
     stats: StatsSection = msgspec.field(default_factory=StatsSection)
     queue: QueueSection = msgspec.field(default_factory=QueueSection)
+    cluster: ClusterSection = msgspec.field(default_factory=ClusterSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
     # Where the file was read from; relative paths in it are taken from its folder.
     source: str = ""

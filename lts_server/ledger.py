@@ -50,6 +50,7 @@ from lts_server.passwords import session_hash, session_matches
 from lts_server.store import (
     AuthorizationRecord,
     BorrowSpan,
+    Change,
     CodeLimits,
     Conflict,
     Event,
@@ -59,7 +60,6 @@ from lts_server.store import (
     Seat,
     Snapshot,
     Store,
-    StoredEvent,
     StoreError,
     Unstorable,
     UsageReportRecord,
@@ -492,6 +492,9 @@ class Ledger:
         if named and error.job < len(flights[0].jobs):
             culprit = flights[0].jobs[error.job]
         unstorable = isinstance(error, Unstorable) and culprit is not None
+        # A conflict no job caused (transactions of two nodes that crossed: a deadlock, a serialization
+        # failure): every job is decided again.
+        crossed = isinstance(error, Conflict) and error.job is None and self.store.shared
         # Nodes racing for an item's last seats can conflict again; each round settles at least one claim.
         retries = SHARED_RETRIES if self.store.shared else 1
         retry: list[_Job[Any]] = []
@@ -501,7 +504,7 @@ class Ledger:
                     self._done(job)
                 elif unstorable and job is not culprit:
                     retry.append(job)
-                elif (not unstorable and culprit is not None and (job is not culprit or self.store.shared)
+                elif (not unstorable and (crossed or (culprit is not None and (job is not culprit or self.store.shared)))
                       and job.retries < retries):
                     job.retries += 1
                     retry.append(job)
@@ -709,7 +712,10 @@ class Ledger:
             # another node) makes the claim conflict; seats it knows did not cover the request.
             unknown = tuple(i for i in code.items
                             if i != item_id and self.seat_expiry(i, req.client_uuid) is None)
-            batch.claim(seat, fit.limit, unknown, limited, fit.reserved)
+            # A cluster node may grant it from a seat lease: only where no code reserves or caps seats of the
+            # item and no request waits for one (store/sql_leases.py).
+            leasable = self.store.shared and item_id not in self._limits and not self.queue.waiting(item_id)
+            batch.claim(seat, fit.limit, unknown, limited, fit.reserved, leasable)
             batch.events.append(_seat_event("seat.granted", seat, code.name, now))
         elif fit.seat is hs.SeatAction.REFRESH:
             old = device.seats[item_id]
@@ -1027,7 +1033,7 @@ class Ledger:
 
     # -- other nodes (a shared store) ------------------------------------------------
 
-    async def follow(self, events: list[StoredEvent]) -> None:
+    async def follow(self, events: list[Change]) -> None:
         """Take in what other nodes committed: their events name what changed, the rows are read again.
 
         The rows are read and applied between two batches, with nothing of this
@@ -1037,8 +1043,7 @@ class Ledger:
         clients: set[str] = set()
         reports: list[str] = []
         catalog = False
-        for stored in events:
-            e = stored.event
+        for e in events:
             catalog = catalog or e.type.startswith(CATALOG_EVENTS)
             if e.item_id:
                 items.add(e.item_id)
@@ -1046,8 +1051,8 @@ class Ledger:
             # are all in memory (_concurrent_grants), so theirs are read again whatever the device.
             if e.client_uuid and (e.client_uuid in self.devices or self._per_slice(e.item_id)):
                 clients.add(e.client_uuid)
-            if e.type == "usage.report" and e.detail:
-                reports.append(e.detail["reportId"])
+            if e.type == "usage.report" and e.report_id:
+                reports.append(e.report_id)
         if not (items or clients or catalog):
             return
 

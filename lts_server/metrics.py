@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lts_server.core.model import Counts, Item, ItemStatus, hard_limit
@@ -35,13 +35,15 @@ class LiveState:
     clock: Callable[[], datetime]
     # Requests waiting for a seat, per item (lts_server/queue.py).
     seat_queues: Callable[[], Mapping[str, int]] = dict
+    # PostgreSQL: batches written per path ("one_statement", "statements"; store/pg_batch.py).
+    store_batches: Callable[[], Mapping[str, int]] = dict
 
 
 class _LiveCollector(Collector):
     def __init__(self, live: LiveState) -> None:
         self.live = live
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         items, statuses, now = self.live.items(), self.live.statuses(), self.live.clock()
         seats_used = GaugeMetricFamily("lts_item_seats_used", "Seats (devices or servers) held on an item.",
                                        labels=["item"])
@@ -92,6 +94,11 @@ class _LiveCollector(Collector):
         for item_id in items:
             waiting.add_metric([item_id], lengths.get(item_id, 0))
         yield waiting
+        batches = CounterMetricFamily("lts_store_batches", "Ledger commits on PostgreSQL by how they were sent: "
+                                      "one_statement (one round trip) or statements.", labels=["path"])
+        for path, n in sorted(self.live.store_batches().items()):
+            batches.add_metric([path], n)
+        yield batches
 
 
 class Metrics:

@@ -32,6 +32,7 @@ from lts_server.signer import BatchSigner
 from lts_server.statelock import StateBusy, StateLock
 from lts_server.store import Store, StoreError
 from lts_server.store.pg_queue import PgQueueFeed
+from lts_server.store.sql import Position
 from lts_server.store.sql_offline import SLICES_PER_CALL
 from lts_server.store.postgres import IMPORT_LOCK, PostgresStore
 from lts_server.store.sqlite import SQLiteStore
@@ -107,7 +108,8 @@ def connection_limits(cfg: Config) -> Limits:
 def open_store(cfg: Config) -> Store:
     if cfg.storage.backend == "postgresql":
         assert cfg.storage.url is not None
-        return PostgresStore(cfg.storage.url, cfg.storage.connect_seconds, cfg.database_password())
+        return PostgresStore(cfg.storage.url, cfg.storage.connect_seconds, cfg.database_password(),
+                             cfg.cluster.lease_ms, cfg.cluster.lease_seats)
     return SQLiteStore(cfg.database_path, cfg.storage.busy_timeout_ms)
 
 
@@ -131,8 +133,8 @@ class Server:
         self._rollup_lock = asyncio.Lock()
         self._marks_converted = False
         self._store: Store | None = None
-        # The change feed of a PostgreSQL cluster: read up to this event.
-        self._followed = 0
+        # The change feed of a PostgreSQL cluster: read up to this position of the event log.
+        self._followed: Position = (0, 0)
         self._follow_lock = asyncio.Lock()
         self._standby_checked = asyncio.Event()
         self.guard: ConnectionGuard | None = None
@@ -164,7 +166,7 @@ class Server:
         if isinstance(store, PostgresStore):
             ident = await identity.for_cluster(store, cfg.state_dir)
             # Read before the snapshot: what lands in between is taken in twice, harmlessly.
-            self._followed = await store.last_event()
+            self._followed = await store.log_position()
         else:
             ident = identity.load_or_create(cfg.state_dir)
         # Each process writes a usage chain of its own, continued after a restart (lts_server/usagechain.py).
@@ -186,7 +188,8 @@ class Server:
         except OSError as e:
             logs.event("import.folder_not_created", logs.logging.WARNING, path=str(cfg.import_dir), error=e.strerror)
         metrics.watch(LiveState(lambda: ledger.items, lambda: ledger.statuses, lambda: ledger.queue_depth,
-                                ledger.clock, ledger.queue.lengths))
+                                ledger.clock, ledger.queue.lengths,
+                                (lambda: store.batches) if isinstance(store, PostgresStore) else dict))
         smtp = cfg.alerts.smtp
         alerter = Alerter(cfg.alerts, cfg.path(smtp.password_file) if smtp.password_file else None, store, ledger,
                           ident.server_uuid, metrics, cfg.path(smtp.ca_file) if smtp.ca_file else None)
@@ -301,9 +304,8 @@ class Server:
             changes = await self._store.changes_since(self._followed)
             if changes.events:
                 await self.services.ledger.follow(changes.events)
-            done = changes.upto == self._followed
             self._followed = changes.upto
-            return done
+            return not changes.more
 
     async def _follow(self) -> None:
         """Take in what the other nodes commit, every storage.follow_ms."""

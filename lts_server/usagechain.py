@@ -68,7 +68,8 @@ def link(previous: bytes, body: bytes) -> bytes:
     return _sha256(previous + body).digest()
 
 
-def _linked(head: Head, rows: Sequence[Row]) -> tuple[Head, list[Row]]:
+def linked(head: Head, rows: Sequence[Row]) -> tuple[Head, list[Row]]:
+    """The rows linked onto the chain after `head` (with their chain, chain_seq and hash), and the new head."""
     chain, seq, digest = head.chain, head.seq, head.hash
     out = []
     for row in rows:
@@ -82,10 +83,10 @@ def append(head: Head, rows: Sequence[Row], now_ms: int) -> _sql.Procedure[tuple
     """Link the rows onto the chain and move its head, in the caller's transaction; returns the new head
     and the rows with their chain, chain_seq and hash."""
     for _ in range(APPEND_TRIES):
-        moved, linked = _linked(head, rows)
+        moved, out = linked(head, rows)
         if (yield _sql.Exec("UPDATE usage_chains SET seq = ?, head = ?, updated_ms = ? WHERE chain = ? AND seq = ?",
                        (moved.seq, moved.hash, now_ms, head.chain, head.seq))) == 1:
-            return moved, linked
+            return moved, out
         found = yield _sql.Query("SELECT seq, head FROM usage_chains WHERE chain = ?", (head.chain,))
         if not found:
             raise StoreError(f"usage chain {head.chain} ({head.name}) is missing from usage_chains")

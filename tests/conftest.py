@@ -36,6 +36,8 @@ from lts_server.store.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime.now(UTC).replace(microsecond=0)
+# items.seats_used counts the seats nodes of a cluster leased (store/sql_leases.py): the seats held are the rest.
+HELD_SEATS = "seats_used - COALESCE((SELECT SUM(l.seats) FROM seat_leases l WHERE l.item_id = items.item_id), 0)"
 
 
 @dataclass

@@ -45,6 +45,8 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
         (MINIMAL + "[server]\ntls_cert = 'c.pem'\n", "key 'server.tls_cert': tls_cert and tls_key must be set together"),
         (MINIMAL + "[vendor]\npublic_keys = ['missing.pub']\n", "key 'vendor.public_keys[0]': cannot read"),
         (MINIMAL + "[log]\nlevel = 'loud'\n", "key 'log.level': invalid enum value 'loud'; expected one of 'debug', 'info'"),
+        (MINIMAL + "[cluster]\nlease_ms = 100\n", "key 'cluster.lease_ms': expected `int` >= 400"),
+        (MINIMAL + "[cluster]\nlease_seats = -1\n", "key 'cluster.lease_seats': expected `int` >= 0"),
         ("[storage\n", "not valid TOML"),
     ],
 )

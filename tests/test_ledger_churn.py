@@ -10,12 +10,12 @@ import pytest
 from lts_server.core import handshake as hs
 from lts_server.core.model import DeploymentType
 from lts_server.store import Conflict, SeatOp, StoreError, StoreFull, WriteBatch
-from tests.conftest import NOW, Running, item, license_spec
+from tests.conftest import HELD_SEATS, NOW, Running, item, license_spec
 
 
 async def seats_in_db(running: Running, item_id: str) -> tuple[set[str], int]:
     holders = {r[0] for r in await running.sql("SELECT client_uuid FROM seats WHERE item_id = ?", item_id)}
-    used = await running.sql_value("SELECT seats_used FROM items WHERE item_id = ?", item_id)
+    used = await running.sql_value(f"SELECT {HELD_SEATS} FROM items WHERE item_id = ?", item_id)
     return holders, used
 
 

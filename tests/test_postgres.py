@@ -26,6 +26,7 @@ from lts_server.store.postgres import PostgresStore
 from lts_server.store.sqlite import migrations
 from tests.conftest import (
     ADMIN_PASSWORD,
+    HELD_SEATS,
     NOW,
     Clock,
     Daemon,
@@ -153,7 +154,7 @@ async def test_no_oversell_across_nodes(cluster: tuple[Node, Node]) -> None:
     conn = await asyncpg.connect(a.server.config.storage.url)
     try:
         assert await conn.fetchval("SELECT COUNT(*) FROM seats WHERE item_id = 'p1'") == 55
-        assert await conn.fetchval("SELECT seats_used FROM items WHERE item_id = 'p1'") == 55
+        assert await conn.fetchval(f"SELECT {HELD_SEATS} FROM items WHERE item_id = 'p1'") == 55
     finally:
         await conn.close()
 
@@ -256,7 +257,7 @@ async def test_a_standby_node_on_the_same_database_serves_when_the_main_is_down_
         assert grants == {"d1": "p1", "d2": "p1", "d3": "p2"}  # p1 still full: d3 went on to p2
         conn = await asyncpg.connect(pg_url)
         try:
-            assert dict(await conn.fetch("SELECT item_id, seats_used FROM items")) == {"p1": 2, "p2": 1}
+            assert dict(await conn.fetch(f"SELECT item_id, {HELD_SEATS} FROM items")) == {"p1": 2, "p2": 1}
         finally:
             await conn.close()
     finally:
@@ -423,7 +424,7 @@ async def test_600_devices_over_three_nodes_get_exactly_110_on_each_item(three: 
     assert by_item == {"q1": 110, "q2": 110}
     conn = await asyncpg.connect(three[0].server.config.storage.url)
     try:
-        rows = dict(await conn.fetch("SELECT item_id, seats_used FROM items"))
+        rows = dict(await conn.fetch(f"SELECT item_id, {HELD_SEATS} FROM items"))
         seats = dict(await conn.fetch("SELECT item_id, COUNT(*) FROM seats GROUP BY item_id"))
         devices_twice = await conn.fetchval(
             "SELECT COUNT(*) FROM (SELECT client_uuid FROM seats GROUP BY client_uuid HAVING COUNT(*) > 1) x")
@@ -626,7 +627,7 @@ async def test_kill_9_one_of_three_nodes_under_load_keeps_every_seat_and_answer(
     conn = await asyncpg.connect(pg_url)
     try:
         seats = {r[0]: r[1] for r in await conn.fetch("SELECT client_uuid, item_id FROM seats")}
-        used = dict(await conn.fetch("SELECT item_id, seats_used FROM items"))
+        used = dict(await conn.fetch(f"SELECT item_id, {HELD_SEATS} FROM items"))
         granted = dict(await conn.fetch("SELECT client_uuid, COUNT(*) FROM events WHERE type = 'handshake'"
                                         " AND result = 0 GROUP BY client_uuid"))
         stored_reports = {r[0] for r in await conn.fetch("SELECT report_id FROM usage_reports")}

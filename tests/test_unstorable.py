@@ -19,7 +19,7 @@ import pytest
 
 from lts_server.store import Event, Store, Unstorable, WriteBatch
 from lts_server.web.errors import UNSTORABLE
-from tests.conftest import Vendor, item, license_spec, query
+from tests.conftest import HELD_SEATS, Vendor, item, license_spec, query
 from tests.test_postgres import start_node, stop_node
 
 NewStore = Callable[[], Awaitable[Store]]
@@ -105,7 +105,7 @@ async def test_text_the_database_cannot_hold_fails_its_request_alone(tmp_path: P
         try:
             seats = await conn.fetchval("SELECT COUNT(*) FROM seats")
             events = await conn.fetchval("SELECT COUNT(*) FROM events WHERE type = 'handshake'")
-            used = await conn.fetchval("SELECT seats_used FROM items WHERE item_id = 'u1'")
+            used = await conn.fetchval(f"SELECT {HELD_SEATS} FROM items WHERE item_id = 'u1'")
         finally:
             await conn.close()
         assert (seats, events, used) == (200, 200, 200)  # every good request recorded, nothing of the bad

@@ -246,7 +246,7 @@ def trust_parts() -> None:
              '{"expiresAt":"2027-11-29T11:00:00+00:00"}', None, None),
             (1764000000000, "handshake", "216998-BENCH", "BENCH-1", "bench-0-1732870000-1-12345", "barcode-reader",
              "browser", 0, None, None, None)]
-    chain_us = median_us(lambda: usagechain._linked(head, rows), 20000)
+    chain_us = median_us(lambda: usagechain.linked(head, rows), 20000)
     statement = base64.b64encode(b"x" * 600).decode()
     bound = bindings.item_binding(BindingRow("L", 1, "f22983345d3afc83", statement, "s" * 88, ("BENCH-1",)))
     auth = b"a" * 560

@@ -1,19 +1,20 @@
 """Handshake benchmark: lts-server's granted, durable handshakes against a bare aiohttp endpoint.
 
     .venv/bin/python bench/handshake/run.py [--duration 10] [--connections 64] [--rounds 3]
-        [--stores sqlite,postgresql] [--workers 1,2] [--nodes 2] [--modes new,refresh]
-        [--baseline DIR]
+        [--stores sqlite,postgresql] [--workers 1,2] [--nodes 2] [--modes new,refresh,items]
+        [--node-cpu 0.25] [--latency-ms 1] [--baseline DIR]
 
 Every server runs as its own process(es) on loopback and is driven by wrk
 (Debian package `wrk`) with the same connection count, in alternating rounds,
 so every ratio to the bare endpoint is measured side by side on the same
 (noisy, shared) machine. Every lts-server request is granted and committed
 durably before the answer (SQLite synchronous=FULL; PostgreSQL with fsync on,
-synchronous_commit on), in two modes: `new`, every request a new device
-claiming a seat (handshake.lua); `refresh`, --devices devices that were
-seated before the rounds asking again, each refreshing its seat
+synchronous_commit on), in three modes: `new`, every request a new device
+claiming a seat on one item (handshake.lua); `items`, new devices spread
+over 100 items, one code each (items.lua); `refresh`, --devices devices that
+were seated before the rounds asking again, each refreshing its seat
 (refresh.lua). Prints medians over rounds, one table per mode; the bare
-endpoint is measured once a round and is the same row in both.
+endpoint is measured once a round and is the same row in every table.
 
 --baseline DIR runs every lts-server target a second time from another
 source tree (say, `git archive main | tar -x -C DIR`), named "... base":
@@ -21,22 +22,46 @@ before and after a change, side by side in one run.
 
 Targets: `bare`; with sqlite in --stores, one daemon per --workers count
 (`sqlite w=N`: w=1 the one-process daemon, N > 1 N front processes sharing
-the port in front of one writer process); with postgresql in --stores, one
-daemon per --workers count (`pg w=N`, N processes sharing the port with
-SO_REUSEPORT) and,
-with --nodes N > 1, N separate daemons on the same database (`pg nodes=N`):
-wrk runs against each of them at once with 1/N of the connections; req/s
-are summed, p50 is the mean and p99 the worst of the nodes'. Each PostgreSQL
-target has its own database on one throwaway PostgreSQL server (tests/pg.py).
+the port in front of one writer process); with postgresql in --stores, one daemon per
+--workers count (`pg w=N`, N processes sharing the port with SO_REUSEPORT;
+0: none) and, per count in --nodes, N separate daemons on one database (`pg
+nodes=N`): wrk runs against each of them at once with 1/N of the
+connections; req/s are summed, p50 is the mean and p99 the worst of the
+nodes'. Each PostgreSQL target has its own database on one throwaway
+PostgreSQL server (tests/pg.py). "x 1 node" is a nodes target's rate over
+the `pg nodes=1` rate of the same tree and mode.
+
+--node-cpu F caps every lts-server daemon (each node, with its workers) at F
+of one core, each in a cgroup of its own (cgroup v1 `cpu.cfs_quota_us`, or
+v2 `cpu.max`; needs root); PostgreSQL, wrk and the bare endpoint are not
+capped. So the two cores of a small machine are not what limits a cluster of
+several nodes, and the scaling from 1 to N nodes shows.
+
+--latency-ms X adds two one-node targets per tree whose database connections
+go through bench/pgproxy.py: `pg proxy`, without delay, and `pg +Xms`, every
+byte to PostgreSQL X ms later (as `tc netem` would; this kernel has none).
+The round trip through each is measured and printed.
 
 Work per request: CPU time (utime+stime from /proc) of the daemon's
-processes and of all PostgreSQL processes over a round, divided by the
+processes and of the PostgreSQL processes working for the target (its
+database's backends, autovacuum on it, and the server's WAL writer,
+checkpointer and background writer; not the other targets' databases, whose
+nodes keep following and folding rollups) over a round, divided by the
 granted handshakes of the round; for `sqlite w=N > 1` the writer process's
-own share is shown too (`writer us`, included in `daemon us`). On PostgreSQL a sampler also reads pg_locks
-every 10 ms to see how often the cluster-wide write lock (store/postgres.py
-WRITE_LOCK) is held and how many wait for it (the sampler's own backend is
-left out of PostgreSQL's CPU time), and the round's commits are counted (the
-distinct xmin of its events): grants per commit and the lock's time per commit.
+own share is shown too (`writer us`, included in `daemon us`). A round ends once the target's statistics
+rollups have folded its events (at most 20 s after wrk stops): their CPU is
+part of what a grant costs, on every store alike, and the next target's
+round does not pay for it; "(round)" is the CPU while wrk ran only (the
+grants' own path, less the tail of their rollups). On PostgreSQL a sampler reads pg_locks
+every 10 ms: how often the old cluster-wide write lock (advisory key
+0x6C7473_0002, held by the baseline) is held, and how many locks are waited
+for per sample - advisory (cluster-wide) ones and the others (rows,
+transactions: an item's row, a seat) - (the sampler's own backend is left
+out of PostgreSQL's CPU time); and the round's commits are counted (the
+distinct xmin of its events): grants per commit and, for the baseline, the
+lock's time per commit. "1 statement" is the share of those commits written
+as one statement (store/pg_batch.py; the nodes' lts_store_batches_total);
+the others went statement by statement.
 """
 
 from __future__ import annotations
@@ -47,6 +72,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -68,6 +94,7 @@ sys.path.insert(0, str(HERE.parent.parent / "tests"))
 
 import pg  # noqa: E402  (tests/pg.py: a throwaway PostgreSQL server)
 from common import (  # noqa: E402
+    TICK_US,
     bound_to,
     cpu_us,
     device_item,
@@ -78,20 +105,24 @@ from common import (  # noqa: E402
     write_config,
 )
 
-from lts_server.store.postgres import WRITE_LOCK  # noqa: E402
-
 SAMPLE_SECONDS = 0.01
+# The cluster-wide write lock every commit took before issue 24 (the baseline's store/postgres.py).
+OLD_WRITE_LOCK = 0x6C7473_0002
 # pg_locks shows a bigint advisory key as classid (high 32 bits) and objid (low 32 bits), objsubid 1.
 LOCK_SAMPLE = (
-    "SELECT count(*) FILTER (WHERE granted), count(*) FILTER (WHERE NOT granted) FROM pg_locks"
-    f" WHERE locktype = 'advisory' AND classid = {WRITE_LOCK >> 32} AND objid = {WRITE_LOCK & 0xFFFFFFFF}"
-    " AND objsubid = 1"
+    "SELECT count(*) FILTER (WHERE granted AND locktype = 'advisory'"
+    f" AND classid = {OLD_WRITE_LOCK >> 32} AND objid = {OLD_WRITE_LOCK & 0xFFFFFFFF} AND objsubid = 1),"
+    " count(*) FILTER (WHERE NOT granted AND locktype = 'advisory'),"
+    " count(*) FILTER (WHERE NOT granted AND locktype <> 'advisory') FROM pg_locks"
 )
+# The licenses of mode `items`: I000 ... I099, one item each (and its default code).
+ITEMS = 100
 WARM_BODY = (b'{"handshakeCode":"216998-BENCH","clientUuid":"warm-%d","product":"barcode-reader",'
              b'"deploymentType":"browser"}')
 SEATED_BODY = (b'{"handshakeCode":"216998-BENCH","clientUuid":"seated-%d","product":"barcode-reader",'
                b'"deploymentType":"browser"}')
-MODES = ("new", "refresh")
+MODES = ("new", "refresh", "items")
+SCRIPTS = {"new": "handshake.lua", "refresh": "refresh.lua", "items": "items.lua"}
 
 
 @dataclass
@@ -100,7 +131,7 @@ class Target:
     ports: list[int]
     procs: list[subprocess.Popen[bytes]]
     script: Path
-    mode: str = "new"  # new | refresh; the bare endpoint is in both tables
+    mode: str = "new"  # new | refresh | items; the bare endpoint is in every table
     url: str | None = None  # the PostgreSQL database
     conn: asyncpg.Connection | None = None  # the bench's own connection to it
     sqlite: Path | None = None
@@ -136,16 +167,87 @@ async def run_wrk(target: Target, duration: int, connections: int, devices: int 
             "non2xx": sum(r["non2xx"] for r in runs), "errors": sum(r["errors"] for r in runs)}
 
 
-async def sample_lock(conn: asyncpg.Connection, until: float) -> tuple[int, int, int]:
-    """(samples, samples with the write lock held, waiters summed over the samples)."""
-    samples = held = waiting = 0
+async def sample_lock(conn: asyncpg.Connection, until: float, backends: Backends | None = None
+                      ) -> tuple[int, int, int, int]:
+    """(samples, samples with the old write lock held, advisory lock waits and other lock waits summed
+    over the samples); every tenth sample also notes the target's PostgreSQL backends' CPU."""
+    samples = held = advisory = other = 0
     while time.monotonic() < until:
-        granted, waiters = await conn.fetchrow(LOCK_SAMPLE)
+        granted, adv, rows = await conn.fetchrow(LOCK_SAMPLE)
         samples += 1
         held += granted > 0
-        waiting += waiters
+        advisory += adv
+        other += rows
+        if backends is not None and samples % 10 == 0:
+            await backends.note()
         await asyncio.sleep(SAMPLE_SECONDS)
-    return samples, held, waiting
+    return samples, held, advisory, other
+
+
+def own_cpu_us(pid: int) -> float | None:
+    """A process's own CPU (utime + stime), or None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) * TICK_US
+
+
+class Backends:
+    """The CPU of the PostgreSQL processes working for one target: its database's backends (its nodes'
+    connections, autovacuum on it) and the server's WAL writer, checkpointer and background writer.
+    Other targets' databases are left out: their rollups and followers go on while this one is measured."""
+
+    SQL = ("SELECT pid FROM pg_stat_activity WHERE datname = $1 OR backend_type IN"
+           " ('walwriter', 'checkpointer', 'background writer')")
+
+    def __init__(self, probe: asyncpg.Connection, database: str) -> None:
+        self.probe, self.database = probe, database
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+
+    async def note(self, start: bool = False) -> None:
+        for (pid,) in await self.probe.fetch(self.SQL, self.database):
+            used = own_cpu_us(pid)
+            if used is None:
+                continue
+            if start:
+                self.first[pid] = used
+            self.last[pid] = used
+
+    def used_us(self) -> float:
+        """CPU since the start: of processes there then, what they used since; of later ones, all."""
+        return sum(last - self.first.get(pid, 0.0) for pid, last in self.last.items())
+
+
+async def rollup_lag(target: Target) -> int:
+    """Events the target's rollups have yet to fold (this tree keeps a (tx, seq) position, older ones seq)."""
+    kinds = "type IN ('handshake', 'usage.record')"
+    if target.sqlite:
+        con = sqlite3.connect(f"file:{target.sqlite}?mode=ro", uri=True)
+        try:
+            return con.execute(f"SELECT COUNT(*) FROM events WHERE seq > (SELECT last_seq FROM rollup_state)"
+                               f" AND {kinds}").fetchone()[0]
+        finally:
+            con.close()
+    assert target.conn is not None
+    # The position as parameters: compared with a subquery's row, (tx, seq) could not use the index.
+    try:
+        tx, seq = await target.conn.fetchrow("SELECT last_tx, last_seq FROM rollup_state")
+    except asyncpg.UndefinedColumnError:
+        seq = await target.conn.fetchval("SELECT last_seq FROM rollup_state")
+        return await target.conn.fetchval(f"SELECT COUNT(*) FROM events WHERE seq > $1 AND {kinds}", seq)
+    return await target.conn.fetchval(f"SELECT COUNT(*) FROM events WHERE (tx, seq) > ($1, $2) AND {kinds}", tx, seq)
+
+
+async def settle(target: Target, most: float = 20.0) -> None:
+    """Wait until the target's statistics rollups have folded the round's events (or `most` seconds), so
+    their CPU counts for the round's grants, and the next target's round does not pay it."""
+    if target.sqlite is None and target.conn is None:  # the bare endpoint
+        return
+    deadline = time.monotonic() + most
+    while time.monotonic() < deadline and await rollup_lag(target) > 0:
+        await asyncio.sleep(0.2)
 
 
 async def round_trip_us(conn: asyncpg.Connection, count: int = 1000) -> float:
@@ -166,41 +268,75 @@ async def round_trip_us(conn: asyncpg.Connection, count: int = 1000) -> float:
     return statistics.median(times) * 1e6
 
 
+def store_batches(target: Target) -> dict[str, float]:
+    """Ledger commits per path (lts_store_batches_total) so far, summed over the target's daemons."""
+    total: dict[str, float] = {}
+    for port in target.ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for path, n in re.findall(r'^lts_store_batches_total\{path="(\w+)"\} ([\d.e+]+)$', text, re.MULTILINE):
+            total[path] = total.get(path, 0) + float(n)
+    return total
+
+
 DB_STATS = ("SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()),"
             " SUM(seq_scan), SUM(seq_tup_read), SUM(idx_scan) FROM pg_stat_user_tables")
 
 
-async def measure(target: Target, duration: int, connections: int, devices: int, server: pg.PgServer | None,
-                  probe: asyncpg.Connection | None, probe_pid: int) -> None:
+async def measure(target: Target, duration: int, connections: int, devices: int,
+                  probe: asyncpg.Connection | None) -> None:
     if target.conn:
         # The tables grow fast here: planner statistics as autovacuum would keep them on a running
         # database (with those of a younger table, PostgreSQL scans whole tables to follow the others).
         await target.conn.execute("ANALYZE")
     daemon_pids = [p.pid for p in target.procs]
-    postmaster = int((server.folder / "data" / "postmaster.pid").read_text().split()[0]) if server else 0
+    await settle(target)  # what came before (warm-up, the previous round) is not this round's
+    backends = Backends(probe, target.url.rsplit("/", 1)[1]) if probe and target.url else None
+    if backends is not None:
+        await backends.note(start=True)
+    d0 = cpu_us(daemon_pids)
     writer = writer_pids(daemon_pids)
-    d0, pg0, probe0 = cpu_us(daemon_pids), cpu_us([postmaster]) if server else 0.0, cpu_us([probe_pid])
     w0 = cpu_us(writer)
     last_seq = await target.conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM events") if target.conn else 0
+    paths0 = store_batches(target) if target.conn else {}
     stats0 = await target.conn.fetchrow(DB_STATS) if target.conn else None
     sampler = None
     if probe and target.conn:
-        sampler = asyncio.create_task(sample_lock(probe, time.monotonic() + duration))
+        sampler = asyncio.create_task(sample_lock(probe, time.monotonic() + duration, backends))
     result = await run_wrk(target, duration, connections, devices)
-    samples, held, waiting = await sampler if sampler else (0, 0, 0)
-    d1, pg1, probe1 = cpu_us(daemon_pids), cpu_us([postmaster]) if server else 0.0, cpu_us([probe_pid])
-    w1 = cpu_us(writer)
+    samples, held, advisory, other = await sampler if sampler else (0, 0, 0, 0)
+    d_round = cpu_us(daemon_pids)
+    w_round = cpu_us(writer)
+    if backends is not None:
+        await backends.note()
+    pg_round = backends.used_us() if backends is not None else 0.0
+    await settle(target)  # the round's rollups: part of what its grants cost
+    if backends is not None:
+        await backends.note()
+    d1 = cpu_us(daemon_pids)
     granted = max(1, result["requests"] - result["non2xx"])
     result["daemon_us"] = (d1 - d0) / granted
-    result["writer_us"] = (w1 - w0) / granted if writer else 0.0
-    result["pg_us"] = ((pg1 - pg0) - (probe1 - probe0)) / granted if target.url else 0.0
+    # While wrk ran only: the grants' own path, without the tail of their statistics rollups.
+    result["writer_us"] = (w_round - w0) / granted if writer else 0.0
+    result["daemon_round_us"] = (d_round - d0) / granted
+    result["pg_round_us"] = pg_round / granted
+    # The CPU each daemon (node) got during the round, in cores: under --node-cpu, well below the cap means
+    # the machine (other processes, PostgreSQL, wrk) was the limit, not the cap.
+    result["node_cores"] = (d_round - d0) / 1e6 / duration / len(target.procs)
+    result["pg_us"] = backends.used_us() / granted if backends is not None else 0.0
     if target.conn:
         # Each write transaction's rows share its xmin: distinct xmins count the commits of the round.
         commits = await target.conn.fetchval("SELECT COUNT(DISTINCT xmin::text) FROM events WHERE seq > $1",
                                              last_seq)
         result["lock_held"] = held / samples if samples else 0.0
-        result["lock_waiters"] = waiting / samples if samples else 0.0
+        result["advisory_waits"] = advisory / samples if samples else 0.0
+        result["other_waits"] = other / samples if samples else 0.0
         result["grants_per_commit"] = granted / max(1, commits)
+        # Batches written as one statement (store/pg_batch.py) among the nodes' commits; the others went
+        # statement by statement (store/sql.py write_batch). 0 for a tree without the counter.
+        paths1 = store_batches(target)
+        sent = {path: paths1.get(path, 0) - paths0.get(path, 0) for path in paths1}
+        result["one_statement"] = sent.get("one_statement", 0) / max(1, sum(sent.values()))
         result["lock_ms_per_commit"] = result["lock_held"] * duration * 1000 / max(1, commits)
         # Backends report these at most once a second: ~10% off over a 10 s round.
         await target.conn.execute("SELECT pg_stat_clear_snapshot()")
@@ -255,23 +391,116 @@ async def seat(port: int, devices: int) -> None:
         await asyncio.gather(*(one(i) for i in range(devices)))
 
 
-def start_daemon(folder: Path, pub: Path, lic: bytes | None, url: str | None = None,
-                 workers: int = 1, tree: Path | None = None,
+class CpuCap:
+    """A cgroup per capped daemon: F of one core for its processes (cgroup v1 cpu controller, or v2)."""
+
+    V1 = Path("/sys/fs/cgroup/cpu")
+    V2 = Path("/sys/fs/cgroup")
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+        self.groups: list[Path] = []
+        self.v1 = (self.V1 / "cpu.cfs_quota_us").exists()
+        if not self.v1 and not (self.V2 / "cgroup.controllers").exists():
+            raise SystemExit("--node-cpu: no cgroup cpu controller (v1 /sys/fs/cgroup/cpu or v2 /sys/fs/cgroup)")
+
+    def group(self, name: str) -> Path:
+        root = self.V1 if self.v1 else self.V2
+        path = root / f"lts-bench-{os.getpid()}-{len(self.groups)}-{re.sub(r'[^a-z0-9]+', '-', name)}"
+        path.mkdir()
+        period = 100_000
+        if self.v1:
+            (path / "cpu.cfs_period_us").write_text(str(period))
+            (path / "cpu.cfs_quota_us").write_text(str(int(self.fraction * period)))
+        else:
+            (path / "cpu.max").write_text(f"{int(self.fraction * period)} {period}")
+        self.groups.append(path)
+        return path
+
+    def remove(self) -> None:
+        for path in self.groups:
+            for _ in range(50):  # the daemons have exited; the kernel may need a moment to empty it
+                try:
+                    path.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+def start_daemon(folder: Path, pub: Path, lics: list[bytes], url: str | None = None, workers: int = 1,
+                 tree: Path | None = None, cap: CpuCap | None = None,
                  key: Any = None) -> tuple[subprocess.Popen[bytes], int]:
-    """A daemon on a free port; with `tree`, lts_server imported from that source tree instead of this one.
-    With the vendor `key` (this tree only), the license is issued bound to the daemon's identity key, so
-    every answer carries the vendor's binding."""
+    """A daemon on a free port; with `tree`, lts_server imported from that source tree instead of this one;
+    with `cap`, in a cgroup of its own (its workers too) from its first instruction. With the vendor `key`
+    (this tree only), the first license is issued bound to the daemon's identity key, so every answer
+    carries the vendor's binding."""
     port = free_port()
     cfg = write_config(folder, pub, port, url=url, workers=workers)
-    if lic and key is not None and tree is None:
-        lic = license_file(key, "BENCH", [device_item("BENCH-1", 50_000_000)], **bound_to(folder / "state"))
-    if lic:
-        (folder / "import" / "bench.lic").write_bytes(lic)
+    if lics and key is not None and tree is None:
+        lics = [license_file(key, "BENCH", [device_item("BENCH-1", 50_000_000)], **bound_to(folder / "state")),
+                *lics[1:]]
+    for n, lic in enumerate(lics):
+        (folder / "import" / f"bench{n}.lic").write_bytes(lic)
     env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None
+    procs = cap.group(folder.name) / "cgroup.procs" if cap else None
+
+    def enter_group() -> None:
+        if procs is not None:
+            procs.write_text(str(os.getpid()))
+
+    # `python -m` puts the working directory first on sys.path: run from the tree, or a checkout's
+    # lts_server (this one's, when the bench runs from it) would shadow PYTHONPATH's.
     proc = subprocess.Popen([sys.executable, "-m", "lts_server", "--config", str(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=str(tree) if tree else None, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, preexec_fn=enter_group)
     wait_listening(port, proc)
     return proc, port
+
+
+def start_proxy(target_port: int, delay_ms: float) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(HERE.parent / "pgproxy.py"), str(port), str(target_port),
+                             str(delay_ms)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != b"ready":
+        raise SystemExit("bench/pgproxy.py did not start")
+    return proc, port
+
+
+async def track_statements(server: pg.PgServer) -> None:
+    """Restart the server with pg_stat_statements loaded, tracking statements inside functions too."""
+    conn = await asyncpg.connect(server.url())
+    try:
+        await conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+    finally:
+        await conn.close()
+    server.halt()
+    server.launch()
+    conn = await asyncpg.connect(server.url())
+    try:
+        await conn.execute("CREATE EXTENSION pg_stat_statements")
+        await conn.execute("ALTER SYSTEM SET pg_stat_statements.track = 'all'")
+        await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()
+
+
+STATEMENTS = (
+    "SELECT calls, total_exec_time, regexp_replace(query, '\\s+', ' ', 'g') FROM pg_stat_statements"
+    " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1) ORDER BY total_exec_time DESC LIMIT 12"
+)
+
+
+async def top_statements(probe: asyncpg.Connection, targets: list[Target], grants: dict[str, int]) -> None:
+    """Per PostgreSQL target, where its database's time went (pg_stat_statements: execution wall time, the
+    statements inside functions counted on their own as well as in the call), per granted handshake."""
+    for t in targets:
+        if t.conn is None:
+            continue
+        name = t.url.rsplit("/", 1)[1]
+        print(f"  {t.name}: statements by execution time, us per granted handshake (calls per grant):")
+        for calls, total, text in await probe.fetch(STATEMENTS, name):
+            print(f"    {total * 1000 / grants[t.name]:8.1f} ({calls / grants[t.name]:6.3f})  {text[:150]}")
 
 
 async def count_durable(target: Target) -> tuple[int, int]:
@@ -291,30 +520,54 @@ def writer_col(us: float) -> str:
     return f"{us:10.0f}" if us else f"{'-':>10}"
 
 
+def base_name(name: str) -> tuple[str, str]:
+    """("pg nodes=2 base") -> ("pg nodes=2", " base")."""
+    return (name[:-5], " base") if name.endswith(" base") else (name, "")
+
+
 def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, tuple[int, int]],
-           rtt: list[float]) -> None:
+           rtt: dict[str, list[float]]) -> None:
     def med(t: Target, key: str) -> float:
         return statistics.median(r[key] for r in t.rounds)
 
     bare = med(targets[0], "rps")
+    cap = f"each lts-server daemon capped at {args.node_cpu:g} of a core" if args.node_cpu else "no CPU caps"
     print(f"wrk -c{args.connections} -d{args.duration}s, {args.rounds} alternating rounds, medians; PostgreSQL fsync"
-          f" {args.fsync};"
-          " CPU microseconds per granted handshake (per request for bare):")
+          f" {args.fsync}; {cap}; CPU microseconds per granted handshake (per request for bare):")
     width = max(len(t.name) for t in targets)
     for mode in args.modes.split(","):
-        print(f"  mode {mode}: " + ("every request a new device claiming a seat" if mode == "new" else
-                                    f"{args.devices} seated devices asking again, each refreshing its seat"))
-        print(f"  {'target':{width}} {'req/s':>7} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8}"
-              f" {'daemon us':>10} {'writer us':>10} {'pg us':>7} {'lock held':>10} {'waiters':>8} {'grants/commit':>14}"
-              f" {'lock ms/commit':>15}")
+        print(f"  mode {mode}: " + {
+            "new": "every request a new device claiming a seat on one item",
+            "items": f"every request a new device claiming a seat, spread over {ITEMS} items",
+            "refresh": f"{args.devices} seated devices asking again, each refreshing its seat"}[mode])
+        print(f"  {'target':{width}} {'req/s':>7} {'ratio':>6} {'x 1 node':>8} {'p50 ms':>7} {'p99 ms':>7}"
+              f" {'non-2xx':>8} {'daemon us':>10} {'(round)':>8} {'writer us':>10} {'cores/node':>10} {'pg us':>7} {'(round)':>8}"
+              f" {'old lock':>9} {'adv waits':>9} {'row waits':>9} {'grants/commit':>14} {'lock ms/commit':>15}"
+              f" {'1 statement':>12}")
+        ones = {base_name(t.name)[1]: med(t, "rps") for t in targets
+                if t.mode == mode and base_name(t.name)[0] == "pg nodes=1"}
         for t in targets:
             if t.name != "bare" and t.mode != mode:
                 continue
-            pg_cols = (f" {med(t, 'pg_us'):7.0f} {med(t, 'lock_held'):10.0%} {med(t, 'lock_waiters'):8.2f}"
-                       f" {med(t, 'grants_per_commit'):14.1f} {med(t, 'lock_ms_per_commit'):15.2f}" if t.conn else "")
-            print(f"  {t.name:{width}} {med(t, 'rps'):7.0f} {med(t, 'rps') / bare:6.2f} {med(t, 'p50'):7.2f}"
+            name, suffix = base_name(t.name)
+            scale = (f"{med(t, 'rps') / ones[suffix]:8.2f}" if name.startswith("pg nodes=") and suffix in ones
+                     else " " * 8)
+            pg_cols = (f" {med(t, 'pg_us'):7.0f} {med(t, 'pg_round_us'):8.0f} {med(t, 'lock_held'):9.0%}"
+                       f" {med(t, 'advisory_waits'):9.2f}"
+                       f" {med(t, 'other_waits'):9.2f} {med(t, 'grants_per_commit'):14.1f}"
+                       f" {med(t, 'lock_ms_per_commit'):15.2f} {med(t, 'one_statement'):12.0%}" if t.conn else "")
+            print(f"  {t.name:{width}} {med(t, 'rps'):7.0f} {med(t, 'rps') / bare:6.2f} {scale} {med(t, 'p50'):7.2f}"
                   f" {med(t, 'p99'):7.2f} {sum(r['non2xx'] + r['errors'] for r in t.rounds):8d}"
-                  f" {med(t, 'daemon_us'):10.0f} {writer_col(med(t, 'writer_us'))}" + pg_cols)
+                  f" {med(t, 'daemon_us'):10.0f} {med(t, 'daemon_round_us'):8.0f} {writer_col(med(t, 'writer_us'))}"
+                  f" {med(t, 'node_cores'):10.2f}"
+                  + pg_cols)
+        sqlite = {base_name(t.name)[1]: med(t, "daemon_us") for t in targets
+                  if t.mode == mode and base_name(t.name)[0] == "sqlite w=1"}
+        for t in targets:
+            name, suffix = base_name(t.name)
+            if t.mode == mode and t.conn and suffix in sqlite:
+                print(f"    {t.name}: daemon CPU per grant {med(t, 'daemon_us') / sqlite[suffix]:.2f} x the SQLite"
+                      f" daemon's{suffix}; PostgreSQL CPU per grant {med(t, 'pg_us'):.0f} us")
     if any(t.conn for t in targets):
         print("  per granted handshake in its PostgreSQL database: transactions (every node's, reads included),"
               " whole-table scans, rows those read, index scans:")
@@ -322,9 +575,9 @@ def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, t
         if t.conn:
             print(f"    {t.name + ' ' + t.mode:{width + 8}} {med(t, 'xacts'):6.2f} {med(t, 'seq_scans'):7.3f}"
                   f" {med(t, 'seq_rows'):8.1f} {med(t, 'idx_scans'):7.1f}")
-    if rtt:
-        print(f"  one statement's round trip to PostgreSQL inside a transaction (median of 1000, before and after"
-              f" the rounds): {rtt[0]:.0f} us, {rtt[1]:.0f} us")
+    for path, (before, after) in rtt.items():
+        print(f"  one statement's round trip to PostgreSQL inside a transaction, {path} (median of 1000, before and"
+              f" after the rounds): {before:.0f} us, {after:.0f} us")
     for name, (seats, events) in durable.items():
         # Answers wrk counted as 2xx; every one must have its event (a request cut off at a round's end may
         # have committed without being counted, so the events can only be more).
@@ -338,7 +591,9 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
     stores = args.stores.split(",")
     modes = args.modes.split(",")
     key, pub = vendor_key(folder / "vendor")
-    lic = license_file(key, "BENCH", [device_item("BENCH-1", 50_000_000)])
+    lics = [license_file(key, "BENCH", [device_item("BENCH-1", 50_000_000)])]
+    if "items" in modes:
+        lics += [license_file(key, f"I{n:03d}", [device_item(f"I{n:03d}-1", 50_000_000)]) for n in range(ITEMS)]
     bare_port = free_port()
     bare = subprocess.Popen([sys.executable, str(HERE / "bare.py"), str(bare_port), "600"])
     wait_listening(bare_port, bare)
@@ -346,30 +601,47 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
     # One daemon (or set of nodes) per target name; each is measured in every mode (a Target per mode).
     daemons: list[Target] = []
     server = pg.start(fsync=args.fsync == "on") if "postgresql" in stores else None
+    cap = CpuCap(args.node_cpu) if args.node_cpu else None
+    proxies: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     probe = None
     trees: list[tuple[str, Path | None]] = [("", None)]
     if args.baseline:
         trees.append((" base", Path(args.baseline).resolve()))
+    workers_list = [int(w) for w in args.workers.split(",") if int(w) > 0]
+    nodes_list = [int(n) for n in args.nodes.split(",") if int(n) > 0]
     try:
+        if server and args.statements:
+            await track_statements(server)
+        if server and args.latency_ms:
+            proxies = {"through the proxy": start_proxy(server.port, 0),
+                       f"through the proxy +{args.latency_ms:g} ms": start_proxy(server.port, args.latency_ms)}
         for suffix, tree in trees:
             tag = suffix.strip()
             if "sqlite" in stores:
-                for workers in (int(w) for w in args.workers.split(",")):
+                for workers in workers_list or [1]:  # --workers 0 (no PostgreSQL workers): the one-process daemon
                     where = folder / f"sqlite-w{workers}{tag}"
-                    proc, port = start_daemon(where, pub, lic, workers=workers, tree=tree, key=key)
-                    daemons.append(Target(f"sqlite w={workers}{suffix}", [port], [proc], HERE / "handshake.lua",
+                    proc, port = start_daemon(where, pub, lics, workers=workers, tree=tree, cap=cap, key=key)
+                    daemons.append(Target(f"sqlite w={workers}{suffix}", [port], [proc], HERE / SCRIPTS["new"],
                                           sqlite=where / "state" / "lts-server.sqlite3"))
             if server:
-                for workers in (int(w) for w in args.workers.split(",")):
+                for workers in workers_list:
                     url = await server.new_database()
-                    proc, port = start_daemon(folder / f"w{workers}{tag}", pub, lic, url, workers, tree=tree, key=key)
-                    daemons.append(Target(f"pg w={workers}{suffix}", [port], [proc], HERE / "handshake.lua", url=url))
-                if args.nodes > 1:
+                    proc, port = start_daemon(folder / f"w{workers}{tag}", pub, lics, url, workers, tree=tree,
+                                              cap=cap, key=key)
+                    daemons.append(Target(f"pg w={workers}{suffix}", [port], [proc], HERE / SCRIPTS["new"], url=url))
+                for count in nodes_list:
                     url = await server.new_database()
-                    nodes = [start_daemon(folder / f"n{i}{tag}", pub, lic if i == 0 else None, url, tree=tree, key=key)
-                             for i in range(args.nodes)]
-                    daemons.append(Target(f"pg nodes={args.nodes}{suffix}", [p for _, p in nodes],
-                                          [d for d, _ in nodes], HERE / "handshake.lua", url=url))
+                    nodes = [start_daemon(folder / f"n{count}-{i}{tag}", pub, lics if i == 0 else [], url, tree=tree,
+                                          cap=cap, key=key) for i in range(count)]
+                    daemons.append(Target(f"pg nodes={count}{suffix}", [p for _, p in nodes],
+                                          [d for d, _ in nodes], HERE / SCRIPTS["new"], url=url))
+                for label, (_, proxy_port) in proxies.items():
+                    url = await server.new_database()
+                    name = "pg proxy" if label == "through the proxy" else f"pg +{args.latency_ms:g}ms"
+                    via = url.replace(f":{server.port}/", f":{proxy_port}/")
+                    proc, port = start_daemon(folder / f"{name.replace(' ', '-')}{tag}", pub, lics, via, tree=tree,
+                                              cap=cap, key=key)
+                    daemons.append(Target(f"{name}{suffix}", [port], [proc], HERE / SCRIPTS["new"], url=url))
         if server:
             probe = await asyncpg.connect(server.url())
             for t in daemons:
@@ -382,16 +654,24 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
             if "refresh" in modes:
                 await seat(t.ports[0], args.devices)
         for mode in modes:
-            script = HERE / ("handshake.lua" if mode == "new" else "refresh.lua")
-            targets += [Target(t.name, t.ports, t.procs, script, mode, t.url, t.conn, t.sqlite) for t in daemons]
-        probe_pid = await probe.fetchval("SELECT pg_backend_pid()") if probe else 0
-        rtt = [await round_trip_us(probe)] if probe else []
+            targets += [Target(t.name, t.ports, t.procs, HERE / SCRIPTS[mode], mode, t.url, t.conn, t.sqlite)
+                        for t in daemons]
+        paths: dict[str, asyncpg.Connection] = {"direct": probe} if probe else {}
+        for label, (_, proxy_port) in proxies.items():
+            paths[label] = await asyncpg.connect(server.url().replace(f":{server.port}/", f":{proxy_port}/"))
+        rtt = {label: [await round_trip_us(conn)] for label, conn in paths.items()}
         for _ in range(args.rounds):
             for t in targets:
-                await measure(t, args.duration, args.connections, args.devices, server, probe, probe_pid)
-        if probe:
-            rtt.append(await round_trip_us(probe))
+                await measure(t, args.duration, args.connections, args.devices, probe)
+        for label, conn in paths.items():
+            rtt[label].append(await round_trip_us(conn))
+            if conn is not probe:
+                await conn.close()
         durable = {t.name: await count_durable(t) for t in daemons}
+        if probe and args.statements:
+            grants = {t.name: sum(int(r["requests"] - r["non2xx"]) for u in targets if u.name == t.name
+                                  for r in u.rounds) or 1 for t in daemons}
+            await top_statements(probe, daemons, grants)
     finally:
         for t in daemons:
             if t.conn:
@@ -404,6 +684,11 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
         for t in [targets[0], *daemons]:
             for proc in t.procs:
                 proc.wait(30)
+        for proc, _ in proxies.values():
+            proc.terminate()
+            proc.wait(10)
+        if cap:
+            cap.remove()
         if server:
             server.stop()
     report(args, targets, durable, rtt)
@@ -415,21 +700,37 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
             print(f"  {t.name}: statistics rollups trailing the event log at shutdown: {lag} events")
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--stores", default="sqlite", help="comma-separated: sqlite, postgresql")
-    p.add_argument("--workers", default="1,2", help="one daemon per count and store, with server.workers = N")
-    p.add_argument("--nodes", type=int, default=2, help="PostgreSQL: N separate daemons on one database (0: none)")
-    p.add_argument("--modes", default=",".join(MODES),
-                   help="comma-separated: new (every request a new device), refresh (seated devices asking again)")
+    p.add_argument("--workers", default="1,2", help="one daemon per count and store, with server.workers = N"
+                                                    " (0: none for PostgreSQL)")
+    p.add_argument("--nodes", default="2", help="PostgreSQL: per count N, N separate daemons on one database"
+                                                " (comma-separated; 0: none)")
+    p.add_argument("--modes", default="new,refresh",
+                   help="comma-separated: new (every request a new device), items (new devices over 100 items),"
+                        " refresh (seated devices asking again)")
     p.add_argument("--devices", type=int, default=5000, help="refresh mode: how many seated devices ask again")
     p.add_argument("--baseline", help="a source tree to run every lts-server target from a second time, side by side")
     p.add_argument("--fsync", choices=("on", "off"), default="on",
                    help="PostgreSQL's fsync; off shows what the disk's flushes cost (not durable)")
+    p.add_argument("--node-cpu", type=float, default=0.0,
+                   help="cap each lts-server daemon at this share of one core (a cgroup each; needs root)")
+    p.add_argument("--statements", action="store_true",
+                   help="PostgreSQL: load pg_stat_statements and print where each database's time went")
+    p.add_argument("--latency-ms", type=float, default=0.0,
+                   help="add one-node targets whose PostgreSQL connections go through a proxy: without delay, and"
+                        " with this many milliseconds added to every round trip")
     args = p.parse_args()
+    # A SIGTERM (timeout, kill) runs the clean-up too: daemons, the PostgreSQL server, the cgroups.
+    signal.signal(signal.SIGTERM, _interrupt)
     if set(args.modes.split(",")) - set(MODES):
         raise SystemExit(f"--modes: each of {', '.join(MODES)}")
     if shutil.which("wrk") is None:

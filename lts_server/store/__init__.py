@@ -99,6 +99,9 @@ class SeatChange:
     # claim takes one of the code's reserved seats (core/reservations.py).
     limited: bool = False
     reserved: bool = False
+    # CLAIM only, on a cluster: the claim may take a seat of a seat lease (store/sql_leases.py): its item
+    # has no code's reservation or cap and no request waiting for it.
+    leasable: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,16 @@ class StoredEvent:
 
 
 @dataclass(frozen=True)
+class Change:
+    """An event another node of a cluster wrote, as far as following it needs: what it names."""
+
+    type: str
+    item_id: str | None
+    client_uuid: str | None
+    report_id: str | None = None  # usage.report: the report counted
+
+
+@dataclass(frozen=True)
 class ImportRecord:
     path: str
     sha256: str
@@ -214,7 +227,7 @@ class RollupRow:
 @dataclass(frozen=True)
 class RollupResult:
     processed: int
-    last_seq: int
+    last_seq: int  # the highest event number the rollups have read past
     # Device- or instance-slices beyond the quantity added per concurrent item.
     overuse: dict[str, int]
 
@@ -285,8 +298,9 @@ class WriteBatch:
         return [(job, part) for job, part in found if part]
 
     def claim(self, seat: Seat, limit: int, exclusive_of: tuple[str, ...] = (), limited: bool = False,
-              reserved: bool = False) -> None:
-        self.seat_changes.append(SeatChange(SeatOp.CLAIM, seat, limit, self.job, exclusive_of, limited, reserved))
+              reserved: bool = False, leasable: bool = False) -> None:
+        self.seat_changes.append(SeatChange(SeatOp.CLAIM, seat, limit, self.job, exclusive_of, limited, reserved,
+                                            leasable))
 
     def refresh(self, seat: Seat) -> None:
         self.seat_changes.append(SeatChange(SeatOp.REFRESH, seat, job=self.job))

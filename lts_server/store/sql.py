@@ -47,7 +47,7 @@ from lts_server.core.usage import (
     overuse_delta,
     tolerance,
 )
-from lts_server.store import sql_offline
+from lts_server.store import sql_leases, sql_offline
 from lts_server.store import (
     AuthorizationRecord,
     Conflict,
@@ -90,6 +90,47 @@ class Many:
 
 Statement = Query | Exec | Many
 Procedure = Generator[Statement, Any, T]
+# A place in the event log: (tx, seq) of the last event read (see LogOrder).
+Position = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class LogOrder:
+    """How a store's event log is read so that every reader sees each event once, in one order.
+
+    SQLite has one writer: sequence numbers commit in order and `seq` is the
+    order (`tx` is always 0). A PostgreSQL cluster commits in parallel, so a
+    number can commit after a larger one; there the log is read in (tx, seq)
+    order (tx: the writing transaction's xid8) and only below the horizon,
+    the oldest transaction still in flight: events of older transactions can
+    no longer appear, so a reader that has passed a point never finds an
+    event behind it. Each node writes its transactions one after another, so
+    its own events keep their order in both (its usage chain follows them).
+    """
+
+    horizon: str  # SQL for the horizon: events with tx below it are final
+    sequential: bool  # True: seq alone orders the log (one writer)
+
+    @property
+    def after(self) -> str:
+        """A WHERE clause: after the position given by after_params."""
+        return "seq > ?" if self.sequential else "(tx, seq) > (?, ?)"
+
+    @property
+    def order(self) -> str:
+        return "seq" if self.sequential else "tx, seq"
+
+    def after_params(self, position: Position) -> tuple[int, ...]:
+        return (position[1],) if self.sequential else position
+
+    def end(self, horizon: int) -> Procedure[Position]:
+        """The position after every event below `horizon`."""
+        if not self.sequential:
+            return horizon, 0
+        return 0, (yield Query("SELECT COALESCE(MAX(seq), 0) FROM events"))[0][0]
+
+
+SEQUENTIAL = LogOrder(horizon="1", sequential=True)
 
 AUTHORIZATION_COLUMNS = "code, client_uuid, item_id, instances, granted_ms, expires_ms"
 EVENT_COLUMNS = "seq, at_ms, type, code, item_id, client_uuid, product, deployment_type, result, detail, units, instances"
@@ -121,7 +162,9 @@ def _status(row: tuple[Any, ...]) -> ItemStatus:
 ITEM_COLUMNS = ("item_id, license_id, organization_id, product, edition, deployment_type, license_type, quantity,"
                 " period, domain, starts_at, expires_at, borrow_max_days, versions")
 SEAT_COLUMNS = "item_id, client_uuid, granted_ms, refreshed_ms, expires_ms, code, borrowed_until_ms"
-STATUS_COLUMNS = "revoked, seats_used, units_used, overuse_used, overused"
+# seats_used counts seats leased to nodes of a cluster too (store/sql_leases.py): the seats held are the rest.
+STATUS_COLUMNS = ("revoked, seats_used - COALESCE((SELECT SUM(l.seats) FROM seat_leases l"
+                  " WHERE l.item_id = items.item_id), 0), units_used, overuse_used, overused")
 
 
 def load_snapshot(per_slice_types: tuple[str, ...], now_ms: int) -> Procedure[Snapshot]:
@@ -275,9 +318,11 @@ def _authorization(row: tuple[Any, ...]) -> AuthorizationRecord:
 # -- writing ----------------------------------------------------------------------------------------
 
 
-def write_batch(b: WriteBatch, chain: usagechain.Head | None = None) -> Procedure[usagechain.Head | None]:
+def write_batch(b: WriteBatch, chain: usagechain.Head | None = None,
+                leasing: sql_leases.Leasing | None = None) -> Procedure[usagechain.Head | None]:
     """Every change of the batch, in one transaction (the caller's). With a chain, the events are linked onto
-    it and its head moves with them; returns the new head (the caller keeps it once the commit is done)."""
+    it and its head moves with them; returns the new head (the caller keeps it once the commit is done).
+    With `leasing` (a cluster node), leasable claims may use seat leases (store/sql_leases.py)."""
     if b.licenses:
         yield Many(
             "INSERT INTO licenses (license_id, alias, organization_id, license_text_version, status,"
@@ -332,7 +377,7 @@ def write_batch(b: WriteBatch, chain: usagechain.Head | None = None) -> Procedur
             (org, code_name),
         )
     for change in b.seat_changes:
-        yield from _seat_change(change)
+        yield from _seat_change(change, leasing)
     # After the seats: the limits count the seats the batch's claims and releases leave.
     for limits in b.code_limits:
         yield from sql_offline.write_code_limits(limits)
@@ -369,8 +414,7 @@ def write_batch(b: WriteBatch, chain: usagechain.Head | None = None) -> Procedur
     for extra in b.extras:
         yield from extra()
     if b.events:
-        rows = [(to_ms(e.at), e.type, e.code, e.item_id, e.client_uuid, e.product, e.deployment_type, e.result,
-                 _compact_json(e.detail) if e.detail else None, e.units, e.instances) for e in b.events]
+        rows = event_rows(b.events)
         if chain is None:
             yield Many("INSERT INTO events (at_ms, type, code, item_id, client_uuid, product, deployment_type, result,"
                        " detail, units, instances) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
@@ -381,7 +425,14 @@ def write_batch(b: WriteBatch, chain: usagechain.Head | None = None) -> Procedur
     return chain
 
 
-def _seat_change(change: SeatChange) -> Procedure[None]:
+def event_rows(events: list[Event]) -> list[tuple[Any, ...]]:
+    """Events as the rows the events table takes: at_ms, type, code, item_id, client_uuid, product,
+    deployment_type, result, detail, units, instances (usagechain.Row)."""
+    return [(to_ms(e.at), e.type, e.code, e.item_id, e.client_uuid, e.product, e.deployment_type, e.result,
+             _compact_json(e.detail) if e.detail else None, e.units, e.instances) for e in events]
+
+
+def _seat_change(change: SeatChange, leasing: sql_leases.Leasing | None = None) -> Procedure[None]:
     s = change.seat
     if change.op is SeatOp.CLAIM:
         # Conditional writes: the database itself refuses to count past the
@@ -400,9 +451,14 @@ def _seat_change(change: SeatChange) -> Procedure[None]:
                               " seats_reserved_unused = seats_reserved_unused - 1"
                               " WHERE item_id = ? AND seats_used < ? AND seats_reserved_unused > 0",
                               (s.item_id, change.limit))
+        elif leasing is not None and change.leasable:
+            room = yield from sql_leases.claim(change, leasing)
         else:  # other codes' unused reserved seats stay free
             room = yield Exec("UPDATE items SET seats_used = seats_used + 1"
                               " WHERE item_id = ? AND seats_used + seats_reserved_unused < ?", (s.item_id, change.limit))
+        if room != 1 and leasing is not None and not change.reserved:
+            # Full, but for seats other nodes leased and have not granted: every seat is granted before a refusal.
+            room = yield from sql_leases.take_leased(s.item_id)
         if room != 1:
             raise Conflict(f"item {s.item_id} has no room for another seat (limit {change.limit})", change.job)
         seated = yield Exec(
@@ -432,9 +488,21 @@ def _seat_change(change: SeatChange) -> Procedure[None]:
 # -- reading ------------------------------------------------------------------------------------------
 
 
-def events_page(query: EventQuery, after: int) -> Procedure[list[StoredEvent]]:
-    where: list[str] = ["seq > ?"]
-    params: list[Any] = [after]
+def log_horizon(log: LogOrder) -> Procedure[int]:
+    """The horizon now: every event with tx below it is committed or never will be."""
+    return (yield Query(f"SELECT {log.horizon}"))[0][0]
+
+
+def log_position(log: LogOrder) -> Procedure[Position]:
+    """The position after every final event: a reader starting there reads only what comes after."""
+    return (yield from log.end((yield from log_horizon(log))))
+
+
+def events_page(query: EventQuery, after: int, below_tx: int) -> Procedure[list[StoredEvent]]:
+    """A page of events in sequence order, of transactions below `below_tx` (a horizon taken once for a
+    whole export: those events are final, so paging by number over them misses none)."""
+    where: list[str] = ["seq > ?", "tx < ?"]
+    params: list[Any] = [after, below_tx]
     if query.start:
         where.append("at_ms >= ?")
         params.append(to_ms(query.start))
@@ -461,10 +529,16 @@ def report_seen(report_id: str) -> Procedure[bool]:
     return bool((yield Query("SELECT 1 FROM usage_reports WHERE report_id = ?", (report_id,))))
 
 
-def rollup_lag() -> Procedure[int]:
+def rollup_position() -> Procedure[Position]:
+    row = (yield Query("SELECT last_tx, last_seq FROM rollup_state WHERE id = 1"))[0]
+    return row[0], row[1]
+
+
+def rollup_lag(log: LogOrder) -> Procedure[int]:
     """Events written but not yet in the rollups."""
-    rows = yield Query("SELECT COALESCE(MAX(seq), 0) - (SELECT last_seq FROM rollup_state WHERE id = 1) FROM events")
-    return max(0, rows[0][0])
+    position = yield from rollup_position()
+    rows = yield Query(f"SELECT COUNT(*) FROM events WHERE {log.after}", log.after_params(position))
+    return rows[0][0]
 
 
 def rollups_at(scope: str, size: str, bucket_ms: int) -> Procedure[dict[str, RollupRow]]:
@@ -483,7 +557,7 @@ def rollup_series(scope: str, key: str, size: str, start_ms: int, end_ms: int) -
 
 # -- rollups ------------------------------------------------------------------------------------------
 
-ROLLUP_STATE = "SELECT last_seq, next_client, monthly_from_ms, conversion FROM rollup_state WHERE id = 1"
+ROLLUP_STATE = "SELECT last_tx, last_seq, next_client, monthly_from_ms, conversion FROM rollup_state WHERE id = 1"
 UPSERT_COUNTERS = (
     "INSERT INTO rollups (scope, key, size, bucket_ms, granted, refused, units, devices, instances)"
     " VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (scope, key, size, bucket_ms) DO UPDATE SET"
@@ -492,25 +566,34 @@ UPSERT_COUNTERS = (
     " instances = rollups.instances + excluded.instances")
 
 
-def roll_up(quantities: dict[str, tuple[str, int]], limit: int,
+def roll_up(log: LogOrder, quantities: dict[str, tuple[str, int]], limit: int,
             key_ids: dict[Key, int] | None = None) -> Procedure[RollupResult]:
-    """Fold the next events of the log into the rollups (`key_ids`: the store's cache of rollup_keys)."""
+    """Fold the next events of the log into the rollups: the final ones after the rollups' position
+    (`key_ids`: the store's cache of rollup_keys)."""
     key_ids = {} if key_ids is None else key_ids
-    last, next_client, monthly_from, conversion = (yield Query(ROLLUP_STATE))[0]
+    last_tx, last_seq, next_client, monthly_from, conversion = (yield Query(ROLLUP_STATE))[0]
     if conversion:  # the marks of the release before are still being converted (convert_marks)
-        return RollupResult(0, last, {})
-    # The end first, then the events up to it: on PostgreSQL each statement sees what is committed when it
-    # starts, so an end read after the events could pass events committed in between, never to be folded.
-    end = (yield Query("SELECT COALESCE(MAX(seq), 0) FROM events"))[0][0]
-    rows = yield Query("SELECT seq, at_ms, type, code, item_id, client_uuid, result, units, instances FROM events"
-                       " WHERE seq > ? AND seq <= ? AND type IN ('handshake', 'usage.record') ORDER BY seq LIMIT ?",
-                       (last, end, limit))
+        return RollupResult(0, last_seq, {})
+    position: Position = (last_tx, last_seq)
+    # The horizon first, then the events below it: a transaction still in flight when the horizon is read
+    # may commit events numbered below those read (PostgreSQL), which a later pass then folds.
+    horizon = yield from log_horizon(log)
+    rows = yield Query(f"SELECT tx, seq, at_ms, type, code, item_id, client_uuid, result, units, instances"
+                       f" FROM events WHERE {log.after} AND tx < ?"
+                       f" AND type IN ('handshake', 'usage.record') ORDER BY {log.order} LIMIT ?",
+                       (*log.after_params(position), horizon, limit))
     if len(rows) == limit:
-        end = rows[-1][0]
-    events = [EventFacts(*r) for r in rows]
+        position = rows[-1][0], rows[-1][1]
+        folded_upto = position[1]
+    else:  # every final event is read: on past the last one (of any type)
+        position = max(position, (yield from log.end(horizon)))
+        folded_upto = position[1] if log.sequential else (yield Query(
+            "SELECT COALESCE(MAX(seq), 0) FROM events WHERE tx < ?", (horizon,)))[0][0]
+    events = [EventFacts(*r[1:]) for r in rows]
     overuse, next_client = yield from apply_rollup(events, quantities, key_ids, next_client, monthly_from)
-    yield Exec("UPDATE rollup_state SET last_seq = ?, next_client = ? WHERE id = 1", (end, next_client))
-    return RollupResult(len(events), end, overuse)
+    yield Exec("UPDATE rollup_state SET last_tx = ?, last_seq = ?, next_client = ? WHERE id = 1",
+               (*position, next_client))
+    return RollupResult(len(events), folded_upto, overuse)
 
 
 def apply_rollup(events: list[EventFacts], quantities: dict[str, tuple[str, int]], key_ids: dict[Key, int],
@@ -608,7 +691,7 @@ def _write_marks(marks: Marks) -> Procedure[None]:
 
 def rollup_conversion() -> Procedure[int]:
     """0 once the marks of the release before are converted (or there were none), else 1 or 2."""
-    return (yield Query(ROLLUP_STATE))[0][3]
+    return (yield Query(ROLLUP_STATE))[0][4]
 
 
 OldMark = tuple[str, str, str, int, str]  # rollup_devices' key: scope, key, size, bucket_ms, client_uuid
@@ -621,7 +704,7 @@ def convert_marks(now_ms: int, limit: int, key_ids: dict[Key, int],
     left. Each step is a transaction of its own that writes the new rows and deletes the old ones it read, so
     an interrupted conversion goes on where it stopped. `after`: the last key the step before took, if any
     (where to start reading; the rows before it are deleted anyway)."""
-    _, next_client, monthly_from, conversion = (yield Query(ROLLUP_STATE))[0]
+    _, _, next_client, monthly_from, conversion = (yield Query(ROLLUP_STATE))[0]
     if conversion == 0:
         return 0, None
     if conversion == 1:
@@ -713,13 +796,14 @@ def prune_counters(horizons: dict[str, int], limit: int) -> Procedure[int]:
 # a deleted code is known to have existed from its code.created event.
 ARCHIVED_TYPES = ("handshake", "seat.granted", "seat.refreshed", "seat.released", "usage.record", "usage.report")
 _ARCHIVED = "type IN (" + ",".join(f"'{t}'" for t in ARCHIVED_TYPES) + ")"
-ARCHIVE_COLUMNS = "id, path, first_seq, last_seq, before_ms, events, bytes, created_ms, done_ms"
+ARCHIVE_COLUMNS = "id, path, first_seq, last_seq, before_ms, events, bytes, created_ms, done_ms, folded_tx, folded_seq"
 
 
 @dataclass(frozen=True)
 class ArchiveRow:
-    """One archive file: it holds every event of an archived type with first_seq <= seq <= last_seq and
-    at_ms < before_ms. Written once the file is durable; done_ms once those events left the log."""
+    """One archive file: it holds every event of an archived type with first_seq <= seq <= last_seq,
+    at_ms < before_ms and (tx, seq) <= (folded_tx, folded_seq). Written once the file is durable; done_ms
+    once those events left the log."""
 
     id: int
     path: str
@@ -730,23 +814,37 @@ class ArchiveRow:
     bytes: int
     created_ms: int
     done_ms: int | None
+    folded_tx: int = 2**63 - 1
+    folded_seq: int = 2**63 - 1
 
 
-def archive_horizon(before_ms: int) -> Procedure[int]:
-    """The highest event number an archive run before `before_ms` may take.
+@dataclass(frozen=True)
+class ArchiveHorizon:
+    """What an archive run may take: events numbered up to `upto`, at or before the rollups' position
+    `folded` (final there, and folded into the statistics)."""
+
+    upto: int
+    folded: Position
+
+
+def archive_horizon(before_ms: int) -> Procedure[ArchiveHorizon]:
+    """The highest event number an archive run before `before_ms` may take, and the rollups' position.
 
     Only events the rollups have folded (statistics stay exact), never the newest event (SQLite gives a
     new event the largest number plus one: deleting the newest would hand its number out again, below
     the rollups' mark), and no further than the newest event stamped before the horizon (reading on
     would scan the recent log; a late usage record past it waits for a later run).
     """
-    folded = (yield Query("SELECT last_seq FROM rollup_state WHERE id = 1"))[0][0]
+    folded = yield from rollup_position()
     newest = (yield Query("SELECT COALESCE(MAX(seq), 0) FROM events"))[0][0]
     rows = yield Query("SELECT seq FROM events WHERE at_ms < ? ORDER BY at_ms DESC LIMIT 1", (before_ms,))
     # Once usage statements are exported, the next one starts at the last one's heads: events after them
     # stay in the log until a statement has covered them.
     stated = yield from statement_horizon()
-    return min(folded, newest - 1, rows[0][0] if rows else 0, stated)
+    upto = min(newest - 1, rows[0][0] if rows else 0, stated)
+    # One writer (tx 0): the rollups have folded every event up to their number. Parallel writers: the
+    # (tx, seq) bound of every page and delete keeps to what they folded.
+    return ArchiveHorizon(min(upto, folded[1]) if folded[0] == 0 else upto, folded)
 
 
 def statement_horizon() -> Procedure[int]:
@@ -766,19 +864,20 @@ def statement_horizon() -> Procedure[int]:
     return bound
 
 
-def archivable_page(after: int, upto: int, before_ms: int, limit: int) -> Procedure[list[StoredEvent]]:
+def archivable_page(after: int, horizon: ArchiveHorizon, before_ms: int, limit: int) -> Procedure[list[StoredEvent]]:
     rows = yield Query(f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? AND seq <= ? AND at_ms < ?"
-                       f" AND {_ARCHIVED} ORDER BY seq LIMIT ?", (after, upto, before_ms, limit))
+                       f" AND {_ARCHIVED} AND (tx < ? OR (tx = ? AND seq <= ?)) ORDER BY seq LIMIT ?",
+                       (after, horizon.upto, before_ms, horizon.folded[0], *horizon.folded, limit))
     return [stored_event(r) for r in rows]
 
 
 def record_archive(path: str, first_seq: int, last_seq: int, before_ms: int, events: int, size: int,
-                   created_ms: int) -> Procedure[ArchiveRow]:
+                   created_ms: int, horizon: ArchiveHorizon) -> Procedure[ArchiveRow]:
     next_id = (yield Query("SELECT COALESCE(MAX(id), 0) + 1 FROM event_archives"))[0][0]
-    row = ArchiveRow(next_id, path, first_seq, last_seq, before_ms, events, size, created_ms, None)
-    yield Exec(f"INSERT INTO event_archives ({ARCHIVE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+    row = ArchiveRow(next_id, path, first_seq, last_seq, before_ms, events, size, created_ms, None, *horizon.folded)
+    yield Exec(f"INSERT INTO event_archives ({ARCHIVE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                (row.id, row.path, row.first_seq, row.last_seq, row.before_ms, row.events, row.bytes,
-                row.created_ms, row.done_ms))
+                row.created_ms, row.done_ms, row.folded_tx, row.folded_seq))
     return row
 
 
@@ -786,7 +885,8 @@ def delete_archived(row: ArchiveRow, limit: int) -> Procedure[int]:
     """Delete up to `limit` of the archive's events still in the log; 0 when none is left."""
     return (yield Exec(
         f"DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq >= ? AND seq <= ? AND at_ms < ?"
-        f" AND {_ARCHIVED} ORDER BY seq LIMIT ?)", (row.first_seq, row.last_seq, row.before_ms, limit)))
+        f" AND {_ARCHIVED} AND (tx < ? OR (tx = ? AND seq <= ?)) ORDER BY seq LIMIT ?)",
+        (row.first_seq, row.last_seq, row.before_ms, row.folded_tx, row.folded_tx, row.folded_seq, limit)))
 
 
 def finish_archive(archive_id: int, done_ms: int) -> Procedure[None]:
@@ -839,7 +939,8 @@ class Operations:
     """
 
     ROLLUP_LOCK: int | None = None
-    WRITE_LOCK: int | None = None
+    ADMIN_LOCK: int | None = None
+    LOG: LogOrder = SEQUENTIAL
 
     async def _call(self, proc: Procedure[T], lock: int | None = None) -> T:
         raise NotImplementedError
@@ -878,9 +979,11 @@ class Operations:
                                 self.ROLLUP_LOCK)
 
     async def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]:
-        """Stream events in order, a page at a time, so memory stays flat."""
+        """Stream events in order, a page at a time, so memory stays flat: the events final when the
+        stream starts (see LogOrder)."""
         after = 0
-        while page := await self._call(events_page(query, after)):
+        below = await self._call(log_horizon(self.LOG))
+        while page := await self._call(events_page(query, after, below)):
             for event in page:
                 yield event
             after = page[-1].seq
@@ -889,7 +992,7 @@ class Operations:
         return await self._call(report_seen(report_id))
 
     async def rollup_lag(self) -> int:
-        return await self._call(rollup_lag())
+        return await self._call(rollup_lag(self.LOG))
 
     # Codes' and items' numbers in rollup_keys as read so far (they never change once given); where the
     # conversion of the release before's marks read up to.
@@ -905,7 +1008,7 @@ class Operations:
     async def roll_up(self, quantities: dict[str, tuple[str, int]], limit: int = 50_000) -> RollupResult:
         """Fold the next events of the log into the rollups; one node at a time. Folds nothing while the
         marks of the release before are being converted (convert_marks)."""
-        return await self._call(roll_up(quantities, limit, self._rollup_keys), self.ROLLUP_LOCK)
+        return await self._call(roll_up(self.LOG, quantities, limit, self._rollup_keys), self.ROLLUP_LOCK)
 
     async def rollup_conversion(self) -> int:
         return await self._call(rollup_conversion())
@@ -928,15 +1031,17 @@ class Operations:
     async def rollup_series(self, scope: str, key: str, size: str, start_ms: int, end_ms: int) -> list[RollupRow]:
         return await self._call(rollup_series(scope, key, size, start_ms, end_ms))
 
-    async def archive_horizon(self, before_ms: int) -> int:
+    async def archive_horizon(self, before_ms: int) -> ArchiveHorizon:
         return await self._call(archive_horizon(before_ms))
 
-    async def archivable_page(self, after: int, upto: int, before_ms: int, limit: int) -> list[StoredEvent]:
-        return await self._call(archivable_page(after, upto, before_ms, limit))
+    async def archivable_page(self, after: int, horizon: ArchiveHorizon, before_ms: int,
+                              limit: int) -> list[StoredEvent]:
+        return await self._call(archivable_page(after, horizon, before_ms, limit))
 
     async def record_archive(self, path: str, first_seq: int, last_seq: int, before_ms: int, events: int,
-                             size: int, created_ms: int) -> ArchiveRow:
-        return await self._call(record_archive(path, first_seq, last_seq, before_ms, events, size, created_ms))
+                             size: int, created_ms: int, horizon: ArchiveHorizon) -> ArchiveRow:
+        return await self._call(record_archive(path, first_seq, last_seq, before_ms, events, size, created_ms,
+                                               horizon))
 
     async def delete_archived(self, row: ArchiveRow, limit: int) -> int:
         return await self._call(delete_archived(row, limit))
@@ -951,7 +1056,7 @@ class Operations:
         return await self._call(admin_password_hash())
 
     async def set_admin_password(self, password_hash: str, at_ms: int, only_if_unset: bool = False) -> bool:
-        return await self._call(set_admin_password(password_hash, at_ms, only_if_unset), self.WRITE_LOCK)
+        return await self._call(set_admin_password(password_hash, at_ms, only_if_unset), self.ADMIN_LOCK)
 
     async def add_admin_token(self, token_hash: str, at_ms: int, expires_ms: int) -> None:
         await self._call(add_admin_token(token_hash, at_ms, expires_ms))

@@ -112,7 +112,7 @@ def count_borrowed_slices(now_ms: int, quantities: dict[str, tuple[str, int]],
 
     Marks are the rollups' own (a device counts once per bucket), so marking a slice twice counts it once.
     """
-    _, next_client, monthly_from, conversion = (yield sql.Query(sql.ROLLUP_STATE))[0]
+    _, _, next_client, monthly_from, conversion = (yield sql.Query(sql.ROLLUP_STATE))[0]
     if conversion:  # the marks of the release before are still being converted: count these slices after
         return RollupResult(0, 0, {})
     rows = yield sql.Query("SELECT item_id, client_uuid, started_ms, code, until_ms, counted_ms FROM borrow_slices"
