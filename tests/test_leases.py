@@ -19,7 +19,8 @@ import pytest
 
 from lts_server.core import leases as rules
 from lts_server.core.times import to_ms, utcnow
-from lts_server.store import Conflict, Event, EventQuery, Seat, WriteBatch
+from lts_server.core.model import SeatLimit
+from lts_server.store import CodeLimits, Conflict, Event, EventQuery, Seat, WriteBatch
 from lts_server.store.postgres import PostgresStore
 
 # -- the pure rules -------------------------------------------------------------------------------
@@ -260,6 +261,40 @@ async def test_a_node_takes_a_seat_another_node_leased_when_the_pool_is_empty(pg
         await a.close()
         await b.close()
     assert await _counts(conn) == (LIMIT, LIMIT, 0)
+    await conn.close()
+
+
+async def test_no_leased_seat_is_granted_past_a_lowered_limit(pg_server) -> None:  # noqa: ANN001
+    """A renewal with fewer seats while leases are out: the claims' limit is now below the seats taken (held
+    + leased). Neither a node's own lease nor another node's lease gives a seat past it; a code's new
+    limits give the item's leases back, and the item's row counts exactly again."""
+    url, conn = await _database(pg_server)
+    a = PostgresStore(url, lease_ms=60_000)
+    b = PostgresStore(url, lease_ms=60_000)
+    await a.open()
+    await b.open()
+    try:
+        for n in range(4):  # a leases blocks of the hot item
+            await a.write(_claims([f"a{n}-{k}" for k in range(12)]))
+        used, held, leased = await _counts(conn)
+        assert held == 48 and leased > 0 and used == held + leased
+        lowered = held  # the renewed quantity: the seats held fill it
+        for name, store, leasable in (("a-own-lease", a, True), ("b-others-lease", b, False), ("b", b, True)):
+            with pytest.raises(Conflict):
+                await store.write(_claims([name], limit=lowered, leasable=leasable))
+        assert await _counts(conn) == (used, held, leased)
+        # A change of the item's reservations (as a renewal's import) gives every node's lease of it back.
+        limits = WriteBatch(at=utcnow())
+        limits.code_limits.append(CodeLimits("C", (SeatLimit("I", reserved_seats=0),), ("I",)))
+        await b.write(limits)
+        assert await _counts(conn) == (held, held, 0)
+        await b.write(_claims(["b-room"], limit=lowered + 1))  # through the row: exactly one more
+        with pytest.raises(Conflict):
+            await a.write(_claims(["a-no-room"], limit=lowered + 1))
+        assert await _counts(conn) == (held + 1, held + 1, 0)
+    finally:
+        await a.close()
+        await b.close()
     await conn.close()
 
 

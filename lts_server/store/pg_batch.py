@@ -4,7 +4,7 @@ A plain batch (`plain`) holds only what the handshakes and usage reports of devi
 case: seat claims, refreshes and releases of codes without reservations or caps on the item, their
 authorizations, usage reports, unit charges and events (linked onto the node's usage chain). Its arrays,
 one per column, are unnested into data-modifying CTEs (authorizations, events) and handed to
-`lts_write_v2` (store/pg_functions.sql) for what must be checked change by change. The statement text
+`lts_write_v3` (store/pg_functions.sql) for what must be checked change by change. The statement text
 never changes (its arrays do), so asyncpg prepares it once per connection; outside an explicit
 transaction it is its own transaction, so the commit costs no round trip of its own.
 
@@ -48,7 +48,7 @@ _CHAIN_COLUMNS = (("chain", "bigint"), ("chain_seq", "bigint"), ("hash", "bytea"
 # The fields of a plain batch; any other field set makes the batch go the general way.
 _PLAIN_FIELDS = {"seat_changes", "authorizations", "usage_reports", "unit_charges", "events", "at", "job",
                  "job_starts"}
-# SQLSTATEs lts_write_v2 raises: a job's change refused (DETAIL: the job's index); the chain's head moved.
+# SQLSTATEs lts_write_v3 raises: a job's change refused (DETAIL: the job's index); the chain's head moved.
 CONFLICT = "LT409"
 CHAIN_MOVED = "LT412"
 
@@ -88,7 +88,7 @@ def statement(chained: bool) -> str:
         " instances = excluded.instances, granted_ms = excluded.granted_ms, expires_ms = excluded.expires_ms),"
         f" e AS (INSERT INTO events ({event_names}) SELECT {event_names}"
         f" FROM unnest({', '.join(events)}) WITH ORDINALITY AS u ({event_names}, ord) ORDER BY ord)"
-        f" SELECT lts_write_v2($1::bigint, {', '.join(function)})"
+        f" SELECT lts_write_v3($1::bigint, {', '.join(function)})"
     )
 
 

@@ -11,8 +11,12 @@
 -- the general way, which reads the head again). Either undoes the whole statement.
 --
 -- s_block: per claim, NULL when it may not use a lease, else the seats to lease along with it
--- (0: none); s_held: this node may hold a lease of the claim's item.
-CREATE OR REPLACE FUNCTION lts_write_v2(
+-- (0: none); s_held: this node may hold a lease of the claim's item. A lease's seat is granted only while
+-- the item's row is within the claim's limit (store/sql_leases.py WITHIN_LIMIT).
+--
+-- v3: v2 granted a lease's seat whatever the item's row said, so a renewal with fewer seats could be
+-- oversold by the seats leased before it.
+CREATE OR REPLACE FUNCTION lts_write_v3(
     p_node bigint,
     s_op smallint[], s_item text[], s_client text[], s_granted bigint[], s_refreshed bigint[],
     s_expires bigint[], s_code text[], s_borrowed bigint[], s_limit integer[], s_job integer[],
@@ -50,7 +54,8 @@ BEGIN
             room := false;
             b := s_block[i];
             IF b IS NOT NULL AND (s_held[i] OR b > 0) THEN  -- this node's lease
-                UPDATE seat_leases SET seats = seats - 1 WHERE item_id = s_item[i] AND node = p_node AND seats > 0;
+                UPDATE seat_leases SET seats = seats - 1 WHERE item_id = s_item[i] AND node = p_node AND seats > 0
+                    AND (SELECT seats_used FROM items WHERE item_id = s_item[i]) <= s_limit[i];
                 room := FOUND;
             END IF;
             IF NOT room AND b > 0 THEN  -- a new block along with the claim; the lease row first
@@ -70,7 +75,8 @@ BEGIN
             END IF;
             IF NOT room THEN  -- full, but for seats other nodes leased and have not granted
                 UPDATE seat_leases SET seats = seats - 1 WHERE item_id = s_item[i] AND seats > 0 AND node =
-                    (SELECT node FROM seat_leases WHERE item_id = s_item[i] AND seats > 0 ORDER BY seats DESC LIMIT 1);
+                    (SELECT node FROM seat_leases WHERE item_id = s_item[i] AND seats > 0 ORDER BY seats DESC LIMIT 1)
+                    AND (SELECT seats_used FROM items WHERE item_id = s_item[i]) <= s_limit[i];
                 room := FOUND;
             END IF;
             IF NOT room THEN

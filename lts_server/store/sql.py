@@ -323,6 +323,9 @@ def write_batch(b: WriteBatch, chain: usagechain.Head | None = None,
     """Every change of the batch, in one transaction (the caller's). With a chain, the events are linked onto
     it and its head moves with them; returns the new head (the caller keeps it once the commit is done).
     With `leasing` (a cluster node), leasable claims may use seat leases (store/sql_leases.py)."""
+    # Leases were taken within the items' quantities and reservations as they were: back before either changes.
+    yield from sql_leases.return_leases(sorted({i.item_id for r in b.licenses for i in r.license.items}
+                                               | {item_id for limits in b.code_limits for item_id in limits.items}))
     if b.licenses:
         yield Many(
             "INSERT INTO licenses (license_id, alias, organization_id, license_text_version, status,"
@@ -458,7 +461,7 @@ def _seat_change(change: SeatChange, leasing: sql_leases.Leasing | None = None) 
                               " WHERE item_id = ? AND seats_used + seats_reserved_unused < ?", (s.item_id, change.limit))
         if room != 1 and leasing is not None and not change.reserved:
             # Full, but for seats other nodes leased and have not granted: every seat is granted before a refusal.
-            room = yield from sql_leases.take_leased(s.item_id)
+            room = yield from sql_leases.take_leased(s.item_id, change.limit)
         if room != 1:
             raise Conflict(f"item {s.item_id} has no room for another seat (limit {change.limit})", change.job)
         seated = yield Exec(

@@ -10,7 +10,9 @@ of the item is granted before any claim is refused.
 
 Only claims the ledger marks `leasable` use leases: on items no code reserves or caps seats of, with
 no request waiting in the seat queue (docs/design.md, "Seat leases"). Locks: a lease row before its
-item's row, in every procedure that takes both (claims here, returns in lts_server/leases.py).
+item's row, in every procedure that takes both (claims here, returns here and in lts_server/leases.py).
+A renewal or a code's new reservation gives the item's leases back in its own transaction
+(`return_leases`), and no lease seat is granted while the item's row is over the claim's limit.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lts_server.store import SeatChange, sql
+
+
+# A lease's seat is granted only while the item's row is within the claim's limit: true whenever the limit
+# stays what it was when the block was taken (blocks are taken within it), false once a renewal lowered it
+# below the seats taken (held + leased) - then the claim goes through the row, which counts exactly.
+WITHIN_LIMIT = "(SELECT seats_used FROM items WHERE item_id = ?) <= ?"
 
 
 @dataclass(frozen=True)
@@ -36,8 +44,8 @@ def claim(change: SeatChange, leasing: Leasing) -> sql.Procedure[int]:
     s = change.seat
     block = leasing.blocks.get(s.item_id, 0)
     if s.item_id in leasing.held or block:
-        taken = yield sql.Exec("UPDATE seat_leases SET seats = seats - 1 WHERE item_id = ? AND node = ? AND seats > 0",
-                           (s.item_id, leasing.node))
+        taken = yield sql.Exec(f"UPDATE seat_leases SET seats = seats - 1 WHERE item_id = ? AND node = ? AND seats > 0"
+                               f" AND {WITHIN_LIMIT}", (s.item_id, leasing.node, s.item_id, change.limit))
         if taken == 1:
             return 1
     if block:
@@ -55,8 +63,25 @@ def claim(change: SeatChange, leasing: Leasing) -> sql.Procedure[int]:
                        " WHERE item_id = ? AND seats_used + seats_reserved_unused < ?", (s.item_id, change.limit)))
 
 
-def take_leased(item_id: str) -> sql.Procedure[int]:
+def take_leased(item_id: str, limit: int) -> sql.Procedure[int]:
     """The item's row is full: one seat another node leased and has not granted (1), if any."""
     return (yield sql.Exec("UPDATE seat_leases SET seats = seats - 1 WHERE item_id = ? AND seats > 0 AND node ="
-                       " (SELECT node FROM seat_leases WHERE item_id = ? AND seats > 0 ORDER BY seats DESC LIMIT 1)",
-                       (item_id, item_id)))
+                           " (SELECT node FROM seat_leases WHERE item_id = ? AND seats > 0 ORDER BY seats DESC LIMIT 1)"
+                           f" AND {WITHIN_LIMIT}", (item_id, item_id, item_id, limit)))
+
+
+def return_leases(item_ids: list[str]) -> sql.Procedure[None]:
+    """Every node's leased seats of these items back on the items (their quantity or reservations are about
+    to change): leases were taken within the old limits, and a seat of one must not be granted past the
+    new ones. The lease rows go first, then the items' rows (the order of every procedure here)."""
+    if not item_ids:
+        return
+    marks = ",".join("?" * len(item_ids))
+    returned = yield sql.Query(f"DELETE FROM seat_leases WHERE item_id IN ({marks}) AND seats > 0"
+                               " RETURNING item_id, seats", tuple(item_ids))
+    back: dict[str, int] = {}
+    for item_id, seats in returned:
+        back[item_id] = back.get(item_id, 0) + seats
+    if back:
+        yield sql.Many("UPDATE items SET seats_used = seats_used - ? WHERE item_id = ?",
+                       [(seats, item_id) for item_id, seats in sorted(back.items())])
