@@ -11,7 +11,7 @@ so every ratio to the bare endpoint is measured side by side on the same
 durably before the answer (SQLite synchronous=FULL; PostgreSQL with fsync on,
 synchronous_commit on), in three modes: `new`, every request a new device
 claiming a seat on one item (handshake.lua); `items`, new devices spread
-over 100 items, one code each (items.lua); `refresh`, --devices devices that
+over 100 items, one code each (handshake.lua with the item count); `refresh`, --devices devices that
 were seated before the rounds asking again, each refreshing its seat
 (refresh.lua). Prints medians over rounds, one table per mode; the bare
 endpoint is measured once a round and is the same row in every table.
@@ -122,7 +122,7 @@ WARM_BODY = (b'{"handshakeCode":"216998-BENCH","clientUuid":"warm-%d","product":
 SEATED_BODY = (b'{"handshakeCode":"216998-BENCH","clientUuid":"seated-%d","product":"barcode-reader",'
                b'"deploymentType":"browser"}')
 MODES = ("new", "refresh", "items")
-SCRIPTS = {"new": "handshake.lua", "refresh": "refresh.lua", "items": "items.lua"}
+SCRIPTS = {"new": "handshake.lua", "refresh": "refresh.lua", "items": "handshake.lua"}
 
 
 @dataclass
@@ -158,7 +158,8 @@ async def run_wrk(target: Target, duration: int, connections: int, devices: int 
     share = max(1, connections // len(target.ports))
     path = "/api/v1/handshake" if target.name == "bare" else ""
     procs = [await asyncio.create_subprocess_exec(*wrk_cmd(f"http://127.0.0.1:{port}{path}", duration, share,
-                                                           target.script, str(i), str(devices)),
+                                                           target.script, str(i), str(devices),
+                                                           str(ITEMS if target.mode == "items" else 0)),
                                                   stdout=asyncio.subprocess.PIPE)
              for i, port in enumerate(target.ports)]
     runs = [parse_wrk((await p.communicate())[0].decode()) for p in procs]
