@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
 import time
 from datetime import timedelta
 
@@ -393,3 +394,54 @@ async def test_readers_see_each_event_once_though_numbers_commit_out_of_order(pg
         await store.close()
         await other.close()
         await conn.close()
+
+
+async def test_a_log_restored_onto_another_server_is_read_on(pg_server) -> None:  # noqa: ANN001
+    """README's backup and restore (pg_dump, pg_restore) onto a server whose transaction ids are far lower than
+    the old one's: the log's numbers are moved below the new server's at the first start, and the rollups,
+    the export and the archive's bound read on - the restored events once, the new ones after them."""
+    from tests import pg
+
+    url, conn = await _database(pg_server)
+    # The old server has handed out many more transaction ids than the fresh one will have.
+    await conn.execute("CREATE TEMP TABLE burn (x int)")
+    await conn.execute("DO $$ BEGIN FOR i IN 1..3000 LOOP BEGIN INSERT INTO burn VALUES (i);"
+                       " EXCEPTION WHEN others THEN NULL; END; END LOOP; END $$")
+    old = PostgresStore(url)
+    await old.open()
+    try:
+        await old.write(_claims([f"old{k}" for k in range(5)], leasable=False))
+        assert (await old.roll_up({}, 100)).processed == 5
+    finally:
+        await old.close()
+        await conn.close()
+    dump = subprocess.run(pg._as_owner([str(pg_server.bin / "pg_dump"), "-Fc", "-h", "127.0.0.1", "-p",
+                                           str(pg_server.port), "-U", "lts", url.rsplit("/", 1)[1]]),
+                             check=True, capture_output=True).stdout
+    other = pg.start()
+    try:
+        restored = await other.new_database()
+        subprocess.run(pg._as_owner([str(other.bin / "pg_restore"), "-h", "127.0.0.1", "-p", str(other.port),
+                                        "-U", "lts", "-d", restored.rsplit("/", 1)[1]]), check=True, input=dump)
+        conn = await asyncpg.connect(restored)
+        assert await conn.fetchval("SELECT MAX(tx) FROM events") > await conn.fetchval(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")  # what the restore left
+        store = PostgresStore(restored)
+        await store.open()
+        try:
+            assert await conn.fetchval("SELECT MAX(tx) FROM events") < 0  # moved below the new server's
+            await store.write(_claims([f"new{k}" for k in range(5)], leasable=False))
+            assert (await store.roll_up({}, 100)).processed == 5  # the new ones, the old ones not again
+            assert len([e async for e in store.events(EventQuery())]) == 10
+            assert (await store.roll_up({}, 100)).processed == 0
+        finally:
+            await store.close()
+        # A second start finds nothing to move.
+        before = await conn.fetch("SELECT seq, tx FROM events ORDER BY seq")
+        store = PostgresStore(restored)
+        await store.open()
+        await store.close()
+        assert await conn.fetch("SELECT seq, tx FROM events ORDER BY seq") == before
+        await conn.close()
+    finally:
+        other.stop()

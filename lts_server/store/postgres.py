@@ -72,6 +72,10 @@ IDENTITY_LOCK = 0x6C7473_000A
 CONNECT_PAUSE = 1.5
 # No statement waits longer than this for the database: a request fails with 503 instead of hanging.
 COMMAND_TIMEOUT = 10.0
+# An archive's folded_tx when it has no bound (files written before migration 0011).
+NO_BOUND = 2**63 - 1
+# Renumbering a restored log rewrites every event once (_renumber_restored): no 10 s limit for that.
+RENUMBER_SECONDS = 24 * 3600.0
 # How long a stopping node tries to give its leased seats back (else others do, within cluster.lease_ms).
 RETIRE_SECONDS = 3.0
 # Events with tx below it are final: every transaction older than the oldest one in flight has ended.
@@ -305,10 +309,37 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
                 await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
             # The functions go with the code, not the schema: each node installs the versions it calls.
             await conn.execute(pg_batch.functions_sql())
+            await self._renumber_restored(conn)
             encoding = await conn.fetchval("SHOW server_encoding")
         if encoding != "UTF8":  # text outside the encoding fails its request with 400 (store.Unstorable)
             logs.event("store.not_utf8", logs.logging.WARNING, database=self.where, encoding=encoding,
                        hint="create the database with ENCODING 'UTF8': text this encoding lacks cannot be stored")
+
+    async def _renumber_restored(self, conn: asyncpg.Connection) -> None:
+        """Move the log's transaction numbers below this server's when they are ahead of them.
+
+        An event's tx, and the positions kept of the log (the rollups', the archives'), are transaction ids
+        of the PostgreSQL server that wrote them. A database restored from a dump onto another server (or
+        copied there logically) keeps them while the new server hands out its own, perhaps far lower ones:
+        readers would wait until the new numbers passed the old and skip what came between. So when any
+        stored number is at or past the server's next transaction id, all of them move down by the same
+        amount, below zero: their order is kept, and every new transaction comes after them. Run under the
+        migration lock, before any node of the database writes."""
+        ahead = await conn.fetchval(
+            "SELECT GREATEST((SELECT COALESCE(MAX(tx), 0) FROM events), (SELECT last_tx FROM rollup_state),"
+            " (SELECT COALESCE(MAX(folded_tx), 0) FROM event_archives WHERE folded_tx < $1))", NO_BOUND)
+        next_tx = await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+        if ahead < next_tx:
+            return
+        shift = ahead + 1
+        moved = await conn.execute("UPDATE events SET tx = tx - $1", shift, timeout=RENUMBER_SECONDS)
+        await conn.execute("UPDATE rollup_state SET last_tx = last_tx - $1", shift)
+        await conn.execute("UPDATE event_archives SET folded_tx = folded_tx - $1 WHERE folded_tx < $2", shift,
+                           NO_BOUND)
+        logs.event("store.log_renumbered", logs.logging.WARNING, database=self.where, events=moved.split()[-1],
+                   shift=shift, next_tx=next_tx,
+                   why="the event log's transaction numbers were ahead of this PostgreSQL server's (a database "
+                       "restored from another server): moved below them, order kept")
 
     @contextlib.asynccontextmanager
     async def _borrow(self) -> AsyncIterator[asyncpg.Connection]:
