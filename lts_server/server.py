@@ -297,13 +297,23 @@ class Server:
         of a machine does it for the others (they learn of it through the database)."""
         return self.worker <= 1
 
-    async def catch_up(self) -> bool:
-        """Take in what the other nodes committed since the last call; True once nothing is left."""
+    async def catch_up(self, fresh: bool = True) -> bool:
+        """Take in what the other nodes committed since the last call; True once nothing is left.
+
+        The feed gives final events only, below the horizon of transactions in flight anywhere on the
+        PostgreSQL server, which one long transaction can hold back. With `fresh` (a request that must see
+        what another node just committed: a report or a return under a key granted there, an import turn),
+        the events committed above the horizon are taken in too, once the final ones are: following reads
+        the rows again, so taking them in now and again when the horizon passes them is harmless, and the
+        feed's position stays at the horizon."""
         assert self.services is not None and isinstance(self._store, PostgresStore)
         async with self._follow_lock:
             changes = await self._store.changes_since(self._followed)
-            if changes.events:
-                await self.services.ledger.follow(changes.events)
+            events = changes.events
+            if fresh and not changes.more:
+                events = events + await self._store.committed_after(changes.upto)
+            if events:
+                await self.services.ledger.follow(events)
             self._followed = changes.upto
             return not changes.more
 
@@ -312,7 +322,7 @@ class Server:
         pause = self.config.storage.follow_ms / 1000
         while not self.stopping.is_set():
             try:
-                caught_up = await self.catch_up()
+                caught_up = await self.catch_up(fresh=False)
             except Exception as e:  # the database is away: try again, the feed resumes where it stopped
                 logs.event("follow.failed", logs.logging.ERROR, error=str(e))
                 caught_up = True

@@ -465,6 +465,36 @@ async def test_a_per_scan_quota_used_from_three_nodes(three: list[Node], vendor:
         assert status == 403 and body["error"]["code"] == 120  # quota + grace used up, on every node
 
 
+async def test_a_report_under_a_key_another_node_just_granted_is_taken_while_an_old_transaction_is_open(
+        cluster: tuple[Node, Node], vendor: Vendor, pg_url: str) -> None:
+    """The change feed gives final events only: below the oldest transaction in flight anywhere on the
+    PostgreSQL server (a psql session left in a transaction holds it back). A node that must see another's
+    grant (a usage report under the new key) still takes it in: the report is counted, not refused."""
+    a, b = cluster
+    await a.server.services.importer.import_bytes("upload:s.lic", vendor.issue(license_spec("S", items=[
+        item("scan", "per-scan", quantity=100)])))
+    await wait_for(lambda: "216998-S" in b.ledger.codes)
+    status, _ = await b.handshake("dev-x", code="216998-S")  # b holds the device, with its first key
+    assert status == 200
+    idle = await asyncpg.connect(pg_url)
+    held = idle.transaction()
+    await held.start()
+    await idle.fetchval("SELECT pg_current_xact_id()")  # takes a transaction id and keeps it
+    try:
+        status, body = await a.handshake("dev-x", code="216998-S")  # a new authorization, a new key
+        assert status == 200
+        report = json.dumps({"reportId": "r-fresh", "clientUuid": "dev-x", "handshakeCode": "216998-S",
+                             "records": [{"slot": _slot(), "product": "barcode-reader", "operation": "scan",
+                                          "count": 3}]})
+        mac = report_mac(base64.b64decode(body["reportKey"]), report.encode())
+        async with b.session.post(f"{b.url}/api/v1/usage", data=report,
+                                  headers={"Content-Type": "application/json", MAC_HEADER: mac}) as resp:
+            assert resp.status == 200, await resp.text()
+    finally:
+        await held.rollback()
+        await idle.close()
+
+
 def _slot() -> str:
     from lts_server.core.times import iso, slice_start, utcnow
 

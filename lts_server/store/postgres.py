@@ -81,6 +81,12 @@ RETIRE_SECONDS = 3.0
 # Events with tx below it are final: every transaction older than the oldest one in flight has ended.
 HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 LOG = sql.LogOrder(horizon=HORIZON, sequential=False)
+# Committed events above the horizon, newest first (Server.catch_up with fresh): the same columns.
+COMMITTED_AFTER = (
+    "SELECT type, item_id, client_uuid,"
+    " CASE WHEN type = 'usage.report' THEN detail::json ->> 'reportId' END AS report_id"
+    " FROM events WHERE (tx, seq) > ($1, $2) AND node IS DISTINCT FROM $3 ORDER BY tx DESC, seq DESC LIMIT $4"
+)
 # Events one read of the change feed returns at most.
 FOLLOW_PAGE = 1000
 # The change feed: the horizon, and the other nodes' final events after a position, with only the columns
@@ -534,6 +540,16 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
         upto = max(after, (rows[0]["x"], 0))
         return Changes([Change(r["type"], r["item_id"], r["client_uuid"], r["report_id"]) for r in found], upto,
                        False)
+
+    async def committed_after(self, position: sql.Position) -> list[Change]:
+        """Events other nodes committed after `position` that are not final yet (a transaction older than
+        theirs is still in flight): the newest FOLLOW_PAGE of them, oldest first."""
+        try:
+            async with self._borrow() as conn:
+                rows = await conn.fetch(COMMITTED_AFTER, position[0], position[1], self.node, FOLLOW_PAGE)
+        except FAILURES as e:
+            raise _translate(e, f"database {self.where}") from None
+        return [Change(r["type"], r["item_id"], r["client_uuid"], r["report_id"]) for r in reversed(rows)]
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: int) -> AsyncIterator[None]:
