@@ -95,8 +95,11 @@ class NodeLeases:
                 if conn is None or conn.is_closed():
                     conn = await connect()
                 await self.tick(conn)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
-                logs.event("cluster.lease_upkeep_failed", logs.logging.WARNING, node=self.node, error=str(e))
+            except Exception as e:  # any failure, not only the database away: the upkeep must outlive it
+                # (asyncpg raises InternalClientError or ProtocolError too); a dead upkeep would stop renewing
+                # this node and sweeping dead ones, and their leased seats would not come back.
+                logs.event("cluster.lease_upkeep_failed", logs.logging.WARNING, node=self.node,
+                           error=str(e) or type(e).__name__)
                 if conn is not None:
                     conn.terminate()
                     conn = None
