@@ -205,19 +205,12 @@ async def test_a_report_right_after_a_grant_at_another_node_is_counted(tmp_path:
         for n in range(2):  # the first grant, then a new one (a new report key) for the same device
             status, granted = await a.handshake("scanner", code="216998-S")
             assert status == 200
-            body = json.dumps({"reportId": f"r-{n}", "clientUuid": "scanner", "handshakeCode": "216998-S",
-                               "records": [{"slot": _slot(), "product": "barcode-reader", "operation": "scan",
-                                            "count": 3}]})
-            mac = report_mac(base64.b64decode(granted["reportKey"]), body.encode())
-            async with b.session.post(f"{b.url}/api/v1/usage", data=body,
-                                      headers={"Content-Type": "application/json", MAC_HEADER: mac}) as resp:
-                assert resp.status == 200, await resp.text()
-                assert (await resp.json())["accepted"] == 1
+            status, answer = await _report_scans(b, "scanner", granted["reportKey"], f"r-{n}")
+            assert status == 200 and answer["accepted"] == 1, answer
         assert b.ledger.statuses["scan"].units_used == 6
-        # A MAC that is wrong after catching up is still refused.
-        async with b.session.post(f"{b.url}/api/v1/usage", data=body.replace("r-1", "r-2"),
-                                  headers={"Content-Type": "application/json", MAC_HEADER: mac}) as resp:
-            assert resp.status == 403
+        # A MAC that is wrong after catching up (another key's) is still refused.
+        status, _ = await _report_scans(b, "scanner", base64.b64encode(b"\0" * 32).decode(), "r-2")
+        assert status == 403
     finally:
         for node in (a, b):
             await stop_node(node)
@@ -483,13 +476,8 @@ async def test_a_report_under_a_key_another_node_just_granted_is_taken_while_an_
     try:
         status, body = await a.handshake("dev-x", code="216998-S")  # a new authorization, a new key
         assert status == 200
-        report = json.dumps({"reportId": "r-fresh", "clientUuid": "dev-x", "handshakeCode": "216998-S",
-                             "records": [{"slot": _slot(), "product": "barcode-reader", "operation": "scan",
-                                          "count": 3}]})
-        mac = report_mac(base64.b64decode(body["reportKey"]), report.encode())
-        async with b.session.post(f"{b.url}/api/v1/usage", data=report,
-                                  headers={"Content-Type": "application/json", MAC_HEADER: mac}) as resp:
-            assert resp.status == 200, await resp.text()
+        status, answer = await _report_scans(b, "dev-x", body["reportKey"], "r-fresh")
+        assert status == 200 and answer["accepted"] == 1, answer
     finally:
         await held.rollback()
         await idle.close()
@@ -499,6 +487,17 @@ def _slot() -> str:
     from lts_server.core.times import iso, slice_start, utcnow
 
     return iso(slice_start(utcnow()))
+
+
+async def _report_scans(node: Node, client: str, report_key: str, report_id: str, count: int = 3) -> tuple[int, dict]:
+    """A usage report of `count` scans in this time slice, signed with the device's report key, sent to `node`."""
+    body = json.dumps({"reportId": report_id, "clientUuid": client, "handshakeCode": "216998-S",
+                       "records": [{"slot": _slot(), "product": "barcode-reader", "operation": "scan",
+                                    "count": count}]})
+    mac = report_mac(base64.b64decode(report_key), body.encode())
+    async with node.session.post(f"{node.url}/api/v1/usage", data=body,
+                                 headers={"Content-Type": "application/json", MAC_HEADER: mac}) as resp:
+        return resp.status, await resp.json()
 
 
 async def test_admin_changes_at_one_node_decide_the_next_handshake_at_another_within_a_second(
