@@ -21,15 +21,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import devices  # noqa: E402  (bench/devices.py)
+from common import TICK_US  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 IO = ("rchar", "syscr", "wchar", "syscw", "write_bytes")
 
 
 def sample(pid: int) -> dict[str, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-    return {"user": int(fields[11]) / TICK * 1e6, "system": int(fields[12]) / TICK * 1e6,
+    return {"user": int(fields[11]) * TICK_US, "system": int(fields[12]) * TICK_US,
             **{k: float(io[k]) for k in IO}}
 
 

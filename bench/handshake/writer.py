@@ -28,19 +28,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from common import device_item, free_port, license_file, vendor_key, write_config  # noqa: E402
+from common import cpu_us, device_item, free_port, license_file, vendor_key, write_config  # noqa: E402
 
 from lts_server.core import handshake as hs  # noqa: E402
 from lts_server.core.model import DeploymentType  # noqa: E402
 from lts_server.writerwire import HEADER, Ask, decode_replies, frame  # noqa: E402
 
 SEATED = 5_000
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_us(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK * 1e6  # utime, stime (every thread of the process)
 
 
 @dataclass
@@ -110,11 +104,11 @@ async def settle(writer: Writer) -> None:
     """Until the writer is idle: the statistics rollups of the round's events (folded every second, in pages)
     are part of what its grants cost, and the next round does not pay for them."""
     deadline = time.monotonic() + 30
-    last = cpu_us(writer.proc.pid)
+    last = cpu_us([writer.proc.pid])
     quiet = 0
     while quiet < 3 and time.monotonic() < deadline:
         await asyncio.sleep(0.5)
-        now = cpu_us(writer.proc.pid)
+        now = cpu_us([writer.proc.pid])
         quiet = quiet + 1 if now - last < 20_000 else 0  # under 4% of a core: its timers, nothing left to fold
         last = now
 
@@ -125,13 +119,13 @@ async def measure(writer: Writer, mode: str, grants: int, window: int, round_no:
         clients, prefix = itertools.count(), f"new-{round_no}-"
     else:
         clients, prefix = itertools.cycle(str(i) for i in range(SEATED)), "seated-"
-    before, started = cpu_us(writer.proc.pid), time.perf_counter()
+    before, started = cpu_us([writer.proc.pid]), time.perf_counter()
     granted, other = await drive(writer, clients, grants, window, prefix)
     elapsed = time.perf_counter() - started
     await settle(writer)
     if other:
         raise SystemExit(f"{writer.name} {mode}: {other} asks were not granted")
-    writer.rounds.setdefault(mode, []).append(((cpu_us(writer.proc.pid) - before) / granted, granted / elapsed))
+    writer.rounds.setdefault(mode, []).append(((cpu_us([writer.proc.pid]) - before) / granted, granted / elapsed))
 
 
 async def bench(args: argparse.Namespace, folder: Path) -> None:
