@@ -81,23 +81,22 @@ RETIRE_SECONDS = 3.0
 # Events with tx below it are final: every transaction older than the oldest one in flight has ended.
 HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 LOG = sql.LogOrder(horizon=HORIZON, sequential=False)
-# Committed events above the horizon, newest first (Server.catch_up with fresh): the same columns.
-COMMITTED_AFTER = (
-    "SELECT type, item_id, client_uuid,"
-    " CASE WHEN type = 'usage.report' THEN detail::json ->> 'reportId' END AS report_id"
-    " FROM events WHERE (tx, seq) > ($1, $2) AND node IS DISTINCT FROM $3 ORDER BY tx DESC, seq DESC LIMIT $4"
-)
 # Events one read of the change feed returns at most.
 FOLLOW_PAGE = 1000
+# What following uses of an event (a usage report's id out of its detail): one Change.
+FOLLOWED = ("type, item_id, client_uuid,"
+            " CASE WHEN type = 'usage.report' THEN detail::json ->> 'reportId' END AS report_id")
 # The change feed: the horizon, and the other nodes' final events after a position, with only the columns
 # following uses (a usage report's id out of its detail).
 FOLLOW = (
     f"SELECT h.x, e.tx, e.seq, e.type, e.item_id, e.client_uuid, e.report_id FROM (SELECT {HORIZON} AS x) h"
-    " LEFT JOIN LATERAL (SELECT tx, seq, type, item_id, client_uuid,"
-    " CASE WHEN type = 'usage.report' THEN detail::json ->> 'reportId' END AS report_id"
+    f" LEFT JOIN LATERAL (SELECT tx, seq, {FOLLOWED}"
     " FROM events WHERE (tx, seq) > ($1, $2) AND tx < h.x AND node IS DISTINCT FROM $3"
     " ORDER BY tx, seq LIMIT $4) e ON true"
 )
+# Committed events above the horizon, newest first (Server.catch_up with fresh).
+COMMITTED_AFTER = (f"SELECT {FOLLOWED} FROM events WHERE (tx, seq) > ($1, $2) AND node IS DISTINCT FROM $3"
+                   " ORDER BY tx DESC, seq DESC LIMIT $4")
 
 
 def dialect(script: str) -> str:
@@ -206,6 +205,11 @@ class _Loop:
         if not self._thread.is_alive():
             self.loop.close()
 
+
+
+def _change(row: asyncpg.Record) -> Change:
+    """A row of FOLLOWED columns."""
+    return Change(row["type"], row["item_id"], row["client_uuid"], row["report_id"])
 
 class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
     shared = True  # other nodes may write the same database
@@ -534,12 +538,10 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
             raise _translate(e, f"database {self.where}") from None
         found = [r for r in rows if r["seq"] is not None]
         if len(found) == FOLLOW_PAGE:
-            return Changes([Change(r["type"], r["item_id"], r["client_uuid"], r["report_id"]) for r in found],
-                           (found[-1]["tx"], found[-1]["seq"]), True)
+            return Changes([_change(r) for r in found], (found[-1]["tx"], found[-1]["seq"]), True)
         # Every final event is read: on to the horizon (what commits from now on lies after it).
         upto = max(after, (rows[0]["x"], 0))
-        return Changes([Change(r["type"], r["item_id"], r["client_uuid"], r["report_id"]) for r in found], upto,
-                       False)
+        return Changes([_change(r) for r in found], upto, False)
 
     async def committed_after(self, position: sql.Position) -> list[Change]:
         """Events other nodes committed after `position` that are not final yet (a transaction older than
@@ -549,7 +551,7 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
                 rows = await conn.fetch(COMMITTED_AFTER, position[0], position[1], self.node, FOLLOW_PAGE)
         except FAILURES as e:
             raise _translate(e, f"database {self.where}") from None
-        return [Change(r["type"], r["item_id"], r["client_uuid"], r["report_id"]) for r in reversed(rows)]
+        return [_change(r) for r in reversed(rows)]
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: int) -> AsyncIterator[None]:

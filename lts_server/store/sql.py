@@ -323,9 +323,9 @@ def write_batch(b: WriteBatch, chain: usagechain.Head | None = None,
     """Every change of the batch, in one transaction (the caller's). With a chain, the events are linked onto
     it and its head moves with them; returns the new head (the caller keeps it once the commit is done).
     With `leasing` (a cluster node), leasable claims may use seat leases (store/sql_leases.py)."""
-    # Leases were taken within the items' quantities and reservations as they were: back before either changes.
-    yield from sql_leases.return_leases(sorted({i.item_id for r in b.licenses for i in r.license.items}
-                                               | {item_id for limits in b.code_limits for item_id in limits.items}))
+    if b.licenses or b.code_limits:  # leases were taken within the items' quantities and reservations as they were
+        yield from sql_leases.return_leases(sorted({i.item_id for r in b.licenses for i in r.license.items}
+                                                   | {item for limits in b.code_limits for item in limits.items}))
     if b.licenses:
         yield Many(
             "INSERT INTO licenses (license_id, alias, organization_id, license_text_version, status,"
