@@ -22,7 +22,8 @@ import pytest
 from lts_client import MAC_HEADER, LtsClient, report_mac
 from lts_server import config as config_mod
 from lts_server.server import Server
-from lts_server.store.postgres import PostgresStore
+from lts_server.store import sql
+from lts_server.store.postgres import DEVICE_ROWS, PostgresStore
 from lts_server.store.sqlite import migrations
 from tests.conftest import (
     ADMIN_PASSWORD,
@@ -124,6 +125,74 @@ async def test_following_reads_a_devices_rows_by_index_not_the_whole_tables(pg_u
     finally:
         await conn.close()
         await store.close()
+
+
+async def test_a_device_load_reads_every_row_of_the_devices_in_one_statement_by_index(pg_url: str) -> None:
+    # DeviceCache's load on PostgreSQL (one statement, outside a transaction) gives what the general
+    # procedure (three statements) gives, missing devices included, and reads by index.
+    store = PostgresStore(pg_url)
+    await store.open()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("INSERT INTO seats (item_id, client_uuid, granted_ms, refreshed_ms, expires_ms, code,"
+                           " borrowed_until_ms) SELECT 'i' || (g % 3), 'd' || g, g, g + 1, g + 2, 'c',"
+                           " CASE WHEN g % 2 = 0 THEN g + 3 END FROM generate_series(1, 20000) g")
+        await conn.execute("INSERT INTO seats (item_id, client_uuid, granted_ms, refreshed_ms, expires_ms)"
+                           " VALUES ('j', 'd7', 1, 2, 3)")
+        await conn.execute("INSERT INTO authorizations (code, client_uuid, item_id, instances, granted_ms, expires_ms)"
+                           " SELECT 'c' || (g % 3), 'd' || g, 'i', 2, g, g + 9 FROM generate_series(1, 20000) g")
+        await conn.execute("INSERT INTO device_bindings (client_uuid, fingerprint, bound_ms) VALUES ('d8', 'fp', 0)")
+        await conn.execute("ANALYZE seats; ANALYZE authorizations; ANALYZE device_bindings")
+        clients = {"d7", "d8", "d19999", "nobody"}
+        seats, auths, bound = await store.device_rows(clients)
+        general = await store._call(sql.device_rows(clients))
+        assert sorted(seats, key=repr) == sorted(general[0], key=repr) and len(seats) == 4
+        assert sorted(auths, key=repr) == sorted(general[1], key=repr) and len(auths) == 3
+        assert bound == general[2] == {"d8": "fp"}
+        assert {s.borrowed_until is None for s in seats} == {True, False}
+        await conn.execute("SET plan_cache_mode = force_generic_plan")  # what a prepared statement ends up with
+        await conn.execute(f"PREPARE load (text[]) AS {DEVICE_ROWS}")
+        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN EXECUTE load ('{d7,d19999}')"))
+        assert "Seq Scan on seats" not in plan and "Seq Scan on authorizations" not in plan, plan
+        assert "seats_client" in plan and "authorizations_client" in plan, plan
+    finally:
+        await conn.close()
+        await store.close()
+
+
+async def test_a_cluster_lock_cut_short_does_not_stay_held_by_a_pooled_connection(pg_url: str) -> None:
+    # The pool gives connections back without asyncpg's reset query (no pg_advisory_unlock_all): a block
+    # under `exclusive` cancelled while it holds the lock must still leave the lock free for the others.
+    store, other = PostgresStore(pg_url), PostgresStore(pg_url)
+    await store.open()
+    await other.open()
+    try:
+        inside = asyncio.Event()
+
+        async def hold() -> None:
+            async with store.exclusive(4242):
+                inside.set()
+                await asyncio.sleep(60)
+
+        task = asyncio.create_task(hold())
+        await asyncio.wait_for(inside.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(4):  # every connection of the pool in turn: none holds it
+            assert await store._fetchval("SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory'"
+                                         " AND pid = pg_backend_pid()") == 0
+        async with asyncio.timeout(5):
+            async with other.exclusive(4242):
+                pass
+        async with asyncio.timeout(5):  # and a block that ends normally gives it back too
+            async with store.exclusive(4242):
+                pass
+            async with other.exclusive(4242):
+                pass
+    finally:
+        await store.close()
+        await other.close()
 
 
 async def test_every_node_presents_one_identity(cluster: tuple[Node, Node]) -> None:

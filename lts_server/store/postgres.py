@@ -40,6 +40,7 @@ import asyncpg
 from lts_server import logs
 from lts_server.leases import NodeLeases, Upkeep
 from lts_server.store import (
+    AuthorizationRecord,
     Change,
     Conflict,
     SchemaTooNew,
@@ -47,6 +48,7 @@ from lts_server.store import (
     StoreFull,
     StoreUnavailable,
     StoreUnreachable,
+    Seat,
     Unstorable,
     WriteBatch,
     pg_batch,
@@ -93,6 +95,14 @@ FOLLOW = (
     f" LEFT JOIN LATERAL (SELECT tx, seq, {FOLLOWED}"
     " FROM events WHERE (tx, seq) > ($1, $2) AND tx < h.x AND node IS DISTINCT FROM $3"
     " ORDER BY tx, seq LIMIT $4) e ON true"
+)
+# A device load (DeviceCache) in one round trip and one snapshot: seats, authorizations and the bound
+# fingerprint of the clients in $1, as arrays of rows (sql.device_rows reads them in three statements).
+DEVICE_ROWS = (
+    f"SELECT ARRAY(SELECT ROW({sql.SEAT_COLUMNS}) FROM seats WHERE client_uuid = ANY($1::text[])) AS seats,"
+    f" ARRAY(SELECT ROW({sql.AUTHORIZATION_COLUMNS}) FROM authorizations WHERE client_uuid = ANY($1::text[]))"
+    " AS auths, ARRAY(SELECT ROW(client_uuid, fingerprint) FROM device_bindings"
+    " WHERE client_uuid = ANY($1::text[])) AS bound"
 )
 # Committed events above the horizon, newest first (Server.catch_up with fresh).
 COMMITTED_AFTER = (f"SELECT {FOLLOWED} FROM events WHERE (tx, seq) > ($1, $2) AND node IS DISTINCT FROM $3"
@@ -207,6 +217,14 @@ class _Loop:
 
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A connection given back to the pool keeps its session: no reset query (RESET ALL, UNLISTEN *,
+    pg_advisory_unlock_all: a round trip on every release, one per device load). asyncpg still rolls back
+    an open transaction first. Nothing leaves session state behind: settings are the connect's, LISTEN has
+    a connection of its own (store/pg_queue.py), and `exclusive` ends the session of a lock it cannot
+    vouch was released."""
+
+
 def _change(row: asyncpg.Record) -> Change:
     """A row of FOLLOWED columns."""
     return Change(row["type"], row["item_id"], row["client_uuid"], row["report_id"])
@@ -267,7 +285,7 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
             attempt += 1
             try:
                 self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4, password=self._password,
-                                                       command_timeout=COMMAND_TIMEOUT)
+                                                       command_timeout=COMMAND_TIMEOUT, reset=_keep_session)
                 break
             except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError,
                     asyncpg.InvalidCatalogNameError) as e:
@@ -543,6 +561,17 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
         upto = max(after, (rows[0]["x"], 0))
         return Changes([_change(r) for r in found], upto, False)
 
+    async def device_rows(self, clients: set[str]) -> tuple[list[Seat], list[AuthorizationRecord], dict[str, str]]:
+        """Every seat and authorization of `clients`, and their bound fingerprints: one statement outside a
+        transaction (the handshakes of new devices each wait for one)."""
+        try:
+            async with self._borrow() as conn:
+                row = await conn.fetchrow(DEVICE_ROWS, list(clients))
+        except FAILURES as e:
+            raise _translate(e, f"database {self.where}") from None
+        return ([sql.seat_row(r) for r in row["seats"]], [sql.authorization_row(r) for r in row["auths"]],
+                dict(tuple(r) for r in row["bound"]))
+
     async def committed_after(self, position: sql.Position) -> list[Change]:
         """Events other nodes committed after `position` that are not final yet (a transaction older than
         theirs is still in flight): the newest FOLLOW_PAGE of them, oldest first."""
@@ -558,14 +587,21 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
         """Hold a cluster-wide lock (a session advisory lock) for the block."""
         try:
             async with self._borrow() as conn:
-                await conn.execute("SELECT pg_advisory_lock($1)", key)
+                # The lock must not go back to the pool with its connection (_keep_session): if it may still
+                # be held (its statement or the unlock failed or was cancelled), the session ends, and the
+                # lock with it.
+                held = True
                 try:
-                    yield
-                finally:
+                    await conn.execute("SELECT pg_advisory_lock($1)", key)
                     try:
+                        yield
+                    finally:
                         await conn.execute("SELECT pg_advisory_unlock($1)", key)
-                    except FAILURES:  # ending the session releases the lock (and, lost, it is gone anyway)
+                        held = False
+                except BaseException:
+                    if held:
                         conn.terminate()
+                    raise
         except FAILURES as e:
             raise _translate(e, f"database {self.where}") from None
 

@@ -12,7 +12,7 @@ PostgreSQL runner numbers them).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -176,7 +176,7 @@ def load_snapshot(per_slice_types: tuple[str, ...], now_ms: int) -> Procedure[Sn
         for row in (yield from _select_in(
                 f"SELECT {AUTHORIZATION_COLUMNS} FROM authorizations WHERE expires_ms > ? AND item_id", per_slice,
                 now_ms)):
-            auth = _authorization(row)
+            auth = authorization_row(row)
             snap.authorizations[(auth.code, auth.client_uuid)] = auth
     return snap
 
@@ -225,8 +225,8 @@ def load_catalog() -> Procedure[Snapshot]:
 
 def device_rows(clients: set[str]) -> Procedure[tuple[list[Seat], list[AuthorizationRecord], dict[str, str]]]:
     """Every seat and authorization of `clients`, and the fingerprints they are bound to."""
-    seats = [_seat(r) for r in (yield from _select_in(f"SELECT {SEAT_COLUMNS} FROM seats WHERE client_uuid", clients))]
-    auths = [_authorization(r) for r in (yield from _select_in(
+    seats = [seat_row(r) for r in (yield from _select_in(f"SELECT {SEAT_COLUMNS} FROM seats WHERE client_uuid", clients))]
+    auths = [authorization_row(r) for r in (yield from _select_in(
         f"SELECT {AUTHORIZATION_COLUMNS} FROM authorizations WHERE client_uuid", clients))]
     bound = dict((yield from _select_in("SELECT client_uuid, fingerprint FROM device_bindings WHERE client_uuid",
                                         clients)))
@@ -245,13 +245,13 @@ def reload(items: set[str], clients: set[str]) -> Procedure[Reloaded]:
 
 def lapsed_seats(now_ms: int, limit: int) -> Procedure[list[Seat]]:
     """Seats whose active period ended by `now_ms`, the oldest first (index seats_expiry)."""
-    return [_seat(r) for r in (yield Query(
+    return [seat_row(r) for r in (yield Query(
         f"SELECT {SEAT_COLUMNS} FROM seats WHERE expires_ms <= ? ORDER BY expires_ms LIMIT ?", (now_ms, limit)))]
 
 
 def item_seats(item_id: str, limit: int, offset: int) -> Procedure[list[Seat]]:
     """An item's seats in the order they were granted, a page at a time."""
-    return [_seat(r) for r in (yield Query(
+    return [seat_row(r) for r in (yield Query(
         f"SELECT {SEAT_COLUMNS} FROM seats WHERE item_id = ? ORDER BY granted_ms, client_uuid LIMIT ? OFFSET ?",
         (item_id, limit, offset)))]
 
@@ -306,12 +306,12 @@ def cluster_identity(candidate: IdentityRow) -> Procedure[IdentityRow]:
     return candidate
 
 
-def _seat(row: tuple[Any, ...]) -> Seat:
+def seat_row(row: Sequence[Any]) -> Seat:
     return Seat(row[0], row[1], from_ms(row[2]), from_ms(row[3]), from_ms(row[4]), row[5],
                 from_ms(row[6]) if row[6] is not None else None)
 
 
-def _authorization(row: tuple[Any, ...]) -> AuthorizationRecord:
+def authorization_row(row: Sequence[Any]) -> AuthorizationRecord:
     return AuthorizationRecord(row[0], row[1], row[2], row[3], from_ms(row[4]), from_ms(row[5]))
 
 
