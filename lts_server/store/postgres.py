@@ -132,6 +132,16 @@ def numbered(statement: str) -> str:
     return re.sub(r"\?", number, statement)
 
 
+@lru_cache(maxsize=64)
+def unnested(statement: str, columns: tuple[str, ...]) -> str:
+    """An INSERT ... VALUES (?, ...) for all its rows at once: VALUES becomes a SELECT from the columns'
+    arrays (sql.Many with columns)."""
+    values = "VALUES (" + ",".join("?" * len(columns)) + ")"
+    assert statement.count(values) == 1, statement
+    arrays = ", ".join(f"${n}::{kind}[]" for n, kind in enumerate(columns, 1))
+    return statement.replace(values, f"SELECT * FROM unnest({arrays})")
+
+
 def _rowcount(status: str) -> int:
     """asyncpg's command tag ('UPDATE 1', 'INSERT 0 1', 'DELETE 3') as a row count."""
     tail = status.rsplit(" ", 1)[-1]
@@ -149,7 +159,10 @@ async def drive(conn: asyncpg.Connection, proc: sql.Procedure[T]) -> T:
             elif isinstance(statement, sql.Exec):
                 answer = _rowcount(await conn.execute(numbered(statement.sql), *statement.params))
             else:
-                if statement.rows:
+                if statement.rows and statement.columns:
+                    await conn.execute(unnested(statement.sql, statement.columns),
+                                       *(list(column) for column in zip(*statement.rows)))
+                elif statement.rows:
                     await conn.executemany(numbered(statement.sql), statement.rows)
                 answer = None
     except StopIteration as done:

@@ -84,8 +84,13 @@ class Exec:
 
 @dataclass(frozen=True)
 class Many:
+    """One INSERT ... VALUES (?, ...) for each row. With `columns` (the PostgreSQL type of each value, in
+    order), PostgreSQL takes all the rows in one statement, their columns as arrays (the rows then must not
+    repeat a conflict key: one statement may not update a row twice); SQLite runs the rows one by one."""
+
     sql: str
     rows: list[tuple[Any, ...]]
+    columns: tuple[str, ...] = ()
 
 
 Statement = Query | Exec | Many
@@ -678,18 +683,21 @@ def _write_counters(counters: dict[Bucket, Counters]) -> Procedure[None]:
     rows = [(*k, c.granted, c.refused, c.units, c.devices, c.instances) for k, c in counters.items()
             if c.granted or c.refused or c.units or c.devices or c.instances]
     if rows:
-        yield Many(UPSERT_COUNTERS, rows)
+        yield Many(UPSERT_COUNTERS, rows, ("text", "text", "text", "bigint", "bigint", "bigint", "bigint", "bigint",
+                                           "bigint"))
 
 
 def _write_marks(marks: Marks) -> Procedure[None]:
     if marks.changed_clients:
         yield Many("INSERT INTO rollup_clients (client_uuid, id, marks) VALUES (?,?,?)"
                    " ON CONFLICT (client_uuid) DO UPDATE SET marks = excluded.marks",
-                   [(c, marks.clients[c].id, encode_client(marks.clients[c].keys)) for c in marks.changed_clients])
+                   [(c, marks.clients[c].id, encode_client(marks.clients[c].keys)) for c in marks.changed_clients],
+                   ("text", "bigint", "bytea"))
     if marks.changed_days:
         yield Many("INSERT INTO rollup_days (day, client, marks) VALUES (?,?,?)"
                    " ON CONFLICT (day, client) DO UPDATE SET marks = excluded.marks",
-                   [(day, marks.clients[c].id, encode_day(marks.days[(c, day)])) for c, day in marks.changed_days])
+                   [(day, marks.clients[c].id, encode_day(marks.days[(c, day)])) for c, day in marks.changed_days],
+                   ("integer", "bigint", "bytea"))
 
 
 def rollup_conversion() -> Procedure[int]:
