@@ -25,7 +25,7 @@ from aiohttp import hdrs, web
 from yarl import URL
 
 import lts_server
-from lts_server import identity, logs, writer
+from lts_server import identity, logs, signer, writer
 from lts_server.config import Config
 from lts_server.core import handshake as hs
 from lts_server.server import BACKLOG, connection_limits, tls_context
@@ -141,7 +141,7 @@ class Front:
         self.worker = worker
         ident = identity.load_or_create(cfg.state_dir)  # the writer made it before any front started
         self.key_id = ident.key_id
-        self.signer = BatchSigner(ident.signing_key)
+        self.signer = BatchSigner(ident.signing_key, signer.threaded(cfg.server.workers, cfg.storage.backend))
         self.link = WriterLink(writer.socket_path(cfg.state_dir, writer.FRAMES))
         self.stopping = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None

@@ -17,7 +17,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lts_server import config as config_mod
-from lts_server import identity, licensefile, logs, writer
+from lts_server import identity, licensefile, logs, signer, writer
 from lts_server.alerts import Alerter
 from lts_server.archive import Archiver
 from lts_server.clock import ClockGuard, ClockStatus
@@ -214,7 +214,8 @@ class Server:
                 alerter.request_check()
 
         importer.on_import = imported
-        self.services = Services(cfg, ident, store, ledger, importer, BatchSigner(ident.signing_key), alerter,
+        signing = BatchSigner(ident.signing_key, signer.threaded(cfg.server.workers, cfg.storage.backend))
+        self.services = Services(cfg, ident, store, ledger, importer, signing, alerter,
                                  metrics, Archiver(store, cfg.archive_dir), catch_up=self.catch_up if isinstance(store, PostgresStore) else None,
                                  clock=guard)
         guard.check()

@@ -1,0 +1,72 @@
+"""Signing authorizations on the loop or on a thread, and the CPUs that decide which (lts_server/cpus.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from lts_server import cpus, signer
+from lts_server.signer import BatchSigner
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+async def test_every_request_of_a_batch_gets_the_signature_of_its_own_data(threaded: bool) -> None:
+    key = Ed25519PrivateKey.generate()
+    signing = BatchSigner(key, threaded)
+    data = [f"authorization {i}".encode() for i in range(50)]
+    signatures = await asyncio.gather(*(signing.sign(d) for d in data))
+    for d, s in zip(data, signatures):
+        key.public_key().verify(base64.b64decode(s), d)  # raises InvalidSignature on a mix-up
+    assert len(set(signatures)) == 50
+
+
+def _tree(tmp_path: Path, cgroup: str, files: dict[str, str]) -> tuple[Path, Path]:
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    proc.mkdir(parents=True)
+    (proc / "cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return proc, root
+
+
+def test_a_v1_quota_of_a_quarter_core_is_a_quarter_cpu(tmp_path: Path) -> None:
+    proc, root = _tree(tmp_path, "4:memory:/x\n1:cpu,cpuacct:/bench/node\n0::/\n", {
+        "cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000",
+        "cpu,cpuacct/bench/node/cpu.cfs_quota_us": "25000", "cpu,cpuacct/bench/node/cpu.cfs_period_us": "100000"})
+    assert cpus.available(proc, root) == 0.25
+
+
+def test_a_v2_parent_quota_caps_a_child_without_one(tmp_path: Path) -> None:
+    proc, root = _tree(tmp_path, "0::/system.slice/lts.service\n", {
+        "cpu.max": "max 100000", "system.slice/cpu.max": "150000 100000",
+        "system.slice/lts.service/cpu.max": "max 100000"})
+    assert cpus.available(proc, root) == 1.5
+
+
+def test_no_quota_or_unreadable_cgroups_leave_the_affinity(tmp_path: Path) -> None:
+    affinity = float(len(os.sched_getaffinity(0)))
+    proc, root = _tree(tmp_path, "0::/a\n", {"a/cpu.max": "max 100000"})
+    assert cpus.available(proc, root) == affinity
+    proc2, root2 = _tree(tmp_path / "b", "0::/gone\n", {})
+    assert cpus.available(proc2, root2) == affinity
+    assert cpus.available(tmp_path / "no-proc", root2) == affinity
+
+
+@pytest.mark.parametrize(("available", "workers", "store", "expected"), [
+    (2.0, 1, "sqlite", False),       # this machine: the loop signs
+    (0.25, 1, "postgresql", False),  # a capped node
+    (4.0, 1, "sqlite", True),
+    (8.0, 2, "sqlite", True),        # two fronts and the writer: 2.7 CPUs each
+    (6.0, 2, "sqlite", False),       # 2.0 each
+    (6.0, 2, "postgresql", True),    # two nodes' processes, no writer
+])
+def test_the_thread_is_used_only_with_more_than_two_cpus_per_process(
+        monkeypatch: pytest.MonkeyPatch, available: float, workers: int, store: str, expected: bool) -> None:
+    monkeypatch.setattr(cpus, "available", lambda: available)
+    assert signer.threaded(workers, store) is expected
