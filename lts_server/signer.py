@@ -1,13 +1,15 @@
 """Signs authorizations, many per loop iteration, off the event loop where a spare CPU is likely.
 
 Requests that ask in the same loop iteration (a committed batch resumes
-together) are signed together. Ed25519 signing releases the GIL (two threads
-sign about twice as fast as one: bench/handshake/micro.py, docs/design.md
-"Signing on the loop or on a thread"), so on a thread the signatures run on another core while the loop
-serves requests - if a core is free. The hop costs more CPU than the
-signatures it moves (a futex wake-up there, the way back to the loop), so
-with two CPUs or fewer per process of the daemon the batch is signed on the
-loop (`threaded` False): measured on two cores, 7-19% more grants per second.
+together) are signed together. Ed25519 signing releases the GIL (two
+threads sign about twice as fast as one: bench/handshake/micro.py), so on a
+thread the signatures run on another core while the loop serves requests,
+if a core is free. The hop costs more CPU than the signatures it moves (a
+futex wake-up there, the way back to the loop), so with two CPUs or fewer
+per process of the daemon the batch is signed on the loop (`threaded`
+False): 4-30% more grants per second in all but one of the targets
+measured on two cores (docs/design.md, "Signing on the loop or on a
+thread").
 """
 
 from __future__ import annotations

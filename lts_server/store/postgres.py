@@ -44,11 +44,11 @@ from lts_server.store import (
     Change,
     Conflict,
     SchemaTooNew,
+    Seat,
     StoreError,
     StoreFull,
     StoreUnavailable,
     StoreUnreachable,
-    Seat,
     Unstorable,
     WriteBatch,
     pg_batch,
@@ -609,10 +609,13 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
                     try:
                         yield
                     finally:
-                        await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                        try:
+                            await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                        except FAILURES:  # ending the session releases the lock (and, lost, it is gone anyway)
+                            conn.terminate()
                         held = False
                 except BaseException:
-                    if held:
+                    if held:  # the lock's statement or the unlock failed or was cancelled
                         conn.terminate()
                     raise
         except FAILURES as e:
