@@ -50,13 +50,19 @@ class BatchSigner:
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
-        if not self.threaded:
-            for (_, future), signature in zip(batch, self._sign_all([d for d, _ in batch])):
-                if not future.done():
-                    future.set_result(signature)
-            return
-        task = asyncio.get_running_loop().run_in_executor(None, self._sign_all, [d for d, _ in batch])
-        task.add_done_callback(lambda t: self._deliver(t, batch))
+        loop = asyncio.get_running_loop()
+        if self.threaded:
+            task = loop.run_in_executor(None, self._sign_all, [d for d, _ in batch])
+        else:
+            task = loop.create_future()
+            try:
+                task.set_result(self._sign_all([d for d, _ in batch]))
+            except Exception as e:  # every request of the batch gets the error, none waits for ever
+                task.set_exception(e)
+        if task.done():
+            self._deliver(task, batch)
+        else:
+            task.add_done_callback(lambda t: self._deliver(t, batch))
 
     def _sign_all(self, items: list[bytes]) -> list[bytes]:
         return [base64.b64encode(self._key.sign(d)) for d in items]

@@ -25,6 +25,18 @@ async def test_every_request_of_a_batch_gets_the_signature_of_its_own_data(threa
     assert len(set(signatures)) == 50
 
 
+@pytest.mark.parametrize("threaded", [False, True])
+async def test_a_failed_signature_fails_its_batch_instead_of_leaving_it_waiting(threaded: bool) -> None:
+    class Broken:
+        def sign(self, data: bytes) -> bytes:
+            raise ValueError("no key")
+
+    signing = BatchSigner(Broken(), threaded)  # type: ignore[arg-type]
+    results = await asyncio.wait_for(asyncio.gather(signing.sign(b"a"), signing.sign(b"b"),
+                                                    return_exceptions=True), 5)
+    assert [type(r) for r in results] == [ValueError, ValueError]
+
+
 def _tree(tmp_path: Path, cgroup: str, files: dict[str, str]) -> tuple[Path, Path]:
     proc, root = tmp_path / "proc", tmp_path / "cgroup"
     proc.mkdir(parents=True)
