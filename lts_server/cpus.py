@@ -20,6 +20,8 @@ def available(proc: Path = Path("/proc/self"), cgroups: Path = Path("/sys/fs/cgr
     except OSError:
         return cpus
     for line in lines:
+        if line.count(":") < 2:  # not a cgroup line (some sandboxes' /proc): no quota from it
+            continue
         number, controllers, path = line.split(":", 2)
         if number == "0" and not controllers:  # v2: the one hierarchy
             cpus = min(cpus, _quota(cgroups, path, _v2))
@@ -32,13 +34,18 @@ def available(proc: Path = Path("/proc/self"), cgroups: Path = Path("/sys/fs/cgr
 
 
 def _quota(root: Path, path: str, read: Callable[[Path], float]) -> float:
-    """The smallest quota of the group at `path` under `root` and of its ancestors (inf: none)."""
+    """The smallest quota of the group at `path` under `root` and of its ancestors (inf: none).
+
+    Inside a container without a cgroup namespace the path is the host's (/docker/<id>/system.slice/x)
+    while `root` is the container's own group: the group is the longest tail of the path found under
+    `root` (system.slice/x), else `root` itself."""
     least = float("inf")
-    group = root / path.strip("/")
+    parts = [p for p in path.split("/") if p and p != ".."]
+    group = next((root.joinpath(*parts[i:]) for i in range(len(parts)) if root.joinpath(*parts[i:]).is_dir()), root)
     while True:
         try:
             least = min(least, read(group))
-        except (OSError, ValueError):
+        except (OSError, ValueError, ZeroDivisionError):
             pass
         if group == root or root not in group.parents:
             return least

@@ -61,10 +61,24 @@ def test_a_v2_parent_quota_caps_a_child_without_one(tmp_path: Path) -> None:
     assert cpus.available(proc, root) == 1.5
 
 
+def test_in_a_container_the_hosts_path_finds_the_containers_own_nested_group(tmp_path: Path) -> None:
+    # cgroup v1 without a namespace: /proc says the host's path, /sys/fs/cgroup/cpu is the container's group.
+    proc, root = _tree(tmp_path, "3:cpu,cpuacct:/docker/abc/system.slice/lts.service\n", {
+        "cpu,cpuacct/cpu.cfs_quota_us": "200000", "cpu,cpuacct/cpu.cfs_period_us": "100000",
+        "cpu,cpuacct/system.slice/lts.service/cpu.cfs_quota_us": "50000",
+        "cpu,cpuacct/system.slice/lts.service/cpu.cfs_period_us": "100000"})
+    assert cpus.available(proc, root) == min(0.5, len(os.sched_getaffinity(0)))
+    proc2, root2 = _tree(tmp_path / "flat", "3:cpu,cpuacct:/docker/abc\n", {
+        "cpu,cpuacct/cpu.cfs_quota_us": "150000", "cpu,cpuacct/cpu.cfs_period_us": "100000"})
+    assert cpus.available(proc2, root2) == min(1.5, len(os.sched_getaffinity(0)))
+
+
 def test_no_quota_or_unreadable_cgroups_leave_the_affinity(tmp_path: Path) -> None:
     affinity = float(len(os.sched_getaffinity(0)))
     proc, root = _tree(tmp_path, "0::/a\n", {"a/cpu.max": "max 100000"})
     assert cpus.available(proc, root) == affinity
+    odd, root3 = _tree(tmp_path / "odd", "\nnot a cgroup line\n0::/z\n", {"z/cpu.max": "5000 0"})
+    assert cpus.available(odd, root3) == affinity
     proc2, root2 = _tree(tmp_path / "b", "0::/gone\n", {})
     assert cpus.available(proc2, root2) == affinity
     assert cpus.available(tmp_path / "no-proc", root2) == affinity
