@@ -41,13 +41,14 @@ def _quota(root: Path, path: str, read: Callable[[Path], float]) -> float:
     `root` (system.slice/x), else `root` itself."""
     least = float("inf")
     parts = [p for p in path.split("/") if p and p != ".."]
-    group = next((root.joinpath(*parts[i:]) for i in range(len(parts)) if root.joinpath(*parts[i:]).is_dir()), root)
+    tails = (root.joinpath(*parts[i:]) for i in range(len(parts)))
+    group = next((g for g in tails if g.is_dir()), root)
     while True:
         try:
             least = min(least, read(group))
         except (OSError, ValueError, ZeroDivisionError):
             pass
-        if group == root or root not in group.parents:
+        if group == root:
             return least
         group = group.parent
 

@@ -141,7 +141,7 @@ class Front:
         self.worker = worker
         ident = identity.load_or_create(cfg.state_dir)  # the writer made it before any front started
         self.key_id = ident.key_id
-        self.signer = BatchSigner(ident.signing_key, signer.threaded(cfg.server.workers, cfg.storage.backend))
+        self.signer = BatchSigner(ident.signing_key, signer.use_thread(cfg.server.workers, cfg.storage.backend))
         self.link = WriterLink(writer.socket_path(cfg.state_dir, writer.FRAMES))
         self.stopping = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None

@@ -214,7 +214,7 @@ class Server:
                 alerter.request_check()
 
         importer.on_import = imported
-        signing = BatchSigner(ident.signing_key, signer.threaded(cfg.server.workers, cfg.storage.backend))
+        signing = BatchSigner(ident.signing_key, signer.use_thread(cfg.server.workers, cfg.storage.backend))
         self.services = Services(cfg, ident, store, ledger, importer, signing, alerter,
                                  metrics, Archiver(store, cfg.archive_dir), catch_up=self.catch_up if isinstance(store, PostgresStore) else None,
                                  clock=guard)

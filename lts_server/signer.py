@@ -6,7 +6,7 @@ threads sign about twice as fast as one: bench/handshake/micro.py), so on a
 thread the signatures run on another core while the loop serves requests,
 if a core is free. The hop costs more CPU than the signatures it moves (a
 futex wake-up there, the way back to the loop), so with two CPUs or fewer
-per process of the daemon the batch is signed on the loop (`threaded`
+per process of the daemon the batch is signed on the loop (`use_thread`
 False): 4-30% more grants per second in all but one of the targets
 measured on two cores (docs/design.md, "Signing on the loop or on a
 thread").
@@ -25,7 +25,7 @@ from lts_server import cpus
 THREAD_CPUS_PER_PROCESS = 2.0
 
 
-def threaded(workers: int, backend: str) -> bool:
+def use_thread(workers: int, backend: str) -> bool:
     """Whether a daemon of `workers` (server.workers) on `backend` (storage.backend) signs on a thread: more
     than THREAD_CPUS_PER_PROCESS CPUs (affinity and cgroup quota) for each of its processes (the workers,
     and SQLite's writer beside several)."""

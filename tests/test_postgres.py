@@ -106,6 +106,16 @@ async def test_two_stores_opening_an_empty_database_together_migrate_it_once(pg_
             await s.close()
 
 
+async def _twenty_thousand_devices(conn: asyncpg.Connection) -> None:
+    """Devices d1..d20000, each with a seat (every other one borrowed) and an authorization, analyzed."""
+    await conn.execute("INSERT INTO seats (item_id, client_uuid, granted_ms, refreshed_ms, expires_ms, code,"
+                       " borrowed_until_ms) SELECT 'i' || (g % 3), 'd' || g, g, g + 1, g + 2, 'c',"
+                       " CASE WHEN g % 2 = 0 THEN g + 3 END FROM generate_series(1, 20000) g")
+    await conn.execute("INSERT INTO authorizations (code, client_uuid, item_id, instances, granted_ms, expires_ms)"
+                       " SELECT 'c' || (g % 3), 'd' || g, 'i', 2, g, g + 9 FROM generate_series(1, 20000) g")
+    await conn.execute("ANALYZE seats; ANALYZE authorizations")
+
+
 async def test_following_reads_a_devices_rows_by_index_not_the_whole_tables(pg_url: str) -> None:
     # What a node re-reads for the devices other nodes changed (store/sql.py reload), with
     # 20,000 seats and authorizations in the tables: by index, never a scan of all of them.
@@ -113,11 +123,7 @@ async def test_following_reads_a_devices_rows_by_index_not_the_whole_tables(pg_u
     await store.open()
     conn = await asyncpg.connect(pg_url)
     try:
-        await conn.execute("INSERT INTO seats (item_id, client_uuid, granted_ms, refreshed_ms, expires_ms)"
-                           " SELECT 'i' || (g % 3), 'd' || g, 0, 0, 0 FROM generate_series(1, 20000) g")
-        await conn.execute("INSERT INTO authorizations (code, client_uuid, item_id, instances, granted_ms, expires_ms)"
-                           " SELECT 'c' || (g % 3), 'd' || g, 'i', 1, 0, 0 FROM generate_series(1, 20000) g")
-        await conn.execute("ANALYZE seats; ANALYZE authorizations")
+        await _twenty_thousand_devices(conn)
         for table in ("seats", "authorizations"):
             plan = "\n".join(r[0] for r in await conn.fetch(
                 f"EXPLAIN SELECT * FROM {table} WHERE client_uuid IN ('d7', 'd19999')"))
@@ -134,15 +140,11 @@ async def test_a_device_load_reads_every_row_of_the_devices_in_one_statement_by_
     await store.open()
     conn = await asyncpg.connect(pg_url)
     try:
-        await conn.execute("INSERT INTO seats (item_id, client_uuid, granted_ms, refreshed_ms, expires_ms, code,"
-                           " borrowed_until_ms) SELECT 'i' || (g % 3), 'd' || g, g, g + 1, g + 2, 'c',"
-                           " CASE WHEN g % 2 = 0 THEN g + 3 END FROM generate_series(1, 20000) g")
+        await _twenty_thousand_devices(conn)
         await conn.execute("INSERT INTO seats (item_id, client_uuid, granted_ms, refreshed_ms, expires_ms)"
                            " VALUES ('j', 'd7', 1, 2, 3)")
-        await conn.execute("INSERT INTO authorizations (code, client_uuid, item_id, instances, granted_ms, expires_ms)"
-                           " SELECT 'c' || (g % 3), 'd' || g, 'i', 2, g, g + 9 FROM generate_series(1, 20000) g")
         await conn.execute("INSERT INTO device_bindings (client_uuid, fingerprint, bound_ms) VALUES ('d8', 'fp', 0)")
-        await conn.execute("ANALYZE seats; ANALYZE authorizations; ANALYZE device_bindings")
+        await conn.execute("ANALYZE seats; ANALYZE device_bindings")
         clients = {"d7", "d8", "d19999", "nobody"}
         seats, auths, bound = await store.device_rows(clients)
         general = await store._call(sql.device_rows(clients))

@@ -95,4 +95,4 @@ def test_no_quota_or_unreadable_cgroups_leave_the_affinity(tmp_path: Path) -> No
 def test_the_thread_is_used_only_with_more_than_two_cpus_per_process(
         monkeypatch: pytest.MonkeyPatch, available: float, workers: int, store: str, expected: bool) -> None:
     monkeypatch.setattr(cpus, "available", lambda: available)
-    assert signer.threaded(workers, store) is expected
+    assert signer.use_thread(workers, store) is expected

@@ -229,7 +229,6 @@ class _Loop:
             self.loop.close()
 
 
-
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """A connection given back to the pool keeps its session: no reset query (RESET ALL, UNLISTEN *,
     pg_advisory_unlock_all: a round trip on every release, one per device load). asyncpg still rolls back
@@ -241,6 +240,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 def _change(row: asyncpg.Record) -> Change:
     """A row of FOLLOWED columns."""
     return Change(row["type"], row["item_id"], row["client_uuid"], row["report_id"])
+
 
 class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
     shared = True  # other nodes may write the same database
