@@ -30,11 +30,11 @@ import gzip
 import json
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from lts_server import logs
 from lts_server.core.times import iso, to_ms
@@ -51,6 +51,13 @@ FILE_EVENTS = 1_000_000  # events per archive file at most
 SUFFIX = ".ndjson.gz"
 # The names this module gives files (being written, and sealed); nothing else in the folder is touched.
 OWN_NAME = re.compile(r"^events-\d{12}(\.partial|-\d{12}-\d{8}T\d{6}Z\.ndjson\.gz)$")
+
+T = TypeVar("T")
+
+
+class ArchiveUnwritable(Exception):
+    """The archive folder cannot be read or written (full, read-only, missing): the run stopped before
+    deleting any event it had not recorded in a durable file."""
 
 
 def event_values(stored: StoredEvent) -> tuple[Any, ...]:
@@ -84,7 +91,7 @@ class Archiver:
     async def run(self, before: datetime, now: datetime) -> ArchiveReport:
         async with self._running, self._exclusive():
             report = ArchiveReport()
-            await asyncio.to_thread(self.folder.mkdir, parents=True, exist_ok=True, mode=0o700)
+            await self._on_disk(self.folder.mkdir, parents=True, exist_ok=True, mode=0o700)
             await self._recover(report, now)
             before_ms = to_ms(before)
             horizon = await self.store.archive_horizon(before_ms)
@@ -116,10 +123,19 @@ class Archiver:
                 report.resumed += 1
                 report.resumed_events += await self._delete(row, now)
         named = {row.path for row in rows}
-        for leftover in await asyncio.to_thread(self._unrecorded, named):
+        for leftover in await self._on_disk(self._unrecorded, named):
             # Its events never left the log (no row, so no delete): archived again by this run.
-            await asyncio.to_thread(leftover.unlink)
+            await self._on_disk(leftover.unlink)
             logs.event("events.archive_leftover_removed", path=str(leftover))
+
+    async def _on_disk(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn` on a thread; an OSError of the folder's comes out as ArchiveUnwritable, saying which and why."""
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except OSError as e:
+            raise ArchiveUnwritable(f"the archive folder {self.folder} cannot be written: "
+                                    f"{e.strerror or e}; every event is still in the database or in a durable archive file; "
+                                    "free space (or fix the folder's permissions), then retry") from e
 
     def _unrecorded(self, named: set[str]) -> list[Path]:
         return [p for p in self.folder.iterdir() if OWN_NAME.match(p.name) and str(p) not in named]
@@ -132,20 +148,21 @@ class Archiver:
             return None, after
         first = page[0].seq
         partial = self.folder / f"events-{first:012d}.partial"
-        out = await asyncio.to_thread(_open, partial)
+        out = await self._on_disk(_open, partial)
         count = 0
         try:
             while page:
-                await asyncio.to_thread(_write, out, page)
+                await self._on_disk(_write, out, page)
                 count += len(page)
                 after = page[-1].seq
                 if count >= FILE_EVENTS:
                     break
                 page = await self.store.archivable_page(after, horizon, before_ms, READ_PAGE)
             final = self.folder / f"events-{first:012d}-{after:012d}-{now.strftime('%Y%m%dT%H%M%SZ')}{SUFFIX}"
-            size = await asyncio.to_thread(_seal, out, partial, final)
+            size = await self._on_disk(_seal, out, partial, final)
         except BaseException:
-            await asyncio.to_thread(out.close)
+            # Not left behind on a full disk (the next run would remove it, but it holds space till then).
+            await asyncio.to_thread(_discard, out, partial)
             raise
         row = await self.store.record_archive(str(final), first, after, before_ms, count, size, to_ms(now), horizon)
         return row, after
@@ -166,6 +183,13 @@ def _open(path: Path) -> IO[bytes]:
 def _write(out: IO[bytes], page: list[StoredEvent]) -> None:
     # One gzip member per page: a valid gzip file (members concatenate), and no state kept between pages.
     out.write(gzip.compress("".join(archive_line(e) for e in page).encode(), compresslevel=6))
+
+
+def _discard(out: IO[bytes], partial: Path) -> None:
+    with contextlib.suppress(OSError):  # closing flushes the buffer: on a full disk that fails too
+        out.close()
+    with contextlib.suppress(OSError):
+        partial.unlink(missing_ok=True)
 
 
 def _seal(out: IO[bytes], partial: Path, final: Path) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
+import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from lts_server import archive as archive_mod
 from lts_server import config as config_mod
 from lts_server import server as server_mod
 from lts_server.archive import Archiver
@@ -208,6 +211,47 @@ async def test_a_crash_between_the_file_and_the_delete_loses_nothing_and_doubles
         ((1, 13) if crash_in == "delete_archived" else (0, 13))
     assert len(list(archiver.folder.iterdir())) == 1
     assert await statistics(running) == stats_before
+
+
+@pytest.mark.parametrize("fault", ["disk full", "not a folder"])
+async def test_an_archive_folder_that_cannot_be_written_answers_503_and_loses_nothing(
+        running: Running, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    """A full disk (or a folder that is a file) under archive_dir: the admin is told which folder and why,
+    the events stay in the log, no half-written file is left, and the next run after the fix archives."""
+    await setup_traffic(running)
+    await two_days_later(running)
+    assert (await running.handshake(handshakeCode="216998-L1", clientUuid="new-1"))[0] == 200
+    await running.server.roll_up()
+    events_before = await exported(running)
+    folder = archive_folder(running)
+    if fault == "disk full":
+        def full(out: Any, page: Any) -> None:
+            out.write(b"part of a page")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(archive_mod, "_write", full)
+        reason = os.strerror(errno.ENOSPC)
+    else:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.write_bytes(b"")  # a file where the folder should be
+        reason = "File exists"
+
+    async with running.session.post(f"{running.url}/api/v1/admin/events/archive",
+                                    json={"before": iso(running.clock.now - timedelta(days=1))}) as resp:
+        status, body, retry = resp.status, await resp.json(), resp.headers.get("Retry-After")
+
+    assert (status, retry) == (503, "30"), body
+    message = body["error"]["message"]
+    assert str(folder) in message and reason in message, message
+    assert "database" not in message.split(";")[0]  # the folder's fault, not the database's
+    assert await exported(running) == events_before
+    if fault == "disk full":
+        assert list(folder.iterdir()) == []  # the .partial file is gone
+        monkeypatch.undo()
+    else:
+        folder.unlink()
+    status, body = await archive(running, iso(running.clock.now - timedelta(days=1)))
+    assert status == 200 and body["events"] == 13
+    assert len(archived_lines(folder)) == 13
 
 
 async def test_retain_days_archives_old_device_events_on_its_own(

@@ -597,7 +597,9 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: int) -> AsyncIterator[None]:
-        """Hold a cluster-wide lock (a session advisory lock) for the block."""
+        """Hold a cluster-wide lock (a session advisory lock) for the block. What the block raises comes out
+        as it was: an OSError of the block's own (a file it writes) is not the database going away."""
+        raised: BaseException | None = None
         try:
             async with self._borrow() as conn:
                 # The lock must not go back to the pool with its connection (_keep_session): if it may still
@@ -608,6 +610,9 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
                     await conn.execute("SELECT pg_advisory_lock($1)", key)
                     try:
                         yield
+                    except BaseException as e:
+                        raised = e
+                        raise
                     finally:
                         try:
                             await conn.execute("SELECT pg_advisory_unlock($1)", key)
@@ -619,6 +624,8 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
                         conn.terminate()
                     raise
         except FAILURES as e:
+            if e is raised:
+                raise
             raise _translate(e, f"database {self.where}") from None
 
     async def log_position(self) -> sql.Position:

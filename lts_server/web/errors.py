@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from lts_server import logs
+from lts_server.archive import ArchiveUnwritable
 from lts_server.core.codes import CodeError
 from lts_server.core.versions import PROTOCOL_VERSIONS, protocol_problem
 from lts_server.errors import Code, Refusal
@@ -171,6 +172,9 @@ def error_answer(request: web.BaseRequest, error: Exception) -> web.Response:
     except StoreError as e:
         logs.event_limited("http.store_error", logs.logging.ERROR, path=request.path, error=str(e))
         return error_response(503, "storage error, nothing was recorded; retry later", headers={"Retry-After": "30"})
+    except ArchiveUnwritable as e:  # the admin asked for the run: the folder and the reason are theirs to see
+        logs.event_limited("http.archive_unwritable", logs.logging.ERROR, path=request.path, error=str(e))
+        return error_response(503, str(e), headers={"Retry-After": "30"})
     except LedgerClosed as e:
         return error_response(503, str(e), headers={"Retry-After": "5"})
     except JobFailed as e:
