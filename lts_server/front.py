@@ -27,7 +27,6 @@ from yarl import URL
 import lts_server
 from lts_server import identity, logs, signer, writer
 from lts_server.config import Config
-from lts_server.core import handshake as hs
 from lts_server.server import BACKLOG, connection_limits, tls_context
 from lts_server.signer import BatchSigner
 from lts_server.web import connections, device, metrics
@@ -36,6 +35,7 @@ from lts_server.web.auth import FRONT_PEER
 from lts_server.web.connections import GUARD, ConnectionGuard, ProtocolLog
 from lts_server.web.errors import error_answer, error_response, json_protocol_errors
 from lts_server.web.portal import NOSNIFF
+from lts_server.web.schemas import HandshakeBody
 from lts_server.writerwire import HEADER, Ask, BadFrame, Reply, decode_replies, frame, frame_length
 
 RECONNECT_SECONDS = 0.1
@@ -109,7 +109,7 @@ class WriterLink:
             if not future.done():
                 future.set_exception(WriterGone())
 
-    async def ask(self, request: hs.Request, fingerprint: str | None) -> Reply:
+    async def ask(self, request: HandshakeBody, fingerprint: str | None) -> Reply:
         if self._stream is None or self._stream.is_closing():
             raise WriterGone()
         loop = asyncio.get_running_loop()
@@ -180,10 +180,13 @@ class Front:
     async def handshake(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await device.read_json_body(request)
-            parsed, req, fingerprint = device.parse_handshake(body)
+            parsed, _, fingerprint = device.parse_handshake(body)
             if parsed.wait_seconds:  # it waits in the writer's seat queue
                 return await self.forward(request, body)
-            reply = await self.link.ask(req, fingerprint)
+            if parsed.device_fingerprint is not None or parsed.wait_seconds is not None:
+                # The fingerprint's hash travels instead; a wait of 0 is no wait.
+                parsed = msgspec.structs.replace(parsed, device_fingerprint=None, wait_seconds=None)
+            reply = await self.link.ask(parsed, fingerprint)
         except WriterGone:
             return writer_gone()
         except Exception as e:

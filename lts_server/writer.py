@@ -152,8 +152,9 @@ class WriterSocket:
         issued = services.ledger.clock()
         if (refused := device.clock_refusal(services, issued)) is not None:
             return _whole(ask.id, refused), refused
-        outcome = await services.ledger.handshake(ask.request, ask.fingerprint)
-        settled = device.settle(services, ask.request, outcome, issued)
+        request = device.to_request(ask.request)
+        outcome = await services.ledger.handshake(request, ask.fingerprint)
+        settled = device.settle(services, request, outcome, issued)
         if isinstance(settled, web.Response):
             return _whole(ask.id, settled), settled
         assert outcome.report_key is not None

@@ -4,16 +4,21 @@ the writer answers, and the bytes on the Unix socket.
 A frame is a 4-byte big-endian length and that many bytes of MessagePack: a list of asks (front to writer)
 or of replies (writer to front), as many as were ready in one turn of the sender's event loop. Each ask has
 an id of its front's choosing; its reply carries the same id, in any order.
+
+The writer trusts no front: an ask carries the handshake as the HTTP body's schema (web/schemas.py
+HandshakeBody), so decoding it checks the same lengths, patterns and ranges as the HTTP edge did, and text
+holding a NUL (which the edge refuses in the JSON) is refused here too. An ask that fails makes its whole frame
+a BadFrame: nothing of it is decided, and the connection it came on is closed.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import Annotated
 
 import msgspec
 
-from lts_server.core import handshake as hs
-from lts_server.web.schemas import Authorization
+from lts_server.web.schemas import Authorization, HandshakeBody
 
 # A frame over this is refused unread: no front sends one (a handshake body is at most MAX_BODY bytes).
 MAX_FRAME = 16 * 1024 * 1024
@@ -22,10 +27,11 @@ HEADER = struct.Struct(">I")
 
 class Ask(msgspec.Struct, array_like=True, frozen=True):
     """A handshake the front process validated (not one that waits for a seat: those go to the writer whole)."""
-    id: int
-    request: hs.Request
+    id: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    # The body as decoded, less its deviceFingerprint (the hash below stands for it) and waitSeconds.
+    request: HandshakeBody
     # SHA-256 (hex) of the device's fingerprint, as the ledger keeps it.
-    fingerprint: str | None = None
+    fingerprint: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")] | None = None
 
 
 class Reply(msgspec.Struct, array_like=True, frozen=True):
@@ -65,9 +71,17 @@ def frame_length(header: bytes) -> int:
 
 def decode_asks(body: bytes) -> list[Ask]:
     try:
-        return _asks.decode(body)
+        asks = _asks.decode(body)
     except (msgspec.DecodeError, ValueError) as e:
         raise BadFrame(f"not a list of asks: {e}") from None
+    for ask in asks:
+        request = ask.request
+        if request.device_fingerprint is not None or request.wait_seconds is not None:
+            raise BadFrame(f"ask {ask.id}: deviceFingerprint and waitSeconds do not travel in an ask")
+        for name, value in zip(request.__struct_fields__, msgspec.structs.astuple(request)):
+            if isinstance(value, str) and "\x00" in value:
+                raise BadFrame(f"ask {ask.id}: {name} holds the NUL character")
+    return asks
 
 
 def decode_replies(body: bytes) -> list[Reply]:

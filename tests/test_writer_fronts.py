@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -213,6 +214,49 @@ def test_frames_the_writer_cannot_decode_close_the_connection_and_harm_nothing(f
 
     assert asyncio.run(after()) == [200] * 20
     assert fronted.log().count("writer.bad_frame") >= 1
+    assert children(fronted).keys() == {"writer", "front 1", "front 2"}
+
+
+# Asks that decode as MessagePack but that no front sends: values the HTTP edge refuses.
+HOSTILE_ASKS = {
+    "empty client UUID": {"clientUuid": ""},
+    "5,000-character client UUID": {"clientUuid": "x" * 5000},
+    "client UUID with a NUL": {"clientUuid": "nul\x00x"},
+    "client UUID with a space": {"clientUuid": "a b"},
+    "negative instances": {"instances": -1000},
+    "borrowDays 0": {"borrowDays": 0},
+    "version with a NUL": {"version": "2.1\x00"},
+    "a waitSeconds": {"waitSeconds": 5},
+}
+
+
+@pytest.mark.parametrize("fault", ["hostile values", "bad fingerprint", "negative id"])
+def test_asks_with_values_the_http_edge_refuses_are_bad_frames_and_nothing_is_granted(
+        fronted: Daemon, tmp_path: Path, fault: str) -> None:
+    """A front that sends values no HTTP request could carry (a process gone wrong, or anything else that can
+    reach the socket) does not get them decided: the frame is refused whole and nothing of it is stored."""
+    sock_path = tmp_path / "state" / "writer.sock"
+    good = {**body("hostile-ok"), "clientUuid": "hostile-ok"}
+    if fault == "hostile values":
+        frames = [[[n, {**good, "clientUuid": f"hostile-{n}", **change}, None]]
+                  for n, change in enumerate(HOSTILE_ASKS.values())]
+    elif fault == "bad fingerprint":
+        frames = [[[1, good, "not hex"]]]
+    else:
+        frames = [[[-1, good, None]]]
+    for asks in frames:
+        data = msgspec.msgpack.encode(asks)
+        assert _garbage(sock_path, len(data).to_bytes(4, "big") + data) == b""  # closed, nothing answered
+
+    held = asyncio.run(seat_holders(fronted.url))
+    assert not {c for c in held if c.startswith("hostile") or not c or "\x00" in c or len(c) > 128}, held
+
+    async def after() -> list[int]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            return [(await handshake(s, fronted.url, f"after-{n}"))[0] for n in range(5)]
+
+    assert asyncio.run(after()) == [200] * 5
+    assert "writer.bad_frame" in fronted.log()
     assert children(fronted).keys() == {"writer", "front 1", "front 2"}
 
 

@@ -18,21 +18,21 @@ import pytest
 from conftest import Vendor, free_port, item, license_spec, write_config
 from lts_server import config as config_mod
 from lts_server import writer
-from lts_server.core import handshake as hs
 from lts_server.core.model import DeploymentType
 from lts_server.front import Front
 from lts_server.server import Server
 from lts_server.store import StoreError, StoreFull
-from lts_server.web.schemas import Authorization, SeatCount
+from lts_server.web.schemas import Authorization, HandshakeBody, SeatCount
 from lts_server.writerwire import (HEADER, MAX_FRAME, Ask, BadFrame, Reply, decode_asks, decode_replies, frame,
                                    frame_length)
 
-REQUEST = hs.Request("dev-1", "barcode-reader", DeploymentType.BROWSER, handshake_code="216998-P", version="2.1",
-                     instances=3, borrow_days=2)
+REQUEST = HandshakeBody(client_uuid="dev-1", product="barcode-reader", deployment_type=DeploymentType.BROWSER,
+                        handshake_code="216998-P", version="2.1", instances=3, borrow_days=2)
 
 
 def test_asks_and_replies_round_trip_with_their_ids() -> None:
-    data = frame([Ask(1, REQUEST, "ab" * 32), Ask(2, hs.Request("dev-2", "p", DeploymentType.SERVER))])
+    data = frame([Ask(1, REQUEST, "ab" * 32),
+                  Ask(2, HandshakeBody(client_uuid="dev-2", product="p", deployment_type=DeploymentType.SERVER))])
     (length,) = HEADER.unpack(data[:HEADER.size])
     assert length == len(data) - HEADER.size == frame_length(data[:HEADER.size])
     asks = decode_asks(data[HEADER.size:])
@@ -55,6 +55,23 @@ def test_what_is_not_a_list_of_asks_is_a_bad_frame(body: bytes) -> None:
         decode_asks(body)
     with pytest.raises(BadFrame):
         decode_replies(body)
+
+
+GOOD = {"clientUuid": "dev-1", "product": "p", "deploymentType": "server"}
+
+
+@pytest.mark.parametrize("ask", [
+    [1, {**GOOD, "clientUuid": ""}, None], [1, {**GOOD, "clientUuid": "x" * 129}, None],
+    [1, {**GOOD, "clientUuid": "a/b"}, None], [1, {**GOOD, "instances": 0}, None],
+    [1, {**GOOD, "instances": -1000}, None], [1, {**GOOD, "borrowDays": 366}, None],
+    [1, {**GOOD, "version": "2\x00"}, None], [1, {**GOOD, "sessionPassword": "pw\x00"}, None],
+    [1, {**GOOD, "waitSeconds": 0}, None], [1, {**GOOD, "deviceFingerprint": "f"}, None],
+    [1, {**GOOD, "unknown": 1}, None], [1, GOOD, "AB" * 32], [1, GOOD, "ab"], [-1, GOOD, None], [2**64 - 1, GOOD, None],
+])
+def test_an_ask_the_http_edge_would_have_refused_is_a_bad_frame(ask: list[Any]) -> None:
+    with pytest.raises(BadFrame):
+        decode_asks(msgspec.msgpack.encode([[0, GOOD, None], ask]))
+    assert decode_asks(msgspec.msgpack.encode([[0, GOOD, "ab" * 32]]))[0].request.client_uuid == "dev-1"
 
 
 def test_a_frame_over_the_limit_is_refused_from_its_header() -> None:
@@ -112,7 +129,7 @@ async def test_a_full_disk_on_the_writer_is_503_on_every_front_and_recovers(spli
     for front in split.fronts:
         real_ask = front.link.ask
 
-        async def counting(request: hs.Request, fingerprint: str | None, _n: int = front.worker,
+        async def counting(request: HandshakeBody, fingerprint: str | None, _n: int = front.worker,
                            _ask: Any = real_ask) -> Reply:
             asked[_n] += 1
             return await _ask(request, fingerprint)
