@@ -653,6 +653,46 @@ async def test_the_database_goes_away_and_comes_back(tmp_path: Path, vendor: Ven
         await stop_node(node)
 
 
+async def test_a_connection_lost_during_a_commit_answers_that_the_grant_may_have_been_recorded(
+        tmp_path: Path, vendor: Vendor, pg_url: str) -> None:
+    """The writer's connection ends while its commit is on the way (here: waiting for a row another session
+    holds, then terminated): the node cannot know whether it committed, so the 503 must not say "nothing was
+    recorded"; the device's retry is granted, and it holds one seat."""
+    (tmp_path / "n" / "import").mkdir(parents=True)
+    (tmp_path / "n" / "import" / "p.lic").write_bytes(vendor.issue(license_spec("P", items=[item("p1")])))
+    node = await start_node(tmp_path / "n", vendor, pg_url)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        assert (await node.handshake("before"))[0] == 200
+        holder = conn.transaction()
+        await holder.start()
+        await conn.execute("SELECT 1 FROM items WHERE item_id = 'p1' FOR UPDATE")
+        asked = asyncio.ensure_future(node.session.post(f"{node.url}/api/v1/handshake", json={
+            "handshakeCode": "216998-P", "clientUuid": "doubt", "product": "barcode-reader",
+            "deploymentType": "browser"}))
+        deadline = time.monotonic() + 10
+        while not (writer := await conn.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'lts-server writer%'"
+                " AND wait_event_type = 'Lock' AND datname = current_database()")):
+            assert time.monotonic() < deadline, "the writer never waited for the row"
+            await asyncio.sleep(0.02)
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", writer)
+        await holder.rollback()
+        async with await asked as resp:
+            body = await resp.json()
+            assert (resp.status, resp.headers.get("Retry-After")) == (503, "5"), body
+        assert "may or may not have been recorded" in body["error"]["message"], body
+        assert "nothing was recorded" not in body["error"]["message"]
+        deadline = time.monotonic() + 20
+        while (await node.handshake("doubt"))[0] != 200:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        assert await conn.fetchval("SELECT COUNT(*) FROM seats WHERE client_uuid = 'doubt'") == 1
+    finally:
+        await conn.close()
+        await stop_node(node)
+
+
 @dataclass
 class Answer:
     """What one device got from the cluster: a grant or an accepted usage report, and when."""

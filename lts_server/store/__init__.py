@@ -29,6 +29,12 @@ class StoreUnreachable(StoreUnavailable):
     """The database server cannot be reached (stopped, restarting, the network): retry later."""
 
 
+class StoreInDoubt(StoreUnreachable):
+    """The connection to the database server was lost while a commit was on its way: it may or may not have
+    happened. Retrying is safe (a recorded grant comes back as a refresh of the same seat, a recorded usage
+    report is known by its id)."""
+
+
 class StoreFull(StoreError):
     """The disk (or the database's size limit) is full."""
 

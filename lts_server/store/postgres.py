@@ -47,6 +47,7 @@ from lts_server.store import (
     Seat,
     StoreError,
     StoreFull,
+    StoreInDoubt,
     StoreUnavailable,
     StoreUnreachable,
     Unstorable,
@@ -506,9 +507,11 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
         async with self._write_lock:
             if pipeline is not None and pipeline == self._failed_pipeline:
                 raise StoreError("not written: an earlier write of the same batch pipeline failed")
+            sent = False
             try:
                 if self._writer is None or self._writer.is_closed():
                     self._writer = await self.connect(writer=True)  # back after the server went away
+                sent = True
                 head = await self._send(self._writer, batch)
             except BaseException as e:
                 if pipeline is not None:
@@ -522,6 +525,9 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
                     # Another node's transaction crossed this one: nothing is wrong with the batch, decide it
                     # again (a Conflict that names no job).
                     raise Conflict(f"database {self.where}: {e}") from None
+                if sent and isinstance(e, AWAY) and not isinstance(e, UNSTORABLE):
+                    raise StoreInDoubt(f"database {self.where}: the connection was lost during a commit, which "
+                                       f"may or may not have happened: {e}") from None
                 if isinstance(e, FAILURES):
                     raise _translate(e, f"database {self.where}") from None
                 raise

@@ -21,7 +21,7 @@ from lts_server.core.codes import CodeError
 from lts_server.core.versions import PROTOCOL_VERSIONS, protocol_problem
 from lts_server.errors import Code, Refusal
 from lts_server.ledger import JobFailed, LedgerClosed, NotBorrowed, NotFound, UsageError
-from lts_server.store import StoreError, StoreFull, StoreUnavailable, StoreUnreachable, Unstorable
+from lts_server.store import StoreError, StoreFull, StoreInDoubt, StoreUnavailable, StoreUnreachable, Unstorable
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -107,6 +107,9 @@ def decode_json(body: bytes, kind: type | msgspec.json.Decoder[Any] | DeviceDeco
 
 CLIENT_GONE = "the connection was closed before the request was complete"
 UNSTORABLE = "the request holds a value this server's database cannot store; nothing was recorded"
+IN_DOUBT = ("storage unavailable (the connection to the database was lost during the commit), the request may or "
+            "may not have been recorded; retry later (a recorded grant comes back as a refresh of the same seat, "
+            "a recorded usage report is known by its reportId)")
 
 
 def client_gone(request: web.Request, error: Exception) -> bool:
@@ -161,6 +164,9 @@ def error_answer(request: web.BaseRequest, error: Exception) -> web.Response:
     except Unstorable as e:  # the request's own value (the text checks at the edge let nothing known through)
         logs.event_limited("http.unstorable", logs.logging.WARNING, path=request.path, error=str(e))
         return error_response(400, UNSTORABLE)
+    except StoreInDoubt as e:  # the commit was on its way: "nothing was recorded" may not be true
+        logs.event_limited("http.store_unavailable", logs.logging.ERROR, path=request.path, error=str(e))
+        return error_response(503, IN_DOUBT, headers={"Retry-After": "5"})
     except StoreUnavailable as e:
         logs.event_limited("http.store_unavailable", logs.logging.ERROR, path=request.path, error=str(e))
         why = "the database cannot be reached" if isinstance(e, StoreUnreachable) else "the database is locked or busy"
