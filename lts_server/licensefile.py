@@ -33,6 +33,7 @@ from lts_client.trust import BadBinding, BindingStatement, BoundItem, binding_st
 
 from lts_server.core.model import (
     LICENSE_TYPES,
+    Counts,
     DeploymentType,
     Item,
     License,
@@ -46,6 +47,9 @@ from lts_server.identity import key_id
 FORMAT_VERSION = 1
 MAGIC = b"LTS-LICENSE-FILE"
 MAX_FILE_BYTES = 1024 * 1024
+# The most seats, devices or instances an item may count: with its grace (10%) still a 32-bit number, the
+# database's INTEGER on PostgreSQL. Quotas (units) are BIGINT and go to the schema's 10^12.
+MAX_COUNTED = 1_000_000_000
 _HEADER = re.compile(
     rb"\ALTS-LICENSE-FILE (?P<version>[0-9]+)\nKey-Id: (?P<key_id>[0-9a-f]{16})\n"
     rb"Signature: (?P<signature>[A-Za-z0-9+/]{86}==)\n\n"
@@ -138,6 +142,10 @@ def problems(payload: Payload, signed: bool = True) -> list[tuple[str, str]]:
         seen.add(item.item_id)
         if item.expires_at <= item.starts_at:
             found.append((f"{at}.expiresAt", "must be after startsAt"))
+        if rules.counts is not Counts.UNITS and item.quantity > MAX_COUNTED:
+            found.append((f"{at}.quantity", f"at most {MAX_COUNTED:,} for {item.license_type.value} items (seats, "
+                                            "devices and instances are stored as 32-bit numbers, grace included); "
+                                            "per-scan and per-page quotas go to 1,000,000,000,000"))
         if rules.needs_period and item.period is None:
             found.append((f"{at}.period", f"required for {item.license_type.value} items"))
         if not rules.needs_period and item.period is not None:

@@ -386,6 +386,10 @@ async def test_recipients_and_webhooks_are_validated(alerting: Alerting) -> None
     assert all("secret" not in h for h in listed["webhooks"]) and len(listed["webhooks"]) == 2
     assert (await alerting.api("DELETE", f"/api/v1/admin/alerts/webhooks/{made['id']}"))[0] == 200
     assert (await alerting.api("DELETE", f"/api/v1/admin/alerts/webhooks/{made['id']}"))[0] == 404
+    # Ids the database's INTEGER cannot hold, and a digit that is not 0-9, name no webhook.
+    for other in (str(2**31), "9" * 30, "%C2%B2"):
+        status, body = await alerting.api("DELETE", f"/api/v1/admin/alerts/webhooks/{other}")
+        assert status == 404 and "no such webhook" in body["error"]["message"], body
 
 
 async def test_periodic_checks_run_without_being_asked(tmp_path: Path, vendor: Vendor,

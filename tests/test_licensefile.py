@@ -82,6 +82,29 @@ def test_signed_but_invalid_content_is_rejected_with_the_field(vendor: Vendor) -
     assert err.value.message.startswith("items[0].quantity: item x: ")
 
 
+@pytest.mark.parametrize(("license_type", "quantity", "refused"), [
+    ("per-device", 1_000_000_000, False), ("per-device", 1_000_000_001, True),
+    ("per-concurrent-instance", 1_000_000_001, True), ("per-scan", 1_000_000_000_000, False),
+])
+def test_counted_items_stay_within_32_bits_and_quotas_go_to_a_trillion(
+        vendor: Vendor, license_type: str, quantity: int, refused: bool) -> None:
+    period = ', "period": "yearly"' if license_type == "per-device" else ""
+    raw = ('{"format": 1, "licenseId": "L1", "alias": "a", "organizationId": "1", "licenseTextVersion": "2.0", '
+           '"status": "Activated", "revision": 1, "issuedAt": "2026-01-01T00:00:00Z", "items": [{"itemId": "x", '
+           f'"product": "p", "deploymentType": "browser", "licenseType": "{license_type}", "quantity": {quantity}, '
+           f'"startsAt": "2026-01-01T00:00:00Z", "expiresAt": "2027-01-01T00:00:00Z"{period}}}]}}').encode()
+    signed = licensefile.sign(raw, vendor.key)
+    if not refused:
+        assert licensefile.verify(signed, trusted(vendor)).license.items[0].quantity == quantity
+        return
+    with pytest.raises(licensefile.LicenseFileError) as err:
+        licensefile.verify(signed, trusted(vendor))
+    assert err.value.kind == "bad-field"
+    assert err.value.message.startswith("items[0].quantity: at most 1,000,000,000 for "), err.value.message
+    with pytest.raises(Exception, match="at most 1,000,000,000"):  # the vendor's tool refuses to issue it
+        vendor.issue(license_spec("L1", items=[item("x", license_type, quantity=quantity)]))
+
+
 def test_a_wrong_type_inside_an_item_names_the_item(vendor: Vendor) -> None:
     raw = b'{"format": 1, "licenseId": "L1", "alias": "a", "organizationId": "1", "licenseTextVersion": "2.0", ' \
           b'"status": "Activated", "revision": 1, "issuedAt": "2026-01-01T00:00:00Z", "items": [' + \

@@ -85,6 +85,9 @@ async def test_a_code_never_takes_more_than_its_max(pool: Running) -> None:
     ({"other": {"maxSeats": 4}}, "itemLimits.other", "not among the items"),
     ({"pool": {"reservedSeats": -1}}, "itemLimits.pool.reservedSeats", "0 or more"),
     ({"pool": {"maxSeats": 0}}, "itemLimits.pool.maxSeats", "1 or more"),
+    # Past the database's INTEGER (PostgreSQL): a 400 naming the field, not "a value the database cannot store".
+    ({"pool": {"maxSeats": 2**31}}, "itemLimits.pool.maxSeats", "at most 2,147,483,647"),
+    ({"pool": {"reservedSeats": 10**12}}, "itemLimits.pool.reservedSeats", "more than its quantity of 10"),
 ])
 async def test_bad_limits_are_refused_with_the_field(pool: Running, limits: dict, field: str, words: str) -> None:
     status, out = await make_team(pool, limits)

@@ -54,6 +54,16 @@ async def unit(running: Running) -> Running:
     return running
 
 
+async def test_a_quota_of_five_billion_units_imports_and_counts_on_every_backend(running: Running) -> None:
+    # PostgreSQL's items.quantity was an INTEGER: the file was refused as a value it cannot store.
+    await running.drop("u.lic", running.vendor.issue(license_spec("U", items=[
+        item("scan", "per-scan", quantity=5_000_000_000)])))
+    assert running.ledger.open_rejections() == []
+    await grant(running)
+    assert (await report(running, "r-big", [rec(running, 7)]))[0] == 200
+    assert await running.sql_value("SELECT quantity - units_used FROM items WHERE item_id = 'scan'") == 4_999_999_993
+
+
 async def test_report_counts_units_once_by_report_id(unit: Running) -> None:
     for _ in range(3):
         status, body = await report(unit, "r-1", [rec(unit, 7), rec(unit, 3, minutes_ago=3)])

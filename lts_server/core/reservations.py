@@ -23,6 +23,9 @@ from enum import Enum
 
 from lts_server.core.model import Counts, HandshakeCode, Item, SeatLimit
 
+# A cap is stored as an INTEGER (code_item_limits.max_seats): PostgreSQL's holds at most this.
+MAX_CAP = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class Share:
@@ -116,6 +119,8 @@ def limit_problems(code: HandshakeCode, items: Mapping[str, Item], other_codes: 
             found.append((f"{at}.reservedSeats", "must be 0 or more"))
         if lim.max_seats is not None and lim.max_seats < 1:
             found.append((f"{at}.maxSeats", "must be 1 or more (leave it out for no cap)"))
+        if lim.max_seats is not None and lim.max_seats > MAX_CAP:
+            found.append((f"{at}.maxSeats", f"must be at most {MAX_CAP:,} (leave it out for no cap)"))
         if lim.max_seats is not None and lim.max_seats < lim.reserved_seats:
             found.append((f"{at}.maxSeats", f"{lim.max_seats} is below reservedSeats {lim.reserved_seats}"))
         if lim.reserved_seats > had.get(lim.item_id, 0):

@@ -1,0 +1,4 @@
+-- A per-scan or per-page quota may be up to 10^12 units (licensefile.py), past PostgreSQL's INTEGER: a signed
+-- file with a quota of 5,000,000,000 scans was refused on import as a value the database cannot store.
+-- SQLite's INTEGER already holds 64 bits. Seat-counted items stay at most 10^9 (licensefile.MAX_COUNTED).
+--pg ALTER TABLE items ALTER COLUMN quantity TYPE BIGINT;
