@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,7 +81,6 @@ def test_ltsctl_end_to_end(daemon: Daemon, vendor: Vendor, tmp_path: Path) -> No
     dup = ctl(daemon, "codes", "create", "216998", "fleet")
     assert dup.returncode == 1 and "already exists" in dup.stderr
 
-    import urllib.request
 
     req = urllib.request.Request(daemon.url + "/api/v1/handshake", method="POST", headers={
         "Content-Type": "application/json"}, data=json.dumps({
@@ -106,6 +106,23 @@ def test_ltsctl_end_to_end(daemon: Daemon, vendor: Vendor, tmp_path: Path) -> No
     assert missing.returncode == 1 and "404" in missing.stderr
     assert "logged out" in ok(daemon, "logout")
     assert ctl(daemon, "status").returncode == 3
+
+
+def test_devices_list_reads_every_page_of_an_item(daemon: Daemon) -> None:
+    """An operator's test found `devices list` silent after the API's first page (1,000 seats of 4,647)."""
+    ok(daemon, "login", "--setup")
+    for n in range(11):  # the item's 10 seats and its grace
+        req = urllib.request.Request(daemon.url + "/api/v1/handshake", method="POST", headers={
+            "Content-Type": "application/json"}, data=json.dumps({
+                "handshakeCode": "216998-L1", "clientUuid": f"dev-{n:02d}", "product": "barcode-reader",
+                "deploymentType": "browser"}).encode())
+        assert urllib.request.urlopen(req).status == 200
+    for page in ("3", "11", "10000"):
+        listed = json.loads(ok(daemon, "--json", "devices", "list", "L1-1", "--page", page))
+        assert sorted(d["clientUuid"] for d in listed) == [f"dev-{n:02d}" for n in range(11)], page
+    assert ok(daemon, "devices", "list", "L1-1", "--page", "4").count("dev-") == 11
+    refused = ctl(daemon, "devices", "list", "L1-1", "--page", "0")
+    assert refused.returncode == 2 and "from 1 to 10,000" in refused.stderr
 
 
 def test_ltsctl_wrong_password_and_unreachable_server(daemon: Daemon) -> None:
@@ -184,7 +201,6 @@ def test_session_password_from_a_file_keeps_it_off_the_command_line(daemon: Daem
     secret.write_text("s3cret-pass\n")
     ok(daemon, "codes", "create", "216998", "fleet", "--items", "L1-1", "--password-file", str(secret))
     assert json.loads(ok(daemon, "--json", "codes", "show", "216998-fleet"))["passwordSet"]
-    import urllib.request
 
     def handshake(password: str) -> int:
         req = urllib.request.Request(daemon.url + "/api/v1/handshake", method="POST", headers={

@@ -256,6 +256,25 @@ def confirm(question: str) -> bool:
         return False
 
 
+def _page_size(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 10_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number from 1 to 10,000")
+    return int(text)
+
+
+async def _seats(api: Api, item_id: str, borrowed: bool, page_size: int) -> tuple[list[dict[str, Any]], int]:
+    """Every seat of the item, page after page (an item may hold millions), and the count the last page gave."""
+    seats: dict[str, dict[str, Any]] = {}  # by device: a seat released meanwhile shifts the pages by one
+    offset: int | None = 0
+    total = 0
+    path = f"/api/v1/admin/items/{urllib.parse.quote(item_id, safe='')}/devices"
+    while offset is not None:
+        page = await api.call("GET", f"{path}?limit={page_size}&offset={offset}")
+        seats.update((d["clientUuid"], d) for d in page["devices"] if d["borrowed"] or not borrowed)
+        offset, total = page["next"], page["total"]
+    return list(seats.values()), total
+
+
 async def _alerts(api: Api, args: argparse.Namespace) -> tuple[Any, str]:
     base = "/api/v1/admin/alerts"
     action = args.action
@@ -535,10 +554,10 @@ async def run(args: argparse.Namespace) -> int:
             text = table(out, ["clientUuid", "lastCloneAt", "clones", "boundAt"])
         elif cmd == "devices":
             if args.action == "list":
-                out = (await api.call("GET", f"/api/v1/admin/items/{args.item}/devices"))["devices"]
-                if args.borrowed:
-                    out = [d for d in out if d["borrowed"]]
+                out, total = await _seats(api, args.item, args.borrowed, args.page)
                 text = table(out, ["clientUuid", "code", "grantedAt", "refreshedAt", "expiresAt", "borrowedUntil"])
+                if not args.borrowed and len(out) != total:  # seats came or went while it read the pages
+                    text += f"\n{len(out):,} listed; the item counts {total:,} seats now"
             elif args.action == "holders":
                 out = await api.call("GET", f"/api/v1/admin/items/{args.item}/holders?limit={args.limit}")
                 text = table(out["holders"], ["clientUuid", "kind", "since", "lastSeen", "code", "expiresAt",
@@ -694,8 +713,10 @@ def parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("devices", help="devices holding seats").add_subparsers(dest="action", required=True,
                                                                                 metavar="ACTION")
     dev_list = dev.add_parser("list", help="devices holding a seat of an item, with the code and a borrow's end")
-    dev_list.add_argument("item", help="item id")
+    dev_list.add_argument("item", help="item id (every seat of it, read a page at a time)")
     dev_list.add_argument("--borrowed", action="store_true", help="only borrowed seats (offline devices)")
+    dev_list.add_argument("--page", type=_page_size, default=10_000, metavar="N",
+                          help="seats per request, 1 to 10,000 (default: %(default)s)")
     holders = dev.add_parser("holders", help="who holds an item: device, since, last seen, code, borrowed until "
                                              "(concurrent items too)")
     holders.add_argument("item", help="item id")
