@@ -186,6 +186,9 @@ async def test_malformed_bodies_name_the_field(running: Running, body: dict, fie
 
 @pytest.mark.parametrize("data, headers, needle", [
     (b"{not json", {"Content-Type": "application/json"}, "not valid JSON"),
+    # Truncated after an unknown field or a wrong type: the body is not JSON, and that is said first.
+    (b'{"x":', {"Content-Type": "application/json"}, "not valid JSON: Input data was truncated"),
+    (b'{"clientUuid": 5, ', {"Content-Type": "application/json"}, "not valid JSON"),
     (b"[]", {"Content-Type": "application/json"}, "Expected `object`"),
     (b'{"clientUuid": "d"}', {"Content-Type": "text/plain"}, "Content-Type must be application/json"),
     (b'{"clientUuid": "' + b"x" * 20000 + b'"}', {"Content-Type": "application/json"}, "at most 16384"),

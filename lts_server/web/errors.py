@@ -101,7 +101,15 @@ def decode_json(body: bytes, kind: type | msgspec.json.Decoder[Any] | DeviceDeco
         if isinstance(kind, (msgspec.json.Decoder, DeviceDecoder)):
             return kind.decode(body)
         return msgspec.json.decode(body, type=kind)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+    except msgspec.ValidationError as e:
+        # msgspec stops at the first problem it meets: in `{"x":` that is the unknown field, but the body
+        # is not JSON at all, and that is what to fix first (only this failing path parses it again).
+        try:
+            msgspec.json.decode(body)
+        except msgspec.DecodeError as not_json:
+            raise validation_error(not_json) from None
+        raise validation_error(e) from None
+    except msgspec.DecodeError as e:
         raise validation_error(e) from None
 
 
