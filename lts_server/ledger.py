@@ -514,9 +514,13 @@ class Ledger:
         if unstorable:  # the request's fault, answered 400: not an error of the server
             logs.event_limited("ledger.job_unstorable", logs.logging.WARNING, error=str(failure),
                                jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
-        else:
-            logs.event("ledger.commit_failed", logs.logging.ERROR, error=str(failure),
-                       jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
+        elif isinstance(error, Conflict) and self.store.shared:
+            # Nodes racing for an item's last seats, or transactions that crossed: decided again, not a fault.
+            logs.event_limited("ledger.commit_conflict", logs.logging.INFO, error=str(failure),
+                               jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
+        else:  # a full disk or a lost database fails every commit while it lasts: one line per interval
+            logs.event_limited("ledger.commit_failed", logs.logging.ERROR, error=str(failure),
+                               jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
         self._retry = retry + self._retry
         self._pipeline += 1
 

@@ -325,7 +325,7 @@ class Server:
             try:
                 caught_up = await self.catch_up(fresh=False)
             except Exception as e:  # the database is away: try again, the feed resumes where it stopped
-                logs.event("follow.failed", logs.logging.ERROR, error=str(e))
+                logs.event_limited("follow.failed", logs.logging.ERROR, error=str(e))
                 caught_up = True
             if caught_up:
                 try:
@@ -340,7 +340,7 @@ class Server:
                 while not await self.catch_up():
                     pass
             except Exception as e:  # the follower tries again every follow_ms; the queue check after it serves
-                logs.event("follow.failed", logs.logging.ERROR, error=str(e))
+                logs.event_limited("follow.failed", logs.logging.ERROR, error=str(e))
                 return
             assert self.services is not None
             self.services.ledger.queue_check()
