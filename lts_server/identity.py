@@ -10,6 +10,7 @@ import base64
 import hashlib
 import os
 import secrets
+import stat
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from lts_server import logs
 from lts_server.store.sql import IdentityRow
 
 if TYPE_CHECKING:
@@ -64,10 +66,15 @@ class Identity:
 
 
 def make_state_dir(state_dir: Path) -> None:
-    """Create the state folder for the service user only (0700), whatever the umask; an existing one is kept."""
+    """Create the state folder for the service user only (0700), whatever the umask. An existing one keeps
+    its mode (an operator may have opened it to a backup group on purpose; its files are 0600 anyway), but
+    one that others may enter is said once at start."""
     if not state_dir.is_dir():
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(state_dir, 0o700)
+    elif (mode := stat.S_IMODE(state_dir.stat().st_mode)) & 0o077:
+        logs.event("identity.state_dir_open", logs.logging.WARNING, path=str(state_dir), mode=f"{mode:04o}",
+                   why="other users may list the state folder (its files are 0600); chmod 700 it unless meant")
 
 
 def generate() -> Identity:

@@ -139,6 +139,7 @@ class Server:
         self._standby_checked = asyncio.Event()
         self.guard: ConnectionGuard | None = None
         self._listeners: list[asyncio.Server] = []
+        self._unix_paths: list[str] = []  # removed at a stop (before the writer's lock is given up)
         self._state_lock: StateLock | None = None
         self._queue_feed: PgQueueFeed | None = None
 
@@ -291,6 +292,7 @@ class Server:
         listener = await asyncio.get_running_loop().create_unix_server(self.guard, path, backlog=BACKLOG)
         os.chmod(path, 0o600)
         self._listeners.append(listener)
+        self._unix_paths.append(path)
 
     @property
     def leads(self) -> bool:
@@ -595,6 +597,9 @@ class Server:
                 await asyncio.wait_for(self._queue_feed.close(), max(0.1, min(5, left())))
         if self._store is not None:
             await self._store.close(left())
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         if self._frames is not None:
             self._frames.release()
         if self._state_lock is not None:

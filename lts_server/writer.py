@@ -80,6 +80,7 @@ class WriterSocket:
         self._deciding: set[asyncio.Task[None]] = set()
         self._fronts: set[asyncio.StreamWriter] = set()
         self._lock: StateLock | None = None
+        self._path: str | None = None
 
     def claim(self, state_dir: Path) -> None:
         """Take the writer's lock of the state folder, before anything of it is opened: two writers would be
@@ -95,6 +96,7 @@ class WriterSocket:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # left by a writer that was killed
         self._server = await asyncio.start_unix_server(self._serve, path)
+        self._path = path
         os.chmod(path, 0o600)  # the front processes run as the same user; nobody else may ask
 
     async def close(self, timeout: float) -> None:
@@ -108,7 +110,11 @@ class WriterSocket:
             stream.close()
 
     def release(self) -> None:
-        """Give the writer's lock up: the last thing a stopping writer does, once the database is closed."""
+        """Give the writer's lock up: the last thing a stopping writer does, once the database is closed. Its
+        socket goes first, while the lock still says no other writer can have bound one there."""
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
         if self._lock is not None:
             self._lock.release()
 

@@ -8,10 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lts_server import identity
 from tests.conftest import Running, Vendor, write_config
+
+
+def test_a_state_folder_others_may_enter_keeps_its_mode_and_is_warned_of(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    identity.load_or_create(tmp_path / "made")
+    assert stat.S_IMODE((tmp_path / "made").stat().st_mode) == 0o700
+    assert "identity.state_dir_open" not in caplog.text
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o755)
+    identity.load_or_create(tmp_path / "open")
+    assert stat.S_IMODE((tmp_path / "open").stat().st_mode) == 0o755
+    assert "identity.state_dir_open" in caplog.text
 
 
 def test_created_once_and_stable(tmp_path: Path) -> None:

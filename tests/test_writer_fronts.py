@@ -69,6 +69,7 @@ def fronted(tmp_path: Path, vendor: Vendor) -> Iterator[Daemon]:
         if d.proc.poll() is None:
             assert stop_daemon(d, timeout=30) == 0, d.log()[-3000:]
     assert subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True).returncode == 1
+    assert sorted(p.name for p in (tmp_path / "state").glob("*.sock")) == []  # a clean stop leaves no socket
 
 
 def body(n: int | str, code: str = CODE, **kw: Any) -> dict[str, Any]:
