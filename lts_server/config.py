@@ -293,7 +293,10 @@ def load(path: Path | str = DEFAULT_PATH, environ: Mapping[str, str] | None = No
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as e:
         raise ConfigError(_describe(path, str(e), overridden)) from None
-    _check(config, path)
+    try:
+        _check(config, path)
+    except ConfigError as e:  # say which environment variable set the key, as for a type error
+        raise ConfigError(_name_source(str(e), path, overridden)) from None
     return config
 
 
@@ -351,6 +354,15 @@ def _describe(path: Path, message: str, overridden: dict[str, str]) -> str:
             msg = f"{msg}; expected one of {', '.join(repr(c) for c in choices)}"
     source = f" (set by {overridden[key]})" if key in overridden else ""
     return f"{path}: key '{key or '<top>'}'{source}: {msg[0].lower()}{msg[1:]}"
+
+
+def _name_source(message: str, path: Path, overridden: dict[str, str]) -> str:
+    """`message` ("PATH: key 'a.b': ...") with the variable that set a.b, if one did."""
+    head = f"{path}: key '"
+    key = message[len(head):].partition("'")[0] if message.startswith(head) else ""
+    if key.partition("[")[0] not in overridden:
+        return message
+    return message.replace(f"{head}{key}'", f"{head}{key}' (set by {overridden[key.partition('[')[0]]})", 1)
 
 
 def _choices(key: str) -> tuple[str, ...]:
@@ -417,7 +429,8 @@ def _check(config: Config, path: Path) -> None:
                               f"days late, so keep at least {MARKS_DAYS} (or 0: for good)")
     if stats.daily_days and not 0 < stats.hourly_days <= stats.daily_days:
         raise ConfigError(f"{path}: key 'stats.daily_days': daily buckets must be kept at least as long as the "
-                          f"3-minute and 2-hour ones (stats.hourly_days = {stats.hourly_days}; 0 is for good)")
+                          f"3-minute and 2-hour ones (stats.hourly_days = {stats.hourly_days}; 0 is for good: "
+                          f"to keep everything for good, set both to 0)")
     for i, key_path in enumerate(config.public_key_paths):
         if not os.access(key_path, os.R_OK):
             raise ConfigError(f"{path}: key 'vendor.public_keys[{i}]': cannot read {key_path}")

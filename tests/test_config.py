@@ -86,6 +86,16 @@ def test_environment_errors_name_the_variable(tmp_path: Path) -> None:
     assert "key 'server.port' (set by LTS_SERVER__PORT): expected `int`, got `str`" in str(err.value)
     with pytest.raises(config.ConfigError, match="key 'server.nope' .*unknown key"):
         config.load(write(tmp_path, MINIMAL), environ={"LTS_SERVER__NOPE": "1"})
+    # A value of the right type that the checks after decoding refuse names its variable too.
+    with pytest.raises(config.ConfigError) as err:
+        config.load(write(tmp_path, MINIMAL), environ={"LTS_STATS__HOURLY_DAYS": "30"})
+    assert "key 'stats.hourly_days' (set by LTS_STATS__HOURLY_DAYS): 30 days is too short" in str(err.value)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(write(tmp_path, MINIMAL), environ={"LTS_SERVER__TRUSTED_PROXIES": '["x"]'})
+    assert "key 'server.trusted_proxies[0]' (set by LTS_SERVER__TRUSTED_PROXIES): expected an IP" in str(err.value)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(write(tmp_path, MINIMAL + "\n[stats]\nhourly_days = 30\n"), environ={})
+    assert "key 'stats.hourly_days': 30 days" in str(err.value) and "set by" not in str(err.value)
 
 
 def test_shipped_configs_are_valid() -> None:
