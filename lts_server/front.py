@@ -50,9 +50,12 @@ class WriterGone(Exception):
     """The writer is not connected, or went away before it answered."""
 
 
-def writer_gone() -> web.Response:
-    return error_response(503, "the server's writer process is restarting; retry (a grant asked for may or may "
-                               "not have been recorded: a retry gets the same seat)", headers={"Retry-After": "1"})
+def writer_gone(method: str = "POST") -> web.Response:
+    """503 while the writer restarts; a request that changes something may or may not have been recorded."""
+    maybe = (" (what was asked may or may not have been recorded: a grant's retry gets the same seat, a usage "
+             "report's is known by its reportId)") if method not in ("GET", "HEAD") else ""
+    return error_response(503, f"the server's writer process is restarting; retry{maybe}",
+                          headers={"Retry-After": "1"})
 
 
 class WriterLink:
@@ -227,7 +230,7 @@ class Front:
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError):
             if response is not None and response.prepared:
                 raise ConnectionResetError("the writer went away mid-answer") from None
-            return writer_gone()
+            return writer_gone(request.method)
 
     async def stop(self) -> None:
         self.stopping.set()

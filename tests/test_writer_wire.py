@@ -19,7 +19,7 @@ from conftest import Vendor, free_port, item, license_spec, write_config
 from lts_server import config as config_mod
 from lts_server import writer
 from lts_server.core.model import DeploymentType
-from lts_server.front import Front
+from lts_server.front import Front, writer_gone
 from lts_server.server import Server
 from lts_server.store import StoreError, StoreFull
 from lts_server.web.schemas import Authorization, HandshakeBody, SeatCount
@@ -72,6 +72,13 @@ def test_an_ask_the_http_edge_would_have_refused_is_a_bad_frame(ask: list[Any]) 
     with pytest.raises(BadFrame):
         decode_asks(msgspec.msgpack.encode([[0, GOOD, None], ask]))
     assert decode_asks(msgspec.msgpack.encode([[0, GOOD, "ab" * 32]]))[0].request.client_uuid == "dev-1"
+
+
+def test_while_the_writer_restarts_only_a_change_is_said_to_be_in_doubt() -> None:
+    for method, in_doubt in (("POST", True), ("DELETE", True), ("GET", False), ("HEAD", False)):
+        answer = writer_gone(method)
+        assert (answer.status, answer.headers["Retry-After"]) == (503, "1")
+        assert ("may or may not have been recorded" in answer.text) is in_doubt, (method, answer.text)
 
 
 def test_a_frame_over_the_limit_is_refused_from_its_header() -> None:
