@@ -133,8 +133,8 @@ class Archiver:
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except OSError as e:
-            raise ArchiveUnwritable(f"the archive folder {self.folder} cannot be written: "
-                                    f"{e.strerror or e}; every event is still in the database or in a durable archive file; "
+            raise ArchiveUnwritable(f"the archive folder {self.folder} cannot be written: {e.strerror or e}; "
+                                    "every event is still in the database or in a durable archive file; "
                                     "free space (or fix the folder's permissions), then retry") from e
 
     def _unrecorded(self, named: set[str]) -> list[Path]:
