@@ -74,6 +74,13 @@ def test_an_ask_the_http_edge_would_have_refused_is_a_bad_frame(ask: list[Any]) 
     assert decode_asks(msgspec.msgpack.encode([[0, GOOD, "ab" * 32]]))[0].request.client_uuid == "dev-1"
 
 
+@pytest.mark.parametrize("field", [f for f in msgspec.structs.fields(HandshakeBody) if "str" in str(f.type)])
+def test_a_nul_in_any_text_field_of_an_ask_is_a_bad_frame(field: msgspec.structs.FieldInfo) -> None:
+    ask = [1, {**GOOD, field.encode_name: "a\x00b"}, None]
+    with pytest.raises(BadFrame):
+        decode_asks(msgspec.msgpack.encode([ask]))
+
+
 def test_while_the_writer_restarts_only_a_change_is_said_to_be_in_doubt() -> None:
     for method, in_doubt in (("POST", True), ("DELETE", True), ("GET", False), ("HEAD", False)):
         answer = writer_gone(method)
