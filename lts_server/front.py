@@ -183,7 +183,7 @@ class Front:
     async def handshake(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await device.read_json_body(request)
-            parsed, _, fingerprint = device.parse_handshake(body)
+            parsed, fingerprint = device.parse_body(body)
             if parsed.wait_seconds:  # it waits in the writer's seat queue
                 return await self.forward(request, body)
             if parsed.device_fingerprint is not None or parsed.wait_seconds is not None:

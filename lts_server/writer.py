@@ -158,7 +158,7 @@ class WriterSocket:
         issued = services.ledger.clock()
         if (refused := device.clock_refusal(services, issued)) is not None:
             return _whole(ask.id, refused), refused
-        request = device.to_request(ask.request)
+        request = ask.decided()
         outcome = await services.ledger.handshake(request, ask.fingerprint)
         settled = device.settle(services, request, outcome, issued)
         if isinstance(settled, web.Response):

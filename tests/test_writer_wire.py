@@ -22,6 +22,7 @@ from lts_server.core.model import DeploymentType
 from lts_server.front import Front, writer_gone
 from lts_server.server import Server
 from lts_server.store import StoreError, StoreFull
+from lts_server.web import device
 from lts_server.web.schemas import Authorization, HandshakeBody, SeatCount
 from lts_server.writerwire import (HEADER, MAX_FRAME, Ask, BadFrame, Reply, decode_asks, decode_replies, frame,
                                    frame_length)
@@ -79,6 +80,16 @@ def test_a_nul_in_any_text_field_of_an_ask_is_a_bad_frame(field: msgspec.structs
     ask = [1, {**GOOD, field.encode_name: "a\x00b"}, None]
     with pytest.raises(BadFrame):
         decode_asks(msgspec.msgpack.encode([ask]))
+
+
+def test_the_writer_decides_the_request_the_http_edge_would_have_made() -> None:
+    full = HandshakeBody(client_uuid="dev-1", product="p", deployment_type=DeploymentType.SERVER,
+                         handshake_code="216998-P", organization_id="216998", session_password="pw", version="2.1",
+                         edition="pro", domain="a.example.com", app_id="app", process_name="proc", instances=3,
+                         protocol_version=2, borrow_days=4)
+    for body in (full, REQUEST, HandshakeBody(client_uuid="d", product="p", deployment_type=DeploymentType.BROWSER)):
+        (ask,) = decode_asks(frame([Ask(1, body)])[HEADER.size:])
+        assert ask.decided() == device.to_request(body)
 
 
 def test_while_the_writer_restarts_only_a_change_is_said_to_be_in_doubt() -> None:

@@ -205,8 +205,15 @@ def fingerprint_hash(fingerprint: str | None) -> str | None:
 
 def parse_handshake(body: bytes) -> tuple[HandshakeBody, hs.Request, str | None]:
     """A handshake body decoded and checked: the body, the request it makes, its fingerprint's hash."""
+    parsed, fingerprint = parse_body(body)
+    return parsed, to_request(parsed), fingerprint
+
+
+def parse_body(body: bytes) -> tuple[HandshakeBody, str | None]:
+    """A handshake body decoded and checked, and its fingerprint's hash (a front process: the writer makes
+    the request of it)."""
     parsed = decode_json(body, _decoder)
-    return parsed, to_request(parsed), fingerprint_hash(parsed.device_fingerprint)
+    return parsed, fingerprint_hash(parsed.device_fingerprint)
 
 
 async def handshake(request: web.Request) -> web.Response:
