@@ -512,15 +512,14 @@ class Ledger:
                     job.future.set_exception(failure)
                     self._done(job)
         if unstorable:  # the request's fault, answered 400: not an error of the server
-            logs.event_limited("ledger.job_unstorable", logs.logging.WARNING, error=str(failure),
-                               jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
+            name, level = "ledger.job_unstorable", logs.logging.WARNING
         elif isinstance(error, Conflict) and self.store.shared:
             # Nodes racing for an item's last seats, or transactions that crossed: decided again, not a fault.
-            logs.event_limited("ledger.commit_conflict", logs.logging.INFO, error=str(failure),
-                               jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
+            name, level = "ledger.commit_conflict", logs.logging.INFO
         else:  # a full disk or a lost database fails every commit while it lasts: one line per interval
-            logs.event_limited("ledger.commit_failed", logs.logging.ERROR, error=str(failure),
-                               jobs=sum(len(f.jobs) for f in flights), retried=len(retry))
+            name, level = "ledger.commit_failed", logs.logging.ERROR
+        logs.event_limited(name, level, error=str(failure), jobs=sum(len(f.jobs) for f in flights),
+                           retried=len(retry))
         self._retry = retry + self._retry
         self._pipeline += 1
 
