@@ -30,8 +30,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from common import cpu_us, device_item, free_port, license_file, vendor_key, write_config  # noqa: E402
 
-from lts_server.core import handshake as hs  # noqa: E402
 from lts_server.core.model import DeploymentType  # noqa: E402
+from lts_server.web.schemas import HandshakeBody  # noqa: E402
 from lts_server.writerwire import HEADER, Ask, decode_replies, frame  # noqa: E402
 
 SEATED = 5_000
@@ -60,8 +60,10 @@ def start_writer(name: str, folder: Path, pub: Path, lic: bytes, tree: Path | No
     return Writer(name, proc, sock)
 
 
-def request(client: str) -> hs.Request:
-    return hs.Request(client, "barcode-reader", DeploymentType.BROWSER, handshake_code="216998-BENCH")
+def request(client: str) -> HandshakeBody:
+    """An ask's handshake, as a front sends it: the HTTP body's schema (the writer checks it)."""
+    return HandshakeBody(client_uuid=client, product="barcode-reader", deployment_type=DeploymentType.BROWSER,
+                         handshake_code="216998-BENCH")
 
 
 async def drive(writer: Writer, clients: itertools.cycle[str] | itertools.count[int], grants: int,
@@ -70,7 +72,6 @@ async def drive(writer: Writer, clients: itertools.cycle[str] | itertools.count[
     reader, stream = await asyncio.open_unix_connection(str(writer.socket))
     ids = itertools.count(1)
     sent = granted = other = 0
-    done = asyncio.Event()
 
     def send(n: int) -> None:
         nonlocal sent
@@ -90,11 +91,9 @@ async def drive(writer: Writer, clients: itertools.cycle[str] | itertools.count[
                 else:
                     other += 1
             send(len(replies))
-        done.set()
 
-    task = asyncio.create_task(read())
+    task = asyncio.create_task(read())  # a writer that closes the connection fails the round, not hangs it
     send(window)
-    await done.wait()
     await task
     stream.close()
     return granted, other
