@@ -182,7 +182,7 @@ def _sqlite_rounds(g: int, batches: int, chained: bool):  # noqa: ANN202 - a gen
 
     for k in range(seeded):
         write(batch(k - seeded, False))
-    while run(sql.roll_up({}, 500)).processed:  # type: ignore[attr-defined]
+    while run(sql.roll_up(sql.SEQUENTIAL, {}, 500)).processed:  # type: ignore[attr-defined]
         pass
     made = [0]
     hours = [0]
@@ -202,7 +202,7 @@ def _sqlite_rounds(g: int, batches: int, chained: bool):  # noqa: ANN202 - a gen
         per_grant = (time.process_time() - started) / (batches * g) * 1e6
         started = time.process_time()
         folded = 0
-        while done := run(sql.roll_up({"BENCH-1": ("per-device", 50_000_000)}, 500)).processed:  # type: ignore[attr-defined]
+        while done := run(sql.roll_up(sql.SEQUENTIAL, {"BENCH-1": ("per-device", 50_000_000)}, 500)).processed:  # type: ignore[attr-defined]
             folded += done
         return per_grant, (time.process_time() - started) / max(1, folded) * 1e6
 
