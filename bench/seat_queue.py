@@ -28,6 +28,7 @@ import gc
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,6 +134,7 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 BODY = {"handshakeCode": CODE, "product": "barcode-reader", "deploymentType": "browser"}
@@ -274,6 +276,7 @@ async def run_in_process(waiters: int) -> dict:
     ledger.stop_waiting()
     await ledger.close()
     await store.close()
+    shutil.rmtree(folder, ignore_errors=True)
     return {"waiters": waiters, "queue_bytes_per_waiter": round(grown / waiters),
             "note": "Waiter, queue entry, future and the pinned device (tracemalloc), no HTTP"}
 

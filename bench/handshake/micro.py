@@ -18,7 +18,9 @@ These are the pieces the bench's CPU per grant is made of; see docs/design.md.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
+import shutil
 import statistics
 import sys
 import tempfile
@@ -134,6 +136,7 @@ def chain_write(g: int = 16, batches: int = 150, rounds: int = 9) -> None:
 
 def _sqlite_rounds(g: int, batches: int, chained: bool):  # noqa: ANN202 - a generator of round runners
     folder = Path(tempfile.mkdtemp())
+    atexit.register(shutil.rmtree, folder, True)  # the rounds run until the process ends
     store = SQLiteStore(folder / "bench.sqlite3")
     asyncio.run(store.open())
     asyncio.run(store.close())
