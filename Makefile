@@ -36,7 +36,7 @@ test: packages $(STAMP)
 packages:
 	@bash .ci/packages
 
-# The handshake and cluster benchmarks start their own PostgreSQL (the package) and need wrk (apt-get install wrk).
+# The handshake and cluster benchmarks start their own PostgreSQL (the package) and need wrk (.ci/packages installs both).
 bench: packages $(STAMP)
 	$(BIN)/python bench/import_files.py
 	$(BIN)/python bench/handshake/run.py --stores sqlite,postgresql --workers 1,2 --nodes 2
