@@ -126,3 +126,21 @@ async def test_full_disk_is_a_clear_error_and_loses_nothing_committed(tmp_path: 
 def test_migration_files_are_numbered_without_gaps() -> None:
     found = migrations()
     assert [v for v, _, _ in found] == list(range(1, len(found) + 1))
+
+
+async def test_the_archive_horizon_takes_every_event_of_the_last_millisecond_before_it(new_store: NewStore) -> None:
+    """A batch stamps all its events with one time: the archive's bound is the highest number among the newest
+    events before the horizon, whatever order the database keeps equal times in (PostgreSQL: the rows' order in
+    the table; the rows below are written out of number order)."""
+    store = await new_store()
+    await store.open()
+    try:
+        at = 1_767_000_000_000
+        for seq, at_ms in ((100, at), (50, at), (200, at + 3_600_000)):
+            await query(store, "INSERT INTO events (seq, at_ms, type) VALUES (?, ?, 'handshake')", seq, at_ms)
+        while (await store.roll_up({})).processed:
+            pass
+        horizon = await store.archive_horizon(at + 1)
+        assert horizon.upto == 100  # both events of that millisecond; the newest event (200) stays
+    finally:
+        await store.close()

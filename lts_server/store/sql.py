@@ -848,7 +848,9 @@ def archive_horizon(before_ms: int) -> Procedure[ArchiveHorizon]:
     """
     folded = yield from rollup_position()
     newest = (yield Query("SELECT COALESCE(MAX(seq), 0) FROM events"))[0][0]
-    rows = yield Query("SELECT seq FROM events WHERE at_ms < ? ORDER BY at_ms DESC LIMIT 1", (before_ms,))
+    # The highest number of that millisecond: a batch stamps its events with one time, and PostgreSQL keeps equal
+    # times in the rows' order in the table, not in number order.
+    rows = yield Query("SELECT seq FROM events WHERE at_ms < ? ORDER BY at_ms DESC, seq DESC LIMIT 1", (before_ms,))
     # Once usage statements are exported, the next one starts at the last one's heads: events after them
     # stay in the log until a statement has covered them.
     stated = yield from statement_horizon()
