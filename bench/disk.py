@@ -306,7 +306,9 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     print(f"  (at days {', '.join(str(d) for d in r['checkpoints'])}: rollups "
           + ", ".join(gb(sum(c.get(tb, 0) for tb in PARTS['rollups'])) for c in r["checkpoints"].values())
           + "; events " + ", ".join(gb(c.get("events", 0)) for c in r["checkpoints"].values()) + ")")
-    live_days = args.retain_days + 1  # the day's events and those still inside the horizon
+    # What the log holds after the day's archive run: retain_days days of events (the daemon's hourly run
+    # holds at most an hour more).
+    live_days = max(1, args.retain_days)
     events_per_device_day = part["events"] / (n * live_days)
     archive_total = r["archive_bytes"] + r["dropped"] * r["per_event_gz"]
     archive_days = max(1, days - args.retain_days)

@@ -56,8 +56,8 @@ class ServerSection(_Section):
     # Reverse proxies (addresses or networks) whose X-Forwarded-For names the real client, which the
     # login throttle then keys on. Empty: the header is ignored, the peer address is the client.
     trusted_proxies: list[str] = msgspec.field(default_factory=list)
-    # Processes serving the port together (SO_REUSEPORT), each a node of the
-    # cluster: more than 1 needs storage.backend = "postgresql".
+    # Processes serving the port together (SO_REUSEPORT): on PostgreSQL each a node of the cluster; on
+    # SQLite front processes in front of one writer process (lts_server/writer.py).
     workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
 
 
