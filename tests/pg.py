@@ -21,6 +21,8 @@ from pathlib import Path
 import asyncpg
 
 _names = count(1)
+# Every server's folder is a temp folder named so (folders() finds the ones a killed process left).
+PREFIX = "lts-pg-"
 
 
 @dataclass
@@ -83,7 +85,7 @@ def _as_owner(cmd: list[str]) -> list[str]:
 
 def start(fsync: bool = False) -> PgServer:
     binary = _bin()
-    folder = Path(tempfile.mkdtemp(prefix="lts-pg-"))
+    folder = Path(tempfile.mkdtemp(prefix=PREFIX))
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
     with socket.socket() as s:
@@ -98,3 +100,14 @@ def start(fsync: bool = False) -> PgServer:
         server.stop()
         raise
     return server
+
+
+def folders() -> set[Path]:
+    """The folders of the servers start() made that are still there: running, or left by a process that was
+    killed (pg_ctl starts a server in a session of its own, so it outlives its caller)."""
+    return set(Path(tempfile.gettempdir()).glob(PREFIX + "*"))
+
+
+def stop_folder(folder: Path) -> None:
+    """Stop the server of a folder start() made, if it runs, and remove the folder."""
+    PgServer(folder, 0, _bin()).stop()

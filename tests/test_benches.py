@@ -29,8 +29,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -47,7 +45,7 @@ def run_bench(script: str, *args: str, timeout: float = 120) -> str:
 
     It runs in a session of its own, so a bench that hangs is stopped with the daemons it started; a PostgreSQL
     server it started and left (pg_ctl starts it in a session of its own) is stopped after it."""
-    servers_before = set(Path(tempfile.gettempdir()).glob("lts-pg-*"))
+    servers_before = pg.folders()
     proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -65,8 +63,8 @@ def run_bench(script: str, *args: str, timeout: float = 120) -> str:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # whatever it started and left behind
-        for folder in set(Path(tempfile.gettempdir()).glob("lts-pg-*")) - servers_before:
-            pg.PgServer(folder, 0, pg._bin()).stop()
+        for folder in pg.folders() - servers_before:
+            pg.stop_folder(folder)
     assert proc.returncode == 0, f"bench/{script} exited {proc.returncode}:\n{out}\n{err}"
     return out
 
