@@ -168,9 +168,8 @@ class Fleet:
         Folded: at or before the rollups' (tx, seq) position. On SQLite tx is always 0 and that is seq <= last_seq;
         on PostgreSQL the position is (horizon xid, 0) and seq alone says nothing (archivable_page's bound)."""
         types = ",".join(f"'{t}'" for t in ARCHIVED_TYPES)
-        where = (f"at_ms < ? AND type IN ({types})"
-                 " AND (tx < (SELECT last_tx FROM rollup_state) OR (tx = (SELECT last_tx FROM rollup_state)"
-                 " AND seq <= (SELECT last_seq FROM rollup_state))) AND seq < (SELECT MAX(seq) FROM events)")
+        where = (f"at_ms < ? AND type IN ({types}) AND (tx, seq) <= (SELECT last_tx, last_seq FROM rollup_state)"
+                 " AND seq < (SELECT MAX(seq) FROM events)")
         rows = await self.sql([(f"SELECT COUNT(*) FROM events WHERE {where}", (before_ms,)),
                                (f"DELETE FROM events WHERE {where}", (before_ms,))])
         return rows[0][0][0]
