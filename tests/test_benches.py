@@ -102,6 +102,19 @@ def test_micro() -> None:
     figures(rf"^Ed25519 sign: {NUMBER} us; two threads sign {NUMBER}x as fast as one", out, matches=1)
 
 
+def test_pg_commit() -> None:
+    out = run_bench("handshake/pg_commit.py", "--commits", "20", "--sizes", "1,4")
+    figures(rf"^wake-ups, CPU per round trip of one byte: two threads \(each sleeps\) {NUMBER} us, one thread "
+            rf"\(never sleeps\) {NUMBER} us$", out, matches=1)
+    figures(rf"^one SELECT 1 round trip \(asyncpg\): {NUMBER} us of CPU$", out, matches=1)
+    figures(rf"^the writer thread's hop, a coroutine that does nothing: {NUMBER} us of CPU$", out, matches=1)
+    figures(rf"^  g=\s*\d+: event loop\s+{NUMBER}, writer thread\s+{NUMBER}, both\s+{NUMBER} \(\s*{NUMBER} per grant\)$",
+            out, matches=2)
+    assert re.search(r"^  fit: -?[\d.]+ us per commit \+ -?[\d.]+ us per grant$", out, re.M), out
+    # What it measures is the one-statement path: 5 rounds x 20 commits x 2 sizes, none the general way.
+    assert "batches by path: {'one_statement': 200}" in out, out
+
+
 def test_decide() -> None:
     out = run_bench("handshake/decide.py", ".")
     figures(rf"^\. granted: decide {NUMBER} us$", out, matches=1)
