@@ -147,8 +147,8 @@ async def idle_connections(waiters: int, url_pg: str | None) -> int:
         await daemon.start()
         base = await settle_rss(daemon.proc.pid)
         sessions = []
-        for _ in range(waiters // 500):
-            batch = [aiohttp.ClientSession() for _ in range(500)]
+        for start in range(0, waiters, 500):  # 500 connections at a time
+            batch = [aiohttp.ClientSession() for _ in range(min(500, waiters - start))]
 
             async def one(s: aiohttp.ClientSession) -> None:
                 async with s.get(f"{daemon.url}/healthz") as r:

@@ -158,7 +158,6 @@ def test_churn() -> None:
 
 
 def test_seat_queue() -> None:
-    # 500 waiters: the idle connections are opened 500 at a time (fewer measure none).
     lines = [json.loads(line) for line in run_bench("seat_queue.py", "--waiters", "500").splitlines()]
     memory, http, idle = lines
     assert memory["waiters"] == 500 and memory["queue_bytes_per_waiter"] > 0, memory
@@ -194,7 +193,10 @@ def test_stats_query() -> None:
 
 
 def test_alert_check() -> None:
-    # 100 items to a license file: fewer import none.
+    # 100 items to a license file: a count that is not a multiple is refused before anything starts.
+    refused = subprocess.run([sys.executable, str(ROOT / "bench" / "alert_check.py"), "--items", "50"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--items must be a multiple of 100" in refused.stderr, refused
     out = run_bench("alert_check.py", "--items", "200", "--codes", "20", "--checks", "2")
     assert "\n200 items, 20 codes\n" in out, out
     figures(rf"^pure rules: {NUMBER} conditions met; median {NUMBER} ms", out, matches=1)
