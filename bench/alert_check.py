@@ -121,5 +121,5 @@ if __name__ == "__main__":
     p.add_argument("--checks", type=int, default=20)
     a = p.parse_args()
     if a.items < PER_FILE or a.items % PER_FILE:  # the items come as files of PER_FILE
-        p.error(f"--items must be a multiple of {PER_FILE}")
+        p.error(f"--items must be a positive multiple of {PER_FILE}")
     asyncio.run(main(a.items, a.codes, a.checks))

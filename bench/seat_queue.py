@@ -147,7 +147,7 @@ async def idle_connections(waiters: int, url_pg: str | None) -> int:
         await daemon.start()
         base = await settle_rss(daemon.proc.pid)
         sessions = []
-        for start in range(0, waiters, 500):  # 500 connections at a time
+        for start in range(0, waiters, 500):  # in steps, as run_http paces its waiters: not 10,000 connects at once
             batch = [aiohttp.ClientSession() for _ in range(min(500, waiters - start))]
 
             async def one(s: aiohttp.ClientSession) -> None:

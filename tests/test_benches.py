@@ -196,7 +196,7 @@ def test_alert_check() -> None:
     # 100 items to a license file: a count that is not a multiple is refused before anything starts.
     refused = subprocess.run([sys.executable, str(ROOT / "bench" / "alert_check.py"), "--items", "50"], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and "--items must be a multiple of 100" in refused.stderr, refused
+    assert refused.returncode == 2 and "--items must be a positive multiple of 100" in refused.stderr, refused
     out = run_bench("alert_check.py", "--items", "200", "--codes", "20", "--checks", "2")
     assert "\n200 items, 20 codes\n" in out, out
     figures(rf"^pure rules: {NUMBER} conditions met; median {NUMBER} ms", out, matches=1)
