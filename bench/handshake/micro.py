@@ -43,11 +43,13 @@ from lts_server import bindings, reportkeys, usagechain  # noqa: E402
 from lts_server.core.times import iso, utcnow  # noqa: E402
 from lts_server.store.sql_trust import BindingRow  # noqa: E402
 from lts_server.metrics import Metrics  # noqa: E402
-from lts_server.store import AuthorizationRecord, Event, Seat, WriteBatch, sql  # noqa: E402
+from lts_server.store import WriteBatch, sql  # noqa: E402
 from lts_server.store.sqlite import SQLiteStore, drive  # noqa: E402
 from lts_server.web import app as app_mod  # noqa: E402
 from lts_server.web import device  # noqa: E402
 from lts_server.web.services import SERVICES  # noqa: E402
+
+from batches import ITEM, ITEM_ROW, QUANTITY, grants  # noqa: E402  (bench/handshake/batches.py)
 
 BODY = (b'{"handshakeCode":"216998-BENCH","clientUuid":"bench-0-1732870000-1-12345","product":"barcode-reader",'
         b'"deploymentType":"browser"}')
@@ -144,10 +146,7 @@ def _sqlite_rounds(g: int, batches: int, chained: bool):  # noqa: ANN202 - a gen
     con = sqlite3.connect(folder / "bench.sqlite3", isolation_level=None)
     con.execute("PRAGMA foreign_keys = OFF")
     con.execute("PRAGMA synchronous = OFF")
-    con.execute("INSERT INTO items (item_id, license_id, organization_id, product, edition, deployment_type,"
-                " license_type, quantity, period, domain, starts_at, expires_at) VALUES ('BENCH-1', 'L', '216998',"
-                " 'barcode-reader', NULL, 'browser', 'per-device', 50000000, 'yearly', NULL, '2020-01-01T00:00:00Z',"
-                " '2030-01-01T00:00:00Z')")
+    con.execute(ITEM_ROW, (ITEM, QUANTITY))
     now = utcnow()
 
     def run(proc: sql.Procedure[object]) -> object:
@@ -167,21 +166,8 @@ def _sqlite_rounds(g: int, batches: int, chained: bool):  # noqa: ANN202 - a gen
     seeded = 100  # batches of devices that refresh: 1,600 devices
 
     def batch(k: int, refresh: bool, hours: int = 0) -> WriteBatch:
-        at = now + timedelta(hours=hours)
-        b = WriteBatch(at=at)
-        for j in range(g):
-            b.job = j
-            client = f"dev-{k % seeded if refresh else k + seeded}-{j}"
-            seat = Seat("BENCH-1", client, at, at, at + timedelta(days=365))
-            b.refresh(seat) if refresh else b.claim(seat, 50_000_000)
-            b.events.append(Event(at=at, type="seat.refreshed" if refresh else "seat.granted", code="216998-BENCH",
-                                  item_id="BENCH-1", client_uuid=client,
-                                  detail={"expiresAt": seat.expires_at.isoformat()}))
-            b.authorizations.append(AuthorizationRecord("216998-BENCH", client, "BENCH-1", 1, at,
-                                                        at + timedelta(days=365)))
-            b.events.append(Event(at=at, type="handshake", code="216998-BENCH", item_id="BENCH-1",
-                                  client_uuid=client, product="barcode-reader", deployment_type="browser", result=0))
-        return b
+        return grants(now + timedelta(hours=hours),
+                      (f"dev-{k % seeded if refresh else k + seeded}-{j}" for j in range(g)), refresh)
 
     for k in range(seeded):
         write(batch(k - seeded, False))
@@ -205,7 +191,7 @@ def _sqlite_rounds(g: int, batches: int, chained: bool):  # noqa: ANN202 - a gen
         per_grant = (time.process_time() - started) / (batches * g) * 1e6
         started = time.process_time()
         folded = 0
-        while done := run(sql.roll_up(sql.SEQUENTIAL, {"BENCH-1": ("per-device", 50_000_000)}, 500)).processed:  # type: ignore[attr-defined]
+        while done := run(sql.roll_up(sql.SEQUENTIAL, {ITEM: ("per-device", QUANTITY)}, 500)).processed:  # type: ignore[attr-defined]
             folded += done
         return per_grant, (time.process_time() - started) / max(1, folded) * 1e6
 

@@ -30,7 +30,6 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -42,12 +41,12 @@ sys.path.insert(0, str(HERE.parent.parent / "tests"))
 import pg  # noqa: E402  (tests/pg.py: a throwaway PostgreSQL server)
 
 from lts_server.core.times import utcnow  # noqa: E402
-from lts_server.store import AuthorizationRecord, Event, Seat, WriteBatch  # noqa: E402
-from lts_server.store.postgres import PostgresStore  # noqa: E402
+from lts_server.store import WriteBatch  # noqa: E402
+from lts_server.store.postgres import PostgresStore, numbered  # noqa: E402
+
+from batches import ITEM, ITEM_ROW, QUANTITY, grants  # noqa: E402  (bench/handshake/batches.py)
 
 ROUNDS = 5
-ITEM = "BENCH-1"
-CODE = "216998-BENCH"
 
 
 def wake_ups(n: int) -> tuple[float, float]:
@@ -93,11 +92,7 @@ async def seed(url: str) -> None:
             "INSERT INTO licenses (license_id, alias, organization_id, license_text_version, status, revision,"
             " issued_at, key_id, sha256, file_text, first_imported_ms, updated_ms)"
             " VALUES ('L-BENCH', 'bench', '216998', '1', 'active', 1, '2020-01-01T00:00:00Z', 'k', 's', 't', 0, 0)")
-        await conn.execute(
-            "INSERT INTO items (item_id, license_id, organization_id, product, edition, deployment_type,"
-            " license_type, quantity, period, domain, starts_at, expires_at) VALUES ($1, 'L-BENCH', '216998',"
-            " 'barcode-reader', NULL, 'browser', 'per-device', 50000000, 'yearly', NULL, '2020-01-01T00:00:00Z',"
-            " '2030-01-01T00:00:00Z')", ITEM)
+        await conn.execute(numbered(ITEM_ROW), ITEM, QUANTITY)
     finally:
         await conn.close()
 
@@ -105,21 +100,7 @@ async def seed(url: str) -> None:
 def batches(g: int, count: int, first: int) -> list[WriteBatch]:
     """`count` plain batches of `g` new devices each, numbered from `first`."""
     now = utcnow()
-    out = []
-    for k in range(count):
-        b = WriteBatch(at=now)
-        for j in range(g):
-            b.begin_job(j)
-            client = f"bench-{first + k * g + j}"
-            seat = Seat(ITEM, client, now, now, now + timedelta(days=365), code=CODE)
-            b.claim(seat, 50_000_000, leasable=True)  # as a cluster node claims on an item without limits
-            b.events.append(Event(at=now, type="seat.granted", code=CODE, item_id=ITEM, client_uuid=client,
-                                  detail={"expiresAt": seat.expires_at.isoformat()}))
-            b.authorizations.append(AuthorizationRecord(CODE, client, ITEM, 1, now, now + timedelta(days=365)))
-            b.events.append(Event(at=now, type="handshake", code=CODE, item_id=ITEM, client_uuid=client,
-                                  product="barcode-reader", deployment_type="browser", result=0))
-        out.append(b)
-    return out
+    return [grants(now, (f"bench-{first + k * g + j}" for j in range(g)), leasable=True) for k in range(count)]
 
 
 def writer_thread(store: PostgresStore) -> int:
