@@ -123,13 +123,19 @@ def test_decide() -> None:
 
 def test_handshake_run() -> None:
     need_wrk()
-    out = run_bench("handshake/run.py", "--stores", "sqlite,postgresql", "--workers", "1", "--nodes", "0",
-                    "--modes", "new", "--rounds", "1", "--duration", "1", "--connections", "8", timeout=180)
+    out = run_bench("handshake/run.py", "--stores", "sqlite,postgresql", "--workers", "1", "--nodes", "2",
+                    "--per-node", "--modes", "new", "--rounds", "1", "--duration", "1", "--connections", "8",
+                    timeout=240)
+    assert "wrk -c8 per node -d1s" in out, out
     # target, req/s, ratio, p50 ms, p99 ms, non-2xx, daemon us, (round)
-    for target in ("bare", "sqlite w=1", "pg w=1"):
+    for target in ("bare", "sqlite w=1", "pg w=1", "pg nodes=2"):
         figures(rf"^  {target}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+\d+\s+{NUMBER}\s+{NUMBER}\s", out,
                 matches=1)
-    for target in ("sqlite w=1", "pg w=1"):
+    # The server's WAL per grant while each PostgreSQL target ran: records, full-page images, bytes, checkpoints.
+    for target in ("pg w=1 new", "pg nodes=2 new"):
+        (records, size), = figures(rf"^    {target}\s+{NUMBER}\s+[\d.]+\s+{NUMBER}\s+\d+$", out, matches=1)
+        assert records >= 1 and size >= 100, out  # a grant writes rows: its event, seat and authorization
+    for target in ("sqlite w=1", "pg w=1", "pg nodes=2"):
         (seats, events, answers), = figures(
             rf"^  {target}: durable: {NUMBER} seats and {NUMBER} granted-handshake events committed;"
             rf" {NUMBER} granted answers counted in the rounds", out, matches=1)

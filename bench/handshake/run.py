@@ -1,6 +1,6 @@
 """Handshake benchmark: lts-server's granted, durable handshakes against a bare aiohttp endpoint.
 
-    .venv/bin/python bench/handshake/run.py [--duration 10] [--connections 64] [--rounds 3]
+    .venv/bin/python bench/handshake/run.py [--duration 10] [--connections 64] [--per-node] [--rounds 3]
         [--stores sqlite,postgresql] [--workers 1,2] [--nodes 2] [--modes new,refresh,items]
         [--node-cpu 0.25] [--latency-ms 1] [--baseline DIR]
 
@@ -26,8 +26,9 @@ the port in front of one writer process); with postgresql in --stores, one daemo
 --workers count (`pg w=N`, N processes sharing the port with SO_REUSEPORT;
 0: none) and, per count in --nodes, N separate daemons on one database (`pg
 nodes=N`): wrk runs against each of them at once with 1/N of the
-connections; req/s are summed, p50 is the mean and p99 the worst of the
-nodes'. Each PostgreSQL target has its own database on one throwaway
+connections (with --per-node, each with all of them: the clients grow
+with the cluster, so each node sees the load one node alone sees); req/s
+are summed, p50 is the mean and p99 the worst of the nodes'. Each PostgreSQL target has its own database on one throwaway
 PostgreSQL server (tests/pg.py). "x 1 node" is a nodes target's rate over
 the `pg nodes=1` rate of the same tree and mode.
 
@@ -61,7 +62,11 @@ out of PostgreSQL's CPU time); and the round's commits are counted (the
 distinct xmin of its events): grants per commit and, for the baseline, the
 lock's time per commit. "1 statement" is the share of those commits written
 as one statement (store/pg_batch.py; the nodes' lts_store_batches_total);
-the others went statement by statement.
+the others went statement by statement. The WAL the whole PostgreSQL server
+wrote while a target's round ran (pg_stat_wal: records, full-page images,
+bytes) is given per grant, with the checkpoints in its rounds. --statements
+also prints each database's top statements (pg_stat_statements) and the
+tables read by whole-table scans.
 """
 
 from __future__ import annotations
@@ -282,6 +287,9 @@ def store_batches(target: Target) -> dict[str, float]:
 
 DB_STATS = ("SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()),"
             " SUM(seq_scan), SUM(seq_tup_read), SUM(idx_scan) FROM pg_stat_user_tables")
+# Server-wide (WAL has no database): the other targets' nodes only follow and fold while one is measured.
+WAL_STATS = ("SELECT wal_records, wal_fpi, wal_bytes,"
+             " (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter) FROM pg_stat_wal")
 
 
 async def measure(target: Target, duration: int, connections: int, devices: int,
@@ -301,6 +309,7 @@ async def measure(target: Target, duration: int, connections: int, devices: int,
     last_seq = await target.conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM events") if target.conn else 0
     paths0 = store_batches(target) if target.conn else {}
     stats0 = await target.conn.fetchrow(DB_STATS) if target.conn else None
+    wal0 = await probe.fetchrow(WAL_STATS) if probe and target.conn else None
     sampler = None
     if probe and target.conn:
         sampler = asyncio.create_task(sample_lock(probe, time.monotonic() + duration, backends))
@@ -344,6 +353,11 @@ async def measure(target: Target, duration: int, connections: int, devices: int,
         stats1 = await target.conn.fetchrow(DB_STATS)
         result["xacts"], result["seq_scans"], result["seq_rows"], result["idx_scans"] = (
             (b - a) / granted for a, b in zip(stats0, stats1))
+        if wal0 is not None:
+            wal1 = await probe.fetchrow(WAL_STATS)
+            result["wal_records"], result["wal_fpi"], result["wal_bytes"] = (
+                (float(b) - float(a)) / granted for a, b in zip(wal0[:3], wal1[:3]))
+            result["checkpoints"] = wal1[3] - wal0[3]
     target.rounds.append(result)
 
 
@@ -491,6 +505,9 @@ STATEMENTS = (
     " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1) ORDER BY total_exec_time DESC LIMIT 12"
 )
 
+TABLE_SCANS = ("SELECT relname, seq_scan, seq_tup_read, idx_scan FROM pg_stat_user_tables WHERE seq_scan > 0"
+               " ORDER BY seq_tup_read DESC LIMIT 8")
+
 
 async def top_statements(probe: asyncpg.Connection, targets: list[Target], grants: dict[str, int]) -> None:
     """Per PostgreSQL target, where its database's time went (pg_stat_statements: execution wall time, the
@@ -502,6 +519,10 @@ async def top_statements(probe: asyncpg.Connection, targets: list[Target], grant
         print(f"  {t.name}: statements by execution time, us per granted handshake (calls per grant):")
         for calls, total, text in await probe.fetch(STATEMENTS, name):
             print(f"    {total * 1000 / grants[t.name]:8.1f} ({calls / grants[t.name]:6.3f})  {text[:150]}")
+        print(f"  {t.name}: tables by whole-table scans, per granted handshake (scans, rows they read, index scans):")
+        for table, scans, rows, index in await t.conn.fetch(TABLE_SCANS):
+            n = grants[t.name]
+            print(f"    {table:24} {scans / n:7.3f} {rows / n:9.1f} {(index or 0) / n:7.3f}")
 
 
 async def count_durable(target: Target) -> tuple[int, int]:
@@ -533,7 +554,8 @@ def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, t
 
     bare = med(targets[0], "rps")
     cap = f"each lts-server daemon capped at {args.node_cpu:g} of a core" if args.node_cpu else "no CPU caps"
-    print(f"wrk -c{args.connections} -d{args.duration}s, {args.rounds} alternating rounds, medians; PostgreSQL fsync"
+    per_node = " per node" if args.per_node else ""
+    print(f"wrk -c{args.connections}{per_node} -d{args.duration}s, {args.rounds} alternating rounds, medians; PostgreSQL fsync"
           f" {args.fsync}; {cap}; CPU microseconds per granted handshake (per request for bare):")
     width = max(len(t.name) for t in targets)
     for mode in args.modes.split(","):
@@ -576,6 +598,13 @@ def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, t
         if t.conn:
             print(f"    {t.name + ' ' + t.mode:{width + 8}} {med(t, 'xacts'):6.2f} {med(t, 'seq_scans'):7.3f}"
                   f" {med(t, 'seq_rows'):8.1f} {med(t, 'idx_scans'):7.1f}")
+    if any(t.conn and "wal_fpi" in t.rounds[0] for t in targets):
+        print("  per granted handshake, the whole server's WAL while the target's round ran: records, full-page"
+              " images, bytes; checkpoints in its rounds:")
+    for t in targets:
+        if t.conn and "wal_fpi" in t.rounds[0]:
+            print(f"    {t.name + ' ' + t.mode:{width + 8}} {med(t, 'wal_records'):6.1f} {med(t, 'wal_fpi'):6.2f}"
+                  f" {med(t, 'wal_bytes'):8.0f} {sum(r['checkpoints'] for r in t.rounds):4d}")
     for path, (before, after) in rtt.items():
         print(f"  one statement's round trip to PostgreSQL inside a transaction, {path} (median of 1000, before and"
               f" after the rounds): {before:.0f} us, {after:.0f} us")
@@ -663,7 +692,8 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
         rtt = {label: [await round_trip_us(conn)] for label, conn in paths.items()}
         for _ in range(args.rounds):
             for t in targets:
-                await measure(t, args.duration, args.connections, args.devices, probe)
+                await measure(t, args.duration, args.connections * (len(t.ports) if args.per_node else 1),
+                              args.devices, probe)
         for label, conn in paths.items():
             rtt[label].append(await round_trip_us(conn))
             if conn is not probe:
@@ -709,6 +739,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--per-node", action="store_true",
+                   help="--connections for each node of a nodes target (the clients grow with the cluster),"
+                        " not split between its nodes")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--stores", default="sqlite", help="comma-separated: sqlite, postgresql")
     p.add_argument("--workers", default="1,2", help="one daemon per count and store, with server.workers = N"
