@@ -24,7 +24,7 @@ from lts_client import MAC_HEADER, LtsClient, report_mac
 from lts_server import config as config_mod
 from lts_server.server import Server
 from lts_server.store import sql
-from lts_server.store.postgres import DEVICE_ROWS, PostgresStore
+from lts_server.store.postgres import DEVICE_ROWS, PostgresStore, among
 from lts_server.store.sqlite import migrations
 from tests.conftest import (
     ADMIN_PASSWORD,
@@ -157,6 +157,29 @@ async def test_a_device_load_reads_every_row_of_the_devices_in_one_statement_by_
         plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN EXECUTE load ('{d7,d19999}')"))
         assert "Seq Scan on seats" not in plan and "Seq Scan on authorizations" not in plan, plan
         assert "seats_client" in plan and "authorizations_client" in plan, plan
+
+
+async def test_the_rollups_read_the_marks_of_a_page_of_devices_by_key_in_a_large_table(pg_url: str) -> None:
+    # The rollup job reads the marks of up to 500 devices a page (store/sql.py _read_marks). As an IN list of
+    # 500 values PostgreSQL 15 read a table of 100,000 devices (random keys, as UUIDs are) whole, each fold
+    # page (~11 ms); as an array it probes the key (docs/design.md, "Rows among many values").
+    store = PostgresStore(pg_url)
+    await store.open()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("INSERT INTO rollup_clients (client_uuid, id, marks) SELECT md5(g::text), g, '\\x00'"
+                           " FROM generate_series(1, 100000) g")
+        await conn.execute("ANALYZE rollup_clients")
+        wanted = [r[0] for r in await conn.fetch("SELECT client_uuid FROM rollup_clients ORDER BY id % 997, id"
+                                                 " LIMIT 500")]
+        statement = sql.QueryIn("SELECT client_uuid, id, marks FROM rollup_clients WHERE client_uuid", wanted)
+        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {among(statement)}", wanted))
+        assert "Seq Scan on rollup_clients" not in plan and "rollup_clients_pkey" in plan, plan
+        rows = await store._call(sql._select_in(statement.sql, {*wanted, "nobody"}))
+        assert sorted(c for c, _, _ in rows) == sorted(wanted)
+    finally:
+        await conn.close()
+        await store.close()
 
 
 async def test_a_cluster_lock_cut_short_does_not_stay_held_by_a_pooled_connection(pg_url: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lts_server.store import Event, SchemaTooNew, Store, StoreFull, StoreUnavailable, WriteBatch
+from lts_server.store import Event, SchemaTooNew, Store, StoreFull, StoreUnavailable, WriteBatch, sql
 from lts_server.store.sqlite import SQLiteStore, migrations
 from tests.conftest import query
 
@@ -28,6 +28,32 @@ async def test_migrates_an_empty_database(new_store: NewStore) -> None:
         for table in ("licenses", "items", "handshake_codes", "code_items", "seats", "events", "schema_version"):
             assert await query(store, f"SELECT COUNT(*) FROM {table}") == [(len(migrations()),)
                                                                           if table == "schema_version" else (0,)]
+    finally:
+        await store.close()
+
+
+async def test_rows_among_more_values_than_one_in_list_holds(new_store: NewStore) -> None:
+    # sql._select_in (the rollups' device marks and day rows, device rows, item statuses): every row whose
+    # column is among the values, and no other, for text and for bigint values, over more values than one
+    # SQLite IN list takes; PostgreSQL gets them as one array (store/postgres.py among).
+    store = await new_store()
+    await store.open()
+    try:
+        await query(store, "INSERT INTO rollup_clients (client_uuid, id, marks) SELECT 'd' || g, g, ? FROM"
+                           " (WITH RECURSIVE n(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM n WHERE g < 3000)"
+                           " SELECT g FROM n) AS numbers", b"m")
+        await query(store, "INSERT INTO rollup_days (day, client, marks) SELECT day, id, marks FROM rollup_clients,"
+                           " (SELECT 20000 AS day UNION ALL SELECT 20001) AS days")
+        wanted = [f"d{n}" for n in range(1, 3001, 5)] + ["nobody"]
+        assert len(wanted) > sql.IN_CHUNK
+        rows = await store._call(sql._select_in("SELECT client_uuid, id FROM rollup_clients WHERE client_uuid",
+                                                set(wanted)))
+        assert sorted(rows) == sorted((c, int(c[1:])) for c in wanted[:-1])
+        ids = list(range(2, 3001, 3)) + [9_000_000_000]  # one beyond any 32-bit integer, in no row
+        rows = await store._call(sql._select_in("SELECT client, day FROM rollup_days WHERE day = ? AND client",
+                                                ids, 20001, kind="bigint"))
+        assert sorted(rows) == [(n, 20001) for n in ids[:-1]]
+        assert await store._call(sql._select_in("SELECT id FROM rollup_clients WHERE client_uuid", set())) == []
     finally:
         await store.close()
 

@@ -204,26 +204,36 @@ class Backends:
     connections, autovacuum on it) and the server's WAL writer, checkpointer and background writer.
     Other targets' databases are left out: their rollups and followers go on while this one is measured."""
 
-    SQL = ("SELECT pid FROM pg_stat_activity WHERE datname = $1 OR backend_type IN"
+    SQL = ("SELECT pid, backend_type FROM pg_stat_activity WHERE datname = $1 OR backend_type IN"
            " ('walwriter', 'checkpointer', 'background writer')")
+    # How the breakdown names them: the nodes' connections, autovacuum, the WAL writer, the rest.
+    KINDS = {"client backend": "connections", "autovacuum worker": "autovacuum", "walwriter": "WAL writer"}
 
     def __init__(self, probe: asyncpg.Connection, database: str) -> None:
         self.probe, self.database = probe, database
         self.first: dict[int, float] = {}
         self.last: dict[int, float] = {}
+        self.kind: dict[int, str] = {}
 
     async def note(self, start: bool = False) -> None:
-        for (pid,) in await self.probe.fetch(self.SQL, self.database):
+        for pid, backend_type in await self.probe.fetch(self.SQL, self.database):
             used = own_cpu_us(pid)
             if used is None:
                 continue
             if start:
                 self.first[pid] = used
             self.last[pid] = used
+            self.kind[pid] = self.KINDS.get(backend_type, "checkpoints, other")
 
     def used_us(self) -> float:
         """CPU since the start: of processes there then, what they used since; of later ones, all."""
-        return sum(last - self.first.get(pid, 0.0) for pid, last in self.last.items())
+        return sum(self.by_kind().values())
+
+    def by_kind(self) -> dict[str, float]:
+        kinds = dict.fromkeys([*self.KINDS.values(), "checkpoints, other"], 0.0)
+        for pid, last in self.last.items():
+            kinds[self.kind[pid]] += last - self.first.get(pid, 0.0)
+        return kinds
 
 
 async def rollup_lag(target: Target) -> int:
@@ -334,6 +344,8 @@ async def measure(target: Target, duration: int, connections: int, devices: int,
     # the machine (other processes, PostgreSQL, wrk) was the limit, not the cap.
     result["node_cores"] = (d_round - d0) / 1e6 / duration / len(target.procs)
     result["pg_us"] = backends.used_us() / granted if backends is not None else 0.0
+    if backends is not None:
+        result["pg_kinds"] = {kind: used / granted for kind, used in backends.by_kind().items()}
     if target.conn:
         # Each write transaction's rows share its xmin: distinct xmins count the commits of the round.
         commits = await target.conn.fetchval("SELECT COUNT(DISTINCT xmin::text) FROM events WHERE seq > $1",
@@ -598,6 +610,13 @@ def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, t
         if t.conn:
             print(f"    {t.name + ' ' + t.mode:{width + 8}} {med(t, 'xacts'):6.2f} {med(t, 'seq_scans'):7.3f}"
                   f" {med(t, 'seq_rows'):8.1f} {med(t, 'idx_scans'):7.1f}")
+    if any("pg_kinds" in t.rounds[0] for t in targets):
+        kinds = next(t.rounds[0]["pg_kinds"] for t in targets if "pg_kinds" in t.rounds[0])
+        print(f"  PostgreSQL CPU per granted handshake by process: {', '.join(kinds)} (us):")
+    for t in targets:
+        if "pg_kinds" in t.rounds[0]:
+            print(f"    {t.name + ' ' + t.mode:{width + 8}}"
+                  + "".join(f" {statistics.median(r['pg_kinds'][k] for r in t.rounds):6.0f}" for k in kinds))
     if any(t.conn and "wal_fpi" in t.rounds[0] for t in targets):
         print("  per granted handshake, the whole server's WAL while the target's round ran: records, full-page"
               " images, bytes; checkpoints in its rounds:")

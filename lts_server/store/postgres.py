@@ -143,6 +143,11 @@ def unnested(statement: str, columns: tuple[str, ...]) -> str:
     return statement.replace(values, f"SELECT * FROM unnest({arrays})")
 
 
+def among(statement: sql.QueryIn) -> str:
+    """A QueryIn as one statement: its values are its last parameter, an array."""
+    return numbered(f"{statement.sql} IN (SELECT unnest(?::{statement.kind}[]))")
+
+
 def _rowcount(status: str) -> int:
     """asyncpg's command tag ('UPDATE 1', 'INSERT 0 1', 'DELETE 3') as a row count."""
     tail = status.rsplit(" ", 1)[-1]
@@ -159,6 +164,8 @@ async def drive(conn: asyncpg.Connection, proc: sql.Procedure[T]) -> T:
                 answer = [tuple(r) for r in await conn.fetch(numbered(statement.sql), *statement.params)]
             elif isinstance(statement, sql.Exec):
                 answer = _rowcount(await conn.execute(numbered(statement.sql), *statement.params))
+            elif isinstance(statement, sql.QueryIn):
+                answer = [tuple(r) for r in await conn.fetch(among(statement), *statement.params, statement.values)]
             else:
                 if statement.rows and statement.columns:
                     await conn.execute(unnested(statement.sql, statement.columns),

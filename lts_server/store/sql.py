@@ -93,7 +93,21 @@ class Many:
     columns: tuple[str, ...] = ()
 
 
-Statement = Query | Exec | Many
+@dataclass(frozen=True)
+class QueryIn:
+    """The rows of `sql`, a SELECT ending in a column, whose column is one of `values` (after `params`).
+    SQLite gets IN (?, ...) lists of IN_CHUNK values. PostgreSQL gets one statement with the values as an
+    array of `kind` (its type: text, bigint): IN (SELECT unnest(...)) lets it plan by the array's length, where
+    an IN list of 500 made it scan tables of up to ~100,000 rows whole (5-11 ms a list of 500, against 1.6 with
+    the array; docs/design.md, "Rows among many values")."""
+
+    sql: str
+    values: list[Any]
+    kind: str = "text"
+    params: tuple[Any, ...] = ()
+
+
+Statement = Query | Exec | Many | QueryIn
 Procedure = Generator[Statement, Any, T]
 # A place in the event log: (tx, seq) of the last event read (see LogOrder).
 Position = tuple[int, int]
@@ -285,14 +299,12 @@ def item_holders(item_id: str, seats: bool, now_ms: int, limit: int, offset: int
                                from_ms(r[6]) if r[6] is not None and r[6] > now_ms else None) for r in rows]
 
 
-def _select_in(select: str, values: set[str] | list[str], *before: Any) -> Procedure[list[tuple[Any, ...]]]:
-    """`select` ending in a column, with IN (values), in chunks."""
-    ordered = sorted(values)
-    rows: list[tuple[Any, ...]] = []
-    for i in range(0, len(ordered), IN_CHUNK):
-        chunk = ordered[i:i + IN_CHUNK]
-        rows += yield Query(f"{select} IN ({','.join('?' * len(chunk))})", (*before, *chunk))
-    return rows
+def _select_in(select: str, values: set[Any] | list[Any], *before: Any, kind: str = "text"
+               ) -> Procedure[list[tuple[Any, ...]]]:
+    """`select` ending in a column, with IN (values): see QueryIn."""
+    if not values:
+        return []
+    return (yield QueryIn(select, sorted(values), kind, before))
 
 
 @dataclass(frozen=True)
@@ -624,7 +636,7 @@ def apply_rollup(events: list[EventFacts], quantities: dict[str, tuple[str, int]
         column = "instances" if item_id in per_instance else "devices"
         before = dict((yield from _select_in(
             f"SELECT bucket_ms, {column} FROM rollups WHERE scope = 'item' AND key = ? AND size = '3m'"
-            " AND bucket_ms", item_slots, item_id)))
+            " AND bucket_ms", item_slots, item_id, kind="bigint")))
         quantity = quantities[item_id][1]
         delta = sum(overuse_delta(before.get(s, 0), before.get(s, 0) + folded.growth[(item_id, s)], quantity)
                     for s in item_slots)
@@ -674,7 +686,7 @@ def _read_marks(clients: set[str], days: set[tuple[str, int]], next_client: int)
         by_day.setdefault(day, {})[marks.clients[client].id] = client
     for day, named in sorted(by_day.items()):
         for cid, data in (yield from _select_in("SELECT client, marks FROM rollup_days WHERE day = ? AND client",
-                                                list(named), day)):
+                                                list(named), day, kind="bigint")):
             marks.days[(named[cid], day)] = decode_day(bytes(data))
     return marks, next_client
 

@@ -300,6 +300,12 @@ def drive(con: sqlite3.Connection, proc: sql.Procedure[T]) -> T:
                 answer = con.execute(statement.sql, statement.params).fetchall()
             elif isinstance(statement, sql.Exec):
                 answer = con.execute(statement.sql, statement.params).rowcount
+            elif isinstance(statement, sql.QueryIn):
+                answer = []
+                for i in range(0, len(statement.values), sql.IN_CHUNK):
+                    chunk = statement.values[i:i + sql.IN_CHUNK]
+                    answer += con.execute(f"{statement.sql} IN ({','.join('?' * len(chunk))})",
+                                          (*statement.params, *chunk)).fetchall()
             else:
                 con.executemany(statement.sql, statement.rows)
                 answer = None
