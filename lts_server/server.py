@@ -388,14 +388,15 @@ class Server:
                     if total:
                         logs.event("seats.swept", freed=total)
 
-    async def roll_up(self) -> int:
-        """Fold every event written so far into the rollups; returns how many were folded."""
+    async def roll_up(self, wait: bool = True) -> int:
+        """Fold every event written so far into the rollups; returns how many were folded. With wait=False
+        (the background job), nothing while another node of a cluster folds: it folds them."""
         assert self.services is not None
         ledger, store = self.services.ledger, self.services.store
         async with self._rollup_lock:  # one roll-up at a time, so overuse is mirrored in order
             if not self._marks_converted:
                 await self._convert_marks(store)
-            return await self._roll_up_pages(ledger, store, self.services.alerts.after_usage)
+            return await self._roll_up_pages(ledger, store, self.services.alerts.after_usage, wait)
 
     async def _convert_marks(self, store: Store) -> None:
         """Convert the device marks an older release left (rollup_devices) before folding more events: a step
@@ -413,12 +414,12 @@ class Server:
 
     @staticmethod
     async def _roll_up_pages(ledger: Ledger, store: Store,
-                             on_overuse: Callable[[list[str]], None] | None = None) -> int:
+                             on_overuse: Callable[[list[str]], None] | None = None, wait: bool = True) -> int:
         total = 0
         # Items present when the pass starts are the only ones its events can name.
         quantities = {i.item_id: (i.license_type.value, i.quantity) for i in ledger.items.values()}
         while True:
-            result = await store.roll_up(quantities, ROLLUP_PAGE)
+            result = await store.roll_up(quantities, ROLLUP_PAGE, wait)
             total += result.processed
             if result.overuse:
                 await ledger.mirror_overuse(result.overuse)
@@ -429,7 +430,7 @@ class Server:
             await asyncio.sleep(0)
         # Borrowed devices count as active in every slice their borrow covers, offline as they are.
         while True:
-            result = await store.count_borrowed_slices(to_ms(ledger.clock()), quantities)
+            result = await store.count_borrowed_slices(to_ms(ledger.clock()), quantities, wait)
             if result.overuse:
                 await ledger.mirror_overuse(result.overuse)
                 if on_overuse is not None:
@@ -445,7 +446,7 @@ class Server:
                 await asyncio.wait_for(self.stopping.wait(), timeout=ROLLUP_SECONDS)
             except TimeoutError:
                 try:
-                    await self.roll_up()
+                    await self.roll_up(wait=False)
                     if time.monotonic() - last_prune > PRUNE_SECONDS:
                         last_prune = time.monotonic()
                         await self.prune_rollups()

@@ -22,7 +22,7 @@ from lts_server.core import leases as rules
 from lts_server.core.times import to_ms, utcnow
 from lts_server.core.model import SeatLimit
 from lts_server.store import CodeLimits, Conflict, Event, EventQuery, Seat, WriteBatch
-from lts_server.store.postgres import PostgresStore
+from lts_server.store.postgres import ROLLUP_LOCK, PostgresStore
 
 # -- the pure rules -------------------------------------------------------------------------------
 
@@ -352,6 +352,37 @@ async def test_no_advisory_lock_is_taken_by_a_write(pg_server) -> None:  # noqa:
             await asyncio.sleep(0)
         await writing
         assert set(seen) == {0}
+    finally:
+        await store.close()
+        await conn.close()
+
+
+async def test_the_rollup_job_skips_its_turn_while_another_node_folds(pg_server) -> None:  # noqa: ANN001
+    # The background job (wait=False) does not queue a connection behind the node that is folding: it folds
+    # nothing and returns at once. An explicit fold (wait=True: Server.roll_up, what tests and tools call)
+    # waits for its turn and then folds everything.
+    url, conn = await _database(pg_server)
+    store = PostgresStore(url)
+    await store.open()
+    try:
+        await store.write(_claims(["a", "b", "c"]))
+        folding = await asyncpg.connect(url)  # another node, in the middle of a fold
+        tx = folding.transaction()
+        await tx.start()
+        await folding.execute("SELECT pg_advisory_xact_lock($1)", ROLLUP_LOCK)
+        # The other node holds the lock for good here: waiting for it would time out.
+        assert (await asyncio.wait_for(store.roll_up({}, 100, wait=False), 5)).processed == 0
+        assert (await asyncio.wait_for(store.count_borrowed_slices(to_ms(utcnow()), {}, wait=False), 5)
+                ).processed == 0
+        assert await store.rollup_lag() == 3
+        waiting = asyncio.create_task(store.roll_up({}, 100))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # its turn has not come
+        await tx.commit()
+        assert (await waiting).processed == 3
+        assert (await store.roll_up({}, 100, wait=False)).processed == 0  # nothing left, nobody folding
+        assert await store.rollup_lag() == 0
+        await folding.close()
     finally:
         await store.close()
         await conn.close()

@@ -478,6 +478,18 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
         except FAILURES as e:
             raise _translate(e, f"database {self.where}") from None
 
+    async def _call_unless_busy(self, proc: sql.Procedure[T], lock: int | None, busy: T) -> T:
+        if lock is None:
+            return await self._call(proc)
+        try:
+            async with self._borrow() as conn, conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock):
+                    proc.close()
+                    return busy
+                return await drive(conn, proc)
+        except FAILURES as e:
+            raise _translate(e, f"database {self.where}") from None
+
     async def write(self, batch: WriteBatch, pipeline: int | None = None) -> None:
         """One transaction on the writer connection, on the writer's thread, in submission order; see
         SQLiteStore.write."""

@@ -970,6 +970,10 @@ class Operations:
     async def _call(self, proc: Procedure[T], lock: int | None = None) -> T:
         raise NotImplementedError
 
+    async def _call_unless_busy(self, proc: Procedure[T], lock: int | None, busy: T) -> T:
+        """`_call`, or `busy` at once if another node holds `lock` (PostgreSQL); SQLite has no other node."""
+        return await self._call(proc, lock)
+
     async def load(self, per_slice_types: tuple[str, ...] = (), now_ms: int = 0) -> Snapshot:
         return await self._call(load_snapshot(per_slice_types, now_ms))
 
@@ -998,10 +1002,14 @@ class Operations:
     async def code_seats(self, items: set[str]) -> dict[tuple[str, str], int]:
         return await self._call(sql_offline.code_seat_counts(items))
 
-    async def count_borrowed_slices(self, now_ms: int, quantities: dict[str, tuple[str, int]]) -> RollupResult:
-        """Mark borrowed devices active in the slices their borrows covered so far; one node at a time."""
-        return await self._call(sql_offline.count_borrowed_slices(now_ms, quantities, self._rollup_keys),
-                                self.ROLLUP_LOCK)
+    async def count_borrowed_slices(self, now_ms: int, quantities: dict[str, tuple[str, int]], wait: bool = True
+                                    ) -> RollupResult:
+        """Mark borrowed devices active in the slices their borrows covered so far; one node at a time (see
+        roll_up for `wait`)."""
+        proc = sql_offline.count_borrowed_slices(now_ms, quantities, self._rollup_keys)
+        if wait:
+            return await self._call(proc, self.ROLLUP_LOCK)
+        return await self._call_unless_busy(proc, self.ROLLUP_LOCK, RollupResult(0, 0, {}))
 
     async def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]:
         """Stream events in order, a page at a time, so memory stays flat: the events final when the
@@ -1030,10 +1038,15 @@ class Operations:
             self._rollup_key_cache = {}
         return self._rollup_key_cache
 
-    async def roll_up(self, quantities: dict[str, tuple[str, int]], limit: int = 50_000) -> RollupResult:
+    async def roll_up(self, quantities: dict[str, tuple[str, int]], limit: int = 50_000, wait: bool = True
+                      ) -> RollupResult:
         """Fold the next events of the log into the rollups; one node at a time. Folds nothing while the
-        marks of the release before are being converted (convert_marks)."""
-        return await self._call(roll_up(self.LOG, quantities, limit, self._rollup_keys), self.ROLLUP_LOCK)
+        marks of the release before are being converted (convert_marks). With wait=False it also folds
+        nothing while another node folds (that node folds these events too), instead of waiting its turn."""
+        proc = roll_up(self.LOG, quantities, limit, self._rollup_keys)
+        if wait:
+            return await self._call(proc, self.ROLLUP_LOCK)
+        return await self._call_unless_busy(proc, self.ROLLUP_LOCK, RollupResult(0, 0, {}))
 
     async def rollup_conversion(self) -> int:
         return await self._call(rollup_conversion())
