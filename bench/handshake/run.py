@@ -567,8 +567,8 @@ def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, t
     bare = med(targets[0], "rps")
     cap = f"each lts-server daemon capped at {args.node_cpu:g} of a core" if args.node_cpu else "no CPU caps"
     per_node = " per node" if args.per_node else ""
-    print(f"wrk -c{args.connections}{per_node} -d{args.duration}s, {args.rounds} alternating rounds, medians; PostgreSQL fsync"
-          f" {args.fsync}; {cap}; CPU microseconds per granted handshake (per request for bare):")
+    print(f"wrk -c{args.connections}{per_node} -d{args.duration}s, {args.rounds} alternating rounds, medians;"
+          f" PostgreSQL fsync {args.fsync}; {cap}; CPU microseconds per granted handshake (per request for bare):")
     width = max(len(t.name) for t in targets)
     for mode in args.modes.split(","):
         print(f"  mode {mode}: " + {

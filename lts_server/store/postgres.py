@@ -469,23 +469,16 @@ class PostgresStore(sql.Operations, AlertOperations, TrustOperations):
         except FAILURES as e:
             raise _translate(e, f"database {self.where}") from None
 
-    async def _call(self, proc: sql.Procedure[T], lock: int | None = None) -> T:
+    async def _call(self, proc: sql.Procedure[T], lock: int | None = None,
+                    busy: Callable[[], T] | None = None) -> T:
         try:
             async with self._borrow() as conn, conn.transaction():
                 if lock is not None:
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
-                return await drive(conn, proc)
-        except FAILURES as e:
-            raise _translate(e, f"database {self.where}") from None
-
-    async def _call_unless_busy(self, proc: sql.Procedure[T], lock: int | None, busy: T) -> T:
-        if lock is None:
-            return await self._call(proc)
-        try:
-            async with self._borrow() as conn, conn.transaction():
-                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock):
-                    proc.close()
-                    return busy
+                    if busy is None:
+                        await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
+                    elif not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock):
+                        proc.close()
+                        return busy()
                 return await drive(conn, proc)
         except FAILURES as e:
             raise _translate(e, f"database {self.where}") from None

@@ -12,7 +12,7 @@ PostgreSQL runner numbers them).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -955,24 +955,25 @@ def delete_admin_token(token_hash: str) -> Procedure[None]:
     yield Exec("DELETE FROM admin_tokens WHERE token_hash = ?", (token_hash,))
 
 
+def _nothing_rolled_up() -> RollupResult:
+    return RollupResult(0, 0, {})
+
+
 class Operations:
     """The store operations that are one procedure in one transaction, mixed into both stores.
 
-    Each store supplies `_call(procedure, lock)`; the lock keys name what must
-    take turns across the nodes of a PostgreSQL cluster (SQLite has one writer
-    and leaves them None).
+    Each store supplies `_call(procedure, lock, busy)`; the lock keys name what
+    must take turns across the nodes of a PostgreSQL cluster (SQLite has one
+    writer and leaves them None). With `busy`, a call does not wait for a lock
+    another node holds: it returns busy() without running the procedure.
     """
 
     ROLLUP_LOCK: int | None = None
     ADMIN_LOCK: int | None = None
     LOG: LogOrder = SEQUENTIAL
 
-    async def _call(self, proc: Procedure[T], lock: int | None = None) -> T:
+    async def _call(self, proc: Procedure[T], lock: int | None = None, busy: Callable[[], T] | None = None) -> T:
         raise NotImplementedError
-
-    async def _call_unless_busy(self, proc: Procedure[T], lock: int | None, busy: T) -> T:
-        """`_call`, or `busy` at once if another node holds `lock` (PostgreSQL); SQLite has no other node."""
-        return await self._call(proc, lock)
 
     async def load(self, per_slice_types: tuple[str, ...] = (), now_ms: int = 0) -> Snapshot:
         return await self._call(load_snapshot(per_slice_types, now_ms))
@@ -1006,10 +1007,8 @@ class Operations:
                                     ) -> RollupResult:
         """Mark borrowed devices active in the slices their borrows covered so far; one node at a time (see
         roll_up for `wait`)."""
-        proc = sql_offline.count_borrowed_slices(now_ms, quantities, self._rollup_keys)
-        if wait:
-            return await self._call(proc, self.ROLLUP_LOCK)
-        return await self._call_unless_busy(proc, self.ROLLUP_LOCK, RollupResult(0, 0, {}))
+        return await self._call(sql_offline.count_borrowed_slices(now_ms, quantities, self._rollup_keys),
+                                self.ROLLUP_LOCK, None if wait else _nothing_rolled_up)
 
     async def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]:
         """Stream events in order, a page at a time, so memory stays flat: the events final when the
@@ -1043,10 +1042,8 @@ class Operations:
         """Fold the next events of the log into the rollups; one node at a time. Folds nothing while the
         marks of the release before are being converted (convert_marks). With wait=False it also folds
         nothing while another node folds (that node folds these events too), instead of waiting its turn."""
-        proc = roll_up(self.LOG, quantities, limit, self._rollup_keys)
-        if wait:
-            return await self._call(proc, self.ROLLUP_LOCK)
-        return await self._call_unless_busy(proc, self.ROLLUP_LOCK, RollupResult(0, 0, {}))
+        return await self._call(roll_up(self.LOG, quantities, limit, self._rollup_keys), self.ROLLUP_LOCK,
+                                None if wait else _nothing_rolled_up)
 
     async def rollup_conversion(self) -> int:
         return await self._call(rollup_conversion())

@@ -259,7 +259,7 @@ class TrustOperations:
 
     CHAIN_LOCK: int | None = None
 
-    async def _call(self, proc: Procedure[T], lock: int | None = None) -> T:
+    async def _call(self, proc: Procedure[T], lock: int | None = None, busy: Callable[[], T] | None = None) -> T:
         raise NotImplementedError
 
     async def load_bindings(self) -> list[BindingRow]:

@@ -189,7 +189,8 @@ class SQLiteStore(sql.Operations, AlertOperations, TrustOperations):
         con.commit()
         return result
 
-    async def _call(self, proc: sql.Procedure[T], lock: int | None = None) -> T:
+    async def _call(self, proc: sql.Procedure[T], lock: int | None = None,
+                    busy: Callable[[], T] | None = None) -> T:
         # One process writes a SQLite database: nothing to take turns with, the lock is not needed.
         try:
             # aiosqlite runs every call on its one thread, in order; _execute
