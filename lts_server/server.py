@@ -390,7 +390,8 @@ class Server:
 
     async def roll_up(self, wait: bool = True) -> int:
         """Fold every event written so far into the rollups; returns how many were folded. With wait=False
-        (the background job), nothing while another node of a cluster folds: it folds them."""
+        (the background job), nothing while another node of a cluster holds the rollup lock (it is folding,
+        pruning or converting): the events wait for the next run."""
         assert self.services is not None
         ledger, store = self.services.ledger, self.services.store
         async with self._rollup_lock:  # one roll-up at a time, so overuse is mirrored in order
@@ -401,6 +402,9 @@ class Server:
     async def _convert_marks(self, store: Store) -> None:
         """Convert the device marks an older release left (rollup_devices) before folding more events: a step
         of CONVERT_PAGE marks per transaction, so devices' commits wait little and a stop loses nothing."""
+        if not await store.rollup_conversion():  # the usual case, read without the rollup lock: nothing to do
+            self._marks_converted = True
+            return
         total, logged = 0, time.monotonic()
         while done := await store.convert_marks(to_ms(self.clock()), CONVERT_PAGE):
             total += done
@@ -449,27 +453,28 @@ class Server:
                     await self.roll_up(wait=False)
                     if time.monotonic() - last_prune > PRUNE_SECONDS:
                         last_prune = time.monotonic()
-                        await self.prune_rollups()
+                        await self.prune_rollups(wait=False)
                 except Exception as e:  # retried at the next tick; the event log is the truth
                     logs.event("rollups.failed", logs.logging.ERROR, error=str(e))
 
-    async def prune_rollups(self) -> tuple[int, int]:
+    async def prune_rollups(self, wait: bool = True) -> tuple[int, int]:
         """Drop the day rows of device marks no usage record can reach any more (31 days), and the counters
         past their tier ([stats] hourly_days for 3-minute and 2-hour buckets, daily_days for daily ones),
-        PRUNE_PAGE rows per transaction. Returns (day rows, counter rows) deleted."""
+        PRUNE_PAGE rows per transaction. Returns (day rows, counter rows) deleted. With wait=False (the
+        background job), nothing while another node of a cluster holds the rollup lock: the next run prunes."""
         assert self.services is not None
         store, stats = self.services.store, self.config.stats
         now_ms = to_ms(self.clock())
         marks = counters = 0
         while True:
-            marks += (done := await store.prune_marks(now_ms // DAY_MS - MARKS_DAYS, PRUNE_PAGE))
+            marks += (done := await store.prune_marks(now_ms // DAY_MS - MARKS_DAYS, PRUNE_PAGE, wait))
             if done < PRUNE_PAGE:
                 break
             await asyncio.sleep(0)
         horizons = {size: now_ms - days * DAY_MS for size, days in
                     (("3m", stats.hourly_days), ("2h", stats.hourly_days), ("1d", stats.daily_days)) if days}
         while horizons:
-            counters += (done := await store.prune_counters(horizons, PRUNE_PAGE))
+            counters += (done := await store.prune_counters(horizons, PRUNE_PAGE, wait))
             if done < PRUNE_PAGE:
                 break
             await asyncio.sleep(0)

@@ -364,9 +364,9 @@ async def test_the_rollup_job_skips_its_turn_while_another_node_folds(pg_server)
     url, conn = await _database(pg_server)
     store = PostgresStore(url)
     await store.open()
+    folding = await asyncpg.connect(url)  # another node, in the middle of a fold
     try:
         await store.write(_claims(["a", "b", "c"]))
-        folding = await asyncpg.connect(url)  # another node, in the middle of a fold
         tx = folding.transaction()
         await tx.start()
         await folding.execute("SELECT pg_advisory_xact_lock($1)", ROLLUP_LOCK)
@@ -382,8 +382,8 @@ async def test_the_rollup_job_skips_its_turn_while_another_node_folds(pg_server)
         assert (await waiting).processed == 3
         assert (await store.roll_up({}, 100, wait=False)).processed == 0  # nothing left, nobody folding
         assert await store.rollup_lag() == 0
-        await folding.close()
     finally:
+        await folding.close()
         await store.close()
         await conn.close()
 

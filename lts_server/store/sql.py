@@ -97,9 +97,10 @@ class Many:
 class QueryIn:
     """The rows of `sql`, a SELECT ending in a column, whose column is one of `values` (after `params`).
     SQLite gets IN (?, ...) lists of IN_CHUNK values. PostgreSQL gets one statement with the values as an
-    array of `kind` (its type: text, bigint): IN (SELECT unnest(...)) lets it plan by the array's length, where
-    an IN list of 500 made it scan tables of up to ~100,000 rows whole (5-11 ms a list of 500, against 1.6 with
-    the array; docs/design.md, "Rows among many values")."""
+    array of `kind` (its type: text, bigint): with IN (SELECT unnest(...)) it probes the key, or below ~100,000
+    rows hashes the values and reads the table, where an IN list of 500 made it check every row of such a
+    table against the list (5-11 ms a list of 500, 1.6-3 with the array; docs/design.md, "Rows among many
+    values")."""
 
     sql: str
     values: list[Any]
@@ -956,7 +957,12 @@ def delete_admin_token(token_hash: str) -> Procedure[None]:
 
 
 def _nothing_rolled_up() -> RollupResult:
+    """What a rollup call that did not run returns (another node held the lock): nothing read."""
     return RollupResult(0, 0, {})
+
+
+def _none_pruned() -> int:
+    return 0
 
 
 class Operations:
@@ -1041,7 +1047,7 @@ class Operations:
                       ) -> RollupResult:
         """Fold the next events of the log into the rollups; one node at a time. Folds nothing while the
         marks of the release before are being converted (convert_marks). With wait=False it also folds
-        nothing while another node folds (that node folds these events too), instead of waiting its turn."""
+        nothing while another node holds the rollup lock, instead of waiting its turn."""
         return await self._call(roll_up(self.LOG, quantities, limit, self._rollup_keys), self.ROLLUP_LOCK,
                                 None if wait else _nothing_rolled_up)
 
@@ -1054,11 +1060,11 @@ class Operations:
             convert_marks(now_ms, limit, self._rollup_keys, self._conversion_cursor), self.ROLLUP_LOCK)
         return done
 
-    async def prune_marks(self, before_day: int, limit: int = 5000) -> int:
-        return await self._call(prune_marks(before_day, limit), self.ROLLUP_LOCK)
+    async def prune_marks(self, before_day: int, limit: int = 5000, wait: bool = True) -> int:
+        return await self._call(prune_marks(before_day, limit), self.ROLLUP_LOCK, None if wait else _none_pruned)
 
-    async def prune_counters(self, horizons: dict[str, int], limit: int = 5000) -> int:
-        return await self._call(prune_counters(horizons, limit), self.ROLLUP_LOCK)
+    async def prune_counters(self, horizons: dict[str, int], limit: int = 5000, wait: bool = True) -> int:
+        return await self._call(prune_counters(horizons, limit), self.ROLLUP_LOCK, None if wait else _none_pruned)
 
     async def rollups_at(self, scope: str, size: str, bucket_ms: int) -> dict[str, RollupRow]:
         return await self._call(rollups_at(scope, size, bucket_ms))
