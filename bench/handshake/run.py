@@ -28,8 +28,9 @@ the port in front of one writer process); with postgresql in --stores, one daemo
 nodes=N`): wrk runs against each of them at once with 1/N of the
 connections (with --per-node, each with all of them: the clients grow
 with the cluster, so each node sees the load one node alone sees); req/s
-are summed, p50 is the mean and p99 the worst of the nodes'. Each PostgreSQL target has its own database on one throwaway
-PostgreSQL server (tests/pg.py). "x 1 node" is a nodes target's rate over
+are summed, p50 is the mean and p99 the worst of the nodes'. Each
+PostgreSQL target has its own database on one throwaway PostgreSQL server
+(tests/pg.py). "x 1 node" is a nodes target's rate over
 the `pg nodes=1` rate of the same tree and mode.
 
 --node-cpu F caps every lts-server daemon (each node, with its workers) at F
@@ -86,6 +87,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,6 +210,8 @@ class Backends:
            " ('walwriter', 'checkpointer', 'background writer')")
     # How the breakdown names them: the nodes' connections, autovacuum, the WAL writer, the rest.
     KINDS = {"client backend": "connections", "autovacuum worker": "autovacuum", "walwriter": "WAL writer"}
+    OTHER = "checkpoints, other"
+    NAMES = (*KINDS.values(), OTHER)
 
     def __init__(self, probe: asyncpg.Connection, database: str) -> None:
         self.probe, self.database = probe, database
@@ -223,14 +227,14 @@ class Backends:
             if start:
                 self.first[pid] = used
             self.last[pid] = used
-            self.kind[pid] = self.KINDS.get(backend_type, "checkpoints, other")
+            self.kind[pid] = self.KINDS.get(backend_type, self.OTHER)
 
     def used_us(self) -> float:
         """CPU since the start: of processes there then, what they used since; of later ones, all."""
         return sum(self.by_kind().values())
 
     def by_kind(self) -> dict[str, float]:
-        kinds = dict.fromkeys([*self.KINDS.values(), "checkpoints, other"], 0.0)
+        kinds = dict.fromkeys(self.NAMES, 0.0)
         for pid, last in self.last.items():
             kinds[self.kind[pid]] += last - self.first.get(pid, 0.0)
         return kinds
@@ -603,27 +607,25 @@ def report(args: argparse.Namespace, targets: list[Target], durable: dict[str, t
             if t.mode == mode and t.conn and suffix in sqlite:
                 print(f"    {t.name}: daemon CPU per grant {med(t, 'daemon_us') / sqlite[suffix]:.2f} x the SQLite"
                       f" daemon's{suffix}; PostgreSQL CPU per grant {med(t, 'pg_us'):.0f} us")
-    if any(t.conn for t in targets):
-        print("  per granted handshake in its PostgreSQL database: transactions (every node's, reads included),"
-              " whole-table scans, rows those read, index scans:")
-    for t in targets:
-        if t.conn:
-            print(f"    {t.name + ' ' + t.mode:{width + 8}} {med(t, 'xacts'):6.2f} {med(t, 'seq_scans'):7.3f}"
-                  f" {med(t, 'seq_rows'):8.1f} {med(t, 'idx_scans'):7.1f}")
-    if any("pg_kinds" in t.rounds[0] for t in targets):
-        kinds = next(t.rounds[0]["pg_kinds"] for t in targets if "pg_kinds" in t.rounds[0])
-        print(f"  PostgreSQL CPU per granted handshake by process: {', '.join(kinds)} (us):")
-    for t in targets:
-        if "pg_kinds" in t.rounds[0]:
-            print(f"    {t.name + ' ' + t.mode:{width + 8}}"
-                  + "".join(f" {statistics.median(r['pg_kinds'][k] for r in t.rounds):6.0f}" for k in kinds))
-    if any(t.conn and "wal_fpi" in t.rounds[0] for t in targets):
-        print("  per granted handshake, the whole server's WAL while the target's round ran: records, full-page"
-              " images, bytes; checkpoints in its rounds:")
-    for t in targets:
-        if t.conn and "wal_fpi" in t.rounds[0]:
-            print(f"    {t.name + ' ' + t.mode:{width + 8}} {med(t, 'wal_records'):6.1f} {med(t, 'wal_fpi'):6.2f}"
-                  f" {med(t, 'wal_bytes'):8.0f} {sum(r['checkpoints'] for r in t.rounds):4d}")
+    def per_database(title: str, line: Callable[[Target], str]) -> None:
+        """A line per PostgreSQL target (they measured these), under `title`."""
+        databases = [t for t in targets if t.conn]
+        if databases:
+            print(f"  {title}:")
+        for t in databases:
+            print(f"    {t.name + ' ' + t.mode:{width + 8}} {line(t)}")
+
+    per_database("per granted handshake in its PostgreSQL database: transactions (every node's, reads included),"
+                 " whole-table scans, rows those read, index scans",
+                 lambda t: f"{med(t, 'xacts'):6.2f} {med(t, 'seq_scans'):7.3f} {med(t, 'seq_rows'):8.1f}"
+                           f" {med(t, 'idx_scans'):7.1f}")
+    per_database(f"PostgreSQL CPU per granted handshake by process: {', '.join(Backends.NAMES)} (us)",
+                 lambda t: " ".join(f"{statistics.median(r['pg_kinds'][k] for r in t.rounds):6.0f}"
+                                    for k in Backends.NAMES))
+    per_database("per granted handshake, the whole server's WAL while the target's round ran: records, full-page"
+                 " images, bytes; checkpoints in its rounds",
+                 lambda t: f"{med(t, 'wal_records'):6.1f} {med(t, 'wal_fpi'):6.2f} {med(t, 'wal_bytes'):8.0f}"
+                           f" {sum(r['checkpoints'] for r in t.rounds):4d}")
     for path, (before, after) in rtt.items():
         print(f"  one statement's round trip to PostgreSQL inside a transaction, {path} (median of 1000, before and"
               f" after the rounds): {before:.0f} us, {after:.0f} us")

@@ -981,6 +981,10 @@ class Operations:
     async def _call(self, proc: Procedure[T], lock: int | None = None, busy: Callable[[], T] | None = None) -> T:
         raise NotImplementedError
 
+    async def _rollup_turn(self, proc: Procedure[T], wait: bool, nothing: Callable[[], T]) -> T:
+        """`proc` under the rollup lock: waiting for it, or (wait=False) nothing() while another node holds it."""
+        return await self._call(proc, self.ROLLUP_LOCK, None if wait else nothing)
+
     async def load(self, per_slice_types: tuple[str, ...] = (), now_ms: int = 0) -> Snapshot:
         return await self._call(load_snapshot(per_slice_types, now_ms))
 
@@ -1013,8 +1017,8 @@ class Operations:
                                     ) -> RollupResult:
         """Mark borrowed devices active in the slices their borrows covered so far; one node at a time (see
         roll_up for `wait`)."""
-        return await self._call(sql_offline.count_borrowed_slices(now_ms, quantities, self._rollup_keys),
-                                self.ROLLUP_LOCK, None if wait else _nothing_rolled_up)
+        return await self._rollup_turn(sql_offline.count_borrowed_slices(now_ms, quantities, self._rollup_keys),
+                                       wait, _nothing_rolled_up)
 
     async def events(self, query: EventQuery) -> AsyncIterator[StoredEvent]:
         """Stream events in order, a page at a time, so memory stays flat: the events final when the
@@ -1048,8 +1052,8 @@ class Operations:
         """Fold the next events of the log into the rollups; one node at a time. Folds nothing while the
         marks of the release before are being converted (convert_marks). With wait=False it also folds
         nothing while another node holds the rollup lock, instead of waiting its turn."""
-        return await self._call(roll_up(self.LOG, quantities, limit, self._rollup_keys), self.ROLLUP_LOCK,
-                                None if wait else _nothing_rolled_up)
+        return await self._rollup_turn(roll_up(self.LOG, quantities, limit, self._rollup_keys), wait,
+                                       _nothing_rolled_up)
 
     async def rollup_conversion(self) -> int:
         return await self._call(rollup_conversion())
@@ -1061,10 +1065,10 @@ class Operations:
         return done
 
     async def prune_marks(self, before_day: int, limit: int = 5000, wait: bool = True) -> int:
-        return await self._call(prune_marks(before_day, limit), self.ROLLUP_LOCK, None if wait else _none_pruned)
+        return await self._rollup_turn(prune_marks(before_day, limit), wait, _none_pruned)
 
     async def prune_counters(self, horizons: dict[str, int], limit: int = 5000, wait: bool = True) -> int:
-        return await self._call(prune_counters(horizons, limit), self.ROLLUP_LOCK, None if wait else _none_pruned)
+        return await self._rollup_turn(prune_counters(horizons, limit), wait, _none_pruned)
 
     async def rollups_at(self, scope: str, size: str, bucket_ms: int) -> dict[str, RollupRow]:
         return await self._call(rollups_at(scope, size, bucket_ms))
